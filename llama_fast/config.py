@@ -1,0 +1,161 @@
+"""ModelConfig: the architecture of a LLaMA-family checkpoint, whatever format it came in."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is readable but describes something llama_fast does not run."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int  # hidden size
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int  # SwiGLU intermediate size
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF-style: {"rope_type": "llama3" | "linear", ...}
+    max_seq_len: int = 2048  # the context length the model was trained for
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "head_dim"):
+            if getattr(self, key) <= 0:
+                raise UnsupportedModelError(f"ModelConfig.{key} must be positive, got {getattr(self, key)}")
+        if self.n_heads % self.n_kv_heads:
+            raise UnsupportedModelError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+    @property
+    def num_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.ffn_dim
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (attn + mlp + 2 * self.dim) + self.dim + embed
+
+    # ---- constructors, one per checkpoint format ----
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """From a Hugging Face config.json (LlamaForCausalLM and close relatives)."""
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in ("llama", "mistral") and not any(a in _HF_ARCHS for a in archs):
+            raise UnsupportedModelError(f"architecture {archs} (model_type {model_type!r}) is not LLaMA-family")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise UnsupportedModelError("attention or MLP biases are not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu)")
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        theta = cfg.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+        if rope is not None and rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = None
+        eos = cfg.get("eos_token_id")
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            vocab_size=cfg["vocab_size"],
+            ffn_dim=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            name=cfg.get("_name_or_path", ""),
+        )
+
+    @classmethod
+    def from_meta(cls, params: dict[str, Any], vocab_size: int) -> "ModelConfig":
+        """From a Meta params.json; vocab_size comes from the weights when params says -1."""
+        dim, n_heads = params["dim"], params["n_heads"]
+        ffn_dim = params.get("hidden_dim")
+        if ffn_dim is None:  # Meta's FeedForward sizing rule
+            ffn_dim = int(2 * 4 * dim / 3)
+            if params.get("ffn_dim_multiplier") is not None:
+                ffn_dim = int(params["ffn_dim_multiplier"] * ffn_dim)
+            multiple_of = params.get("multiple_of", 256)
+            ffn_dim = multiple_of * math.ceil(ffn_dim / multiple_of)
+        rope_scaling = None
+        if params.get("use_scaled_rope"):
+            rope_scaling = {
+                "rope_type": "llama3",
+                "factor": params.get("rope_scaling_factor", 8.0),
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        vocab = params.get("vocab_size", -1)
+        return cls(
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            vocab_size=vocab if vocab and vocab > 0 else vocab_size,
+            ffn_dim=ffn_dim,
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_seq_len=params.get("max_seq_len", 2048),
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any]) -> "ModelConfig":
+        """From GGUF metadata (key -> value, as read from the file)."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "mistral"):
+            raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (llama)")
+
+        def get(key, default=None):
+            return meta.get(f"{arch}.{key}", default)
+
+        n_heads = get("attention.head_count")
+        dim = get("embedding_length")
+        rope_scaling = None
+        if get("rope.scaling.type") == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        return cls(
+            dim=dim,
+            n_layers=get("block_count"),
+            n_heads=n_heads,
+            n_kv_heads=get("attention.head_count_kv") or n_heads,
+            vocab_size=get("vocab_size") or (len(tokens) if tokens is not None else 0),
+            ffn_dim=get("feed_forward_length"),
+            head_dim=get("attention.key_length") or get("rope.dimension_count") or dim // n_heads,
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_seq_len=get("context_length", 2048),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=[] if eos is None else [eos],
+            name=meta.get("general.name", ""),
+        )
+
+
+_HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")

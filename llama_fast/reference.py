@@ -1,0 +1,246 @@
+"""Pure-PyTorch reference implementations of every op.
+
+Each fast version (Triton kernel, C++/CUDA extension) is tested against the function of the same name
+here, and these are the "eager PyTorch" baseline of the benchmarks. Clarity over speed: the attention
+reference materialises the (T, S) score matrix, which the kernels never do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .span import SpanBias
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation, activation, rotary embedding
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm as LLaMA (and HF's LlamaRMSNorm) computes it, statistics in fp32.
+
+    x: (..., dim); weight: (dim,). With residual (same shape as x): x + residual is normalised and
+    returned as the new residual: (normed, x + residual). Without: normed.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * normed.to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; gate, up: (..., ffn_dim)."""
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (rot_dim // 2,) fp32, with HF's "linear" and "llama3" rope_scaling."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin_cache(max_positions: int, rot_dim: int, theta: float, scaling: dict | None = None):
+    """(max_positions, rot_dim) fp32: [cos | sin] of position * inv_freq, each rot_dim // 2 wide."""
+    inv_freq = rope_inv_freq(rot_dim, theta, scaling)
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """Rotates q and k in place (rotate-half / NeoX layout, as HF LLaMA) and returns them.
+
+    q: (..., Hq, D); k: (..., Hk, D); positions: (...) int, the leading dims of q and k;
+    cos_sin_cache: (max_positions, rot_dim) from rope_cos_sin_cache; the first rot_dim dims rotate.
+    """
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # (..., rot_dim // 2) each
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    half = cos_sin_cache.shape[-1] // 2
+    for x in (q, k):
+        x1, x2 = x[..., :half].float(), x[..., half : 2 * half].float()
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x[..., : 2 * half] = rotated.to(x.dtype)
+    return q, k
+
+
+# ----------------------------------------------------------------------------------------------------
+# Span-biased attention (DESIGN.md section 3)
+
+
+def span_bucket(d: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal relative-position bucket of spans d >= 0 (int64 in, int64 out), computed in fp32."""
+    exact = num_buckets // 2
+    d = d.clamp(min=0)
+    is_small = d < exact
+    log_ratio = torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).to(torch.int64)
+    large = large.clamp(max=num_buckets - 1)
+    return torch.where(is_small, d, large)
+
+
+def span_scores_bias(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Additive bias and mask (H, Tq, Tk) fp32 for query positions q_pos (Tq,) and key positions k_pos (Tk,).
+
+    Invisible pairs get -inf. This is the T x S matrix the kernels never build.
+    """
+    d = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk) span
+    visible = d >= 0
+    if span.window is not None:
+        visible &= (d < span.window) | (k_pos[None, :] < span.sink_tokens)
+    bias = torch.zeros(num_heads, *d.shape, dtype=torch.float32, device=d.device)
+    if span.alibi_slopes is not None:
+        bias -= span.alibi_slopes.float().to(d.device)[:, None, None] * d.clamp(min=0).float()
+    if span.bucket_bias is not None:
+        buckets = span_bucket(d, span.num_buckets, span.max_distance)
+        bias += span.bucket_bias.float().to(d.device)[:, buckets]
+    return bias.masked_fill(~visible, float("-inf"))
+
+
+def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float):
+    """One sequence. q: (Tq, H, D); k, v: (Tk, Hkv, D) -> (Tq, H, D), math in fp32 (fp64 if given fp64)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    num_heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    qf = q.to(compute).transpose(0, 1)  # (H, Tq, D)
+    kf = k.to(compute).transpose(0, 1).repeat_interleave(group, dim=0)  # (H, Tk, D)
+    vf = v.to(compute).transpose(0, 1).repeat_interleave(group, dim=0)
+    scores = qf @ kf.transpose(1, 2) * scale  # (H, Tq, Tk)
+    if span.logit_softcap is not None:
+        scores = span.logit_softcap * torch.tanh(scores / span.logit_softcap)
+    scores = scores + span_scores_bias(span, q_pos, k_pos, num_heads).to(compute)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key outputs 0
+    return (probs @ vf).transpose(0, 1).to(q.dtype)
+
+
+def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None):
+    """Span-biased causal attention for prefill, bottom-right aligned.
+
+    Batched: q (B, T, H, D); k, v (B, S, Hkv, D) with S >= T; query t sits at position S - T + t.
+    Varlen: q, k, v (total, H or Hkv, D) packed, cu_seqlens (B + 1,) int32 offsets (self-attention).
+    Returns a tensor shaped like q.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        out = torch.empty_like(q)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            pos = torch.arange(end - start, device=q.device)
+            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], pos, pos, span, scale)
+        return out
+    T, S = q.shape[1], k.shape[1]
+    q_pos = torch.arange(S - T, S, device=q.device)
+    k_pos = torch.arange(S, device=q.device)
+    return torch.stack([_attend(q[b], k[b], v[b], q_pos, k_pos, span, scale) for b in range(q.shape[0])])
+
+
+def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence of a paged cache (num_blocks, block_size, Hkv, D)."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = cache[block_table_row[:num_blocks].long()]  # (n, block_size, Hkv, D)
+    return blocks.reshape(-1, *cache.shape[2:])[:length]
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None):
+    """Attention of a few new queries per sequence over a KV cache that already holds them.
+
+    q: (B, Tq, H, D); cache_seqlens: (B,) int32, valid tokens per sequence including the Tq new ones, so
+    query t of row b sits at position cache_seqlens[b] - Tq + t.
+    Contiguous cache: k_cache, v_cache (B, S_max, Hkv, D). Paged cache: (num_blocks, block_size, Hkv, D)
+    with block_table (B, max_blocks) int32. Returns (B, Tq, H, D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    Tq = q.shape[1]
+    out = torch.empty_like(q)
+    for b, length in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            k, v = k_cache[b, :length], v_cache[b, :length]
+        else:
+            k = gather_paged(k_cache, block_table[b], length)
+            v = gather_paged(v_cache, block_table[b], length)
+        q_pos = torch.arange(length - Tq, length, device=q.device)
+        k_pos = torch.arange(length, device=q.device)
+        out[b] = _attend(q[b], k, v, q_pos, k_pos, span, scale)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling (DESIGN.md section 3b)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, params) -> torch.Tensor:
+    """logits (V,) fp32 and seen (V,) int counts of tokens so far -> penalised logits (V,)."""
+    logits = logits.clone()
+    counts = seen.to(logits.device)
+    present = counts > 0
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(present, penalised, logits)
+    logits -= params.frequency_penalty * counts.float() + params.presence_penalty * present.float()
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """One row's sampling distribution after temperature, top_k, top_p and min_p: (V,) fp32 summing to 1.
+
+    logits: (V,) fp32, penalties already applied; params.temperature > 0.
+    """
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    order = torch.argsort(probs, descending=True, stable=True)  # ties: lower id ranks first
+    sorted_probs = probs[order]
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if params.top_k > 0:
+        keep[params.top_k :] = False
+    if params.top_p < 1.0:
+        kept = sorted_probs * keep
+        mass_before = torch.cumsum(kept, 0) - kept  # mass of the strictly more likely tokens
+        keep &= mass_before < params.top_p * kept.sum()
+    if params.min_p > 0.0:
+        keep &= sorted_probs >= params.min_p * sorted_probs[0]
+    keep[0] = True
+    filtered = torch.zeros_like(probs)
+    filtered[order[keep]] = sorted_probs[keep]
+    return filtered / filtered.sum()
+
+
+def row_uniform(seed: int, step: int) -> float:
+    """The reference's counter-based uniform draw in [0, 1) for (seed, step): a pure function."""
+    generator = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + step) % 2**63)
+    return torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def sample(logits: torch.Tensor, params: list, *, step=0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,) int64, one SamplingParams per row (seed must be set when sampling).
+
+    step: an int or a (B,) sequence, each row's draw counter. seen: (B, V) int counts for penalties.
+    """
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"logits contain NaN or inf in rows {bad}")
+    steps = [step] * logits.shape[0] if isinstance(step, int) else list(step)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    for b, p in enumerate(params):
+        row = logits[b].float().cpu()
+        if seen is not None and p.has_penalties:
+            row = apply_penalties(row, seen[b].cpu(), p)
+        if p.greedy:
+            out[b] = int(torch.argmax(row))  # first maximum: ties go to the lowest id
+            continue
+        cdf = torch.cumsum(filtered_probs(row, p).double(), 0)
+        u = row_uniform(p.seed, steps[b]) * cdf[-1].item()
+        out[b] = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), row.numel() - 1)
+    return out
