@@ -1,0 +1,1 @@
+def rms_norm(*a, **k): raise NotImplementedError

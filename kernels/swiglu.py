@@ -1,0 +1,1 @@
+def swiglu(*a, **k): raise NotImplementedError
