@@ -68,6 +68,7 @@ class SpanArgs:
         self.sink = span.sink_tokens
         self.softcap = float(span.logit_softcap) if span.logit_softcap is not None else 1.0
         self.max_dist = span.max_distance
+        self.heavy = self.has_table or self.has_window or self.has_softcap  # more registers per score
         dummy = None
         if self.has_alibi:
             self.slopes = _cached(span, "slopes", device, lambda: span.alibi_slopes.float().to(device) * LOG2E)
@@ -151,6 +152,16 @@ def load_kv_tile(base, b, row_off, stride_blk, stride_t, hkv, stride_h, offs_n, 
         rows = row_off + offs_n.to(tl.int64) * stride_t
     ptrs = base + rows[:, None] + hkv * stride_h + offs_d[None, :]
     return tl.load(ptrs, mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+def check_out(op: str, out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer must match `like` in shape, dtype, device and have a unit last stride."""
+    if out is None:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be {like.dtype} {tuple(like.shape)} on {like.device} with a unit "
+                         f"last stride, got {out.dtype} {tuple(out.shape)} on {out.device} strides {out.stride()}")
+    return out
 
 
 def block_d(head_dim: int) -> int:

@@ -18,12 +18,13 @@ import triton.language as tl
 
 from llama_fast.span import SpanBias
 
-from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, last_dim_contiguous,
+from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, check_out, last_dim_contiguous,
                       load_kv_tile, span_scores, sync_point)
 from .span_attention import MODE_CACHE, launch_prefill
 
 MAX_DECODE_ROWS = 64  # Tq * G above this goes to the prefill kernel
 MAX_SPLITS = 64
+POISON_SCRATCH = False  # tests set it: scratch buffers start NaN-filled
 
 
 def decode_config(dtype: torch.dtype, rows: int) -> dict:
@@ -162,7 +163,8 @@ def _combine_kernel(O, O_part, L_part, stride_ob, stride_ot, stride_oh, Tq, H, D
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None,
-                     scale=None, *, num_splits: int | None = None, block_counts: torch.Tensor | None = None):
+                     scale=None, *, out: torch.Tensor | None = None, num_splits: int | None = None,
+                     block_counts: torch.Tensor | None = None):
     """Span-biased attention of Tq new queries per sequence over a KV cache that already holds them.
 
     q:             (B, Tq, H, D), any Tq >= 1 (1: decoding; a few: speculative; a prompt: prefill).
@@ -173,6 +175,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     cache_seqlens: (B,) int32, valid tokens of each row *including* the Tq new ones, Tq <= len <= capacity;
                    query t of row b sits at position cache_seqlens[b] - Tq + t, key n at position n.
     span, scale:   as span_attention. H % Hkv == 0; D in {64, 80, 96, 128}; fp16, bf16 (fp32 for tests).
+    out:           optional output (B, Tq, H, D), dtype of q, unit last-dim stride.
     num_splits:    override the split-KV heuristic (tests); block_counts: receives key blocks per program.
     Returns (B, Tq, H, D), dtype of q, freshly allocated.
     """
@@ -230,7 +233,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     scale = D ** -0.5 if scale is None else float(scale)
     G = H // Hkv
     span_args = SpanArgs(span, H, q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = check_out(op, out, q)
     if B == 0:
         return out
     rows = Tq * G
@@ -253,6 +256,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     else:
         o_part = torch.empty((B, Tq, H, num_splits, BD), dtype=torch.float32, device=q.device)
         l_part = torch.empty((B, Tq, H, num_splits), dtype=torch.float32, device=q.device)
+        if POISON_SCRATCH:  # tests: an unwritten partial result must show up as NaN
+            o_part.fill_(float("nan"))
+            l_part.fill_(float("nan"))
     if block_counts is not None:
         block_counts.resize_(B * Hkv * num_splits).fill_(-1)
     dummy = span_args.slopes

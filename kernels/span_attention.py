@@ -17,19 +17,23 @@ import triton.language as tl
 
 from llama_fast.span import SpanBias
 
-from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, last_dim_contiguous,
-                      load_kv_tile, span_scores, sync_point)
+from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, check_out, last_dim_contiguous,
+                      load_kv_tile, span_scores)
 
 MODE_BATCHED, MODE_VARLEN, MODE_CACHE = 0, 1, 2
 
 
-def prefill_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Launch configuration the dispatcher picks (the compile check builds exactly these)."""
+def prefill_config(dtype: torch.dtype, head_dim: int, heavy_span: bool = False) -> dict:
+    """Launch configuration the dispatcher picks (the compile check builds exactly these).
+
+    heavy_span: the span uses buckets, a window or a softcap, whose per-score work needs registers that a
+    (128 x 64) score tile at head_dim 128 leaves no room for (ptxas spills on sm_80/sm_90).
+    """
     if dtype == torch.float32:  # accepted for tests: ieee fp32 dots need smaller tiles
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32 if heavy_span else 64, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -148,7 +152,7 @@ def launch_prefill(q, k, v, out, *, mode, seq=None, block_table=None, T, S, B, H
                    scale, max_q_len, counts=None):
     """Launches _span_fwd_kernel. Token-major 4-D views (B, T, H, D) except VARLEN (total, H, D)."""
     D = q.shape[-1]
-    cfg = prefill_config(q.dtype, D)
+    cfg = prefill_config(q.dtype, D, span_args.heavy)
     paged = block_table is not None
     if mode == MODE_VARLEN:
         qs, ks, vs, os_ = (0, *q.stride()[:2]), (0, *k.stride()[:2]), (0, *v.stride()[:2]), (0, *out.stride()[:2])
@@ -175,7 +179,7 @@ def launch_prefill(q, k, v, out, *, mode, seq=None, block_table=None, T, S, B, H
 
 
 def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None, *,
-                   block_counts: torch.Tensor | None = None):
+                   out: torch.Tensor | None = None, block_counts: torch.Tensor | None = None):
     """Span-biased causal attention for prefill, FlashAttention's interface.
 
     Batched:  q (B, T, H, D); k, v (B, S, Hkv, D) with S >= T. Causal is aligned bottom-right: query t sits
@@ -187,8 +191,9 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     scale:    multiplies q . k (default 1 / sqrt(D)).
     H % Hkv == 0 (GQA/MQA: query head h reads KV head h // (H // Hkv)); D in {64, 80, 96, 128};
     dtype fp16 or bf16 (fp32 accepted, for tests); any strides with a unit last-dim stride (else copied).
+    out:      optional output, shaped like q, same dtype (any strides with a unit last-dim stride).
     block_counts: optional int32 tensor; receives the number of key blocks each program loaded (tests).
-    Returns out shaped like q, same dtype, freshly allocated (contiguous).
+    Returns out shaped like q, same dtype (freshly allocated unless given).
     """
     op = "span_attention"
     check_device(op, q, k, v, cu_seqlens)
@@ -210,7 +215,7 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     scale = D ** -0.5 if scale is None else float(scale)
     span_args = SpanArgs(span, H, q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = check_out(op, out, q)
     if varlen:
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"{op}: cu_seqlens must be a (B + 1,) int32 tensor, got {cu_seqlens.dtype} "
