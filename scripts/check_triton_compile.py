@@ -259,8 +259,10 @@ def main() -> int:
     fresh = {}
     if todo:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            for job, row in zip(todo, pool.map(compile_one, todo)):
+            for n, (job, row) in enumerate(zip(todo, pool.map(compile_one, todo)), 1):
                 fresh[cache_key(job)] = row
+                if n % 10 == 0 or n == len(todo):
+                    print(f"  built {n}/{len(todo)} ({time.time() - t0:.0f} s)", flush=True)
                 if row["error"] is None:  # only successes are cached: a failure is rebuilt next time
                     cache["rows"][cache_key(job)] = row
     rows = [fresh.get(cache_key(j)) or cache["rows"][cache_key(j)] for j in jobs]
