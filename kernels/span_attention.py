@@ -32,7 +32,7 @@ def prefill_config(dtype: torch.dtype, head_dim: int, heavy_span: bool = False) 
     if dtype == torch.float32:  # accepted for tests: ieee fp32 dots need smaller tiles
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=32 if heavy_span else 64, num_warps=8, num_stages=3)
 
 

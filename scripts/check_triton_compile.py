@@ -57,8 +57,8 @@ def configs(full: bool):
     """[(label, kernel key, constexprs, options, dtype)] of what the dispatcher can launch.
 
     full=False (CI): every value of every dimension, in the combinations that bound register and shared
-    memory use: fp16 gets every span variant on the plain layout and the lightest (none) and heaviest
-    (all) span on every layout; bf16 (same code, another MMA type) the heaviest span on every layout.
+    memory use: the heaviest span ("all": every feature on) on every layout and tile, each span variant on
+    the plain layout, bf16 (the same code with another MMA type) on the heaviest combinations.
     """
     import torch
 
@@ -70,12 +70,22 @@ def configs(full: bool):
     layouts = [("batched", MODE_BATCHED, False), ("varlen", MODE_VARLEN, False),
                ("cache", MODE_CACHE, False), ("paged", MODE_CACHE, True)]
 
-    def wanted(dname, span, plain_layout, heaviest_tile=True):
+    def prefill_wanted(dname, span, layout, head_dim):
+        if full:
+            return True
+        if dname == "bf16":  # same code as fp16 with another MMA type: the heaviest span, two layouts
+            return span == "all" and layout in ("batched", "paged")
+        return span == "all" or layout == "batched"  # fp16: all on every layout, each variant plainly
+
+    def decode_wanted(dname, span, paged, rows, single, head_dim):
         if full:
             return True
         if dname == "bf16":
-            return span == "all" and heaviest_tile
-        return (span in ("none", "all") and heaviest_tile) or plain_layout
+            return span == "all" and rows == MAX_DECODE_ROWS and not single
+        if span == "all" and not single:  # every row tile, both layouts, with the split epilogue
+            return True
+        # each span variant on plain decoding (Tq = 1: 16-row tile, one split, contiguous) at D=128
+        return not paged and rows == 16 and single and head_dim == 128
 
     for dname, dtype in dtypes.items():
         for head_dim in (64, 128):  # tiles: D=64 -> 64; D=80, 96, 128 -> 128
@@ -83,7 +93,7 @@ def configs(full: bool):
                 a, t, w, s = SPANS[span]
                 cfg = prefill_config(dtype, head_dim, heavy_span=t or w or s)
                 for lname, mode, paged in layouts:
-                    if not wanted(dname, span, lname == "batched"):
+                    if not prefill_wanted(dname, span, lname, head_dim):
                         continue
                     const = dict(MODE=mode, PAGED=paged, **_span_flags(span), BLOCK_M=cfg["BLOCK_M"],
                                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_dim, DOT_PRECISION="tf32", COUNT=False)
@@ -94,11 +104,7 @@ def configs(full: bool):
                 for span in SPANS:
                     for paged in (False, True):
                         for single in (True, False):
-                            # CI: the 64-row tile with splits is the heaviest; the 16-row single-split
-                            # tile is plain decoding (Tq = 1, G <= 16)
-                            plain = not paged and rows == 16 and single
-                            heaviest = rows == MAX_DECODE_ROWS and not single
-                            if not wanted(dname, span, plain, heaviest):
+                            if not decode_wanted(dname, span, paged, rows, single, head_dim):
                                 continue
                             const = dict(PAGED=paged, **_span_flags(span), BLOCK_M=cfg["BLOCK_M"],
                                          BLOCK_N=cfg["BLOCK_N"], BLOCK_D=head_dim, DOT_PRECISION="tf32",
@@ -194,6 +200,8 @@ def compile_one(job):
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         return row
     text = log.getvalue()
+    if "Used" not in text:  # Triton's cache answered, so ptxas did not run: run it the way Triton does
+        text = _ptxas_report(kernel.asm["ptx"], cc)
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
     row["regs"] = int(regs.group(1)) if regs else None
@@ -204,6 +212,19 @@ def compile_one(job):
     if not text.strip():
         row["error"] = "no ptxas report captured"
     return row
+
+
+def _ptxas_report(ptx: str, cc: int) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        result = subprocess.run([str(tool), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src),
+                                 "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    return result.stdout + result.stderr
 
 
 def _mma_kind(cubin: bytes) -> str:
