@@ -32,13 +32,9 @@ def decode_config(dtype: torch.dtype, rows: int) -> dict:
     block_m = max(16, triton.next_power_of_2(rows))
     if dtype == torch.float32:
         return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4, num_stages=2)
-    # chosen with scripts/check_triton_compile.py: the largest key tiles that leave ptxas no spills with
-    # every span feature on, at head_dim 128, on sm_80 and sm_90
-    if block_m == 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
-    if block_m == 32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=8, num_stages=2)
+    # chosen with scripts/check_triton_compile.py: 32-key tiles leave ptxas no spills with every span
+    # feature on, at head_dim 128, on sm_80 and sm_90 (64-key tiles spilled for some); 8 warps for 64 rows
+    return dict(BLOCK_M=block_m, BLOCK_N=32, num_warps=4 if block_m <= 32 else 8, num_stages=2)
 
 
 def _num_sms(device: torch.device) -> int:
