@@ -58,7 +58,7 @@ def rand(gen, *shape, dtype):
 
 # (T, S) pairs from {1, 17, 100, 300}, T <= S; head_dim, GQA ratio and dtype rotate with the case index so
 # every value meets every span variant.
-SHAPES = [(1, 1), (1, 17), (17, 17), (17, 100), (100, 100), (1, 300), (100, 300), (300, 300)]
+SHAPES = [(1, 1), (1, 17), (1, 100), (1, 300), (17, 17), (17, 100), (17, 300), (100, 100), (100, 300), (300, 300)]
 PREFILL_CASES = [(span, T, S) for span in SPANS for (T, S) in SHAPES]
 
 
