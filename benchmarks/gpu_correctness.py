@@ -48,19 +48,29 @@ def compare(out, ref_fn, inputs):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, fp32/fp16, CPU tensors under TRITON_INTERPRET=1: checks this script itself")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.smoke:
+        import os
+
+        assert os.environ.get("TRITON_INTERPRET") == "1", "--smoke runs in the interpreter: set TRITON_INTERPRET=1"
+        dev = torch.device("cpu")
+    elif not torch.cuda.is_available():
         print("gpu_correctness: no CUDA device", file=sys.stderr)
         return 2
+    else:
+        dev = torch.device("cuda")
     from llama_fast.kernels import apply_rope, decode_attention, rms_norm, span_attention, swiglu
 
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     results = []
     t0 = time.time()
     spans = ["none", "alibi", "buckets", "window", "window_sinks", "softcap", "all"]
-    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if not args.smoke else [torch.float16, torch.float32]
     shapes = [(1, 1), (17, 100), (300, 300), (1000, 1000), (128, 2048)] if not args.quick else [(17, 100), (300, 300)]
+    if args.smoke:
+        shapes = [(1, 1), (17, 100)]
     for dtype in dtypes:
         for D in (64, 80, 96, 128):
             for i, span_name in enumerate(spans):
@@ -77,7 +87,7 @@ def main() -> int:
                 ok, err, rerr = compare(out, lambda q, k, v: reference.span_attention(q, k, v, span), (q, k, v))
                 results.append((f"prefill {str(dtype)[6:]} D{D} {span_name} T{T} S{S} G{G}", ok, err, rerr))
         # varlen
-        lengths = [1, 17, 300, 1000]
+        lengths = [1, 17, 300, 1000] if not args.smoke else [1, 17, 40]
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
         for span_name in ("none", "all"):
             q = torch.randn(sum(lengths), 8, 128, device=dev, dtype=dtype)
@@ -90,11 +100,13 @@ def main() -> int:
             results.append((f"varlen {str(dtype)[6:]} D128 {span_name}", ok, err, rerr))
         # decode: contiguous and paged (block 16 and 32, shuffled), Tq 1 / 4 / 200 (prompt), splits chosen
         for layout in (None, 16, 32):
-            for Tq in (1, 4, 200):
+            for Tq in (1, 4, 200) if not args.smoke else (1, 4, 40):
                 for span_name in ("none", "window_sinks", "all"):
                     B, Hkv, G, D, S_max = 4, 2, 4, 128, 8192 if not args.quick else 2048
+                    if args.smoke:
+                        S_max = 256
                     H = Hkv * G
-                    lengths = torch.tensor([S_max, Tq, S_max // 3, 777], dtype=torch.int32, device=dev).clamp(min=Tq)
+                    lengths = torch.tensor([S_max, Tq, S_max // 3, 777], dtype=torch.int32, device=dev).clamp(min=Tq, max=S_max)
                     if layout is None:
                         kc = torch.randn(B, S_max, Hkv, D, device=dev, dtype=dtype)
                         vc = torch.randn(B, S_max, Hkv, D, device=dev, dtype=dtype)
@@ -114,8 +126,8 @@ def main() -> int:
                     results.append((f"decode {str(dtype)[6:]} {'paged' + str(layout) if layout else 'contig'} "
                                     f"Tq{Tq} {span_name}", ok, err, rerr))
         # elementwise ops
-        x = torch.randn(64, 4096, device=dev, dtype=dtype)
-        w = torch.randn(4096, device=dev, dtype=dtype)
+        x = torch.randn(64, 4096 if not args.smoke else 256, device=dev, dtype=dtype)
+        w = torch.randn(x.shape[1], device=dev, dtype=dtype)
         r = torch.randn_like(x)
         y, nr = rms_norm(x, w, 1e-6, r)
         yr, nrr = reference.rms_norm(x, w, 1e-6, r)
