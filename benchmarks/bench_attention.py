@@ -207,7 +207,7 @@ def main() -> int:
                     entry["flex_error"] = str(exc).splitlines()[0][:100]
             if name in ("causal", "all") and B * S <= 65536:
                 entry["ref_ms"] = bench(lambda: reference.decode_attention(q, k, v, lens, span), warmup=1, reps=3)
-            for key in ("ours", "ours_paged", "sdpa", "flex", "ref"):
+            for key in ("ours", "ours_checked", "ours_paged", "sdpa", "flex", "ref"):
                 if f"{key}_ms" in entry:
                     entry[f"{key}_gbs"] = bytes_moved / (entry[f"{key}_ms"] * 1e-3) / 1e9
                     entry[f"{key}_frac_copy_bw"] = entry[f"{key}_gbs"] / copy_bw
@@ -235,11 +235,13 @@ def print_table(rows, copy_bw):
         print(f"{r['B']:>3} {r['T']:>6} {r['span']:13} {fmt(r.get('ours_tflops')):>7} {fmt(r.get('sdpa_tflops')):>7} "
               f"{fmt(r.get('flex_tflops')):>7} {fmt(r.get('ref_tflops'), '.1f'):>7} {fmt(ratio, '.2f'):>9}")
     print(f"\ndecode, Tq=1 (GB/s of K/V read; fraction of the {copy_bw:.0f} GB/s copy bandwidth)")
-    print(f"{'B':>3} {'S':>6} {'span':13} {'ours':>7} {'paged':>7} {'sdpa':>7} {'flex':>7} {'ref':>7} {'ours/copy':>9}")
+    print(f"{'B':>3} {'S':>6} {'span':13} {'ours':>7} {'checked':>7} {'paged':>7} {'sdpa':>7} {'flex':>7} {'ref':>7} "
+          f"{'ours/copy':>9}")
     for r in rows:
         if r["phase"] != "decode":
             continue
-        print(f"{r['B']:>3} {r['S']:>6} {r['span']:13} {fmt(r.get('ours_gbs')):>7} {fmt(r.get('ours_paged_gbs')):>7} "
+        print(f"{r['B']:>3} {r['S']:>6} {r['span']:13} {fmt(r.get('ours_gbs')):>7} {fmt(r.get('ours_checked_gbs')):>7} "
+              f"{fmt(r.get('ours_paged_gbs')):>7} "
               f"{fmt(r.get('sdpa_gbs')):>7} {fmt(r.get('flex_gbs')):>7} {fmt(r.get('ref_gbs'), '.1f'):>7} "
               f"{fmt(r.get('ours_frac_copy_bw'), '.2f'):>9}")
 
