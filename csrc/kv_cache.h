@@ -111,6 +111,7 @@ class BlockManager {
     for (int64_t id : ids) get(id, "evict");
     for (int64_t id : ids) {
       Seq& s = seqs_.at(id);
+      if (window > s.length || sinks > s.length - window + 1) continue;  // (written so nothing overflows)
       const int64_t invisible = s.length - window + 1 - sinks;
       if (invisible < block_size_) continue;
       const int64_t k = invisible / block_size_;
@@ -148,6 +149,8 @@ class BlockManager {
   std::vector<int32_t> reserve(const std::vector<int64_t>& ids, int64_t T, std::vector<BlockCopy>& copies,
                                int64_t max_length = (int64_t(1) << 31) - 1) {
     if (T < 0) throw std::invalid_argument("reserve: number of new tokens must be >= 0");
+    if (max_length < 0) throw std::invalid_argument("reserve: max_length must be >= 0");
+    max_length = std::min<int64_t>(max_length, (int64_t(1) << 31) - 1);  // positions are int32
     std::unordered_map<int64_t, int> seen;
     for (int64_t id : ids) {
       get(id, "reserve");
@@ -156,7 +159,7 @@ class BlockManager {
     int64_t need = 0;
     for (int64_t id : ids) {
       const Seq& s = seqs_.at(id);
-      if (s.length + T > max_length)
+      if (T > max_length - s.length)
         throw KVCacheFull("sequence " + std::to_string(id) + " would hold " + std::to_string(s.length + T) +
                           " tokens; the cache allows " + std::to_string(max_length));
       need += blocks_for(s.length + T) - static_cast<int64_t>(s.blocks.size());

@@ -242,7 +242,7 @@ void PagedBlockManager::commit(const std::vector<int64_t>& seqs, const std::vect
 }
 
 torch::Tensor PagedBlockManager::block_table(const std::vector<int64_t>& seqs, int64_t min_width) const {
-  LF_CHECK_ARG(min_width >= 0 && min_width <= (int64_t(1) << 24), "block_table: min_width must be in [0, 2^24]");
+  LF_CHECK_ARG(min_width >= 0 && min_width <= (int64_t(1) << 20), "block_table: min_width must be in [0, 2^20]");
   const int64_t width = std::max<int64_t>(std::max<int64_t>(min_width, impl_->m.max_blocks(seqs)), 1);
   auto t = torch::empty({static_cast<int64_t>(seqs.size()), width}, torch::kInt32);
   impl_->m.fill_table(seqs, t.data_ptr<int32_t>(), width);
