@@ -73,10 +73,9 @@ class PagedBlockManager {
 };
 
 #ifdef LLAMA_FAST_WITH_CUDA
+// Arguments already validated by sample(); rows holds the per-row SampleParams (sampling.h) as raw bytes.
 std::tuple<torch::Tensor, std::optional<torch::Tensor>> sample_cuda(const torch::Tensor& logits,
-                                                                    const torch::Tensor& params,
-                                                                    const torch::Tensor& seeds,
-                                                                    const torch::Tensor& steps,
+                                                                    const void* rows, int64_t rows_bytes,
                                                                     const std::optional<torch::Tensor>& seen,
                                                                     bool return_logprobs);
 void static_write_cuda(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& k,

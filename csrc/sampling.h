@@ -29,7 +29,7 @@ struct SampleParams {
   float frequency_penalty = 0.f;
   uint64_t seed = 0;
   uint64_t step = 0;
-  bool has_penalties() const {
+  LLAMA_FAST_HD bool has_penalties() const {
     return repetition_penalty != 1.f || presence_penalty != 0.f || frequency_penalty != 0.f;
   }
 };

@@ -116,7 +116,8 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>> sample(const torch::Tens
   const std::vector<SampleParams> rows = check_sample_args(logits, params, seeds, steps, seen);
   if (logits.is_cuda()) {
 #ifdef LLAMA_FAST_WITH_CUDA
-    return sample_cuda(logits, params, seeds, steps, seen, return_logprobs);
+    return sample_cuda(logits, rows.data(), static_cast<int64_t>(rows.size() * sizeof(SampleParams)), seen,
+                       return_logprobs);
 #else
     LF_CHECK_ARG(false, "sample: llama_fast._C was built without CUDA; logits are on ", logits.device());
 #endif
