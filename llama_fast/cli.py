@@ -1,0 +1,143 @@
+"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, info."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .loaders import DEFAULT_MODEL
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, .gguf file, or HF/Meta directory")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--window", type=int, default=None, help="sliding attention window (tokens)")
+    p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept with --window")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from .engine import LLM
+    from .span import SpanBias
+
+    span = SpanBias(window=args.window, sink_tokens=args.sinks) if args.window or args.sinks else None
+    return LLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, span=span,
+                               progress=sys.stderr.isatty())
+
+
+def cmd_generate(args) -> None:
+    llm = _load(args)
+    for piece in llm.stream(args.prompt, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with", args.model, "- type /exit to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for piece in llm.stream(messages, **_sampling(args)):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_info(args) -> None:
+    from .loaders import load_checkpoint
+
+    ckpt = load_checkpoint(args.model_path, progress=False)
+    c = ckpt.config
+    print(f"path:        {ckpt.path}")
+    print(f"name:        {c.name}")
+    print(f"parameters:  {c.num_params:,}")
+    print(f"layers:      {c.n_layers}   hidden: {c.dim}   ffn: {c.ffn_dim}")
+    print(f"heads:       {c.n_heads} (kv {c.n_kv_heads}), head_dim {c.head_dim}")
+    print(f"vocab:       {c.vocab_size}   context: {c.max_seq_len}   rope theta: {c.rope_theta}"
+          f"{'   rope scaling: ' + str(c.rope_scaling) if c.rope_scaling else ''}")
+    print(f"embeddings:  {'tied' if c.tie_embeddings else 'untied'}")
+    print(f"tensors:     " + ", ".join(f"{n} x {k}" for k, n in sorted(ckpt.tensor_types.items())))
+    t = ckpt.tokenizer
+    print(f"tokenizer:   {t.kind}, bos {t.bos_id}, eos {sorted(t.eos_ids)}, "
+          f"chat template: {'yes' if t.chat_template else 'no'}")
+
+
+def cmd_perplexity(args) -> None:
+    llm = _load(args)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {args.file}: {err}") from err
+    result = llm.perplexity(text, max_tokens=args.max_tokens, progress=sys.stderr.isatty())
+    span = llm.model.span
+    mode = "dense" if span.window is None else f"window {span.window}, sinks {span.sink_tokens}"
+    print(f"perplexity:  {result.perplexity:.3f}   ({mode}, {result.num_tokens} tokens predicted)")
+    print(f"speed:       {result.tokens_per_s:.1f} tokens/s ({result.seconds:.1f} s)")
+    print(f"KV memory:   {result.kv_bytes / 2**20:.1f} MiB peak")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-fast", description="Fast LLaMA-family inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="stream a continuation of PROMPT")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    _add_sampling_args(p, max_new_tokens=128)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    _add_model_args(p)
+    _add_sampling_args(p, max_new_tokens=512)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("perplexity", help="perplexity of the model on a text file")
+    p.add_argument("file")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_perplexity)
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("model_path", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError, ImportError) as err:
+        print(f"llama-fast: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

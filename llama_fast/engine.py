@@ -1,0 +1,297 @@
+"""LLM: the user-facing object. Loads a checkpoint, tokenizes, and generates through prefill / decode /
+sample (as gpt-fast splits them), batching several prompts into one forward pass."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from . import ops
+from .cache import StaticKVCache
+from .loaders import DEFAULT_MODEL, load_checkpoint
+from .model import Transformer, build_model
+from .sampling import SamplingParams
+from .span import SpanBias
+from .streaming import StreamingKVCache, streaming_slack
+from .tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("llama_fast")
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float  # exp(mean negative log-likelihood)
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    num_tokens: int  # tokens predicted (the text's tokens minus the first)
+    seconds: float
+    tokens_per_s: float
+    kv_bytes: int  # peak memory held by the KV cache
+
+
+@dataclass
+class Completion:
+    text: str  # the generated text (prompt excluded), cut before a stop string
+    token_ids: list[int]  # the generated token ids
+    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or the context)
+
+
+class LLM:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = ""):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.config = model.config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
+                        progress: bool = True) -> "LLM":
+        """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
+        Hugging Face or Meta directory. device: default cpu. dtype: default float32."""
+        device = torch.device(device or "cpu")
+        dtype = dtype or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        ckpt = load_checkpoint(name_or_path, progress=progress)
+        model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
+        return cls(model, ckpt.tokenizer, ckpt.path)
+
+    def with_span(self, span: SpanBias) -> "LLM":
+        """The same model (weights shared, nothing copied) attending with another SpanBias."""
+        span.check_heads(self.config.n_heads)
+        model = copy.copy(self.model)  # a shallow copy shares every parameter
+        model.span = span
+        return LLM(model, self.tokenizer, self.path)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    # ---- forward passes ----
+
+    def new_cache(self, batch_size: int, max_len: int, span: SpanBias | None = None):
+        """A cache for rows of up to max_len tokens; with a window span and max_len beyond what the window
+        needs, a StreamingKVCache of constant size instead."""
+        c, span = self.config, span or self.model.span
+        dtype = self.model.tok_embeddings.weight.dtype
+        if span.window is not None:
+            slack = streaming_slack(span)
+            if max_len > span.sink_tokens + span.window + slack:
+                base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
+                                     c.head_dim, dtype=dtype, device=self.device)
+                return StreamingKVCache(base, span, lambda n: self.model.rope_table(n, self.device), slack)
+        return StaticKVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim, dtype=dtype, device=self.device)
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache, span: SpanBias | None = None) -> torch.Tensor:
+        """Runs right-padded prompts tokens (B, T) with real lengths (B,) into `cache`; returns each row's
+        last logits (B, vocab). A streaming cache takes the prompt in chunks it can hold."""
+        chunk = cache.slack if isinstance(cache, StreamingKVCache) else tokens.shape[1]
+        last = torch.empty(tokens.shape[0], self.config.vocab_size)
+        for start in range(0, tokens.shape[1], chunk):
+            kept = (lengths - start).clamp(0, chunk)
+            logits = self.model(tokens[:, start:start + chunk], cache, last_only=True, num_kept=kept, span=span)
+            ends_here = (lengths > start) & (lengths <= start + chunk)
+            last[ends_here] = logits[ends_here, -1].cpu()
+        return last
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) int64 -> logits (B, T, vocab) fp32 (one full causal forward pass)."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        self._check_token_ids(input_ids)
+        B, T = input_ids.shape
+        self._check_context(T)
+        c = self.config
+        cache = StaticKVCache(c.n_layers, B, T, c.n_kv_heads, c.head_dim, dtype=self.model.tok_embeddings.weight.dtype,
+                              device=self.device)
+        return self.model(input_ids.to(self.device, torch.int64), cache)
+
+    def _check_token_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+
+    def _check_context(self, length: int) -> None:
+        if self.model.span.window is None and length > self.config.max_seq_len:
+            raise ValueError(f"the input has {length} tokens; the model's context is {self.config.max_seq_len} tokens")
+
+    # ---- generation ----
+
+    def _row_params(self, n_rows: int, seed: int | None, **settings) -> list[SamplingParams]:
+        """One SamplingParams per row: row r draws from seed + r, so rows differ and each is reproducible."""
+        base = secrets.randbits(62) if seed is None else seed
+        return [SamplingParams(seed=(base + r) % 2**63, **settings) for r in range(n_rows)]
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        for ids in encoded:
+            if not ids:
+                raise ValueError("a prompt must contain at least one token")
+            self._check_context(len(ids))
+        return encoded
+
+    def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
+                     on_cache=None) -> Iterator[list[int | None]]:
+        """The decode loop: yields, per step, one new token per row (None for rows already finished at EOS).
+
+        Rows are right-padded into one batch for prefill, then decode one token each step. on_cache, if
+        given, is called with the KV cache once it exists (to watch its memory).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        B, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
+        capacity = longest + max_new_tokens
+        if self.model.span.window is None:
+            capacity = min(capacity, self.config.max_seq_len)
+        steps = capacity - longest
+        if steps <= 0:
+            return
+        cache = self.new_cache(B, capacity)
+        if on_cache is not None:
+            on_cache(cache)
+        device = self.device
+        lengths = torch.tensor([len(p) for p in prompt_ids])
+        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
+        logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
+        seen = None
+        if any(p.has_penalties for p in params):
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.int32)
+            for b, p in enumerate(prompt_ids):
+                seen[b].index_add_(0, torch.tensor(p), torch.ones(len(p), dtype=torch.int32))
+        eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
+        done = torch.zeros(B, dtype=torch.bool)
+        for step in range(steps):
+            next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
+            yield [None if d else int(t) for t, d in zip(next_tokens, done)]
+            done |= torch.isin(next_tokens, eos)
+            if bool(done.all()) or step == steps - 1:
+                return
+            if seen is not None:
+                seen[torch.arange(B), next_tokens] += 1
+            logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
+
+    def _stream_rows(self, prompts: list[str], max_new_tokens: int, stop, seed, settings) -> Iterator[tuple[int, str, int | None, str | None]]:
+        """Yields (row, new text, new token id or None, finish reason or None) as rows produce text; each
+        row's last event carries its finish reason ("eos", "stop" or "length").
+
+        Stop strings end a row and are cut from its text; text that might begin a stop string is held
+        back until it cannot.
+        """
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        prompt_ids = self._encode_prompts(prompts)
+        params = self._row_params(len(prompts), seed, **settings)
+        eos_ids = self.tokenizer.eos_ids | set(self.config.eos_token_ids)
+        decoders = [StreamDecoder(self.tokenizer, ids) for ids in prompt_ids]
+        pending = [""] * len(prompts)  # decoded text not yet yielded (may hold a stop string's prefix)
+        finished = [False] * len(prompts)
+        hold = max((len(s) for s in stops), default=1) - 1
+        for new_tokens in self.generate_ids(prompt_ids, params, max_new_tokens):
+            for row, token in enumerate(new_tokens):
+                if token is None or finished[row]:
+                    continue
+                if token in eos_ids:
+                    finished[row] = True
+                    yield row, pending[row] + decoders[row].flush(), token, "eos"
+                    continue
+                pending[row] += decoders[row].push(token)
+                cut = min((pending[row].find(s) for s in stops if s in pending[row]), default=-1)
+                if cut >= 0:
+                    finished[row] = True
+                    yield row, pending[row][:cut], token, "stop"
+                    continue
+                safe = max(len(pending[row]) - hold, 0)
+                yield row, pending[row][:safe], token, None
+                pending[row] = pending[row][safe:]
+            if all(finished):
+                return
+        for row in range(len(prompts)):
+            if not finished[row]:
+                yield row, pending[row] + decoders[row].flush(), None, "length"
+
+    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
+                 num_return_sequences: int = 1):
+        """Generates a continuation of each prompt; all prompts (times num_return_sequences) run as one batch.
+
+        Returns a Completion for a single prompt, a list of them for a list of prompts; with
+        num_return_sequences = n > 1, each of those becomes a list of n Completions. temperature 0 is
+        greedy. seed makes sampling reproducible (row r of the batch draws from seed + r).
+        """
+        if num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        rows = [p for p in prompts for _ in range(num_return_sequences)]
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty)
+        completions = [Completion("", [], "length") for _ in rows]
+        for row, text, token, finish_reason in self._stream_rows(rows, max_new_tokens, stop, seed, settings):
+            completions[row].text += text
+            if token is not None:
+                completions[row].token_ids.append(token)
+            if finish_reason is not None:
+                completions[row].finish_reason = finish_reason
+        if num_return_sequences > 1:
+            completions = [completions[i:i + num_return_sequences] for i in range(0, len(rows), num_return_sequences)]
+        return completions[0] if isinstance(prompt, str) else completions
+
+    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | list[str] | None = None) -> Iterator[str]:
+        """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
+        if isinstance(prompt, list):
+            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        for _, text, _, _ in self._stream_rows([prompt], max_new_tokens, stop, seed, settings):
+            if text:
+                yield text
+
+    def chat(self, messages: list[dict], **kwargs) -> Completion:
+        """One assistant reply to `messages` ([{"role": ..., "content": ...}]), via the checkpoint's template."""
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, **kwargs)
+
+    # ---- evaluation ----
+
+    def perplexity(self, text: str, *, span: SpanBias | None = None, max_tokens: int | None = None,
+                   chunk: int = 256, progress: bool = False) -> PerplexityResult:
+        """Perplexity of the model on `text`, read left to right through the same cache generation uses
+        (a StreamingKVCache when span has a window shorter than the text: constant memory, any length).
+
+        span: overrides the model's SpanBias for this evaluation. max_tokens: evaluate only the first
+        max_tokens tokens. chunk: tokens per forward pass (a streaming cache takes at most its slack).
+        """
+        from tqdm import tqdm
+
+        span = span or self.model.span
+        span.check_heads(self.config.n_heads)
+        ids = self.tokenizer.encode(text)
+        if max_tokens is not None:
+            if max_tokens < 2:
+                raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise ValueError("perplexity needs a text of at least 2 tokens")
+        if span.window is None:
+            self._check_context(len(ids))
+        cache = self.new_cache(1, len(ids), span)
+        if isinstance(cache, StreamingKVCache):
+            chunk = min(chunk, cache.slack)
+        tokens = torch.tensor([ids], device=self.device)  # (1, N)
+        kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        total_nll, start_time = 0.0, time.perf_counter()
+        for start in tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress):
+            piece = tokens[:, start:start + chunk]
+            targets = tokens[0, start + 1:start + 1 + piece.shape[1]]  # (n,) the next token of each position
+            logprobs = torch.log_softmax(self.model(piece, cache, span=span)[0, :targets.shape[0]], dim=-1)
+            total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        seconds = time.perf_counter() - start_time
+        n = len(ids) - 1
+        return PerplexityResult(math.exp(total_nll / n), total_nll / n, n, seconds, len(ids) / seconds, kv_bytes)

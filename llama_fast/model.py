@@ -1,0 +1,134 @@
+"""The LLaMA decoder: embeddings -> n_layers x (RMSNorm, span-biased GQA attention with RoPE, RMSNorm,
+SwiGLU MLP) -> RMSNorm -> logits. Every op goes through llama_fast.ops, which picks the implementation.
+
+Weight names follow Meta's checkpoints (tok_embeddings, layers.N.attention.wq, ...); loaders map the other
+formats onto them. Q/K rows are in rotate-half (Hugging Face) order: loaders convert interleaved ones.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import ModelConfig
+from .reference import rope_cos_sin_cache
+from .span import SpanBias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        """-> (normed, new residual): the norm of x + residual (of x alone when residual is None)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps), x
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cache, positions, cos_sin_cache, span: SpanBias):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        ops.apply_rope(q, k, positions, cos_sin_cache)
+        cache.write(self.layer, k, v)
+        out = ops.decode_attention(  # (B, T, n_heads, head_dim)
+            q, cache.k[self.layer], cache.v[self.layer], cache.step_seqlens, span, cache.block_table
+        )
+        return self.wo(out.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, residual, cache, positions, cos_sin_cache, span):
+        # The residual stream is carried separately so each norm can fuse the preceding add.
+        h, residual = self.attention_norm(x, residual)
+        h = self.attention(h, cache, positions, cos_sin_cache, span)
+        h, residual = self.ffn_norm(h, residual)
+        return self.feed_forward(h), residual
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, span: SpanBias = SpanBias()):
+        super().__init__()
+        span.check_heads(config.n_heads)
+        self.config, self.span = config, span
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.cos_sin_cache = torch.empty(0, config.head_dim)  # (positions, head_dim), grown on demand
+
+    def rope_table(self, num_positions: int, device) -> torch.Tensor:
+        """[cos | sin] for positions 0..num_positions-1 (at least), fp32 on `device`."""
+        if self.cos_sin_cache.shape[0] < num_positions or self.cos_sin_cache.device != torch.device(device):
+            size = max(num_positions, self.config.max_seq_len)
+            self.cos_sin_cache = rope_cos_sin_cache(
+                size, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
+            ).to(device)
+        return self.cos_sin_cache
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, cache, last_only: bool = False, num_kept=None,
+                span: SpanBias | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab) fp32 (or (B, 1, vocab) for last_only).
+
+        The new tokens' K/V are appended to `cache`; num_kept (B,) says how many of each row's T tokens
+        are real (the rest is right padding), and last_only then returns each row's last real token.
+        span overrides the model's SpanBias for this call.
+        """
+        span = self.span if span is None else span
+        B, T = tokens.shape
+        positions = cache.begin_step(T)  # (B, T)
+        cos_sin = self.rope_table(int(positions.max()) + 1, tokens.device)
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cache, positions, cos_sin, span)
+        cache.end_step(num_kept)
+        if last_only:
+            last = (torch.full((B,), T) if num_kept is None else torch.as_tensor(num_kept)) - 1
+            x, residual = x[torch.arange(B), last.long()][:, None], residual[torch.arange(B), last.long()][:, None]
+        x, _ = self.norm(x, residual)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return torch.nn.functional.linear(x, weight).float()
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype=torch.float32, device="cpu",
+                span: SpanBias = SpanBias()) -> Transformer:
+    """A Transformer holding `weights` (model names) in `dtype` on `device`, without a second full copy."""
+    with torch.device("meta"):
+        model = Transformer(config, span)
+    state = {name: w.to(device=device, dtype=dtype) for name, w in weights.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,158 @@
+"""The public API, the seed article's program, and the CLI, on the embedded model."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_fast import LLM, Completion
+
+VENV_BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, **kwargs):
+    """Runs a command from outside the repository root (keeping our kernels/ folder off sys.path)."""
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(REPO), **kwargs)
+
+
+def test_generate_returns_completions(smollm):
+    one = smollm.generate("I love", max_new_tokens=5)
+    assert isinstance(one, Completion) and len(one.token_ids) == 5
+    many = smollm.generate(["I love", "Hello"], max_new_tokens=3)
+    assert [len(c.token_ids) for c in many] == [3, 3]
+    nested = smollm.generate(["I love", "Hello"], max_new_tokens=3, num_return_sequences=2, temperature=0.8, seed=1)
+    assert [len(group) for group in nested] == [2, 2]
+    assert smollm.generate("I love", max_new_tokens=0).token_ids == []
+
+
+def test_seed_makes_sampling_reproducible(smollm):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=1234)
+    first = smollm.generate("Once upon a time", **kwargs)
+    assert smollm.generate("Once upon a time", **kwargs).token_ids == first.token_ids
+    other = smollm.generate("Once upon a time", **{**kwargs, "seed": 99})
+    assert other.token_ids != first.token_ids
+    # Rows of one request get different streams (seed + row): n samples are not n copies.
+    rows = smollm.generate("Once upon a time", num_return_sequences=3, **kwargs)
+    assert len({tuple(c.token_ids) for c in rows}) > 1
+
+
+def test_stream_equals_generate(smollm):
+    pieces = list(smollm.stream("I love", max_new_tokens=24))
+    assert len(pieces) > 1
+    assert "".join(pieces) == smollm.generate("I love", max_new_tokens=24).text
+
+
+def test_stream_is_utf8_safe(smollm):
+    text = "".join(smollm.stream("Translate to Japanese: I love cats. Japanese:", max_new_tokens=24))
+    assert "\ufffd" not in text
+
+
+def test_stop_strings(smollm):
+    full = smollm.generate("I love", max_new_tokens=20).text  # " the idea of a community garden, ..."
+    out = smollm.generate("I love", max_new_tokens=20, stop=[" community"])
+    assert out.finish_reason == "stop" and out.text == full[: full.index(" community")]
+    streamed = "".join(smollm.stream("I love", max_new_tokens=20, stop=",")) 
+    assert streamed == full[: full.index(",")]
+
+
+def test_chat_stream_with_messages(smollm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "".join(smollm.stream(messages, max_new_tokens=32)) == "The capital of France is Paris."
+
+
+def test_bad_generation_arguments(smollm):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        smollm.generate("I love", max_new_tokens=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        smollm.generate("I love", temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        smollm.generate("I love", temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        smollm.generate("I love", temperature=-0.5)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        smollm.generate("I love", num_return_sequences=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        smollm.generate("")
+    with pytest.raises(ValueError, match="context"):
+        smollm.generate("hello " * 9000, max_new_tokens=1)
+
+
+def test_logits_shape_and_bad_ids(smollm):
+    ids = torch.tensor([[57, 2606], [57, 2606]])
+    out = smollm.logits(ids)
+    assert out.shape == (2, 2, 49152) and out.dtype == torch.float32
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match="token ids"):
+        smollm.logits(torch.tensor([[49152]]))
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        smollm.logits(torch.tensor([57, 2606]))
+
+
+def test_seed_article_program_runs_as_written():
+    program = (
+        "from llama_fast.modeling import LLaMAModel, PreTrainedTokenizer\n"
+        "tokenizer = PreTrainedTokenizer.from_pretrained('llama-base')\n"
+        "model = LLaMAModel.from_pretrained('llama-base')\n"
+        'generated_tokens = model.generate("I love", num_return_sequences=1, max_length=10)\n'
+        "print(tokenizer.decode(generated_tokens[0]))\n"
+    )
+    result = run([sys.executable, "-c", program])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "I love the idea of a community garden, but"
+
+
+def test_cli_generate_streams_text():
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "I love", "--max-new-tokens", "8"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "the idea of a community garden, but"
+
+
+def test_cli_info_and_module_entry():
+    result = run([sys.executable, "-m", "llama_fast", "info"])
+    assert result.returncode == 0, result.stderr
+    assert "parameters:  134,515,008" in result.stdout and "Q4_1" in result.stdout and "bpe" in result.stdout
+
+
+def test_cli_chat_keeps_history_and_exits():
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "chat", "--max-new-tokens", "24"],
+                 input="What is the capital of France?\nAnd of Germany?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "The capital of France is Paris." in result.stdout
+    assert "Berlin" in result.stdout  # the second question only makes sense with the first in the history
+
+
+def test_cli_bad_input_is_a_clear_error():
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "hi", "--model", "/no/such.gguf"])
+    assert result.returncode == 2 and "no such model or path" in result.stderr and "Traceback" not in result.stderr
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "hi", "--top-p", "2"])
+    assert result.returncode == 2 and "top_p" in result.stderr
+
+
+def test_import_works_without_the_extension():
+    code = (
+        "import sys; sys.modules['llama_fast._C'] = None\n"  # makes `import llama_fast._C` fail
+        "import llama_fast\n"
+        "from llama_fast._ext import ext, ExtensionNotBuiltError\n"
+        "try:\n    ext()\nexcept ExtensionNotBuiltError as e:\n    print('clear error:', 'bootstrap' in str(e))\n"
+    )
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 0, result.stderr
+    assert "clear error: True" in result.stdout
+
+
+def test_repo_root_on_sys_path_does_not_break_transformers():
+    # With the root on sys.path our kernels/ folder is importable as a top-level `kernels`, which
+    # transformers probes for (the HF kernels hub): the probe must come back negative, not crash.
+    code = (
+        "import kernels, transformers\n"
+        "from transformers.utils import is_kernels_available\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
+        " num_attention_heads=2, vocab_size=100))\n"
+        "print('kernels hub:', is_kernels_available(), kernels.__file__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "kernels hub: False" in result.stdout

@@ -1,0 +1,249 @@
+"""Loaders: tiny random HF and Meta checkpoints against transformers, GGUF details, and bad files."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from llama_fast import LLM
+from llama_fast.config import UnsupportedModelError
+from llama_fast.loaders import CheckpointError, load_checkpoint, resolve_model_path
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_hf_model(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # random norms too, so a mix-up of norm weights shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def smollm_tokenizer_dir(tmp_path_factory, hf_smollm):
+    """The embedded model's tokenizer saved as a HF directory (tokenizer.json + tokenizer_config.json)."""
+    folder = tmp_path_factory.mktemp("tok")
+    hf_smollm[1].save_pretrained(folder)
+    return folder
+
+
+def save_hf(model, folder, tokenizer_dir, **kwargs):
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    for name in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, name), folder)
+    return folder
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[1, 57, 2606, 253, 1345, 30, 314, 2841, 28, 4000, 49151]])
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"tie_word_embeddings": True},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, "rope_theta": 500000.0},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"num_key_value_heads": 4},
+], ids=["untied", "tied", "llama3-rope", "linear-rope", "mha"])
+def test_hf_directory_matches_transformers(tmp_path, smollm_tokenizer_dir, overrides):
+    model = tiny_hf_model(**overrides)
+    save_hf(model, tmp_path, smollm_tokenizer_dir)
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert (llm.logits(IDS) - hf_logits(model, IDS)).abs().max().item() <= 1e-4
+    assert llm.tokenizer.encode("I love") == [57, 2606]
+
+
+def test_hf_sharded_safetensors(tmp_path, smollm_tokenizer_dir):
+    model = tiny_hf_model(seed=1)
+    save_hf(model, tmp_path, smollm_tokenizer_dir, max_shard_size="2MB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert (llm.logits(IDS) - hf_logits(model, IDS)).abs().max().item() <= 1e-4
+
+
+def half_to_interleaved(w, n_heads):
+    """HF rotate-half Q/K rows back to Meta's interleaved pairs (the inverse of the loaders' permutation)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+
+
+def save_meta(model, folder, spm_model_file, shards=1):
+    """Writes model (a transformers LlamaForCausalLM) as a Meta checkpoint: params.json, consolidated.*.pth."""
+    c = model.config
+    sd = model.state_dict()
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        meta.update({
+            f"layers.{i}.attention.wq.weight": half_to_interleaved(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": half_to_interleaved(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        })
+    split = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
+    for s in range(shards):
+        part = {}
+        for name, w in meta.items():
+            dim = split.get(name.split(".")[-2])
+            part[name] = w.clone() if dim is None else w.chunk(shards, dim=dim)[s].clone()
+        torch.save(part, folder / f"consolidated.{s:02d}.pth")
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+              "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "multiple_of": 32,
+              "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_parameters["rope_theta"]}
+    (folder / "params.json").write_text(json.dumps(params))
+    shutil.copy(spm_model_file, folder / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def spm_model_file(tmp_path_factory):
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    text = "\n".join(["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question.",
+                      "All the world's a stage, and all the men and women merely players."] * 50)
+    (folder / "corpus.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=120,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2)
+    return folder / "m.model"
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_meta_directory_matches_transformers(tmp_path, spm_model_file, shards):
+    # Meta's FeedForward sizing with multiple_of=32: int(2 * 4 * 64 / 3) = 170 -> 192.
+    model = tiny_hf_model(seed=2, vocab_size=120, intermediate_size=192)
+    save_meta(model, tmp_path, spm_model_file, shards=shards)
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    ids = torch.tensor([[1, 5, 17, 42, 99, 119, 3, 64]])
+    assert (llm.logits(ids) - hf_logits(model, ids)).abs().max().item() <= 1e-4
+    assert llm.tokenizer.kind == "sentencepiece" and llm.tokenizer.bos_id == 1
+    text = "To be, or not to be"
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text), skip_special=True) == text
+
+
+def test_gguf_metadata_and_types():
+    ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
+    c = ckpt.config
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.rope_theta == 100000.0 and c.tie_embeddings
+    assert ckpt.tensor_types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert load_checkpoint("llama-base", progress=False).path == ckpt.path
+
+
+def test_gguf_tensor_types_roundtrip(tmp_path):
+    """F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors written with gguf's writer read back as their dequantised values."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter, quants
+
+    from llama_fast.loaders import _gguf_tensor
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((8, 64)).astype(np.float32)
+    path = str(tmp_path / "t.gguf")
+    writer = GGUFWriter(path, "llama")
+    expected = {}
+    for qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1):
+        data = quants.quantize(values, qtype)
+        writer.add_tensor(f"t_{qtype.name}", data, raw_dtype=qtype)
+        expected[qtype.name] = quants.dequantize(data, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for t in GGUFReader(path).tensors:
+        got = _gguf_tensor(t, path).float()
+        assert got.shape == (8, 64)
+        want = torch.from_numpy(expected[t.tensor_type.name].reshape(8, 64)).float()
+        assert torch.equal(got, want), t.tensor_type.name
+        tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.05, "Q4_0": 0.5, "Q4_1": 0.5}[t.tensor_type.name]
+        assert (got - torch.from_numpy(values)).abs().max() <= tolerance + 1e-6
+
+
+# ---- bad input ----
+
+def test_missing_path_and_unknown_name():
+    with pytest.raises(CheckpointError, match="no such model or path"):
+        resolve_model_path("/nonexistent/model.gguf")
+    with pytest.raises(CheckpointError, match="built-in names"):
+        LLM.from_pretrained("not-a-model", progress=False)
+
+
+def test_truncated_gguf(tmp_path):
+    data = open(resolve_model_path("smollm2-135m-instruct"), "rb").read(100_000)
+    (tmp_path / "cut.gguf").write_bytes(data)
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        load_checkpoint(str(tmp_path / "cut.gguf"), progress=False)
+
+
+def test_corrupt_gguf(tmp_path):
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+    with pytest.raises(CheckpointError, match="junk.gguf"):
+        load_checkpoint(str(tmp_path / "junk.gguf"), progress=False)
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(CheckpointError, match="text.gguf"):
+        load_checkpoint(str(tmp_path / "text.gguf"), progress=False)
+
+
+def test_unsupported_tensor_type_and_architecture(tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, GGUFWriter, quants
+
+    path = str(tmp_path / "q5.gguf")
+    writer = GGUFWriter(path, "llama")
+    for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
+                       ("attention.head_count", 2), ("context_length", 64)]:
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_tensor("token_embd.weight", quants.quantize(np.ones((16, 32), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    with pytest.raises(CheckpointError, match="Q5_0"):
+        load_checkpoint(path, progress=False)
+
+    path = str(tmp_path / "gpt2.gguf")
+    writer = GGUFWriter(path, "gpt2")
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        load_checkpoint(path, progress=False)
+
+
+def test_corrupt_safetensors_and_bad_config(tmp_path, smollm_tokenizer_dir):
+    save_hf(tiny_hf_model(), tmp_path, smollm_tokenizer_dir)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(str(tmp_path), progress=False)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(str(tmp_path), progress=False)
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(UnsupportedModelError, match="GPTNeoX"):
+        load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_corrupt_meta_checkpoint(tmp_path, spm_model_file):
+    save_meta(tiny_hf_model(vocab_size=120, intermediate_size=192), tmp_path, spm_model_file)
+    (tmp_path / "consolidated.00.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="consolidated.00.pth"):
+        load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_directory_without_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(str(tmp_path), progress=False)
