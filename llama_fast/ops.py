@@ -158,7 +158,9 @@ def sample(logits, params, *, step=0, seen=None, logprobs: bool = False, backend
         if not isinstance(seen, torch.Tensor) or tuple(seen.shape) != tuple(logits.shape):
             raise ValueError(f"sample: seen must be a (B, V) = {tuple(logits.shape)} tensor of counts")
     which = choose_backend("sample", logits.device, backend, cpu_ext=True)
-    if which == "cpu" or (which == "triton" and has_ext() and ext().with_cuda):
+    # Sampling has no Triton kernel: "triton" means the extension where it can run these logits.
+    use_ext = which == "cpu" or (which == "triton" and has_ext() and (logits.device.type == "cpu" or ext().with_cuda))
+    if use_ext:
         if seen is not None and seen.dtype not in (torch.int32, torch.int64):
             seen = seen.to(torch.int32)
         seeds = torch.tensor([p.seed or 0 for p in params], dtype=torch.int64)
