@@ -231,6 +231,48 @@ inline int64_t sample_filtered_row(SampleWorkspace& ws, int64_t V, const SampleP
     counts[b] += 1;
     masses[b] += e[i];
   }
+  auto before = [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
+  int32_t* cand = ws.cand.data();
+  if (!use_k) {
+    // top_p alone: the bucket where the mass from the top crosses top_p * Z holds the nucleus' edge. Only
+    // that bucket's tokens are sorted; the nucleus is every token ranking at or before the last kept one
+    // (x desc, id asc), drawn in id order.
+    const double goal = static_cast<double>(p.top_p) * Z;
+    double above = 0;
+    int b_edge = -1;
+    for (int b = kRadixBuckets - 1; b >= 0; --b) {
+      if (above + masses[b] >= goal && counts[b] > 0) { b_edge = b; break; }
+      above += masses[b];
+    }
+    float xp = -std::numeric_limits<float>::infinity();
+    int64_t idp = V - 1;  // rounding never reached the goal: keep everything
+    if (b_edge >= 0) {
+      int64_t n = 0;
+      for (int64_t i = 0; i < V; ++i)
+        if (static_cast<int>(float_key(x[i]) >> (32 - kRadixBits)) == b_edge) cand[n++] = static_cast<int32_t>(i);
+      std::sort(cand, cand + n, before);
+      double mass_before = above;
+      int64_t j = 0;
+      while (j + 1 < n && mass_before + e[cand[j]] < goal) mass_before += e[cand[j++]];
+      xp = x[cand[j]];
+      idp = cand[j];
+    }
+    auto kept = [&](int64_t i) {
+      return (x[i] > xp || (x[i] == xp && i <= idp)) && (min_e <= 0.f || e[i] >= min_e);
+    };
+    double mass = 0;
+    for (int64_t i = 0; i < V; ++i) mass += kept(i) ? e[i] : 0.f;
+    const double target = u * mass;
+    double cum = 0;
+    int64_t last = top;
+    for (int64_t i = 0; i < V; ++i) {
+      if (!kept(i)) continue;
+      cum += e[i];
+      last = i;
+      if (cum > target) return i;
+    }
+    return last;
+  }
   // Walk from the top bucket until the candidate buckets surely hold the top-k (count) or the nucleus
   // (mass; with a small margin against rounding). With top_k, the nucleus lies inside the top-k.
   const int64_t k = use_k ? p.top_k : V;
@@ -246,13 +288,11 @@ inline int64_t sample_filtered_row(SampleWorkspace& ws, int64_t V, const SampleP
       if (enough) { b_low = b; break; }
     }
   }
-  int32_t* cand = ws.cand.data();
   int64_t n = 0;
   for (int64_t i = 0; i < V; ++i) {
     if (static_cast<int>(float_key(x[i]) >> (32 - kRadixBits)) >= b_low) cand[n++] = static_cast<int32_t>(i);
   }
   // Most likely first, ties to the lower id (the reference's stable descending argsort).
-  auto before = [x](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
   if (use_k && n > k) {
     std::partial_sort(cand, cand + k, cand + n, before);
     n = k;

@@ -76,6 +76,7 @@ class StaticKVCache:
         if longest > self.max_seq_len:
             raise CacheFullError(f"KV cache holds {self.max_seq_len} tokens per row; this step needs {longest}")
         self._start = self.seqlens.clone()
+        self._start_cpu = self._start.cpu()  # validated on the host without a device sync per layer
         self._num_new = num_new
         steps = torch.arange(num_new, device=self.seqlens.device)
         self.step_seqlens = self.seqlens + num_new
@@ -87,7 +88,7 @@ class StaticKVCache:
         if k.shape[1] != self._num_new:
             raise ValueError(f"write: this step has {self._num_new} new tokens, k has {k.shape[1]}")
         dtype = self.k[layer].dtype
-        self._C.static_write(self.k[layer], self.v[layer], k.to(dtype), v.to(dtype), self._start)
+        self._C.static_write(self.k[layer], self.v[layer], k.to(dtype), v.to(dtype), self._start_cpu)
 
     def end_step(self, num_kept: torch.Tensor | int | None = None) -> None:
         if self._start is None:
@@ -234,10 +235,11 @@ class PagedKVCache:
             raise CacheFullError(str(err)) from None
         self._copy(copies)
         self._num_new = num_new
+        self._start_cpu, self._table_cpu = start, self.manager.block_table(ids)  # host copies for write()
         self._start = start.to(self.device)
         self.seqlens = self._start
         self.step_seqlens = self._start + num_new
-        self.block_table = self.manager.block_table(ids).to(self.device)
+        self.block_table = self._table_cpu.to(self.device)
         steps = torch.arange(num_new, device=self.device)
         return self._start.long()[:, None] + steps[None, :]  # (B, T)
 
@@ -247,7 +249,7 @@ class PagedKVCache:
         if k.dim() != 4 or k.shape[1] != self._num_new:
             raise ValueError(f"write: this step has {self._num_new} new tokens per row, k has shape {tuple(k.shape)}")
         dtype = self.k[layer].dtype
-        self._C.paged_write(self.k[layer], self.v[layer], k.to(dtype), v.to(dtype), self.block_table, self._start)
+        self._C.paged_write(self.k[layer], self.v[layer], k.to(dtype), v.to(dtype), self._table_cpu, self._start_cpu)
 
     def end_step(self, num_kept: torch.Tensor | int | None = None) -> None:
         if self._start is None:

@@ -161,8 +161,8 @@ def sample(logits, params, *, step=0, seen=None, logprobs: bool = False, backend
     # Sampling has no Triton kernel: "triton" means the extension where it can run these logits.
     use_ext = which == "cpu" or (which == "triton" and has_ext() and (logits.device.type == "cpu" or ext().with_cuda))
     if use_ext:
-        if seen is not None and seen.dtype not in (torch.int32, torch.int64):
-            seen = seen.to(torch.int32)
+        if seen is not None and (seen.dtype not in (torch.int32, torch.int64) or seen.device != logits.device):
+            seen = seen.to(logits.device, torch.int32 if seen.dtype not in (torch.int32, torch.int64) else seen.dtype)
         seeds = torch.tensor([p.seed or 0 for p in params], dtype=torch.int64)
         tokens, lp = ext().sample(logits, _params_table(params), seeds, torch.tensor(steps, dtype=torch.int64),
                                   seen, logprobs)
