@@ -39,6 +39,13 @@ FUZZ = textwrap.dedent(
         t = t.to(dtype) if dtype.is_floating_point else t.nan_to_num(0).clamp(-2**40, 2**40).to(dtype)
         if rank >= 2 and draw(st.booleans()):
             t = t.transpose(0, 1)  # non-contiguous
+        layout = draw(st.sampled_from(["strided"] * 6 + ["meta", "sparse", "expanded"]))
+        if layout == "meta":
+            t = t.to("meta")
+        elif layout == "sparse" and rank >= 1 and dtype != torch.bool:
+            t = t.to_sparse()
+        elif layout == "expanded" and rank >= 1 and t.shape[-1] >= 1:
+            t = t[..., :1].expand(*t.shape[:-1], 7)  # stride 0
         return t
 
     args = st.one_of(tensors(), ints, st.none(), st.floats(allow_nan=True), st.lists(ints, max_size=4),
