@@ -141,11 +141,12 @@ class LLM:
         return encoded
 
     def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
-                     on_cache=None) -> Iterator[list[int | None]]:
+                     on_cache=None, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
         """The decode loop: yields, per step, one new token per row (None for rows already finished at EOS).
 
         Rows are right-padded into one batch for prefill, then decode one token each step. on_cache, if
-        given, is called with the KV cache once it exists (to watch its memory).
+        given, is called with the KV cache once it exists (to watch its memory). stop_at_eos=False runs
+        every row for max_new_tokens steps whatever it samples (benchmarks).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -181,7 +182,8 @@ class LLM:
         for step in range(steps):
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
-            done |= torch.isin(next_tokens, eos)
+            if stop_at_eos:
+                done |= torch.isin(next_tokens, eos)
             if bool(done.all()) or step == steps - 1:
                 return
             if seen is not None:
