@@ -56,6 +56,9 @@ step compile_check "$PY" "$ROOT/scripts/check_triton_compile.py" --jobs 8 --no-c
 #    contiguous/paged, Tq 1/4/200, rms_norm, rope, swiglu)
 step correctness "$PY" "$ROOT/benchmarks/gpu_correctness.py" ${QUICK:+--quick}
 
+# 4b. the extension's CUDA code (sampler, KV cache writes/copies) vs CPU and reference, and its speed
+step ext_cuda "$PY" "$ROOT/benchmarks/gpu_ext_check.py" ${QUICK:+--quick}
+
 # 5. benchmarks: bf16 (full or quick) and fp16 (quick)
 step bench_bf16 "$PY" "$ROOT/benchmarks/bench_attention.py" --dtype bf16 ${QUICK:+--quick}
 cp "$ROOT/$OUTDIR/bench_attention.json" "$ROOT/$OUTDIR/bench_attention_bf16.json" 2>/dev/null || true
@@ -68,7 +71,7 @@ rm -rf "$STAGE"
 {
     echo
     echo "=== gpu_suite summary ($(( $(date +%s) - start )) s)"
-    for name in env build import compile_check correctness bench_bf16 bench_fp16; do
+    for name in env build import compile_check correctness ext_cuda bench_bf16 bench_fp16; do
         printf '  %-14s %s\n' "$name" "${STATUS[$name]:-not run}"
     done
     echo "  tables: the bench_* steps above; JSON in $OUTDIR/bench_attention_{bf16,fp16}.json"

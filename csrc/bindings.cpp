@@ -1,7 +1,13 @@
 // The Python binding of llama_fast._C: declarations only, the work is in the other files.
+#include <pybind11/stl.h>
 #include <torch/extension.h>
 
 #include "cpu_features.h"
+#include "ext.h"
+#include "kv_cache.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_features", [] {
@@ -11,4 +17,55 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           pybind11::arg("avx512vnni") = f.avx512vnni,
                           pybind11::arg("avx512bf16") = f.avx512bf16);
   }, "The x86-64 ISA extensions this CPU supports (detected at run time).");
+
+  m.attr("with_cuda") =
+#ifdef LLAMA_FAST_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+
+  // Sampling
+  m.def("sample", &llama_fast::sample, "logits"_a, "params"_a, "seeds"_a, "steps"_a, "seen"_a = py::none(),
+        "return_logprobs"_a = false,
+        "logits (B, V) -> (tokens (B,) int64, logprobs (B,) fp32 or None). params (B, 7) fp64 rows [temperature, "
+        "top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty]; seeds, steps (B,) int64; "
+        "seen (B, V) int32/int64 counts or None.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("apply_penalties", &llama_fast::apply_penalties, "logits"_a, "seen"_a, "params"_a,
+        "The penalised logits (B, V) fp32, as reference.apply_penalties computes them.");
+
+  // KV cache data movement
+  m.def("static_write", &llama_fast::static_write, "k_cache"_a, "v_cache"_a, "k"_a, "v"_a, "start"_a,
+        "Writes k, v (B, T, Hkv, D) into a static cache (B, S_max, Hkv, D) at positions start[b] + t.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_write", &llama_fast::paged_write, "k_cache"_a, "v_cache"_a, "k"_a, "v"_a, "block_table"_a, "start"_a,
+        "Writes k, v (B, T, Hkv, D) into a paged pool (num_blocks, block_size, Hkv, D) through block_table.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("copy_blocks", &llama_fast::copy_blocks, "k_caches"_a, "v_caches"_a, "ops"_a,
+        "Runs block copies ops (N, 3) int64 [src, dst, tokens] in order on every layer's pools.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gather_paged", &llama_fast::gather_paged, "cache"_a, "block_ids"_a, "length"_a,
+        "The first `length` tokens of a paged sequence as a contiguous (length, Hkv, D) tensor.");
+
+  py::register_exception<llama_fast::KVCacheFull>(m, "KVCacheFull", PyExc_RuntimeError);
+  py::class_<llama_fast::PagedBlockManager>(m, "PagedBlockManager",
+                                            "Block allocator and per-sequence block tables of a paged KV cache.")
+      .def(py::init<int64_t, int64_t>(), "num_blocks"_a, "block_size"_a)
+      .def_property_readonly("num_blocks", &llama_fast::PagedBlockManager::num_blocks)
+      .def_property_readonly("block_size", &llama_fast::PagedBlockManager::block_size)
+      .def_property_readonly("num_free_blocks", &llama_fast::PagedBlockManager::num_free_blocks)
+      .def_property_readonly("num_sequences", &llama_fast::PagedBlockManager::num_sequences)
+      .def("refcount", &llama_fast::PagedBlockManager::refcount, "block"_a)
+      .def("add_sequence", &llama_fast::PagedBlockManager::add_sequence)
+      .def("fork", &llama_fast::PagedBlockManager::fork, "parent"_a)
+      .def("free", &llama_fast::PagedBlockManager::free, "seq"_a)
+      .def("__contains__", &llama_fast::PagedBlockManager::contains, "seq"_a)
+      .def("length", &llama_fast::PagedBlockManager::length, "seq"_a)
+      .def("evicted", &llama_fast::PagedBlockManager::evicted, "seq"_a)
+      .def("blocks", &llama_fast::PagedBlockManager::blocks, "seq"_a)
+      .def("evict", &llama_fast::PagedBlockManager::evict, "seqs"_a, "window"_a, "sinks"_a)
+      .def("reserve", &llama_fast::PagedBlockManager::reserve, "seqs"_a, "num_new"_a, "max_length"_a)
+      .def("commit", &llama_fast::PagedBlockManager::commit, "seqs"_a, "kept"_a)
+      .def("block_table", &llama_fast::PagedBlockManager::block_table, "seqs"_a, "min_width"_a = 0);
 }

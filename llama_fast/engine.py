@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import ops
-from .cache import StaticKVCache
+from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
 from .sampling import SamplingParams
@@ -42,6 +42,12 @@ class Completion:
 
 
 class LLM:
+    # Which KV cache generation uses: "auto" (a PagedKVCache for batches of several rows, num_return_sequences
+    # included, storing each distinct prompt once; a StaticKVCache for a single row; the streaming cache for
+    # window spans past their window), or "static" / "paged" to force one.
+    kv_cache = "auto"
+    PAGE_SIZE = 16  # tokens per block of the paged cache
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = ""):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
@@ -64,7 +70,9 @@ class LLM:
         span.check_heads(self.config.n_heads)
         model = copy.copy(self.model)  # a shallow copy shares every parameter
         model.span = span
-        return LLM(model, self.tokenizer, self.path)
+        llm = LLM(model, self.tokenizer, self.path)
+        llm.kv_cache = self.kv_cache
+        return llm
 
     @property
     def device(self) -> torch.device:
@@ -149,13 +157,21 @@ class LLM:
         steps = capacity - longest
         if steps <= 0:
             return
-        cache = self.new_cache(B, capacity)
-        if on_cache is not None:
-            on_cache(cache)
+        if self.kv_cache not in ("auto", "static", "paged"):
+            raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
+        paged = self.model.span.window is None and (self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1))
         device = self.device
-        lengths = torch.tensor([len(p) for p in prompt_ids])
-        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
-        logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
+        if paged:
+            cache, logits = self._prefill_paged(prompt_ids, steps)
+            if on_cache is not None:
+                on_cache(cache)
+        else:
+            cache = self.new_cache(B, capacity)
+            if on_cache is not None:
+                on_cache(cache)
+            lengths = torch.tensor([len(p) for p in prompt_ids])
+            tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
+            logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
         seen = None
         if any(p.has_penalties for p in params):
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.int32)
@@ -173,6 +189,32 @@ class LLM:
             if seen is not None:
                 seen[torch.arange(B), next_tokens] += 1
             logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
+
+    def _prefill_paged(self, prompt_ids: list[list[int]], steps: int) -> tuple[PagedKVCache, torch.Tensor]:
+        """A PagedKVCache holding every row's prompt, each distinct prompt stored once (rows repeating a
+        prompt, as num_return_sequences makes them, are copy-on-write forks of its sequence), and the
+        rows' last logits (B, vocab). The pool is sized for the prompts plus `steps` tokens per row."""
+        c, bs = self.config, self.PAGE_SIZE
+        unique: dict[tuple[int, ...], int] = {}
+        for p in prompt_ids:
+            unique.setdefault(tuple(p), len(unique))
+        distinct = [list(p) for p in unique]
+        num_blocks = sum(-(-len(p) // bs) for p in distinct) + len(prompt_ids) * (-(-steps // bs) + 1)
+        cache = PagedKVCache(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim,
+                             dtype=self.model.tok_embeddings.weight.dtype, device=self.device)
+        seqs = [cache.add_sequence() for _ in distinct]
+        cache.set_batch(seqs)
+        longest = max(len(p) for p in distinct)
+        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in distinct], device=self.device)  # (U, T)
+        logits = self.prefill(tokens, torch.tensor([len(p) for p in distinct]), cache)  # (U, vocab)
+        owner = [unique[tuple(p)] for p in prompt_ids]
+        taken: set[int] = set()
+        rows = []
+        for u in owner:  # the first row of a prompt takes its sequence, the others fork it
+            rows.append(seqs[u] if u not in taken else cache.fork(seqs[u]))
+            taken.add(u)
+        cache.set_batch(rows)
+        return cache, logits[owner]
 
     def _stream_rows(self, prompts: list[str], max_new_tokens: int, stop, seed, settings) -> Iterator[tuple[int, str, int | None, str | None]]:
         """Yields (row, new text, new token id or None, finish reason or None) as rows produce text; each

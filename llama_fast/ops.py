@@ -8,14 +8,17 @@ backend that cannot run the inputs raises; nothing falls back silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
+import secrets
 
 import torch
 
 from . import reference
 from ._ext import ext, has_ext
+from .sampling import SamplingParams
 from .span import SpanBias
 
 log = logging.getLogger("llama_fast")
@@ -109,11 +112,64 @@ def swiglu(gate, up, *, backend=None):
     return reference.swiglu(gate, up)
 
 
-def sample(logits, params, *, step=0, seen=None, backend=None):
-    """logits (B, V) -> token ids (B,); params: one SamplingParams or one per row. Pure: see DESIGN 3b."""
+def fresh_seed() -> int:
+    """A fresh random seed in [0, 2**63) for a row whose SamplingParams.seed is None."""
+    return secrets.randbits(63)
+
+
+def _params_table(params: list) -> torch.Tensor:
+    """(B, 7) fp64 rows [temperature, top_k, top_p, min_p, repetition, presence, frequency] for _C.sample."""
+    return torch.tensor(
+        [[p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+         for p in params],
+        dtype=torch.float64,
+    ).reshape(len(params), 7)
+
+
+def sample(logits, params, *, step=0, seen=None, logprobs: bool = False, backend=None):
+    """logits (B, V) fp32/fp16/bf16 -> token ids (B,) int64; params: one SamplingParams or one per row.
+
+    Pure (DESIGN.md 3b): row b's token depends only on its logits, params, seen counts and step, whatever
+    else is in the batch. step: an int or (B,) ints, each row's draw counter. seen: (B, V) int counts of
+    the tokens so far (prompt + generated) for the penalties, or None. A row whose seed is None draws from
+    a fresh random seed. logprobs=True returns (tokens, logprobs (B,) fp32): log_softmax of the raw
+    logits at the chosen tokens. NaN or inf in a row's logits raises ValueError naming the rows.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"sample: logits must be a (B, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    B = logits.shape[0]
     if not isinstance(params, (list, tuple)):
-        params = [params] * logits.shape[0]
-    if len(params) != logits.shape[0]:
-        raise ValueError(f"sample: {len(params)} SamplingParams for {logits.shape[0]} rows")
-    which = choose_backend("sample", logits.device, backend)
-    return reference.sample(logits, list(params), step=step, seen=seen)
+        params = [params] * B
+    if len(params) != B:
+        raise ValueError(f"sample: {len(params)} SamplingParams for {B} rows")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"sample: params must be SamplingParams, got {type(p).__name__}")
+    params = [p if p.seed is not None or p.greedy else dataclasses.replace(p, seed=fresh_seed()) for p in params]
+    if isinstance(step, int):
+        steps = [step] * B
+    else:
+        steps = [int(s) for s in (step.tolist() if isinstance(step, torch.Tensor) else step)]
+        if len(steps) != B:
+            raise ValueError(f"sample: {len(steps)} steps for {B} rows")
+    if any(s < 0 for s in steps):
+        raise ValueError(f"sample: steps must be >= 0, got {steps}")
+    if seen is not None:
+        if not isinstance(seen, torch.Tensor) or tuple(seen.shape) != tuple(logits.shape):
+            raise ValueError(f"sample: seen must be a (B, V) = {tuple(logits.shape)} tensor of counts")
+    which = choose_backend("sample", logits.device, backend, cpu_ext=True)
+    # Sampling has no Triton kernel: "triton" means the extension where it can run these logits.
+    use_ext = which == "cpu" or (which == "triton" and has_ext() and (logits.device.type == "cpu" or ext().with_cuda))
+    if use_ext:
+        if seen is not None and (seen.dtype not in (torch.int32, torch.int64) or seen.device != logits.device):
+            seen = seen.to(logits.device, torch.int32 if seen.dtype not in (torch.int32, torch.int64) else seen.dtype)
+        seeds = torch.tensor([p.seed or 0 for p in params], dtype=torch.int64)
+        tokens, lp = ext().sample(logits, _params_table(params), seeds, torch.tensor(steps, dtype=torch.int64),
+                                  seen, logprobs)
+        return (tokens, lp) if logprobs else tokens
+    tokens = reference.sample(logits, [p if p.seed is not None else dataclasses.replace(p, seed=0) for p in params],
+                              step=steps, seen=seen)
+    if logprobs:
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens.to(logits.device)[:, None])[:, 0].cpu()
+        return tokens, lp
+    return tokens

@@ -7,6 +7,8 @@ bash scripts/bootstrap.sh
 # error, a register spill, shared memory over the limit, or attention without tensor cores. Results are
 # cached per kernel source in .cache/, so an unchanged kernel set costs seconds.
 .venv/bin/python scripts/check_triton_compile.py
+# The CUDA sources (csrc/*.cu) must compile with nvcc for sm_80 and sm_90 (no GPU needed).
+bash scripts/check_cuda_compile.sh
 # Run pytest through its console script, not `python -m pytest`: that would put the repository root on
 # sys.path, where our kernels/ folder shadows the Hugging Face `kernels` package (DESIGN.md section 4).
 exec .venv/bin/pytest "$@"

@@ -42,6 +42,7 @@ def test_long_generation_keeps_memory_constant_and_text_alive(smollm):
     params = llm._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
     caches = []
     held, tokens = [], []
+    # stop_at_eos=False: the length must not hang on whether this seed happens to draw EOS.
     for (token,) in llm.generate_ids(prompt_ids, params, max_new_tokens=800, on_cache=caches.append,
                                      stop_at_eos=False):
         tokens.append(token)
