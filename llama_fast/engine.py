@@ -3,9 +3,10 @@ sample (as gpt-fast splits them), batching several prompts into one forward pass
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -16,6 +17,9 @@ from .model import Transformer, build_model
 from .sampling import SamplingParams
 from .span import SpanBias
 from .tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .fast_decode import CpuDecodePath
 
 log = logging.getLogger("llama_fast")
 
@@ -28,22 +32,29 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = ""):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
+        """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): the C++ step
+        (llama_fast.fast_decode) where it applies (CPU, fp32/bf16, the extension built), else the model's
+        forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
+        self.decode = decode or os.environ.get("LLAMA_FAST_DECODE") or "auto"
+        if self.decode not in ("auto", "cpp", "eager"):
+            raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
+        self._fast_path = None  # built on first use
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
-                        progress: bool = True) -> "LLM":
+                        progress: bool = True, decode: str | None = None) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
-        Hugging Face or Meta directory. device: default cpu. dtype: default float32."""
+        Hugging Face or Meta directory. device: default cpu. dtype: default float32. decode: see __init__."""
         device = torch.device(device or "cpu")
         dtype = dtype or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         ckpt = load_checkpoint(name_or_path, progress=progress)
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
-        return cls(model, ckpt.tokenizer, ckpt.path)
+        return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
     @property
     def device(self) -> torch.device:
@@ -72,6 +83,29 @@ class LLM:
     def _check_context(self, length: int) -> None:
         if self.model.span.window is None and length > self.config.max_seq_len:
             raise ValueError(f"the input has {length} tokens; the model's context is {self.config.max_seq_len} tokens")
+
+    def decode_path(self, cache) -> "CpuDecodePath | None":
+        """The C++ decode step for this cache, or None when decode steps run through the model's forward."""
+        if self.decode == "eager":
+            return None
+        if self._fast_path is None:
+            from .fast_decode import CpuDecodePath, supports
+
+            reason = supports(self.model)
+            if reason is not None:
+                if self.decode == "cpp":
+                    raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run this model: {reason}")
+                self.decode = "eager"
+                log.info("llama_fast: decode steps run through the model's forward (%s)", reason)
+                return None
+            self._fast_path = CpuDecodePath(self.model)
+            log.info("llama_fast: decode steps run in C++ (%s, %d threads)", self._fast_path.isa,
+                     self._fast_path.num_threads)
+        if not self._fast_path.applies_to(cache):
+            if self.decode == "cpp":
+                raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run on a {type(cache).__name__}")
+            return None
+        return self._fast_path
 
     # ---- generation ----
 
@@ -114,6 +148,7 @@ class LLM:
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
         logits = self.model(tokens, cache, last_only=True, num_kept=lengths)[:, -1]  # prefill: (B, vocab)
+        fast = self.decode_path(cache)
         for step in range(steps):
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
@@ -122,7 +157,10 @@ class LLM:
                 return
             if seen is not None:
                 seen[torch.arange(B), next_tokens] += 1
-            logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
+            if fast is not None:
+                logits = fast.step(next_tokens, cache)  # decode one token: one C++ call
+            else:
+                logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
 
     def _stream_rows(self, prompts: list[str], max_new_tokens: int, stop, seed, settings) -> Iterator[tuple[int, str, int | None, str | None]]:
         """Yields (row, new text, new token id or None, finish reason or None) as rows produce text; each
