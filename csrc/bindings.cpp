@@ -32,5 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("v_cache"))
       .def("set_rope_table", &llama_fast::CpuDecoder::set_rope_table, py::arg("table"))
       .def_property_readonly("isa", &llama_fast::CpuDecoder::isa)
-      .def_property_readonly("num_threads", &llama_fast::CpuDecoder::num_threads);
+      .def_property("num_threads", &llama_fast::CpuDecoder::num_threads, &llama_fast::CpuDecoder::set_num_threads);
+  m.def("cpu_matvec", &llama_fast::cpu_matvec, py::arg("weight"), py::arg("x"), py::arg("num_threads") = 0,
+        py::arg("isa") = "auto", "x (B, K) fp32 @ weight (N, K).T with the CPU decode step's kernels -> (B, N) fp32.");
 }

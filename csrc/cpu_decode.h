@@ -7,12 +7,15 @@
 // weights (fp32, or bf16 widened to fp32 in registers) with the widest vectors the CPU has, chosen at run
 // time (the build has no -march flags): AVX-512, AVX2+FMA, or plain C++. All activations are fp32.
 // One OpenMP parallel region per step: threads split each product by output rows (and attention by
-// heads) and meet at a barrier only where the next op needs every row (5 per layer).
+// heads) and meet at a barrier only where the next op needs every row (5 per layer; SpinBarrier).
 #pragma once
 
 #include <immintrin.h>
 #include <omp.h>
 
+#include <sched.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -145,6 +148,34 @@ inline size_t workspace_floats(const ModelDesc& m, int batch, int s_max, int num
   return shared + per_thread * num_threads;
 }
 
+// A barrier for the threads of one parallel region that spins briefly, then yields the core: on a
+// machine shared with other work, a thread waiting for a descheduled peer gives its core away instead of
+// burning it (OpenMP's barrier spins far longer and made 2 threads slower than 1 on a loaded 2-core box).
+struct SpinBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<int> generation{0};
+  int n = 1;
+
+  void wait() {
+    if (n <= 1) return;
+    const int gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 4000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
+
 // [lo, hi) of n items for thread t of nt, in multiples of `grain` (the last range takes the rest).
 inline void split(int n, int grain, int t, int nt, int& lo, int& hi) {
   const int units = (n + grain - 1) / grain;
@@ -207,9 +238,12 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
 
   for (int b = 0; b < B; ++b) load_row(m.embedding, m.w_bf16, s.tokens[b], dim, x + static_cast<size_t>(b) * dim);
 
+  SpinBarrier barrier;
 #pragma omp parallel num_threads(s.num_threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+    barrier.n = nt;  // (the implicit barrier of `single` publishes it)
     float* xn = per_thread + t * per_thread_floats;  // (B, dim) this thread's copy of the normed x
     float* scores = xn + static_cast<size_t>(B) * dim;
     int lo, hi;
@@ -239,7 +273,7 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
           }
         }
       }
-#pragma omp barrier
+      barrier.wait();
       split(B * H, 1, t, nt, lo, hi);
       for (int u = lo; u < hi; ++u) {
         const int b = u / H, h = u % H, kh = h / group;
@@ -248,12 +282,12 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
         kern.attend(qkv + static_cast<size_t>(b) * nqkv + h * D, kb, vb, s.kv_bf16, nkv, D, s.positions[b], m.span[h],
                     scores, att + static_cast<size_t>(b) * nq + h * D);
       }
-#pragma omp barrier
+      barrier.wait();
       split(dim, 16, t, nt, lo, hi);
       kern.dot_rows(w.wo, m.w_bf16, nq, lo, hi, att, nq, B, tmp, dim);
       for (int b = 0; b < B; ++b)
         for (int r = lo; r < hi; ++r) x[b * dim + r] += tmp[b * dim + r];
-#pragma omp barrier
+      barrier.wait();
       for (int b = 0; b < B; ++b) rms_norm(x + b * dim, w.ffn_norm, dim, m.eps, xn + b * dim);
       split(F, 16, t, nt, lo, hi);
       kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, B, gate, F);
@@ -263,12 +297,12 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
           const float g = gate[b * F + r];
           gate[b * F + r] = g / (1.0f + std::exp(-g)) * up[b * F + r];
         }
-#pragma omp barrier
+      barrier.wait();
       split(dim, 16, t, nt, lo, hi);
       kern.dot_rows(w.w2, m.w_bf16, F, lo, hi, gate, F, B, tmp, dim);
       for (int b = 0; b < B; ++b)
         for (int r = lo; r < hi; ++r) x[b * dim + r] += tmp[b * dim + r];
-#pragma omp barrier
+      barrier.wait();
     }
     for (int b = 0; b < B; ++b) rms_norm(x + b * dim, m.final_norm, dim, m.eps, xn + b * dim);
     split(m.vocab, 16, t, nt, lo, hi);

@@ -245,4 +245,32 @@ torch::Tensor CpuDecoder::step(const torch::Tensor& tokens, const torch::Tensor&
 
 std::string CpuDecoder::isa() const { return cd::isa_name(isa_); }
 
+torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
+                         const std::string& isa) {
+  check_cpu_contiguous(weight, "weight");
+  check_cpu_contiguous(x, "x");
+  TORCH_CHECK(is_weight_dtype(weight) && weight.dim() == 2, "cpu_matvec: weight must be (N, K) float32 or bfloat16, got ",
+              weight.scalar_type(), " ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) >= 1,
+              "cpu_matvec: x must be float32 (B, ", weight.size(1), "), got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31) && weight.size(1) < (int64_t{1} << 31) && x.size(0) < 4096,
+              "cpu_matvec: sizes too large");
+  const auto kern = cd::kernels_for(parse_isa(isa));
+  const int N = static_cast<int>(weight.size(0)), K = static_cast<int>(weight.size(1)), B = static_cast<int>(x.size(0));
+  auto y = torch::empty({B, N}, torch::kFloat32);
+  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
+  const void* w = weight.data_ptr();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  pybind11::gil_scoped_release no_gil;
+#pragma omp parallel num_threads(nt)
+  {
+    int lo, hi;
+    cd::split(N, 16, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
+    kern.dot_rows(w, bf16, K, lo, hi, xp, K, B, yp, N);
+  }
+  return y;
+}
+
 }  // namespace llama_fast

@@ -38,6 +38,10 @@ class CpuDecoder {
 
   std::string isa() const;
   int num_threads() const { return num_threads_; }
+  void set_num_threads(int64_t n) {
+    TORCH_CHECK(n >= 1 && n <= 1024, "CpuDecoder: num_threads must be in [1, 1024], got ", n);
+    num_threads_ = static_cast<int>(n);
+  }
 
  private:
   torch::Tensor weight(const torch::Tensor& t, int64_t rows, int64_t cols, const std::string& name);
@@ -54,5 +58,9 @@ class CpuDecoder {
   std::mutex mutex_;
   int num_threads_ = 1;
 };
+
+// y (B, N) fp32 = x (B, K) fp32 times weight (N, K) fp32/bf16 transposed, with the decode step's kernels.
+torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
+                         const std::string& isa);
 
 }  // namespace llama_fast

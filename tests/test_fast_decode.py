@@ -345,3 +345,29 @@ def test_smollm_bf16_within_bf16_tolerance_of_fp32(smol, smol_fp32):
     assert err <= 0.03 * scale, (err, scale)  # bf16 weights: ~2^-8 relative per weight
     agree = (fast_logits[:15].argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9
+
+
+def test_thread_tuner_picks_the_faster_count():
+    from llama_fast.fast_decode import _ThreadTuner
+
+    tuner = _ThreadTuner([2, 1], probes=2, every=10)
+    seen = []
+    for step in range(25):
+        threads = tuner.next_threads()
+        seen.append(threads)
+        if threads is not None:
+            slow = (step < 10) == (threads == 1)  # 2 threads are faster first, 1 thread later
+            tuner.record(threads, 0.05 if slow else 0.02)
+            if step % 10 == 3:
+                assert tuner.best == (2 if step < 10 else 1)
+        tuner.steps += 1
+    assert seen[:5] == [2, 1, 2, 1, None] and seen[10:14] == [2, 1, 2, 1]
+
+
+def test_default_path_tunes_threads_and_stays_correct():
+    model = random_model(SMALL, qk_gain=2.0)
+    path = CpuDecodePath(model)
+    for ref, fast, _, _ in run_both(model, path, [[1, 2, 3]], steps=10):
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    if torch.get_num_threads() > 1:
+        assert path._tuner is not None and path._tuner.best in (1, torch.get_num_threads())
