@@ -1,4 +1,4 @@
-"""The llama-fast command (also `python -m llama_fast`): generate, chat, info."""
+"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, info."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,21 @@ def cmd_info(args) -> None:
           f"chat template: {'yes' if t.chat_template else 'no'}")
 
 
+def cmd_perplexity(args) -> None:
+    llm = _load(args)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {args.file}: {err}") from err
+    result = llm.perplexity(text, max_tokens=args.max_tokens, progress=sys.stderr.isatty())
+    span = llm.model.span
+    mode = "dense" if span.window is None else f"window {span.window}, sinks {span.sink_tokens}"
+    print(f"perplexity:  {result.perplexity:.3f}   ({mode}, {result.num_tokens} tokens predicted)")
+    print(f"speed:       {result.tokens_per_s:.1f} tokens/s ({result.seconds:.1f} s)")
+    print(f"KV memory:   {result.kv_bytes / 2**20:.1f} MiB peak")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-fast", description="Fast LLaMA-family inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("perplexity", help="perplexity of the model on a text file")
+    p.add_argument("file")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_perplexity)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model_path", nargs="?", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_info)

@@ -2,9 +2,12 @@
 sample (as gpt-fast splits them), batching several prompts into one forward pass."""
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -16,12 +19,23 @@ from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
 from .sampling import SamplingParams
 from .span import SpanBias
+from .streaming import StreamingKVCache, streaming_slack
 from .tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
     from .fast_decode import CpuDecodePath
 
 log = logging.getLogger("llama_fast")
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float  # exp(mean negative log-likelihood)
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    num_tokens: int  # tokens predicted (the text's tokens minus the first)
+    seconds: float
+    tokens_per_s: float
+    kv_bytes: int  # peak memory held by the KV cache
 
 
 @dataclass
@@ -56,16 +70,43 @@ class LLM:
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
+    def with_span(self, span: SpanBias) -> "LLM":
+        """The same model (weights shared, nothing copied) attending with another SpanBias."""
+        span.check_heads(self.config.n_heads)
+        model = copy.copy(self.model)  # a shallow copy shares every parameter
+        model.span = span
+        return LLM(model, self.tokenizer, self.path, decode=self.decode)
+
     @property
     def device(self) -> torch.device:
         return self.model.tok_embeddings.weight.device
 
     # ---- forward passes ----
 
-    def new_cache(self, batch_size: int, max_len: int) -> StaticKVCache:
-        c = self.config
-        return StaticKVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim,
-                             dtype=self.model.tok_embeddings.weight.dtype, device=self.device)
+    def new_cache(self, batch_size: int, max_len: int, span: SpanBias | None = None):
+        """A cache for rows of up to max_len tokens; with a window span and max_len beyond what the window
+        needs, a StreamingKVCache of constant size instead."""
+        c, span = self.config, span or self.model.span
+        dtype = self.model.tok_embeddings.weight.dtype
+        if span.window is not None:
+            slack = streaming_slack(span)
+            if max_len > span.sink_tokens + span.window + slack:
+                base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
+                                     c.head_dim, dtype=dtype, device=self.device)
+                return StreamingKVCache(base, span, lambda n: self.model.rope_table(n, self.device), slack)
+        return StaticKVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim, dtype=dtype, device=self.device)
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache, span: SpanBias | None = None) -> torch.Tensor:
+        """Runs right-padded prompts tokens (B, T) with real lengths (B,) into `cache`; returns each row's
+        last logits (B, vocab). A streaming cache takes the prompt in chunks it can hold."""
+        chunk = cache.slack if isinstance(cache, StreamingKVCache) else tokens.shape[1]
+        last = torch.empty(tokens.shape[0], self.config.vocab_size)
+        for start in range(0, tokens.shape[1], chunk):
+            kept = (lengths - start).clamp(0, chunk)
+            logits = self.model(tokens[:, start:start + chunk], cache, last_only=True, num_kept=kept, span=span)
+            ends_here = (lengths > start) & (lengths <= start + chunk)
+            last[ends_here] = logits[ends_here, -1].cpu()
+        return last
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, vocab) fp32 (one full causal forward pass)."""
@@ -74,7 +115,10 @@ class LLM:
         self._check_token_ids(input_ids)
         B, T = input_ids.shape
         self._check_context(T)
-        return self.model(input_ids.to(self.device, torch.int64), self.new_cache(B, T))
+        c = self.config
+        cache = StaticKVCache(c.n_layers, B, T, c.n_kv_heads, c.head_dim, dtype=self.model.tok_embeddings.weight.dtype,
+                              device=self.device)
+        return self.model(input_ids.to(self.device, torch.int64), cache)
 
     def _check_token_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
@@ -122,10 +166,13 @@ class LLM:
             self._check_context(len(ids))
         return encoded
 
-    def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int) -> Iterator[list[int | None]]:
+    def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
+                     on_cache=None, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
         """The decode loop: yields, per step, one new token per row (None for rows already finished at EOS).
 
-        Rows are right-padded into one batch for prefill, then decode one token each step.
+        Rows are right-padded into one batch for prefill, then decode one token each step. on_cache, if
+        given, is called with the KV cache once it exists (to watch its memory). stop_at_eos=False runs
+        every row for max_new_tokens steps whatever it samples (benchmarks).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -137,9 +184,12 @@ class LLM:
         if steps <= 0:
             return
         cache = self.new_cache(B, capacity)
+        if on_cache is not None:
+            on_cache(cache)
         device = self.device
         lengths = torch.tensor([len(p) for p in prompt_ids])
         tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
+        logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
         seen = None
         if any(p.has_penalties for p in params):
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.int32)
@@ -147,12 +197,12 @@ class LLM:
                 seen[b].index_add_(0, torch.tensor(p), torch.ones(len(p), dtype=torch.int32))
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
-        logits = self.model(tokens, cache, last_only=True, num_kept=lengths)[:, -1]  # prefill: (B, vocab)
         fast = self.decode_path(cache)
         for step in range(steps):
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
-            done |= torch.isin(next_tokens, eos)
+            if stop_at_eos:
+                done |= torch.isin(next_tokens, eos)
             if bool(done.all()) or step == steps - 1:
                 return
             if seen is not None:
@@ -247,3 +297,41 @@ class LLM:
         """One assistant reply to `messages` ([{"role": ..., "content": ...}]), via the checkpoint's template."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, **kwargs)
+
+    # ---- evaluation ----
+
+    def perplexity(self, text: str, *, span: SpanBias | None = None, max_tokens: int | None = None,
+                   chunk: int = 256, progress: bool = False) -> PerplexityResult:
+        """Perplexity of the model on `text`, read left to right through the same cache generation uses
+        (a StreamingKVCache when span has a window shorter than the text: constant memory, any length).
+
+        span: overrides the model's SpanBias for this evaluation. max_tokens: evaluate only the first
+        max_tokens tokens. chunk: tokens per forward pass (a streaming cache takes at most its slack).
+        """
+        from tqdm import tqdm
+
+        span = span or self.model.span
+        span.check_heads(self.config.n_heads)
+        ids = self.tokenizer.encode(text)
+        if max_tokens is not None:
+            if max_tokens < 2:
+                raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise ValueError("perplexity needs a text of at least 2 tokens")
+        if span.window is None:
+            self._check_context(len(ids))
+        cache = self.new_cache(1, len(ids), span)
+        if isinstance(cache, StreamingKVCache):
+            chunk = min(chunk, cache.slack)
+        tokens = torch.tensor([ids], device=self.device)  # (1, N)
+        kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        total_nll, start_time = 0.0, time.perf_counter()
+        for start in tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress):
+            piece = tokens[:, start:start + chunk]
+            targets = tokens[0, start + 1:start + 1 + piece.shape[1]]  # (n,) the next token of each position
+            logprobs = torch.log_softmax(self.model(piece, cache, span=span)[0, :targets.shape[0]], dim=-1)
+            total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        seconds = time.perf_counter() - start_time
+        n = len(ids) - 1
+        return PerplexityResult(math.exp(total_nll / n), total_nll / n, n, seconds, len(ids) / seconds, kv_bytes)

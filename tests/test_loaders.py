@@ -117,10 +117,9 @@ def spm_model_file(tmp_path_factory):
     import sentencepiece as spm
 
     folder = tmp_path_factory.mktemp("spm")
-    text = "\n".join(["The quick brown fox jumps over the lazy dog.", "To be, or not to be, that is the question.",
-                      "All the world's a stage, and all the men and women merely players."] * 50)
-    (folder / "corpus.txt").write_text(text)
-    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=120,
+    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare_head.txt")
+    shutil.copy(corpus, folder / "corpus.txt")
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
                                    minloglevel=2)
     return folder / "m.model"
@@ -129,10 +128,10 @@ def spm_model_file(tmp_path_factory):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_meta_directory_matches_transformers(tmp_path, spm_model_file, shards):
     # Meta's FeedForward sizing with multiple_of=32: int(2 * 4 * 64 / 3) = 170 -> 192.
-    model = tiny_hf_model(seed=2, vocab_size=120, intermediate_size=192)
+    model = tiny_hf_model(seed=2, vocab_size=400, intermediate_size=192)
     save_meta(model, tmp_path, spm_model_file, shards=shards)
     llm = LLM.from_pretrained(str(tmp_path), progress=False)
-    ids = torch.tensor([[1, 5, 17, 42, 99, 119, 3, 64]])
+    ids = torch.tensor([[1, 5, 17, 42, 99, 399, 3, 64]])
     assert (llm.logits(ids) - hf_logits(model, ids)).abs().max().item() <= 1e-4
     assert llm.tokenizer.kind == "sentencepiece" and llm.tokenizer.bos_id == 1
     text = "To be, or not to be"
@@ -209,7 +208,7 @@ def test_unsupported_tensor_type_and_architecture(tmp_path):
     path = str(tmp_path / "q5.gguf")
     writer = GGUFWriter(path, "llama")
     for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
-                       ("attention.head_count", 2), ("context_length", 64)]:
+                       ("attention.head_count", 2), ("context_length", 64), ("vocab_size", 16)]:
         writer.add_uint32(f"llama.{key}", value)
     writer.add_tensor("token_embd.weight", quants.quantize(np.ones((16, 32), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
@@ -238,7 +237,7 @@ def test_corrupt_safetensors_and_bad_config(tmp_path, smollm_tokenizer_dir):
 
 
 def test_corrupt_meta_checkpoint(tmp_path, spm_model_file):
-    save_meta(tiny_hf_model(vocab_size=120, intermediate_size=192), tmp_path, spm_model_file)
+    save_meta(tiny_hf_model(vocab_size=400, intermediate_size=192), tmp_path, spm_model_file)
     (tmp_path / "consolidated.00.pth").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="consolidated.00.pth"):
         load_checkpoint(str(tmp_path), progress=False)
@@ -247,3 +246,23 @@ def test_corrupt_meta_checkpoint(tmp_path, spm_model_file):
 def test_directory_without_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_gguf_conversion_cache(tmp_path, monkeypatch):
+    """The parsed GGUF is cached (safetensors + JSON): same checkpoint back, a damaged entry is rebuilt."""
+    import llama_fast.loaders as loaders
+
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path))
+    path = resolve_model_path("smollm2-135m-instruct")
+    first = load_checkpoint(path, progress=False)
+    folder = loaders._gguf_cache_path(path)
+    assert os.path.exists(os.path.join(folder, "done"))
+    second = load_checkpoint(path, progress=False)
+    assert second.config == first.config and second.tensor_types == first.tensor_types
+    assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
+    assert second.tokenizer.encode("I love") == [57, 2606]
+    (tmp_path / folder / "weights.safetensors").write_bytes(b"damaged")
+    third = load_checkpoint(path, progress=False)
+    assert torch.equal(third.weights["norm.weight"], first.weights["norm.weight"])
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", "none")
+    assert loaders._gguf_cache_path(path) is None

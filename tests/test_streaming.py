@@ -1,0 +1,84 @@
+"""Streaming past the window with attention sinks, and perplexity through the streaming cache."""
+import os
+
+import pytest
+import torch
+
+from llama_fast import SpanBias
+from llama_fast.streaming import StreamingKVCache, rotate_keys_back
+from llama_fast.reference import apply_rope, rope_cos_sin_cache
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare_head.txt")
+    with open(fixture, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_rotate_keys_back_equals_rotation_at_the_new_position():
+    table = rope_cos_sin_cache(300, 64, 10000.0)
+    k = torch.randn(5, 3, 64)
+    at_200 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 200), table)[1]
+    at_150 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 150), table)[1]
+    assert torch.allclose(rotate_keys_back(at_200, 50, table), at_150, atol=1e-5)
+
+
+def test_window_and_sinks_perplexity_reproduces_streaming_llm(smollm, shakespeare):
+    """Perplexity over 4096 tokens with window 256: sinks keep it near dense; no sinks is clearly worse."""
+    dense = smollm.perplexity(shakespeare, max_tokens=4096)
+    sinks = smollm.perplexity(shakespeare, max_tokens=4096, span=SpanBias(window=256, sink_tokens=4))
+    no_sinks = smollm.perplexity(shakespeare, max_tokens=4096, span=SpanBias(window=256))
+    print(f"\nperplexity over 4096 tokens: dense {dense.perplexity:.3f}, window 256 + 4 sinks "
+          f"{sinks.perplexity:.3f}, window 256 alone {no_sinks.perplexity:.3f}")
+    assert dense.num_tokens == sinks.num_tokens == 4095
+    assert sinks.perplexity <= 1.15 * dense.perplexity
+    assert no_sinks.perplexity >= 1.5 * sinks.perplexity
+    assert sinks.kv_bytes < dense.kv_bytes / 8  # constant memory: sinks + window + slack slots
+
+
+def test_long_generation_keeps_memory_constant_and_text_alive(smollm):
+    llm = smollm.with_span(SpanBias(window=64, sink_tokens=4))
+    prompt_ids = [llm.tokenizer.encode("Once upon a time, in a land far away,")]
+    params = llm._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+    caches = []
+    held, tokens = [], []
+    for (token,) in llm.generate_ids(prompt_ids, params, max_new_tokens=1200, on_cache=caches.append):
+        tokens.append(token)
+        held.append(caches[0].tokens_held)
+    cache = caches[0]
+    assert isinstance(cache, StreamingKVCache) and len(tokens) == 1200
+    assert max(held) <= cache.max_seq_len and max(held[200:]) == max(held)  # bounded, and bounded early
+    assert int(cache.evicted.sum()) > 1000
+    last = tokens[-500:]
+    assert len(set(last)) / len(last) > 0.2  # no collapse into a repeated token
+
+
+def test_streaming_equals_dense_inside_the_window(smollm):
+    """While the whole text fits in the window, windowed attention is dense attention, token for token."""
+    streaming = smollm.with_span(SpanBias(window=64, sink_tokens=4))
+    assert streaming.generate("I love", max_new_tokens=40).token_ids == smollm.generate("I love", max_new_tokens=40).token_ids
+
+
+def test_streaming_continues_past_eviction(smollm):
+    """A stream that overflows its window keeps the dense tokens while inside it, then goes on."""
+    streaming = smollm.with_span(SpanBias(window=48, sink_tokens=4))
+    streamed = streaming.generate("I love", max_new_tokens=100)
+    assert streamed.token_ids[:40] == smollm.generate("I love", max_new_tokens=40).token_ids
+    assert len(streamed.token_ids) == 100
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=0), "window"),
+    (dict(window=8, sink_tokens=8), "sink_tokens"),
+    (dict(sink_tokens=4), "needs a window"),
+])
+def test_bad_span_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpanBias(**kwargs)
+
+
+def test_window_larger_than_context_is_dense(smollm):
+    wide = smollm.with_span(SpanBias(window=100_000, sink_tokens=4))
+    ids = torch.tensor([smollm.tokenizer.encode("A window wider than the context changes nothing.")])
+    assert not isinstance(wide.new_cache(1, 8192), StreamingKVCache)
+    assert torch.allclose(wide.logits(ids), smollm.logits(ids), atol=1e-5)
