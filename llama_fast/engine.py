@@ -49,10 +49,14 @@ class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
         """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): the C++ step
         (llama_fast.fast_decode) where it applies (CPU, fp32/bf16, the extension built), else the model's
-        forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path)."""
+        forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path;
+        also the default when LLAMA_FAST_BACKEND=reference)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
-        self.decode = decode or os.environ.get("LLAMA_FAST_DECODE") or "auto"
+        if decode is None:
+            decode = os.environ.get("LLAMA_FAST_DECODE") or (
+                "eager" if os.environ.get("LLAMA_FAST_BACKEND") == "reference" else "auto")
+        self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
         self._fast_path = None  # built on first use

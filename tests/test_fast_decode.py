@@ -387,3 +387,37 @@ def test_default_path_tunes_threads_and_stays_correct():
         torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     if torch.get_num_threads() > 1:
         assert path._tuner is not None and path._tuner.best in (1, torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The engine: LLM.generate decodes through the C++ step on CPU, token for token like the eager path
+
+
+def test_engine_cpp_decode_equals_eager(smollm):
+    from llama_fast import LLM
+
+    prompts = ["I love", "The quick brown fox jumps over the lazy dog. Then",
+               "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+    eager = LLM(smollm.model, smollm.tokenizer, decode="eager")
+    fast = LLM(smollm.model, smollm.tokenizer, decode="cpp")
+    batch_fast = fast.generate(prompts, max_new_tokens=24)  # a batch of rows of different lengths
+    assert fast._fast_path is not None
+    for prompt, together in zip(prompts, batch_fast):
+        alone = eager.generate(prompt, max_new_tokens=24)
+        assert together.token_ids == alone.token_ids
+    assert eager._fast_path is None
+
+
+def test_engine_decode_choice(smollm, monkeypatch):
+    from llama_fast import LLM
+
+    with pytest.raises(ValueError, match="decode"):
+        LLM(smollm.model, smollm.tokenizer, decode="fastest")
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "reference")
+    assert LLM(smollm.model, smollm.tokenizer).decode == "eager"
+    monkeypatch.setenv("LLAMA_FAST_DECODE", "cpp")
+    assert LLM(smollm.model, smollm.tokenizer).decode == "cpp"
+    half = random_model(SMALL, dtype=torch.float16)
+    llm = LLM(half, smollm.tokenizer, decode="cpp")
+    with pytest.raises(RuntimeError, match="float16"):
+        llm.decode_path(new_cache(SMALL, 1, 8, torch.float16))
