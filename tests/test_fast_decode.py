@@ -157,12 +157,13 @@ def test_bucket_table_is_the_reference_bucketing():
         assert torch.equal(table[0][d.clamp(max=max_distance)], expected)
 
 
-def test_bf16_weights_and_cache():
+@pytest.mark.parametrize("isa", supported_isas())
+def test_bf16_weights_and_cache(isa):
     """bf16 matrices widened in registers: equal (up to the bf16 KV cache) to fp32 math on the same values."""
     span = span_variants(SMALL.n_heads)["all"]
     model16 = random_model(SMALL, span, dtype=torch.bfloat16, qk_gain=2.0)
     as_fp32 = build_model(SMALL, {k: v.float() for k, v in model16.state_dict().items()}, span=span)
-    path = CpuDecodePath(model16)
+    path = CpuDecodePath(model16, isa=isa)
     prompts = [[3, 17, 250, 9, 44, 101, 7], [5, 6]]
     for cache_dtype in (torch.float32, torch.bfloat16):
         tol = 1e-4 if cache_dtype == torch.float32 else 3e-2
