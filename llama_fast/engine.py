@@ -201,7 +201,7 @@ class LLM:
                 seen[b].index_add_(0, torch.tensor(p), torch.ones(len(p), dtype=torch.int32))
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
-        fast = self.decode_path(cache)
+        fast = None  # the C++ decode step, looked up after the first token is out (not in time to first token)
         for step in range(steps):
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
@@ -211,6 +211,8 @@ class LLM:
                 return
             if seen is not None:
                 seen[torch.arange(B), next_tokens] += 1
+            if step == 0:
+                fast = self.decode_path(cache)
             if fast is not None:
                 logits = fast.step(next_tokens, cache)  # decode one token: one C++ call
             else:
