@@ -137,7 +137,12 @@ class CpuDecodePath:
         return self._decoder.num_threads
 
     def applies_to(self, cache) -> bool:
-        """Whether step() can run on this cache (a contiguous StaticKVCache in a dtype the step reads)."""
+        """Whether step() can run on this cache: a contiguous StaticKVCache (or a StreamingKVCache over one)
+        in a dtype the step reads."""
+        from .streaming import StreamingKVCache
+
+        if isinstance(cache, StreamingKVCache):
+            cache = cache.base
         return isinstance(cache, StaticKVCache) and cache.block_table is None and cache.k[0].dtype in (
             torch.float32, torch.bfloat16)
 
@@ -147,6 +152,12 @@ class CpuDecodePath:
         Like model(tokens[:, None], cache)[:, -1]: the new K/V go into the cache at cache.seqlens, and the
         cache advances by one token per row (its seqlens tensor is updated in place).
         """
+        if not isinstance(cache, StaticKVCache):  # a StreamingKVCache: evict as its begin_step does, then step
+            streaming, cache = cache, cache.base
+            for row, length in enumerate(cache.seqlens.tolist()):
+                if length + 1 > cache.max_seq_len:
+                    with torch.inference_mode():  # as the model's forward, which owns these tensors
+                        streaming._evict(row, length)
         if cache.max_seq_len > self._rope_rows:  # the model's RoPE table grows on demand; so does ours
             table = self.model.rope_table(cache.max_seq_len, "cpu")
             self._decoder.set_rope_table(table)

@@ -422,3 +422,31 @@ def test_engine_decode_choice(smollm, monkeypatch):
     llm = LLM(half, smollm.tokenizer, decode="cpp")
     with pytest.raises(RuntimeError, match="float16"):
         llm.decode_path(new_cache(SMALL, 1, 8, torch.float16))
+
+
+@pytest.mark.parametrize("isa", supported_isas()[-1:])
+def test_streaming_cache_across_evictions(isa):
+    """A StreamingKVCache (window + sinks, keys moved and re-rotated on eviction) decodes through the C++
+    step exactly as through the model."""
+    from llama_fast.streaming import StreamingKVCache
+
+    span = SpanBias(window=6, sink_tokens=2)
+    model = random_model(SMALL, span, qk_gain=2.0)
+    path = CpuDecodePath(model, isa=isa)
+    slack = 3
+    caches = []
+    for _ in range(2):
+        base = StaticKVCache(SMALL.n_layers, 2, 2 + 6 + slack, SMALL.n_kv_heads, SMALL.head_dim)
+        caches.append(StreamingKVCache(base, span, lambda n: model.rope_table(n, "cpu"), slack))
+    assert path.applies_to(caches[1])
+    prompt = torch.tensor([[3, 17, 250], [9, 44, 101]])
+    logits = model(prompt, caches[0])[:, -1]
+    model(prompt, caches[1])
+    for _ in range(30):
+        tokens = logits.argmax(-1)
+        ref = model(tokens[:, None], caches[0])[:, -1]
+        fast = path.step(tokens, caches[1])
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(caches[0].seqlens, caches[1].seqlens)
+        logits = ref
+    assert int(caches[1].evicted.sum()) > 20
