@@ -47,5 +47,7 @@ setup(
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # The benchmark's llama.cpp columns (built from source: minutes): pip install -e .[bench]
+    extras_require={"bench": ["llama-cpp-python==0.3.36"]},
     entry_points={"console_scripts": ["llama-fast = llama_fast.cli:main"]},
 )

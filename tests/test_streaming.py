@@ -42,13 +42,14 @@ def test_long_generation_keeps_memory_constant_and_text_alive(smollm):
     params = llm._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
     caches = []
     held, tokens = [], []
-    for (token,) in llm.generate_ids(prompt_ids, params, max_new_tokens=1200, on_cache=caches.append):
+    for (token,) in llm.generate_ids(prompt_ids, params, max_new_tokens=800, on_cache=caches.append,
+                                     stop_at_eos=False):
         tokens.append(token)
         held.append(caches[0].tokens_held)
     cache = caches[0]
-    assert isinstance(cache, StreamingKVCache) and len(tokens) == 1200
-    assert max(held) <= cache.max_seq_len and max(held[200:]) == max(held)  # bounded, and bounded early
-    assert int(cache.evicted.sum()) > 1000
+    assert isinstance(cache, StreamingKVCache) and len(tokens) == 800
+    assert max(held) <= cache.max_seq_len and max(held[150:]) == max(held)  # bounded, and bounded early
+    assert int(cache.evicted.sum()) > 600
     last = tokens[-500:]
     assert len(set(last)) / len(last) > 0.2  # no collapse into a repeated token
 

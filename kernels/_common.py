@@ -1,0 +1,182 @@
+"""Shared pieces of the attention kernels: input checks, the span tables, and the in-kernel span scores.
+
+Not an op: span_attention.py (prefill) and decode_attention.py (KV cache) both use it.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from llama_fast.ops import BackendError
+from llama_fast.reference import span_bucket
+from llama_fast.span import SpanBias
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(op: str, *tensors: torch.Tensor) -> None:
+    """All tensors on one device, and that device can run Triton (CUDA, or CPU under the interpreter)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: tensors are on different devices {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not interpreted():
+        raise BackendError(
+            f"{op}: the Triton kernels need CUDA tensors (got {device.type}); "
+            "set TRITON_INTERPRET=1 before importing Triton to run them on CPU tensors"
+        )
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides except along the last dim; copy only when that one is not 1."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def sync_point() -> bool:
+    """Host-side checks that read device values (a sync) are skipped while a CUDA graph is captured."""
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Span tables (host side). The bias of the learned span table only depends on min(d, max_distance + 1):
+# bucket(d) = num_buckets - 1 for every d > max_distance. So per head a table of max_distance + 2
+# entries, computed with the reference's own fp32 bucketing, replaces the T5 log formula in the kernel.
+
+_TABLES: "weakref.WeakKeyDictionary[SpanBias, dict]" = weakref.WeakKeyDictionary()
+
+
+class SpanArgs:
+    """What the kernels need from a SpanBias: flags, scalars and tables pre-scaled by log2(e)."""
+
+    def __init__(self, span: SpanBias, num_heads: int, device: torch.device):
+        span.check_heads(num_heads)
+        self.has_alibi = span.alibi_slopes is not None
+        self.has_table = span.bucket_bias is not None
+        self.has_window = span.window is not None
+        self.has_softcap = span.logit_softcap is not None
+        self.window = span.window if span.window is not None else 0
+        self.sink = span.sink_tokens
+        self.softcap = float(span.logit_softcap) if span.logit_softcap is not None else 1.0
+        self.max_dist = span.max_distance
+        self.heavy = self.has_table or self.has_window or self.has_softcap  # more registers per score
+        dummy = None
+        if self.has_alibi:
+            self.slopes = _cached(span, "slopes", device, lambda: span.alibi_slopes.float().to(device) * LOG2E)
+        else:
+            dummy = torch.zeros(1, dtype=torch.float32, device=device)
+            self.slopes = dummy
+        if self.has_table:
+            self.table = _cached(span, "table", device, lambda: _bucket_table(span, device))
+        else:
+            self.table = dummy if dummy is not None else torch.zeros(1, dtype=torch.float32, device=device)
+        self.table_stride = self.table.stride(0) if self.has_table else 0
+
+    def flags(self) -> dict:
+        return dict(HAS_ALIBI=self.has_alibi, HAS_TABLE=self.has_table, HAS_WINDOW=self.has_window,
+                    HAS_SOFTCAP=self.has_softcap)
+
+
+def _bucket_table(span: SpanBias, device) -> torch.Tensor:
+    d = torch.arange(span.max_distance + 2, dtype=torch.int64)
+    buckets = span_bucket(d, span.num_buckets, span.max_distance)  # (max_distance + 2,)
+    table = span.bucket_bias.detach().float().cpu()[:, buckets] * LOG2E  # (H, max_distance + 2)
+    return table.contiguous().to(device)
+
+
+def _cached(span: SpanBias, name: str, device, build):
+    """Per-SpanBias cache of a derived table, rebuilt when the source tensor is modified in place."""
+    source = span.alibi_slopes if name == "slopes" else span.bucket_bias
+    key = (name, str(device), source._version)
+    entry = _TABLES.setdefault(span, {})
+    if key not in entry:
+        entry.clear() if len(entry) > 8 else None
+        entry[key] = build()
+    return entry[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-kernel span scores
+
+
+@triton.jit
+def span_scores(qk, q_pos, k_pos, k_len, slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
+                HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units (BM, BN) fp32 from raw dot products qk (BM, BN), -inf where invisible.
+
+    q_pos (BM,) and k_pos (BN,) int32 positions; slope: scalar or (BM, 1), pre-scaled by log2(e);
+    tab_ptr: pointer (scalar or (BM, 1)) to this head's span table row, pre-scaled by log2(e).
+    """
+    d = q_pos[:, None] - k_pos[None, :]  # (BM, BN) span
+    if HAS_SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at +-inf, no libdevice needed
+        th = 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+        s = th * (softcap * 1.4426950408889634)
+    else:
+        s = qk * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        s = s - slope * d.to(tl.float32)
+    if HAS_TABLE:
+        idx = tl.minimum(tl.maximum(d, 0), max_dist + 1)
+        s = s + tl.load(tab_ptr + idx)
+    visible = (d >= 0) & (k_pos[None, :] < k_len)
+    if HAS_WINDOW:
+        visible = visible & ((d < window) | (k_pos[None, :] < sink))
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def load_kv_tile(base, b, row_off, stride_blk, stride_t, hkv, stride_h, offs_n, offs_d, k_len, bt_ptr, stride_bt,
+                 page_size, D, PAGED: tl.constexpr):
+    """(BN, BD) tile of keys (or values) offs_n of KV head hkv; zeros beyond k_len and head_dim.
+
+    Contiguous: key n at base + row_off + n * stride_t. Paged: block_table[b, n // page_size] picks the
+    block (stride_blk apart), n % page_size the row in it (stride_t apart).
+    """
+    n_mask = offs_n < k_len
+    if PAGED:
+        blk = tl.load(bt_ptr + b * stride_bt + offs_n // page_size, mask=n_mask, other=0)
+        rows = blk.to(tl.int64) * stride_blk + (offs_n % page_size) * stride_t
+    else:
+        rows = row_off + offs_n.to(tl.int64) * stride_t
+    ptrs = base + rows[:, None] + hkv * stride_h + offs_d[None, :]
+    return tl.load(ptrs, mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+def check_out(op: str, out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer must match `like` in shape, dtype, device and have a unit last stride."""
+    if out is None:
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
+        raise ValueError(f"{op}: out must be {like.dtype} {tuple(like.shape)} on {like.device} with a unit "
+                         f"last stride, got {out.dtype} {tuple(out.shape)} on {out.device} strides {out.stride()}")
+    return out
+
+
+def block_d(head_dim: int) -> int:
+    return triton.next_power_of_2(head_dim)
+
+
+def check_head_dim(op: str, head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+
+
+def check_dtypes(op: str, **tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    first = next(iter(dtypes.values()))
+    if first not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: dtype {first} is not supported; use fp16, bf16 or fp32")
+    if any(d != first for d in dtypes.values()):
+        raise ValueError(f"{op}: dtypes differ: {dtypes}")
