@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -20,6 +21,9 @@ from .sampling import SamplingParams
 from .span import SpanBias
 from .streaming import StreamingKVCache, streaming_slack
 from .tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from .fast_decode import CpuDecodePath
 
 log = logging.getLogger("llama_fast")
 
@@ -48,29 +52,40 @@ class LLM:
     kv_cache = "auto"
     PAGE_SIZE = 16  # tokens per block of the paged cache
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = ""):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
+        """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): the C++ step
+        (llama_fast.fast_decode) where it applies (CPU, fp32/bf16, the extension built), else the model's
+        forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path;
+        also the default when LLAMA_FAST_BACKEND=reference)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
+        if decode is None:
+            decode = os.environ.get("LLAMA_FAST_DECODE") or (
+                "eager" if os.environ.get("LLAMA_FAST_BACKEND") == "reference" else "auto")
+        self.decode = decode
+        if self.decode not in ("auto", "cpp", "eager"):
+            raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
+        self._fast_path = None  # built on first use
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
-                        progress: bool = True) -> "LLM":
+                        progress: bool = True, decode: str | None = None) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
-        Hugging Face or Meta directory. device: default cpu. dtype: default float32."""
+        Hugging Face or Meta directory. device: default cpu. dtype: default float32. decode: see __init__."""
         device = torch.device(device or "cpu")
         dtype = dtype or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         ckpt = load_checkpoint(name_or_path, progress=progress)
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
-        return cls(model, ckpt.tokenizer, ckpt.path)
+        return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
     def with_span(self, span: SpanBias) -> "LLM":
         """The same model (weights shared, nothing copied) attending with another SpanBias."""
         span.check_heads(self.config.n_heads)
         model = copy.copy(self.model)  # a shallow copy shares every parameter
         model.span = span
-        llm = LLM(model, self.tokenizer, self.path)
+        llm = LLM(model, self.tokenizer, self.path, decode=self.decode)
         llm.kv_cache = self.kv_cache
         return llm
 
@@ -124,6 +139,29 @@ class LLM:
     def _check_context(self, length: int) -> None:
         if self.model.span.window is None and length > self.config.max_seq_len:
             raise ValueError(f"the input has {length} tokens; the model's context is {self.config.max_seq_len} tokens")
+
+    def decode_path(self, cache) -> "CpuDecodePath | None":
+        """The C++ decode step for this cache, or None when decode steps run through the model's forward."""
+        if self.decode == "eager":
+            return None
+        if self._fast_path is None:
+            from .fast_decode import CpuDecodePath, supports
+
+            reason = supports(self.model)
+            if reason is not None:
+                if self.decode == "cpp":
+                    raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run this model: {reason}")
+                self.decode = "eager"
+                log.info("llama_fast: decode steps run through the model's forward (%s)", reason)
+                return None
+            self._fast_path = CpuDecodePath(self.model)
+            log.info("llama_fast: decode steps run in C++ (%s, %d threads)", self._fast_path.isa,
+                     self._fast_path.num_threads)
+        if not self._fast_path.applies_to(cache):
+            if self.decode == "cpp":
+                raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run on a {type(cache).__name__}")
+            return None
+        return self._fast_path
 
     # ---- generation ----
 
@@ -179,6 +217,7 @@ class LLM:
                 seen[b].index_add_(0, torch.tensor(p), torch.ones(len(p), dtype=torch.int32))
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
+        fast = None  # the C++ decode step, looked up after the first token is out (not in time to first token)
         for step in range(steps):
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
@@ -188,7 +227,12 @@ class LLM:
                 return
             if seen is not None:
                 seen[torch.arange(B), next_tokens] += 1
-            logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
+            if step == 0:
+                fast = self.decode_path(cache)
+            if fast is not None:
+                logits = fast.step(next_tokens, cache)  # decode one token: one C++ call
+            else:
+                logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
 
     def _prefill_paged(self, prompt_ids: list[list[int]], steps: int) -> tuple[PagedKVCache, torch.Tensor]:
         """A PagedKVCache holding every row's prompt, each distinct prompt stored once (rows repeating a

@@ -20,7 +20,7 @@ def test_rotate_keys_back_equals_rotation_at_the_new_position():
     k = torch.randn(5, 3, 64)
     at_200 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 200), table)[1]
     at_150 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 150), table)[1]
-    assert torch.allclose(rotate_keys_back(at_200, 50, table), at_150, atol=1e-5)
+    assert torch.allclose(rotate_keys_back(at_200, 50, table), at_150, atol=1e-4)  # two fp32 rotations vs one
 
 
 def test_window_and_sinks_perplexity_reproduces_streaming_llm(smollm, shakespeare):

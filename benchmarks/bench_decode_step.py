@@ -1,0 +1,123 @@
+"""Micro benchmark of one CPU decode step on the embedded SmolLM2-135M: the eager PyTorch model
+(llama_fast's reference path) against the C++ step (llama_fast.fast_decode), fp32 and bf16, interleaved
+in one run (ratios, not absolute times: shared machines are noisy); plus GB/s of one big matrix-vector
+product (the tied embedding as the logits matrix) through torch against the C++ kernel, and the
+bandwidth floor of a decode step.
+
+    .venv/bin/python benchmarks/bench_decode_step.py [--steps 40] [--context 128] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from llama_fast._ext import ext
+from llama_fast.cache import StaticKVCache
+from llama_fast.fast_decode import CpuDecodePath
+from llama_fast.loaders import load_checkpoint
+from llama_fast.model import build_model
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def copy_bandwidth(nbytes=256 << 20, repeats=5):
+    """GB/s of a large tensor copy (bytes read + bytes written)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def matvec_gbps(weight, repeats=20):
+    x = torch.randn(1, weight.shape[1])
+    xw = x.to(weight.dtype)
+    c = ext()
+    times = {"torch": [], "cpp": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(xw, weight)
+        t1 = time.perf_counter()
+        c.cpu_matvec(weight, x)
+        t2 = time.perf_counter()
+        times["torch"].append(t1 - t0)
+        times["cpp"].append(t2 - t1)
+    nbytes = weight.numel() * weight.element_size()
+    return {k: nbytes / min(v) / 1e9 for k, v in times.items()}, {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def bench_dtype(ckpt, dtype, steps, context):
+    cfg = ckpt.config
+    model = build_model(cfg, ckpt.weights, dtype=dtype)
+    path = CpuDecodePath(model)
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    caches = []
+    for _ in range(2):
+        cache = StaticKVCache(cfg.n_layers, 1, context + steps + 8, cfg.n_kv_heads, cfg.head_dim, dtype=dtype)
+        model(prompt, cache)
+        caches.append(cache)
+    tok = torch.tensor([42])
+    for _ in range(2):  # warm-up (not timed), keeps both caches at the same length
+        model(tok[:, None], caches[0])
+        path.step(tok, caches[1])
+    eager, fast = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(tok[:, None], caches[0])
+        t1 = time.perf_counter()
+        path.step(tok, caches[1])
+        t2 = time.perf_counter()
+        eager.append((t1 - t0) * 1e3)
+        fast.append((t2 - t1) * 1e3)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"weight_bytes": weight_bytes, "isa": path.isa, "threads": path.num_threads}
+    for name, ms in (("eager", eager), ("cpp", fast)):
+        out[name] = {"ms_p50": statistics.median(ms), "ms_p99": pct(ms, 99), "ms_min": min(ms),
+                     "tok_s": 1e3 / statistics.median(ms)}
+    out["speedup_p50"] = out["eager"]["ms_p50"] / out["cpp"]["ms_p50"]
+    return out, model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
+    bw = copy_bandwidth()
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+              "torch_threads": torch.get_num_threads(), "copy_GBps": bw, "context": args.context, "dtypes": {}}
+    print(f"copy bandwidth {bw:.1f} GB/s, {torch.get_num_threads()} threads, context {args.context}")
+    for dtype in (torch.float32, torch.bfloat16):
+        r, model = bench_dtype(ckpt, dtype, args.steps, args.context)
+        gbps, mv_ms = matvec_gbps(model.tok_embeddings.weight.detach())
+        r["matvec_GBps"], r["matvec_ms"] = gbps, mv_ms
+        r["floor_ms"] = r["weight_bytes"] / (bw * 1e9) * 1e3
+        r["cpp_fraction_of_floor"] = r["floor_ms"] / r["cpp"]["ms_p50"]
+        result["dtypes"][str(dtype).replace("torch.", "")] = r
+        print(f"{str(dtype):15s} eager {r['eager']['ms_p50']:7.1f} ms/token ({r['eager']['tok_s']:5.1f} tok/s)   "
+              f"C++ {r['cpp']['ms_p50']:6.1f} ms/token ({r['cpp']['tok_s']:5.1f} tok/s, p99 {r['cpp']['ms_p99']:.1f}, "
+              f"min {r['cpp']['ms_min']:.1f})   x{r['speedup_p50']:.2f}   floor {r['floor_ms']:.1f} ms "
+              f"({100 * r['cpp_fraction_of_floor']:.0f}%)")
+        print(f"{'':15s} logits matvec {tuple(model.tok_embeddings.weight.shape)}: torch {gbps['torch']:.1f} GB/s "
+              f"({mv_ms['torch']:.2f} ms), C++ {gbps['cpp']:.1f} GB/s ({mv_ms['cpp']:.2f} ms)")
+        del model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The fast CPU decode path: one C++ call per generated token (llama_fast._C.CpuDecoder, csrc/cpu_decode.h).
+
+Eager PyTorch spends most of a CPU decode step in one-row matrix products that move 8-10 GB/s and in
+per-op overhead (about 900 ops per token); the C++ step streams the weights at memory bandwidth and runs
+the whole step (embedding, 30 layers, final norm, logits) in one OpenMP region. It computes exactly what
+Transformer.forward computes for one new token per row (DESIGN.md section 3 for the span bias), with
+fp32 activations whatever the weight dtype (fp32 or bf16 weights; fp32 or bf16 KV cache).
+
+    decoder = CpuDecodePath.for_model(model)         # None where it does not apply (see supports())
+    logits = decoder.step(next_tokens, cache)        # (B,) int64 -> (B, vocab) fp32; appends K/V, advances cache
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ._ext import ext
+from .cache import CacheFullError, StaticKVCache
+from .reference import span_bucket
+from .span import SpanBias
+
+_CACHE_FULL = "llama_fast: KV cache full"
+
+
+def bucket_table(span: SpanBias) -> torch.Tensor | None:
+    """(H, max_distance + 1) fp32: the learned span bias of span d is table[h, min(d, max_distance)].
+
+    Every d >= max_distance falls in the last bucket (T5 clamps there), so the table is exact; it is
+    built with the reference's own fp32 bucketing.
+    """
+    if span.bucket_bias is None:
+        return None
+    d = torch.arange(span.max_distance + 1)
+    buckets = span_bucket(d, span.num_buckets, span.max_distance)  # (max_distance + 1,)
+    return span.bucket_bias.detach().float().cpu()[:, buckets].contiguous()
+
+
+def supports(model) -> str | None:
+    """None if the C++ decode step can run `model`, else the reason it cannot."""
+    weight = model.tok_embeddings.weight
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device.type}"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"weights are {weight.dtype} (float32 and bfloat16 are supported)"
+    dtypes = {p.dtype for name, p in model.named_parameters() if p.dim() == 2}
+    if len(dtypes) != 1:
+        return f"the matrices mix dtypes {sorted(map(str, dtypes))}"
+    try:
+        ext()
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+class _ThreadTuner:
+    """Picks the thread count of the decode step by measurement, and keeps checking.
+
+    On an idle machine every core helps (the step is bandwidth-bound and one core cannot saturate memory);
+    on a machine whose cores are busy with other work, threads that meet at barriers wait for descheduled
+    peers and one thread can be faster. So the first steps alternate between the candidates, the faster
+    median wins, and every `every` steps a few steps probe again.
+    """
+
+    def __init__(self, candidates: list[int], probes: int = 3, every: int = 128):
+        self.candidates, self.probes, self.every = candidates, probes, every
+        self.times: dict[int, list[float]] = {n: [] for n in candidates}
+        self.best = candidates[0]
+        self.steps = 0
+
+    def next_threads(self) -> int | None:
+        """The thread count to time this step with, or None when not probing (run with self.best)."""
+        phase = self.steps % self.every
+        if phase < self.probes * len(self.candidates):
+            return self.candidates[phase % len(self.candidates)]
+        return None
+
+    def record(self, threads: int, seconds: float) -> None:
+        self.times[threads].append(seconds)
+        if self.steps % self.every == self.probes * len(self.candidates) - 1:  # the probe window is complete
+            self.best = min(self.candidates, key=lambda n: statistics.median(self.times[n][-self.probes:]))
+
+
+class CpuDecodePath:
+    """Holds a C++ CpuDecoder built once from a model's weights (used in place, not copied).
+
+    num_threads: 0 (default) chooses between torch's thread count and 1 by timing steps (_ThreadTuner);
+    a positive number fixes it. isa: "auto", "avx512", "avx2" or "scalar" (for tests).
+    """
+
+    def __init__(self, model, *, num_threads: int = 0, isa: str = "auto"):
+        reason = supports(model)
+        if reason is not None:
+            raise ValueError(f"the C++ CPU decode step cannot run this model: {reason}")
+        c, span = model.config, model.span
+        layers = model.layers
+        out = model.tok_embeddings.weight if model.output is None else model.output.weight
+        self.model = model
+        self._rope_rows = 0
+        table = model.rope_table(c.max_seq_len, "cpu")
+        self._decoder = ext().CpuDecoder(
+            n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, eps=c.norm_eps,
+            embedding=model.tok_embeddings.weight.detach(), output=out.detach(), final_norm=model.norm.weight.detach(),
+            attn_norm=[blk.attention_norm.weight.detach() for blk in layers],
+            wq=[blk.attention.wq.weight.detach() for blk in layers],
+            wk=[blk.attention.wk.weight.detach() for blk in layers],
+            wv=[blk.attention.wv.weight.detach() for blk in layers],
+            wo=[blk.attention.wo.weight.detach() for blk in layers],
+            ffn_norm=[blk.ffn_norm.weight.detach() for blk in layers],
+            w1=[blk.feed_forward.w1.weight.detach() for blk in layers],
+            w2=[blk.feed_forward.w2.weight.detach() for blk in layers],
+            w3=[blk.feed_forward.w3.weight.detach() for blk in layers],
+            rope_table=table,
+            alibi_slopes=None if span.alibi_slopes is None else span.alibi_slopes.detach().float().cpu(),
+            bucket_table=bucket_table(span),
+            window=span.window or 0, sink_tokens=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
+            scale=c.head_dim ** -0.5, num_threads=num_threads, isa=isa,
+        )
+        self._rope_rows = table.shape[0]
+        threads = torch.get_num_threads()
+        self._tuner = _ThreadTuner([threads, 1]) if num_threads == 0 and threads > 1 else None
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "CpuDecodePath | None":
+        """The decode path for `model`, or None where the C++ step does not apply (a GPU model, no extension)."""
+        if supports(model) is not None:
+            return None
+        return cls(model, **kwargs)
+
+    @property
+    def isa(self) -> str:
+        return self._decoder.isa
+
+    @property
+    def num_threads(self) -> int:
+        return self._decoder.num_threads
+
+    def applies_to(self, cache) -> bool:
+        """Whether step() can run on this cache: a contiguous StaticKVCache (or a StreamingKVCache over one)
+        in a dtype the step reads."""
+        from .streaming import StreamingKVCache
+
+        if isinstance(cache, StreamingKVCache):
+            cache = cache.base
+        return isinstance(cache, StaticKVCache) and cache.block_table is None and cache.k[0].dtype in (
+            torch.float32, torch.bfloat16)
+
+    def step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """tokens (B,) int64 (one new token per row) -> logits (B, vocab) fp32.
+
+        Like model(tokens[:, None], cache)[:, -1]: the new K/V go into the cache at cache.seqlens, and the
+        cache advances by one token per row (its seqlens tensor is updated in place).
+        """
+        if not isinstance(cache, StaticKVCache):  # a StreamingKVCache: evict as its begin_step does, then step
+            streaming, cache = cache, cache.base
+            for row, length in enumerate(cache.seqlens.tolist()):
+                if length + 1 > cache.max_seq_len:
+                    with torch.inference_mode():  # as the model's forward, which owns these tensors
+                        streaming._evict(row, length)
+        if cache.max_seq_len > self._rope_rows:  # the model's RoPE table grows on demand; so does ours
+            table = self.model.rope_table(cache.max_seq_len, "cpu")
+            self._decoder.set_rope_table(table)
+            self._rope_rows = table.shape[0]
+        try:
+            tuner = self._tuner
+            if tuner is None:
+                logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
+            else:
+                threads = tuner.next_threads()
+                if threads is None:
+                    self._decoder.num_threads = tuner.best
+                    logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
+                else:
+                    self._decoder.num_threads = threads
+                    start = time.perf_counter()
+                    logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
+                    tuner.record(threads, time.perf_counter() - start)
+                tuner.steps += 1
+        except RuntimeError as err:
+            if str(err).startswith(_CACHE_FULL):
+                raise CacheFullError(str(err).split("\n")[0]) from None
+            raise
+        cache.step_seqlens = cache.seqlens
+        return logits
