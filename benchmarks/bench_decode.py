@@ -60,13 +60,16 @@ class LlamaFastEngine:
 class TransformersEngine:
     def __init__(self, dtype: str):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GgufConfig
 
         from llama_fast.loaders import resolve_model_path
 
+        # Dense weights in `dtype`, as llama_fast holds them: transformers would otherwise keep the GGUF's
+        # quantized blocks and dequantize inside every matmul.
         path = resolve_model_path("smollm2-135m-instruct")
         self.model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype)).eval()
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype),
+            quantization_config=GgufConfig(dequantize=True)).eval()
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
