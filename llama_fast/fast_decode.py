@@ -153,11 +153,9 @@ class CpuDecodePath:
         cache advances by one token per row (its seqlens tensor is updated in place).
         """
         if not isinstance(cache, StaticKVCache):  # a StreamingKVCache: evict as its begin_step does, then step
-            streaming, cache = cache, cache.base
-            for row, length in enumerate(cache.seqlens.tolist()):
-                if length + 1 > cache.max_seq_len:
-                    with torch.inference_mode():  # as the model's forward, which owns these tensors
-                        streaming._evict(row, length)
+            with torch.inference_mode():  # as the model's forward, which owns these tensors
+                cache.make_room(1)
+            cache = cache.base
         if cache.max_seq_len > self._rope_rows:  # the model's RoPE table grows on demand; so does ours
             table = self.model.rope_table(cache.max_seq_len, "cpu")
             self._decoder.set_rope_table(table)

@@ -61,12 +61,17 @@ class StreamingKVCache:
         return int(self.base.seqlens.sum())
 
     def begin_step(self, num_new: int) -> torch.Tensor:
+        self.make_room(num_new)
+        return self.base.begin_step(num_new)
+
+    def make_room(self, num_new: int) -> None:
+        """Evicts from every row that could not take num_new more tokens (the C++ decode step, which
+        writes the base cache itself, calls this before each step)."""
         if num_new > self.slack:
             raise ValueError(f"StreamingKVCache takes at most slack={self.slack} tokens per step, got {num_new}")
         for row, length in enumerate(self.base.seqlens.tolist()):
             if length + num_new > self.base.max_seq_len:
                 self._evict(row, length)
-        return self.base.begin_step(num_new)
 
     def _evict(self, row: int, length: int) -> None:
         """Moves the newest window - 1 tokens of `row` down behind the sinks; the ones in between go."""
