@@ -197,7 +197,9 @@ class LLM:
             return
         if self.kv_cache not in ("auto", "static", "paged"):
             raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
-        paged = self.model.span.window is None and (self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1))
+        # decode="cpp" asks for the C++ step, which reads a contiguous cache: batches then take the static one.
+        paged = self.model.span.window is None and (
+            self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.decode != "cpp"))
         device = self.device
         if paged:
             cache, logits = self._prefill_paged(prompt_ids, steps)
