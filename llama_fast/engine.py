@@ -203,15 +203,13 @@ class LLM:
         device = self.device
         if paged:
             cache, logits = self._prefill_paged(prompt_ids, steps)
-            if on_cache is not None:
-                on_cache(cache)
         else:
             cache = self.new_cache(B, capacity)
-            if on_cache is not None:
-                on_cache(cache)
             lengths = torch.tensor([len(p) for p in prompt_ids])
             tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
             logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
+        if on_cache is not None:
+            on_cache(cache)
         seen = None
         if any(p.has_penalties for p in params):
             seen = torch.zeros(B, self.config.vocab_size, dtype=torch.int32)
