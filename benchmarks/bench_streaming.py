@@ -45,10 +45,10 @@ def main(argv=None):
 
     streaming = llm.with_span(SpanBias(window=512, sink_tokens=4))
     prompt = [streaming.tokenizer.encode("Once upon a time, in a land far away,")]
-    # No repetition penalty: it counts every token since the start, so over a long stream it penalises
-    # every common token and drives the model into rare ones (seen at 20,000 tokens with 1.1: a loop
-    # of one Hebrew token). A penalty over the last N tokens only (llama.cpp's repeat_last_n) is the fix.
-    params = streaming._row_params(1, 7, temperature=0.8, top_p=0.95)
+    # A mild repetition penalty over the last 64 tokens only (llama.cpp's repeat_last_n): without one the
+    # stream settles into repeating a sentence; over the whole history it pushes the model off every
+    # common token (seen at 20,000 tokens with 1.1: a loop of one Hebrew token).
+    params = streaming._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64)
     caches, held, tokens = [], {}, []
     start = time.perf_counter()
     for step, (token,) in enumerate(streaming.generate_ids(prompt, params, args.tokens, on_cache=caches.append,

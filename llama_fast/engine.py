@@ -17,7 +17,7 @@ from . import ops
 from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
-from .sampling import SamplingParams
+from .sampling import PenaltyCounts, SamplingParams
 from .span import SpanBias
 from .streaming import StreamingKVCache, streaming_slack
 from .tokenizer import StreamDecoder, Tokenizer
@@ -210,23 +210,20 @@ class LLM:
             logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
         if on_cache is not None:
             on_cache(cache)
-        seen = None
-        if any(p.has_penalties for p in params):
-            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.int32)
-            for b, p in enumerate(prompt_ids):
-                seen[b].index_add_(0, torch.tensor(p), torch.ones(len(p), dtype=torch.int32))
+        penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
         fast = None  # the C++ decode step, looked up after the first token is out (not in time to first token)
         for step in range(steps):
+            seen = penalties.counts if penalties is not None else None
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
             if stop_at_eos:
                 done |= torch.isin(next_tokens, eos)
             if bool(done.all()) or step == steps - 1:
                 return
-            if seen is not None:
-                seen[torch.arange(B), next_tokens] += 1
+            if penalties is not None:
+                penalties.push(next_tokens.tolist())
             if step == 0:
                 fast = self.decode_path(cache)
             if fast is not None:
@@ -302,13 +299,14 @@ class LLM:
 
     def generate(self, prompt: str | list[str], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, seed: int | None = None, stop: str | list[str] | None = None,
-                 num_return_sequences: int = 1):
+                 frequency_penalty: float = 0.0, penalty_last_n: int | None = None, seed: int | None = None,
+                 stop: str | list[str] | None = None, num_return_sequences: int = 1):
         """Generates a continuation of each prompt; all prompts (times num_return_sequences) run as one batch.
 
         Returns a Completion for a single prompt, a list of them for a list of prompts; with
         num_return_sequences = n > 1, each of those becomes a list of n Completions. temperature 0 is
-        greedy. seed makes sampling reproducible (row r of the batch draws from seed + r).
+        greedy. The penalties see each row's last penalty_last_n tokens (None: all, prompt included).
+        seed makes sampling reproducible (row r of the batch draws from seed + r).
         """
         if num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
@@ -318,7 +316,7 @@ class LLM:
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                        frequency_penalty=frequency_penalty)
+                        frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
         completions = [Completion("", [], "length") for _ in rows]
         for row, text, token, finish_reason in self._stream_rows(rows, max_new_tokens, stop, seed, settings):
             completions[row].text += text
@@ -331,12 +329,14 @@ class LLM:
         return completions[0] if isinstance(prompt, str) else completions
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               penalty_last_n: int | None = None, seed: int | None = None,
                stop: str | list[str] | None = None) -> Iterator[str]:
         """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
         if isinstance(prompt, list):
             prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n)
         for _, text, _, _ in self._stream_rows([prompt], max_new_tokens, stop, seed, settings):
             if text:
                 yield text

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-row sampling settings, applied in this order (as Hugging Face generate does):
 
-    penalties on the raw logits over the tokens seen so far (repetition_penalty divides positive and
-    multiplies negative logits; presence_penalty and frequency_penalty subtract as in the OpenAI API)
+    penalties on the raw logits over the tokens seen so far, or over the last penalty_last_n of them
+    (llama.cpp's repeat_last_n; None = the whole history, prompt included, as Hugging Face does)
+    (repetition_penalty divides positive and multiplies negative logits; presence_penalty and
+    frequency_penalty subtract as in the OpenAI API)
     -> temperature (0 = greedy argmax, ties to the lowest id) -> top_k (0 = off) -> top_p (1 = off)
     -> min_p (0 = off) -> renormalise -> a draw from the row's counter-based stream (seed, step).
     seed None: a fresh random seed is drawn once for the row.
@@ -23,6 +28,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    penalty_last_n: int | None = None
     seed: int | None = None
 
     def __post_init__(self):
@@ -42,6 +48,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")
+        if self.penalty_last_n is not None and (not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 1):
+            bad("penalty_last_n", "must be an int >= 1 or None (None: every token so far)")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             bad("seed", "must be an int in [0, 2**63) or None")
 
@@ -52,3 +60,25 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+class PenaltyCounts:
+    """The sampler's `seen` (B, V) int32: row b counts the tokens of its history that its penalties see
+    (the last params[b].penalty_last_n of them, or all). A penalty over a bounded window is what keeps a
+    long stream from being pushed off every common token into a loop of rare ones."""
+
+    def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
+        self.limits = [p.penalty_last_n for p in params]
+        self.windows = [deque(h if n is None else h[-n:]) for h, n in zip(histories, self.limits)]
+        self.counts = torch.zeros(len(histories), vocab_size, dtype=torch.int32)
+        for row, window in enumerate(self.windows):
+            if window:
+                self.counts[row].index_add_(0, torch.tensor(list(window)), torch.ones(len(window), dtype=torch.int32))
+
+    def push(self, tokens: list[int]) -> None:
+        """Appends one new token per row; tokens that leave a row's window stop counting."""
+        for row, (token, window, limit) in enumerate(zip(tokens, self.windows, self.limits)):
+            window.append(token)
+            self.counts[row, token] += 1
+            if limit is not None and len(window) > limit:
+                self.counts[row, window.popleft()] -= 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llama_fast import SamplingParams, ops, reference
+from llama_fast.sampling import PenaltyCounts
 from llama_fast._ext import ext
 
 C = ext()
@@ -270,3 +271,49 @@ def test_default_backend_on_cpu_is_the_extension(monkeypatch):
     monkeypatch.setattr(ops, "ext", lambda: fake)
     ops.sample(torch.randn(2, 10), SamplingParams(seed=0))
     assert calls
+
+
+# ---------------------------------------------------------------------------------------------------
+# penalty window (penalty_last_n)
+
+
+@pytest.mark.parametrize("limits", [[None, 1, 5], [3, 64, None]])
+def test_penalty_counts_match_a_recount_of_the_window(limits):
+    gen = torch.Generator().manual_seed(3)
+    V = 12
+    histories = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (1, 7, 20)]
+    params = [SamplingParams(repetition_penalty=1.2, penalty_last_n=n) for n in limits]
+    counts = PenaltyCounts(histories, params, V)
+    for _ in range(40):
+        new = torch.randint(0, V, (3,), generator=gen).tolist()
+        counts.push(new)
+        for row, token in enumerate(new):
+            histories[row].append(token)
+        for row, n in enumerate(limits):
+            window = histories[row] if n is None else histories[row][-n:]
+            assert counts.counts[row].tolist() == torch.bincount(torch.tensor(window), minlength=V).tolist()
+
+
+def test_penalty_last_n_is_validated():
+    for bad in (0, -3, 2.5, "4"):
+        with pytest.raises(ValueError, match="penalty_last_n"):
+            SamplingParams(penalty_last_n=bad)
+    assert SamplingParams(penalty_last_n=1).penalty_last_n == 1
+
+
+def test_generation_penalises_only_the_last_n_tokens(smollm):
+    """Greedy with a strong repetition penalty over the last n tokens, against the same loop written
+    out with reference.sample and the window recounted from scratch at every step."""
+    prompt = smollm.tokenizer.encode("The cat sat on the mat. The cat sat on the mat. The cat")
+    for n in (4, None):
+        params = SamplingParams(temperature=0, repetition_penalty=3.0, penalty_last_n=n)
+        got = [t for (t,) in smollm.generate_ids([prompt], [params], 12)]
+        history, want = list(prompt), []
+        for _ in range(12):
+            logits = smollm.logits(torch.tensor([history]))[0, -1:].float()
+            window = history if n is None else history[-n:]
+            seen = torch.bincount(torch.tensor(window), minlength=logits.shape[-1])[None]
+            token = int(reference.sample(logits, [params], seen=seen)[0])
+            want.append(token)
+            history.append(token)
+        assert got == want, n
