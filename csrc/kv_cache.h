@@ -102,9 +102,12 @@ class BlockManager {
   // Window-with-sinks eviction for the sequences `ids` before a step whose first new token gets position
   // L = length: tokens at positions [sinks, L - window + 1) are invisible to every future query. Whole
   // blocks' worth of them are dropped (their blocks go back to the pool once unshared); the sinks are
-  // kept and the survivors are re-indexed compactly. When sinks are not a multiple of block_size, the
-  // sinks' partial block is copied into the block that takes its place (pending copies are appended to
-  // `copies`, and must be run before any attention reads the pools).
+  // kept and the survivors are re-indexed compactly, so the caller rewrites their keys (RoPE re-rotation
+  // by the shift, `evicted` grows by it): every block holding survivors is first made private to the
+  // sequence (copy-on-write). When sinks are not a multiple of block_size, the sinks' partial block is
+  // copied into the block that takes its place. Pending copies are appended to `copies`, in the order they
+  // must run, before any attention reads the pools. A sequence the pool has no blocks to un-share for is
+  // left as it is this time (its invisible tokens stay, masked by the window).
   void evict(const std::vector<int64_t>& ids, int64_t window, int64_t sinks, std::vector<BlockCopy>& copies) {
     if (window < 1 || sinks < 0 || sinks >= window)
       throw std::invalid_argument("evict: need window >= 1 and 0 <= sinks < window");
@@ -116,27 +119,26 @@ class BlockManager {
       if (invisible < block_size_) continue;
       const int64_t k = invisible / block_size_;
       const int64_t a = sinks / block_size_, r = sinks % block_size_;
-      if (r > 0) {
-        // Block a + k receives the sinks' first r slots: it must be private.
-        int32_t& target = s.blocks[a + k];
-        if (refcount_[target] > 1) {
-          if (free_.empty()) {
-            // Free one of the dropped blocks first (not block a: its sinks are still to be copied).
-            int64_t j = a + 1;
-            while (j < a + k && refcount_[s.blocks[j]] != 1) ++j;
-            if (j == a + k) continue;  // no room to un-share now: keep these (masked) tokens for later
-            release(s.blocks[j]);
-            s.blocks[j] = -1;
-          }
-          const int32_t fresh = take();
-          copies.push_back({target, fresh, static_cast<int32_t>(block_size_)});
-          --refcount_[target];
-          target = fresh;
-        }
-        copies.push_back({s.blocks[a], target, static_cast<int32_t>(r)});
+      // Blocks a .. a+k-1 go; block a (when r > 0) only after its sinks are copied out, so it is not reused here.
+      const int64_t first_reusable = r > 0 ? a + 1 : a;
+      int64_t shared = 0, reusable = 0;
+      for (int64_t j = a + k; j < static_cast<int64_t>(s.blocks.size()); ++j) shared += refcount_[s.blocks[j]] > 1;
+      for (int64_t j = first_reusable; j < a + k; ++j) reusable += refcount_[s.blocks[j]] == 1;
+      if (shared > num_free_blocks() + reusable) continue;
+      for (int64_t j = first_reusable; j < a + k; ++j) release(s.blocks[j]);
+      for (int64_t j = a + k; j < static_cast<int64_t>(s.blocks.size()); ++j) {
+        int32_t& block = s.blocks[j];
+        if (refcount_[block] == 1) continue;
+        const int64_t used = std::min<int64_t>(block_size_, s.length - j * block_size_);
+        const int32_t fresh = take();
+        copies.push_back({block, fresh, static_cast<int32_t>(used)});
+        --refcount_[block];
+        block = fresh;
       }
-      for (int64_t j = a; j < a + k; ++j)
-        if (s.blocks[j] >= 0) release(s.blocks[j]);
+      if (r > 0) {
+        copies.push_back({s.blocks[a], s.blocks[a + k], static_cast<int32_t>(r)});
+        release(s.blocks[a]);
+      }
       s.blocks.erase(s.blocks.begin() + a, s.blocks.begin() + a + k);
       s.length -= k * block_size_;
       s.evicted += k * block_size_;

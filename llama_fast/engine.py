@@ -47,8 +47,9 @@ class Completion:
 
 class LLM:
     # Which KV cache generation uses: "auto" (a PagedKVCache for batches of several rows, num_return_sequences
-    # included, storing each distinct prompt once; a StaticKVCache for a single row; the streaming cache for
-    # window spans past their window), or "static" / "paged" to force one.
+    # included, storing each distinct prompt once, each row a stream evicting on its own with a window span;
+    # for a single row a StaticKVCache, or a StreamingKVCache over one for window spans past their window),
+    # or "static" / "paged" to force one.
     kv_cache = "auto"
     PAGE_SIZE = 16  # tokens per block of the paged cache
 
@@ -76,7 +77,7 @@ class LLM:
         dtype = dtype or torch.float32
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        ckpt = load_checkpoint(name_or_path, progress=progress)
+        ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
@@ -110,8 +111,13 @@ class LLM:
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache, span: SpanBias | None = None) -> torch.Tensor:
         """Runs right-padded prompts tokens (B, T) with real lengths (B,) into `cache`; returns each row's
-        last logits (B, vocab). A streaming cache takes the prompt in chunks it can hold."""
-        chunk = cache.slack if isinstance(cache, StreamingKVCache) else tokens.shape[1]
+        last logits (B, vocab). A cache that evicts takes the prompt in chunks, evicting between them."""
+        span = span or self.model.span
+        chunk = tokens.shape[1]
+        if isinstance(cache, StreamingKVCache):
+            chunk = cache.slack
+        elif span.window is not None:
+            chunk = streaming_slack(span)
         last = torch.empty(tokens.shape[0], self.config.vocab_size)
         for start in range(0, tokens.shape[1], chunk):
             kept = (lengths - start).clamp(0, chunk)
@@ -197,9 +203,9 @@ class LLM:
             return
         if self.kv_cache not in ("auto", "static", "paged"):
             raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
-        # decode="cpp" asks for the C++ step, which reads a contiguous cache: batches then take the static one.
-        paged = self.model.span.window is None and (
-            self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.decode != "cpp"))
+        # decode="cpp" asks for the C++ step, which reads a contiguous cache: batches then take the static one
+        # (or a StreamingKVCache over it, with a window).
+        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.decode != "cpp")
         device = self.device
         if paged:
             cache, logits = self._prefill_paged(prompt_ids, steps)
@@ -235,14 +241,19 @@ class LLM:
         """A PagedKVCache holding every row's prompt, each distinct prompt stored once (rows repeating a
         prompt, as num_return_sequences makes them, are copy-on-write forks of its sequence), and the
         rows' last logits (B, vocab). The pool is sized for the prompts plus `steps` tokens per row."""
-        c, bs = self.config, self.PAGE_SIZE
+        c, bs, span = self.config, self.PAGE_SIZE, self.model.span
         unique: dict[tuple[int, ...], int] = {}
         for p in prompt_ids:
             unique.setdefault(tuple(p), len(unique))
         distinct = [list(p) for p in unique]
-        num_blocks = sum(-(-len(p) // bs) for p in distinct) + len(prompt_ids) * (-(-steps // bs) + 1)
-        cache = PagedKVCache(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim,
-                             dtype=self.model.tok_embeddings.weight.dtype, device=self.device)
+        if span.window is None:
+            num_blocks = sum(-(-len(p) // bs) for p in distinct) + len(prompt_ids) * (-(-steps // bs) + 1)
+        else:  # a stream holds at most its sinks, window and one prefill chunk, plus a block not yet evicted
+            held = -(-(span.sink_tokens + span.window + streaming_slack(span)) // bs) + 2
+            num_blocks = (len(distinct) + len(prompt_ids)) * held
+        cache = PagedKVCache.for_span(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim, span,
+                                      dtype=self.model.tok_embeddings.weight.dtype, device=self.device,
+                                      rope_table=lambda n: self.model.rope_table(n, self.device))
         seqs = [cache.add_sequence() for _ in distinct]
         cache.set_batch(seqs)
         longest = max(len(p) for p in distinct)

@@ -59,10 +59,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_checkpoint(name_or_path: str, progress: bool = True) -> Checkpoint:
+def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+    """dtype: the floating dtype the weights will be used in, if known: a GGUF's converted copy is then
+    cached in it, so loading maps the file and copies nothing (None: as stored / dequantised)."""
     path = resolve_model_path(name_or_path)
     if os.path.isfile(path):
-        return load_gguf(path, progress)
+        return load_gguf(path, progress, dtype)
     if os.path.exists(os.path.join(path, "config.json")):
         return load_hf_dir(path, progress)
     if os.path.exists(os.path.join(path, "params.json")):
@@ -158,8 +160,9 @@ def _gguf_tensor(t, path: str) -> torch.Tensor:
         return torch.from_numpy(data).reshape(shape)
 
 
-def load_gguf(path: str, progress: bool = True) -> Checkpoint:
-    cached = _read_gguf_cache(path)
+def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+    cached = _read_gguf_cache(path, dtype) if dtype is not None else None
+    cached = cached or _read_gguf_cache(path, None)
     if cached is not None:
         meta, weights, types = cached
         config = _gguf_config(meta, path)
@@ -167,7 +170,11 @@ def load_gguf(path: str, progress: bool = True) -> Checkpoint:
         reader, meta = read_gguf_metadata(path)
         config = _gguf_config(meta, path)
         weights, types = _gguf_weights(reader, config, path, progress)
-        _write_gguf_cache(path, meta, weights, types)
+        _write_gguf_cache(path, meta, weights, types, None)
+    if dtype is not None and any(w.dtype != dtype for w in weights.values()):
+        # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
+        weights = {name: w.to(dtype) for name, w in weights.items()}
+        _write_gguf_cache(path, meta, weights, types, dtype)
     config.tie_embeddings = "output.weight" not in weights
     _check_shapes(weights, config, path)
     tokenizer = Tokenizer.from_gguf_metadata(meta, path)
@@ -205,7 +212,8 @@ def _gguf_weights(reader, config: ModelConfig, path: str, progress: bool):
 
 
 # Parsing a GGUF (its metadata arrays in Python, dequantisation in numpy) takes seconds; the result is
-# kept as safetensors + JSON, keyed by the file's path, size and mtime, and read back memory-mapped.
+# kept as safetensors + JSON, keyed by the file's path, size, mtime and the dtype asked for, and read back
+# memory-mapped (pages are read as the model first touches them; nothing is copied).
 _CACHE_FORMAT = 1
 
 
@@ -215,17 +223,18 @@ def cache_dir() -> str | None:
     return None if root == "none" else root
 
 
-def _gguf_cache_path(path: str) -> str | None:
+def _gguf_cache_path(path: str, dtype: torch.dtype | None = None) -> str | None:
     root = cache_dir()
     if root is None:
         return None
     st = os.stat(path)
-    key = hashlib.sha256(f"{_CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    key = f"{_CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{dtype or 'stored'}"
+    key = hashlib.sha256(key.encode()).hexdigest()
     return os.path.join(root, "gguf", key[:32])
 
 
-def _read_gguf_cache(path: str):
-    folder = _gguf_cache_path(path)
+def _read_gguf_cache(path: str, dtype: torch.dtype | None):
+    folder = _gguf_cache_path(path, dtype)
     if folder is None or not os.path.exists(os.path.join(folder, "done")):
         return None
     from safetensors.torch import load_file
@@ -239,8 +248,8 @@ def _read_gguf_cache(path: str):
         return None
 
 
-def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict) -> None:
-    folder = _gguf_cache_path(path)
+def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict, dtype: torch.dtype | None) -> None:
+    folder = _gguf_cache_path(path, dtype)
     if folder is None:
         return
     from safetensors.torch import save_file

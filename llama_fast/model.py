@@ -83,7 +83,9 @@ class Transformer(nn.Module):
         super().__init__()
         span.check_heads(config.n_heads)
         self.config, self.span = config, span
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Given its weight, nn.Embedding skips its random init (whose meta-device version imports sympy:
+        # seconds of cold start); every weight is loaded after construction anyway.
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim))
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)

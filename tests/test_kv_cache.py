@@ -265,6 +265,50 @@ def test_window_sinks_with_shared_blocks():
         m.check()
 
 
+@pytest.mark.parametrize("sinks", [0, 3, 4])
+def test_eviction_rerotates_keys_to_their_new_positions(sinks):
+    """With the model's RoPE table, a key that eviction moves from position p to p - shift ends up rotated
+    exactly as if it had been written at p - shift, in forks too (a shared block is un-shared before its
+    keys are rewritten, so the fork it is shared with keeps its own positions)."""
+    bs, W, Dr = 4, 9, 8
+    table = reference.rope_cos_sin_cache(512, Dr, 10000.0)
+    cache = PagedKVCache(1, 40, bs, H, Dr, window=W, sink_tokens=sinks, rope_table=lambda n: table)
+    g = torch.Generator().manual_seed(sinks)
+    raw: dict[int, torch.Tensor] = {}  # sequence -> unrotated keys (n, H, Dr) of the tokens it holds
+
+    def step(ids, T):
+        cache.set_batch(ids)
+        before = {s: cache.evicted(s) for s in ids}
+        positions = cache.begin_step(T)  # (B, T)
+        for s in ids:
+            dropped = cache.evicted(s) - before[s]
+            if dropped:
+                raw[s] = torch.cat([raw[s][:sinks], raw[s][sinks + dropped:]])
+        x = torch.randn(len(ids), T, H, Dr, generator=g)
+        q = torch.zeros(len(ids) * T, 1, Dr)
+        k = reference.apply_rope(q, x.reshape(-1, H, Dr).clone(), positions.reshape(-1), table)[1]
+        cache.write(0, k.reshape(x.shape), torch.zeros_like(x))
+        cache.end_step()
+        for b, s in enumerate(ids):
+            raw[s] = torch.cat([raw.get(s, x[b, :0]), x[b]])
+
+    def check(s):
+        held = raw[s].shape[0]
+        assert cache.length(s) == held
+        want = reference.apply_rope(torch.zeros(held, 1, Dr), raw[s].clone(), torch.arange(held), table)[1]
+        torch.testing.assert_close(cache.gather(s, 0)[0], want, atol=1e-5, rtol=1e-5)
+
+    a = cache.add_sequence()
+    step([a], 13)
+    b = cache.fork(a)
+    raw[b] = raw[a].clone()
+    for i in range(40):
+        step([a, b] if i % 3 else [a], 1)  # b falls behind: the two evict at different times
+        check(a)
+        check(b)
+    assert cache.evicted(a) > cache.evicted(b) > 0
+
+
 ops_strategy = st.lists(
     st.tuples(st.sampled_from(["add", "append", "fork", "free", "ragged"]), st.integers(0, 10 ** 6),
               st.integers(1, 9)),

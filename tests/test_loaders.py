@@ -264,5 +264,11 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     (tmp_path / folder / "weights.safetensors").write_bytes(b"damaged")
     third = load_checkpoint(path, progress=False)
     assert torch.equal(third.weights["norm.weight"], first.weights["norm.weight"])
+    # An entry per dtype asked for: the bf16 one holds what casting the fp32 weights gives.
+    half = load_checkpoint(path, progress=False, dtype=torch.bfloat16)
+    assert loaders._gguf_cache_path(path, torch.bfloat16) != folder
+    assert all(half.weights[k].dtype == torch.bfloat16 and torch.equal(half.weights[k], first.weights[k].bfloat16())
+               for k in first.weights)
+    assert load_checkpoint(path, progress=False, dtype=torch.bfloat16).weights["norm.weight"].dtype == torch.bfloat16
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", "none")
     assert loaders._gguf_cache_path(path) is None

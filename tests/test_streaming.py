@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from llama_fast import SpanBias
+from llama_fast import PagedKVCache, SamplingParams, SpanBias
 from llama_fast.streaming import StreamingKVCache, rotate_keys_back
 from llama_fast.reference import apply_rope, rope_cos_sin_cache
 
@@ -67,6 +67,61 @@ def test_streaming_continues_past_eviction(smollm):
     streamed = streaming.generate("I love", max_new_tokens=100)
     assert streamed.token_ids[:40] == smollm.generate("I love", max_new_tokens=40).token_ids
     assert len(streamed.token_ids) == 100
+
+
+def windowed_greedy(llm, prompt_ids, n):
+    """Greedy tokens from full forward passes over the whole history under llm's window (nothing evicted)."""
+    history, out = list(prompt_ids), []
+    for _ in range(n):
+        out.append(int(llm.logits(torch.tensor([history]))[0, -1].argmax()))
+        history.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "paged"])
+def test_eviction_without_sinks_is_exact(smollm, kv_cache):
+    """With no sinks, evicting and re-indexing the survivors changes no query-key distance, so the stream
+    must equal windowed attention over the whole history, token for token: this checks the re-rotation
+    of the keys (StreamingKVCache moves them by its slack, the paged cache by whole blocks)."""
+    llm = smollm.with_span(SpanBias(window=40))
+    llm.kv_cache = kv_cache
+    prompt = llm.tokenizer.encode("The history of the city begins")
+    caches = []
+    got = [t for (t,) in llm.generate_ids([prompt], [SamplingParams(temperature=0)], 90, on_cache=caches.append)]
+    evicted = caches[0].evicted if kv_cache == "static" else caches[0].evicted(caches[0].seq_ids[0])
+    assert int(evicted if isinstance(evicted, int) else evicted.sum()) > 40
+    assert got == windowed_greedy(llm, prompt, 90)
+
+
+def test_paged_streams_run_a_batch_in_constant_memory(smollm):
+    """Several independent streams at once on the paged cache: each row evicts on its own, the block count
+    stops growing once the windows fill, and each row's tokens are what it produces alone."""
+    llm = smollm.with_span(SpanBias(window=64, sink_tokens=4))
+    prompts = [llm.tokenizer.encode(p) for p in ("Once upon a time,", "The recipe for bread is simple: take")]
+    params = [SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64, seed=s)
+              for s in (1, 2)]
+    caches, used, rows = [], [], [[], []]
+    for step_tokens in llm.generate_ids(prompts, params, 400, on_cache=caches.append, stop_at_eos=False):
+        for row, token in zip(rows, step_tokens):
+            row.append(token)
+        used.append(caches[0].blocks_in_use)
+    cache = caches[0]
+    assert isinstance(cache, PagedKVCache) and all(len(r) == 400 for r in rows)
+    assert max(used[150:]) == max(used) <= 2 * (-(-(4 + 64 + 16) // 16) + 1)  # bounded, and bounded early
+    assert all(cache.evicted(s) > 250 for s in cache.seq_ids)
+    for row in rows:
+        assert len(set(row[-200:])) / 200 > 0.2  # still text, not one repeated token
+    alone = smollm.with_span(SpanBias(window=64, sink_tokens=4))
+    alone.kv_cache = "paged"
+    for prompt, p, row in zip(prompts, params, rows):
+        assert [t for (t,) in alone.generate_ids([prompt], [p], 60, stop_at_eos=False)] == row[:60]
+
+
+def test_paged_streams_equal_dense_inside_the_window(smollm):
+    prompts = ["I love", "The capital of France is"]
+    streaming = smollm.with_span(SpanBias(window=64, sink_tokens=4))
+    assert [c.token_ids for c in streaming.generate(prompts, max_new_tokens=30)] == \
+        [c.token_ids for c in smollm.generate(prompts, max_new_tokens=30)]
 
 
 @pytest.mark.parametrize("kwargs, message", [
