@@ -59,6 +59,9 @@ step correctness "$PY" "$ROOT/benchmarks/gpu_correctness.py" ${QUICK:+--quick}
 # 4b. the extension's CUDA code (sampler, KV cache writes/copies) vs CPU and reference, and its speed
 step ext_cuda "$PY" "$ROOT/benchmarks/gpu_ext_check.py" ${QUICK:+--quick}
 
+# 4c. decode: CUDA-graph steps against eager steps (same tokens, steps/s at batch 1 and 8)
+step decode_graphs "$PY" "$ROOT/benchmarks/gpu_decode.py" ${QUICK:+--new-tokens 64}
+
 # 5. benchmarks: bf16 (full or quick) and fp16 (quick)
 step bench_bf16 "$PY" "$ROOT/benchmarks/bench_attention.py" --dtype bf16 ${QUICK:+--quick}
 cp "$ROOT/$OUTDIR/bench_attention.json" "$ROOT/$OUTDIR/bench_attention_bf16.json" 2>/dev/null || true
@@ -71,13 +74,13 @@ rm -rf "$STAGE"
 {
     echo
     echo "=== gpu_suite summary ($(( $(date +%s) - start )) s)"
-    for name in env build import compile_check correctness ext_cuda bench_bf16 bench_fp16; do
+    for name in env build import compile_check correctness ext_cuda decode_graphs bench_bf16 bench_fp16; do
         printf '  %-14s %s\n' "$name" "${STATUS[$name]:-not run}"
     done
     echo "  tables: the bench_* steps above; JSON in $OUTDIR/bench_attention_{bf16,fp16}.json"
 } | tee -a "$LOG"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$LOG" "$OUTDIR"/bench_attention_*.json "$OUT"/ 2>/dev/null || true
+    cp "$LOG" "$OUTDIR"/bench_attention_*.json "$OUTDIR"/gpu_decode.json "$OUT"/ 2>/dev/null || true
 fi
 for name in env import compile_check correctness; do
     case "${STATUS[$name]:-}" in ok*) ;; *) exit 1 ;; esac

@@ -1,7 +1,8 @@
 """KV caches, backed by the C++ extension (llama_fast._C). Every cache speaks the same step protocol, which
 the model's attention uses:
 
-    positions = cache.begin_step(T)     # (B, T) int64 cache positions of the T new tokens of each row
+    positions = cache.begin_step(T)     # (B, T) int64 cache positions of the T new tokens of each row;
+                                        # cache.position_bound: an int above all of them, known on the host
     for each layer:
         cache.write(layer, k, v)        # k, v: (B, T, Hkv, D) stored at those positions
         attend over cache.k[layer], cache.v[layer] with cache.step_seqlens (B,) int32 (incl. the new
@@ -12,6 +13,7 @@ Rows of different lengths are right-padded: the padding's keys sit after the rea
 attention never lets a real query see them, and end_step(n) drops them.
 
 StaticKVCache: preallocated (B, S_max, Hkv, D) per layer; the lowest-latency batch-1 path.
+GraphStaticKVCache: the same, with a step protocol that never waits on the device (CUDA graphs).
 PagedKVCache: a pool of fixed-size blocks per layer, (num_blocks, block_size, Hkv, D) for K and for V,
 read through block_table (B, max_blocks) int32; sequences are added, forked (copy-on-write: forks share
 the parent's blocks until one writes into a shared block), freed, and evicted by a window with sinks.
@@ -70,6 +72,11 @@ class StaticKVCache:
     def batch_size(self) -> int:
         return self.seqlens.shape[0]
 
+    @property
+    def position_bound(self) -> int:
+        """An int above every position of the current step, known without reading the device."""
+        return self.max_seq_len
+
     def begin_step(self, num_new: int) -> torch.Tensor:
         if not isinstance(num_new, int) or num_new < 0:
             raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
@@ -115,6 +122,68 @@ class StaticKVCache:
         self._start = None
 
 
+class GraphStaticKVCache(StaticKVCache):
+    """A StaticKVCache whose step protocol never waits on the device, for steps captured in CUDA graphs.
+
+    Every tensor the steps use keeps its storage (seqlens advances in place), the new K/V are scattered
+    at device positions (no host copy of them), and the capacity check reads a host-side mirror of the
+    lengths (host_lengths) instead of the device. A replayed graph runs no Python: whoever replays it
+    calls advance_host(n) for the n tokens per row the graph added.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.host_lengths = [0] * self.batch_size  # == seqlens, as Python ints
+        self._rows = torch.arange(self.batch_size, device=self.seqlens.device)[:, None]  # (B, 1)
+
+    def begin_step(self, num_new: int) -> torch.Tensor:
+        if not isinstance(num_new, int) or num_new < 0:
+            raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
+        longest = max(self.host_lengths) + num_new
+        if longest > self.max_seq_len:
+            raise CacheFullError(f"KV cache holds {self.max_seq_len} tokens per row; this step needs {longest}")
+        self._num_new = num_new
+        self._positions = self.seqlens.long()[:, None] + torch.arange(num_new, device=self.seqlens.device)  # (B, T)
+        self._start = self._positions
+        self.step_seqlens = self.seqlens + num_new
+        return self._positions
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self._start is None:
+            raise RuntimeError("write: call begin_step first")
+        if k.shape[:2] != self._positions.shape:
+            raise ValueError(f"write: this step has {self._num_new} new tokens per row, k has shape {tuple(k.shape)}")
+        dtype = self.k[layer].dtype
+        self.k[layer].index_put_((self._rows, self._positions), k.to(dtype))
+        self.v[layer].index_put_((self._rows, self._positions), v.to(dtype))
+
+    def end_step(self, num_kept: torch.Tensor | int | None = None) -> None:
+        if self._start is None:
+            raise RuntimeError("end_step: call begin_step first")
+        if num_kept is None:  # (no host data: this is the form a captured step uses)
+            self.seqlens.add_(self._num_new)
+            self.advance_host(self._num_new)
+        else:
+            kept = _kept_counts(num_kept, self._num_new, self.batch_size)
+            self.seqlens.add_(torch.tensor(kept, dtype=torch.int32).to(self.seqlens.device))
+            self.host_lengths = [n + k for n, k in zip(self.host_lengths, kept)]
+        self.step_seqlens = self.seqlens
+        self._start = None
+
+    def advance_host(self, num_new: int) -> None:
+        """Records that a replayed graph appended num_new tokens to every row."""
+        self.host_lengths = [n + num_new for n in self.host_lengths]
+
+    def lengths(self) -> list[int]:
+        return list(self.host_lengths)
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
+        self.host_lengths = [0] * self.batch_size
+        self.step_seqlens = self.seqlens
+        self._start = None
+
+
 class PagedKVCache:
     """Paged cache: per layer K and V pools (num_blocks, block_size, Hkv, D), block tables in C++.
 
@@ -151,6 +220,7 @@ class PagedKVCache:
         self.max_seq_len = max_seq_len if max_seq_len is not None else 2**31 - 1
         self.device = torch.device(device)
         self.seq_ids: list[int] = []
+        self.position_bound = 0  # above every position of the current step (set by begin_step)
         self.seqlens = torch.zeros(0, dtype=torch.int32, device=device)
         self.step_seqlens = self.seqlens
         self.block_table = torch.zeros(0, 1, dtype=torch.int32, device=device)
@@ -248,6 +318,7 @@ class PagedKVCache:
         self._copy(copies)
         self._num_new = num_new
         self._start_cpu, self._table_cpu = start, self.manager.block_table(ids)  # host copies for write()
+        self.position_bound = int(start.max()) + num_new if len(ids) else num_new
         self._start = start.to(self.device)
         self.seqlens = self._start
         self.step_seqlens = self._start + num_new

@@ -23,6 +23,7 @@ from .streaming import StreamingKVCache, streaming_slack
 from .tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
+    from .cuda_graphs import CudaGraphDecodePath
     from .fast_decode import CpuDecodePath
 
 log = logging.getLogger("llama_fast")
@@ -54,8 +55,9 @@ class LLM:
     PAGE_SIZE = 16  # tokens per block of the paged cache
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
-        """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): the C++ step
-        (llama_fast.fast_decode) where it applies (CPU, fp32/bf16, the extension built), else the model's
+        """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): on CPU the C++ step
+        (llama_fast.fast_decode) where it applies (fp32/bf16, the extension built), on CUDA the model's
+        forward replayed from CUDA graphs (llama_fast.cuda_graphs) on a static cache, else the model's
         forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path;
         also the default when LLAMA_FAST_BACKEND=reference)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
@@ -67,6 +69,7 @@ class LLM:
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
         self._fast_path = None  # built on first use
+        self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
@@ -107,6 +110,14 @@ class LLM:
                 base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
                                      c.head_dim, dtype=dtype, device=self.device)
                 return StreamingKVCache(base, span, lambda n: self.model.rope_table(n, self.device), slack)
+        if self.device.type == "cuda" and self.decode != "eager":
+            # Decode steps replay CUDA graphs captured on caches the graph path owns (one per batch size
+            # and length bucket, reused by later calls: a cache from an earlier call is reset).
+            if self._graph_path is None:
+                from .cuda_graphs import CudaGraphDecodePath
+
+                self._graph_path = CudaGraphDecodePath(self.model)
+            return self._graph_path.new_cache(batch_size, max_len)
         return StaticKVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim, dtype=dtype, device=self.device)
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache, span: SpanBias | None = None) -> torch.Tensor:
@@ -146,10 +157,14 @@ class LLM:
         if self.model.span.window is None and length > self.config.max_seq_len:
             raise ValueError(f"the input has {length} tokens; the model's context is {self.config.max_seq_len} tokens")
 
-    def decode_path(self, cache) -> "CpuDecodePath | None":
-        """The C++ decode step for this cache, or None when decode steps run through the model's forward."""
+    def decode_path(self, cache) -> "CpuDecodePath | CudaGraphDecodePath | None":
+        """The fast decode step for this cache (the C++ step on CPU, CUDA graphs on a GPU), or None when
+        decode steps run through the model's forward."""
         if self.decode == "eager":
             return None
+        if self.device.type == "cuda" and self.decode == "auto":
+            graphs = self._graph_path
+            return graphs if graphs is not None and graphs.applies_to(cache) else None
         if self._fast_path is None:
             from .fast_decode import CpuDecodePath, supports
 
@@ -203,9 +218,10 @@ class LLM:
             return
         if self.kv_cache not in ("auto", "static", "paged"):
             raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
-        # decode="cpp" asks for the C++ step, which reads a contiguous cache: batches then take the static one
-        # (or a StreamingKVCache over it, with a window).
-        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.decode != "cpp")
+        # decode="cpp" asks for the C++ step, which reads a contiguous cache, and CUDA graphs need one: batches
+        # then take the static one (or a StreamingKVCache over it, with a window).
+        batches_paged = self.decode == "eager" or (self.decode == "auto" and self.device.type != "cuda")
+        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and batches_paged)
         device = self.device
         if paged:
             cache, logits = self._prefill_paged(prompt_ids, steps)

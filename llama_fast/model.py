@@ -112,7 +112,7 @@ class Transformer(nn.Module):
         span = self.span if span is None else span
         B, T = tokens.shape
         positions = cache.begin_step(T)  # (B, T)
-        cos_sin = self.rope_table(int(positions.max()) + 1, tokens.device)
+        cos_sin = self.rope_table(cache.position_bound, tokens.device)  # (no device read: graph-safe)
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         residual = None
         for layer in self.layers:

@@ -54,6 +54,7 @@ class StreamingKVCache:
     seqlens = property(lambda self: self.base.seqlens)
     step_seqlens = property(lambda self: self.base.step_seqlens)
     max_seq_len = property(lambda self: self.base.max_seq_len)
+    position_bound = property(lambda self: self.base.max_seq_len)
 
     @property
     def tokens_held(self) -> int:
