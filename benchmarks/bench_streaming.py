@@ -5,8 +5,12 @@
 2. A 20,000-token generation with window 512 + 4 sinks (sampled, never stopping at EOS): KV entries
    held over time (constant once the window fills), tokens/s, and the distinct-token fraction of the
    last 1,000 tokens (a collapse into one repeated token would show as ~0).
+3. A batch of two such streams at once on the paged cache: blocks in use over time.
 
-    .venv/bin/python benchmarks/bench_streaming.py [--tokens 20000] [--out benchmarks/out]
+    .venv/bin/python benchmarks/bench_streaming.py [--parts ppl stream batch] [--tokens 20000]
+        [--batch-tokens 2000] [--out benchmarks/out]
+
+Each part's results replace that part's in benchmarks/out/bench_streaming.json.
 """
 from __future__ import annotations
 
@@ -23,36 +27,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(os.path.dirname(HERE), "tests", "data", "shakespeare_head.txt")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=20_000)
-    parser.add_argument("--ppl-tokens", type=int, default=4096)
-    parser.add_argument("--out", default=os.path.join(HERE, "out"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    llm = LLM.from_pretrained("smollm2-135m-instruct", progress=False)
-    with open(TEXT, encoding="utf-8") as f:
-        text = f.read()
+PROMPTS = ["Once upon a time, in a land far away,", "The recipe for a good loaf of bread is simple:"]
 
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "perplexity": {}}
-    for name, span in [("dense", SpanBias()), ("window 256 + 4 sinks", SpanBias(window=256, sink_tokens=4)),
-                       ("window 256, no sinks", SpanBias(window=256))]:
-        r = llm.perplexity(text, span=span, max_tokens=args.ppl_tokens)
-        report["perplexity"][name] = {"perplexity": r.perplexity, "tokens_per_s": r.tokens_per_s,
-                                      "kv_mib": r.kv_bytes / 2**20}
-        print(f"perplexity, {name}: {r.perplexity:.3f} ({r.tokens_per_s:.1f} tokens/s, KV {r.kv_bytes / 2**20:.1f} MiB)",
-              flush=True)
 
-    streaming = llm.with_span(SpanBias(window=512, sink_tokens=4))
-    prompt = [streaming.tokenizer.encode("Once upon a time, in a land far away,")]
+def sampling(llm, rows: int):
     # A mild repetition penalty over the last 64 tokens only (llama.cpp's repeat_last_n): without one the
     # stream settles into repeating a sentence; over the whole history it pushes the model off every
     # common token (seen at 20,000 tokens with 1.1: a loop of one Hebrew token).
-    params = streaming._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64)
+    return llm._row_params(rows, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64)
+
+
+def perplexities(llm, text: str, max_tokens: int) -> dict:
+    out = {}
+    for name, span in [("dense", SpanBias()), ("window 256 + 4 sinks", SpanBias(window=256, sink_tokens=4)),
+                       ("window 256, no sinks", SpanBias(window=256))]:
+        r = llm.perplexity(text, span=span, max_tokens=max_tokens)
+        out[name] = {"perplexity": r.perplexity, "tokens_per_s": r.tokens_per_s, "kv_mib": r.kv_bytes / 2**20}
+        print(f"perplexity, {name}: {r.perplexity:.3f} ({r.tokens_per_s:.1f} tokens/s, KV {r.kv_bytes / 2**20:.1f} MiB)",
+              flush=True)
+    return out
+
+
+def long_stream(streaming, n_tokens: int) -> dict:
+    """One row, n_tokens sampled tokens: KV entries held every 1,000 tokens, and how the text ends."""
+    prompt = [streaming.tokenizer.encode(PROMPTS[0])]
     caches, held, tokens = [], {}, []
     start = time.perf_counter()
-    for step, (token,) in enumerate(streaming.generate_ids(prompt, params, args.tokens, on_cache=caches.append,
-                                                           stop_at_eos=False)):
+    for step, (token,) in enumerate(streaming.generate_ids(prompt, sampling(streaming, 1), n_tokens,
+                                                           on_cache=caches.append, stop_at_eos=False)):
         tokens.append(token)
         if (step + 1) % 1000 == 0:
             held[step + 1] = caches[0].tokens_held
@@ -60,18 +62,64 @@ def main(argv=None):
                   f"{(step + 1) / (time.perf_counter() - start):.1f} tokens/s", flush=True)
     seconds = time.perf_counter() - start
     last = tokens[-1000:]
-    report["generation"] = {
-        "tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds,
-        "kv_entries_held": held, "cache_slots": caches[0].max_seq_len,
-        "distinct_fraction_last_1000": len(set(last)) / len(last),
-        "tail_text": streaming.tokenizer.decode(tokens[-200:]),
-    }
-    g = report["generation"]
+    g = {"tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds, "kv_entries_held": held,
+         "cache_slots": caches[0].max_seq_len, "distinct_fraction_last_1000": len(set(last)) / len(last),
+         "tail_text": streaming.tokenizer.decode(tokens[-200:])}
     print(f"generated {g['tokens']} tokens in {seconds:.0f} s ({g['tokens_per_s']:.1f} tokens/s); "
           f"distinct-token fraction of the last 1000: {g['distinct_fraction_last_1000']:.2f}")
     print("tail:", repr(g["tail_text"][-300:]))
+    return g
+
+
+def batch_streams(streaming, n_tokens: int) -> dict:
+    """Two rows at once on the paged cache: blocks in use every 100 tokens."""
+    prompts = [streaming.tokenizer.encode(p) for p in PROMPTS]
+    caches, blocks, rows = [], {}, [[], []]
+    start = time.perf_counter()
+    for step, new in enumerate(streaming.generate_ids(prompts, sampling(streaming, 2), n_tokens,
+                                                      on_cache=caches.append, stop_at_eos=False)):
+        for row, token in zip(rows, new):
+            row.append(token)
+        if (step + 1) % 100 == 0:
+            blocks[step + 1] = caches[0].blocks_in_use
+    seconds = time.perf_counter() - start
+    cache = caches[0]
+    b = {"rows": 2, "tokens_per_row": n_tokens, "seconds": seconds, "tokens_per_s": 2 * n_tokens / seconds,
+         "cache": type(cache).__name__, "block_size": cache.block_size, "pool_blocks": cache.num_blocks,
+         "blocks_in_use": blocks, "evicted_per_row": [cache.evicted(s) for s in cache.seq_ids],
+         "distinct_fraction_last_500": [len(set(r[-500:])) / 500 for r in rows]}
+    print(f"batch of 2 streams on the {b['cache']}: {n_tokens} tokens per row in {seconds:.0f} s "
+          f"({b['tokens_per_s']:.1f} tokens/s in all); blocks in use every 100 tokens: {list(blocks.values())}; "
+          f"evicted per row {b['evicted_per_row']}; distinct fraction of the last 500 {b['distinct_fraction_last_500']}")
+    return b
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=["ppl", "stream", "batch"], default=["ppl", "stream", "batch"])
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--batch-tokens", type=int, default=2000)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--out", default=os.path.join(HERE, "out"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    llm = LLM.from_pretrained("smollm2-135m-instruct", progress=False)
+    streaming = llm.with_span(SpanBias(window=512, sink_tokens=4))
+    path = os.path.join(args.out, "bench_streaming.json")
+    report = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+    if "ppl" in args.parts:
+        with open(TEXT, encoding="utf-8") as f:
+            report["perplexity"] = perplexities(llm, f.read(), args.ppl_tokens)
+    if "stream" in args.parts:
+        report["generation"] = long_stream(streaming, args.tokens)
+    if "batch" in args.parts:
+        report["batch"] = batch_streams(streaming, args.batch_tokens)
+    report["date"] = time.strftime("%Y-%m-%d %H:%M")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_streaming.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(report, f, indent=1)
 
 
