@@ -1,4 +1,4 @@
-"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, info."""
+"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
+    sub.add_parser("bench", help="decode benchmark against transformers and llama.cpp (bench --help: its options)")
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model_path", nargs="?", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_info)
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options are llama_fast.bench's own
+        from .bench import main as bench
+
+        bench(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,4 +1,5 @@
 """The public API, the seed article's program, and the CLI, on the embedded model."""
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,18 @@ def test_cli_info_and_module_entry():
     result = run([sys.executable, "-m", "llama_fast", "info"])
     assert result.returncode == 0, result.stderr
     assert "parameters:  134,515,008" in result.stdout and "Q4_1" in result.stdout and "bpe" in result.stdout
+
+
+def test_cli_bench_runs_and_writes_its_report(tmp_path):
+    """`llama-fast bench`, cut down to one engine, one short round: the real workers, timings and report."""
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "bench", "--engines", "llama_fast", "--dtypes", "float32",
+                  "--rounds", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bench_decode.json").read_text())
+    (engine,) = report["engines"]
+    assert engine["engine"] == "llama_fast float32" and len(engine["tokens"]) == 4
+    assert engine["decode_tok_s"] > 0 and engine["peak_rss_mib"] > 0 and report["cold_start_s"] > 0
+    assert (tmp_path / "bench_decode.png").stat().st_size > 0 and "| llama_fast float32 |" in result.stdout
 
 
 def test_cli_chat_keeps_history_and_exits():

@@ -1,0 +1,351 @@
+"""Decode benchmark: llama_fast against transformers eager and llama.cpp on the same weights.
+
+Every engine runs in its own worker process (so each has its own peak RSS) and the engines take turns,
+round after round, in one run: the machine's noise hits them alike, and the report is in ratios.
+Same prompt (128 tokens of Shakespeare), same number of new tokens (128), greedy, same thread count.
+
+    llama-fast bench [--dtypes float32 bfloat16] [--rounds 3] [--out benchmarks/out]
+    (or .venv/bin/python benchmarks/bench_decode.py with the same options)
+
+llama.cpp runs when llama-cpp-python is installed (`pip install -e .[bench]`): the script writes F32,
+F16 and BF16 copies of the embedded GGUF once (into ~/.cache/llama_fast/bench) and runs those plus the
+original Q4_1. Reports per engine: time to first token, decode tokens/s, ms/token p50 and p99, peak RSS,
+and the fraction of the memory-bandwidth floor (weight bytes / measured copy bandwidth). Writes JSON
+and a PNG chart; paste the printed table into benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (editable install)
+PROMPT_FILE = os.path.join(REPO, "tests", "data", "shakespeare_head.txt")
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Engines: each returns (token ids, per-token timestamps relative to the start of the request).
+
+class LlamaFastEngine:
+    def __init__(self, dtype: str, backend: str | None):
+        import torch
+
+        from llama_fast import LLM
+
+        if backend:
+            os.environ["LLAMA_FAST_BACKEND"] = backend
+        self.llm = LLM.from_pretrained("smollm2-135m-instruct", dtype=getattr(torch, dtype), progress=False)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
+
+    def run(self, prompt_ids: list[int], new_tokens: int):
+        params = self.llm._row_params(1, 0, temperature=0.0)
+        start, stamps, ids = time.perf_counter(), [], []
+        for (token,) in self.llm.generate_ids([prompt_ids], params, new_tokens, stop_at_eos=False):
+            stamps.append(time.perf_counter() - start)
+            ids.append(token)
+        return ids, stamps
+
+
+class TransformersEngine:
+    def __init__(self, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, GgufConfig
+
+        from llama_fast.loaders import resolve_model_path
+
+        # Dense weights in `dtype`, as llama_fast holds them: transformers would otherwise keep the GGUF's
+        # quantized blocks and dequantize inside every matmul.
+        path = resolve_model_path("smollm2-135m-instruct")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, dtype),
+            quantization_config=GgufConfig(dequantize=True)).eval()
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def run(self, prompt_ids, new_tokens):
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps = []
+
+        class Clock(BaseStreamer):
+            def put(self, value):
+                stamps.append(time.perf_counter() - start)
+
+            def end(self):
+                pass
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([prompt_ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, streamer=Clock())
+        return out[0, len(prompt_ids):].tolist(), stamps[1:]  # the streamer's first put is the prompt
+
+
+class LlamaCppEngine:
+    def __init__(self, gguf_type: str, threads: int):
+        from llama_cpp import Llama
+
+        self.path = gguf_copy(gguf_type)
+        self.llm = Llama(self.path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def weight_bytes(self) -> int:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_bytes) for t in GGUFReader(self.path).tensors)
+
+    def run(self, prompt_ids, new_tokens):
+        self.llm.reset()
+        start, stamps, ids = time.perf_counter(), [], []
+        for token in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            stamps.append(time.perf_counter() - start)
+            ids.append(token)
+            if len(ids) == new_tokens:
+                break
+        return ids, stamps
+
+
+def gguf_copy(gguf_type: str) -> str:
+    """The embedded GGUF rewritten with every tensor as gguf_type (F32, F16, BF16), made once; Q4_1: the original."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    from llama_fast.loaders import resolve_model_path
+
+    original = resolve_model_path("smollm2-135m-instruct")
+    if gguf_type == "Q4_1":
+        return original
+    target = os.path.join(CACHE, f"smollm2-135m-instruct.{gguf_type}.gguf")
+    if os.path.exists(target):
+        return target
+    os.makedirs(CACHE, exist_ok=True)
+    qtype = GGMLQuantizationType[gguf_type]
+    reader = GGUFReader(original)
+    writer = GGUFWriter(target + ".tmp", reader.fields["general.architecture"].contents())
+    file_type = {"F32": 0, "F16": 1, "BF16": 32}[gguf_type]
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        value = file_type if field.name == "general.file_type" else field.contents()
+        kind = field.types[0]
+        writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        values = quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        keep = qtype if values.ndim > 1 and values.shape[-1] > 1 else GGMLQuantizationType.F32  # norms stay F32
+        writer.add_tensor(t.name, quants.quantize(values, keep), raw_dtype=keep)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(target + ".tmp", target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker processes
+
+def make_engine(spec: dict, threads: int):
+    kind = spec["kind"]
+    if kind == "llama_fast":
+        return LlamaFastEngine(spec["dtype"], spec.get("backend"))
+    if kind == "transformers":
+        return TransformersEngine(spec["dtype"])
+    return LlamaCppEngine(spec["gguf_type"], threads)
+
+
+def worker(spec: dict, threads: int, prompt_ids: list[int], new_tokens: int, conn) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        engine = make_engine(spec, threads)
+        engine.run(prompt_ids[:16], 4)  # warm-up: first-call allocations and lazy init
+        conn.send({"ready": True, "weight_bytes": engine.weight_bytes()})
+        while conn.recv() == "run":
+            ids, stamps = engine.run(prompt_ids, new_tokens)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            conn.send({"ids": ids, "stamps": stamps, "peak_rss": rss})
+    except Exception as err:  # report, so the parent can skip this engine and go on
+        conn.send({"error": f"{type(err).__name__}: {err}"})
+
+
+def copy_bandwidth(threads: int) -> float:
+    """Bytes per second of a large memory copy (read + write counted), best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.ones(256 * 2**20 // 4)  # 256 MiB, far beyond the caches
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def cold_start(prompt: str) -> float:
+    """Seconds from `llama-fast generate` invocation to its first printed byte."""
+    exe = os.path.join(os.path.dirname(sys.executable), "llama-fast")
+    start = time.perf_counter()
+    proc = subprocess.Popen([exe, "generate", prompt, "--max-new-tokens", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=os.path.dirname(REPO))
+    proc.stdout.read(1)
+    first = time.perf_counter() - start
+    proc.communicate()
+    return first
+
+
+def summarise(name, spec, runs, weight_bytes, bandwidth):
+    ttft = [r["stamps"][0] for r in runs]
+    gaps = [b - a for r in runs for a, b in zip(r["stamps"], r["stamps"][1:])]
+    decode_tps = [(len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0]) for r in runs]
+    floor_tps = bandwidth / weight_bytes
+    best = max(decode_tps)
+    return {
+        "engine": name, **spec, "runs": len(runs), "ttft_ms": 1000 * statistics.median(ttft),
+        "decode_tok_s": best, "decode_tok_s_median": statistics.median(decode_tps),
+        "ms_per_token_p50": 1000 * statistics.median(gaps), "ms_per_token_p99": 1000 * sorted(gaps)[int(0.99 * (len(gaps) - 1))],
+        "peak_rss_mib": max(r["peak_rss"] for r in runs) / 2**20, "weight_mib": weight_bytes / 2**20,
+        "floor_tok_s": floor_tps, "fraction_of_floor": best / floor_tps, "tokens": runs[-1]["ids"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_BYTES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", nargs="+", default=["llama_fast", "llama_fast-reference", "transformers", "llama.cpp"])
+    parser.add_argument("--prompt-file", default=PROMPT_FILE, help="the prompt's text (its first tokens are used)")
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.prompt_file):
+        parser.error(f"no prompt file {args.prompt_file} (run from a checkout, or pass --prompt-file)")
+
+    import torch
+
+    from llama_fast.loaders import load_checkpoint
+
+    tokenizer = load_checkpoint("smollm2-135m-instruct", progress=False).tokenizer
+    with open(args.prompt_file, encoding="utf-8") as f:
+        prompt_ids = tokenizer.encode(f.read())[: args.prompt_tokens]
+
+    specs = {}
+    for dtype in args.dtypes:
+        if "llama_fast" in args.engines or "llama_fast-reference" in args.engines:
+            # The converted checkpoint's cache entry for this dtype, made here once: not in a worker's peak RSS.
+            load_checkpoint("smollm2-135m-instruct", progress=False, dtype=getattr(torch, dtype))
+        if "llama_fast" in args.engines:
+            specs[f"llama_fast {dtype}"] = {"kind": "llama_fast", "dtype": dtype}
+        if "llama_fast-reference" in args.engines:
+            specs[f"llama_fast reference {dtype}"] = {"kind": "llama_fast", "dtype": dtype, "backend": "reference"}
+        if "transformers" in args.engines:
+            specs[f"transformers eager {dtype}"] = {"kind": "transformers", "dtype": dtype}
+    if "llama.cpp" in args.engines:
+        try:
+            import llama_cpp  # noqa: F401
+
+            wanted = {"float32": ["F32"], "bfloat16": ["BF16"], "float16": ["F16"]}
+            for gguf_type in [t for d in args.dtypes for t in wanted[d]] + ["F16", "Q4_1"]:
+                specs.setdefault(f"llama.cpp {gguf_type}", {"kind": "llama.cpp", "gguf_type": gguf_type})
+        except ImportError:
+            print("llama-cpp-python is not installed: no llama.cpp columns (pip install -e .[bench])", file=sys.stderr)
+
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for name, spec in specs.items():
+        if spec["kind"] == "llama.cpp":
+            gguf_copy(spec["gguf_type"])  # written once, before any timing
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(spec, args.threads, prompt_ids, args.new_tokens, child), daemon=True)
+        proc.start()
+        reply = parent.recv()  # one at a time: loading in parallel would skew nothing but take the memory
+        if "error" in reply:
+            print(f"{name}: skipped ({reply['error']})", file=sys.stderr)
+            proc.join()
+            continue
+        workers[name] = (proc, parent, reply["weight_bytes"])
+        print(f"{name}: ready", file=sys.stderr)
+
+    bandwidth = copy_bandwidth(args.threads)
+    runs = {name: [] for name in workers}
+    for r in range(args.rounds):
+        for name, (_, conn, _) in workers.items():  # interleaved: every engine once per round
+            conn.send("run")
+            runs[name].append(conn.recv())
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    for proc, conn, _ in workers.values():
+        conn.send("stop")
+        proc.join()
+
+    results = [summarise(n, specs[n], runs[n], workers[n][2], bandwidth) for n in workers]
+    cold = cold_start("Once upon a time")
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs", "threads": args.threads, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens, "cold_start_s": cold, "engines": results}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print_table(report)
+    plot(report, os.path.join(args.out, "bench_decode.png"))
+
+
+def print_table(report):
+    print(f"\n{report['date']}, {report['machine']}, {report['threads']} threads, copy bandwidth "
+          f"{report['copy_bandwidth_gb_s']:.1f} GB/s, prompt {report['prompt_tokens']} tokens, "
+          f"{report['new_tokens']} new tokens, greedy; cold start to first token {report['cold_start_s']:.2f} s\n")
+    print("| engine | TTFT ms | decode tok/s | ms/token p50 | p99 | peak RSS MiB | weights MiB | floor tok/s | of floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e in report["engines"]:
+        print(f"| {e['engine']} | {e['ttft_ms']:.0f} | {e['decode_tok_s']:.1f} | {e['ms_per_token_p50']:.1f} | "
+              f"{e['ms_per_token_p99']:.1f} | {e['peak_rss_mib']:.0f} | {e['weight_mib']:.0f} | {e['floor_tok_s']:.0f} | "
+              f"{100 * e['fraction_of_floor']:.0f}% |")
+    engines = {e["engine"]: e for e in report["engines"]}
+    for dtype in ("float32", "bfloat16", "float16"):
+        ours, hf = engines.get(f"llama_fast {dtype}"), engines.get(f"transformers eager {dtype}")
+        if ours and hf:
+            same = ours["tokens"] == hf["tokens"]
+            print(f"\n{dtype}: llama_fast / transformers eager decode = {ours['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
+                  f"TTFT ratio {ours['ttft_ms'] / hf['ttft_ms']:.2f}; same greedy tokens: {same}")
+        cpp = engines.get("llama.cpp " + {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype])
+        if ours and cpp:
+            print(f"{dtype}: llama_fast / llama.cpp decode = {ours['decode_tok_s'] / cpp['decode_tok_s']:.2f}x")
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = report["engines"]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(engines) + 1.5))
+    names = [e["engine"] for e in engines]
+    ax.barh(names, [e["decode_tok_s"] for e in engines], color="tab:blue", label="decode tokens/s")
+    ax.scatter([e["floor_tok_s"] for e in engines], names, color="tab:red", marker="|", s=300, label="bandwidth floor")
+    ax.set_xlabel("tokens/s (batch 1, greedy)")
+    ax.set_title(f"SmolLM2-135M decode, {report['machine']}, {report['threads']} threads")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
