@@ -235,7 +235,7 @@ class LLM:
         penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
-        fast = None  # the C++ decode step, looked up after the first token is out (not in time to first token)
+        fast = None  # the fast decode step (C++ or CUDA graphs), looked up after the first token is out
         for step in range(steps):
             seen = penalties.counts if penalties is not None else None
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
@@ -249,7 +249,7 @@ class LLM:
             if step == 0:
                 fast = self.decode_path(cache)
             if fast is not None:
-                logits = fast.step(next_tokens, cache)  # decode one token: one C++ call
+                logits = fast.step(next_tokens, cache)  # decode one token: one C++ call or graph replay
             else:
                 logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
 
