@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from llama_fast import PagedKVCache, SamplingParams, SpanBias
+from llama_fast import LLM, PagedKVCache, SamplingParams, SpanBias
 from llama_fast.streaming import StreamingKVCache, rotate_keys_back
 from llama_fast.reference import apply_rope, rope_cos_sin_cache
 
@@ -55,10 +55,13 @@ def test_long_generation_keeps_memory_constant_and_text_alive(smollm):
     assert len(set(last)) / len(last) > 0.2  # no collapse into a repeated token
 
 
-def test_streaming_equals_dense_inside_the_window(smollm):
-    """While the whole text fits in the window, windowed attention is dense attention, token for token."""
-    streaming = smollm.with_span(SpanBias(window=64, sink_tokens=4))
-    assert streaming.generate("I love", max_new_tokens=40).token_ids == smollm.generate("I love", max_new_tokens=40).token_ids
+@pytest.mark.parametrize("decode", ["auto", "eager"])
+def test_streaming_equals_dense_inside_the_window(smollm, decode):
+    """While the whole text fits in the window, windowed attention is dense attention, token for token, on
+    the fast path (the C++ step) and on the reference path (the model's forward)."""
+    llm = LLM(smollm.model, smollm.tokenizer, decode=decode)
+    streaming = llm.with_span(SpanBias(window=64, sink_tokens=4))
+    assert streaming.generate("I love", max_new_tokens=40).token_ids == llm.generate("I love", max_new_tokens=40).token_ids
 
 
 def test_streaming_continues_past_eviction(smollm):
