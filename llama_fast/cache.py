@@ -42,6 +42,17 @@ def _kept_counts(num_kept, num_new: int, batch: int) -> list[int]:
     return kept
 
 
+def check_room(longest: int, max_seq_len: int) -> None:
+    """Raises CacheFullError when a step would make a row `longest` tokens long in a cache of max_seq_len."""
+    if longest > max_seq_len:
+        raise CacheFullError(f"KV cache holds {max_seq_len} tokens per row; this step needs {longest}")
+
+
+def _check_num_new(num_new) -> None:
+    if not isinstance(num_new, int) or num_new < 0:
+        raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
+
+
 def _check_sizes(**sizes):
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -78,11 +89,8 @@ class StaticKVCache:
         return self.max_seq_len
 
     def begin_step(self, num_new: int) -> torch.Tensor:
-        if not isinstance(num_new, int) or num_new < 0:
-            raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
-        longest = int(self.seqlens.max()) + num_new
-        if longest > self.max_seq_len:
-            raise CacheFullError(f"KV cache holds {self.max_seq_len} tokens per row; this step needs {longest}")
+        _check_num_new(num_new)
+        check_room(int(self.seqlens.max()) + num_new, self.max_seq_len)
         self._start = self.seqlens.clone()
         self._start_cpu = self._start.cpu()  # validated on the host without a device sync per layer
         self._num_new = num_new
@@ -137,11 +145,8 @@ class GraphStaticKVCache(StaticKVCache):
         self._rows = torch.arange(self.batch_size, device=self.seqlens.device)[:, None]  # (B, 1)
 
     def begin_step(self, num_new: int) -> torch.Tensor:
-        if not isinstance(num_new, int) or num_new < 0:
-            raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
-        longest = max(self.host_lengths) + num_new
-        if longest > self.max_seq_len:
-            raise CacheFullError(f"KV cache holds {self.max_seq_len} tokens per row; this step needs {longest}")
+        _check_num_new(num_new)
+        check_room(max(self.host_lengths) + num_new, self.max_seq_len)  # (host values: no device read)
         self._num_new = num_new
         self._positions = self.seqlens.long()[:, None] + torch.arange(num_new, device=self.seqlens.device)  # (B, T)
         self._start = self._positions
@@ -301,8 +306,7 @@ class PagedKVCache:
 
     # ---- step protocol ----
     def begin_step(self, num_new: int) -> torch.Tensor:
-        if not isinstance(num_new, int) or num_new < 0:
-            raise ValueError(f"begin_step: num_new must be an int >= 0, got {num_new!r}")
+        _check_num_new(num_new)
         self._not_in_step("begin_step")
         ids = self.seq_ids
         if self.window is not None:

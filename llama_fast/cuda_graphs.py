@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import CacheFullError, GraphStaticKVCache
+from .cache import GraphStaticKVCache, check_room
 
 
 def cache_bucket(max_len: int, smallest: int = 256) -> int:
@@ -60,9 +60,7 @@ class CudaGraphDecodePath:
         one token per row. The logits tensor is the graph's output buffer: read it before the next step."""
         if not self.applies_to(cache):
             raise ValueError("CudaGraphDecodePath.step needs a cache from its own new_cache()")
-        longest = max(cache.host_lengths) + 1
-        if longest > cache.max_seq_len:
-            raise CacheFullError(f"KV cache holds {cache.max_seq_len} tokens per row; this step needs {longest}")
+        check_room(max(cache.host_lengths) + 1, cache.max_seq_len)
         key = (cache.batch_size, cache.max_seq_len)
         if key not in self._graphs:
             self._graphs[key] = self._capture(cache)

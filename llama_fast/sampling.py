@@ -68,17 +68,20 @@ class PenaltyCounts:
     long stream from being pushed off every common token into a loop of rare ones."""
 
     def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
-        self.limits = [p.penalty_last_n for p in params]
-        self.windows = [deque(h if n is None else h[-n:]) for h, n in zip(histories, self.limits)]
+        # Only bounded rows keep their window (to uncount what leaves it); unbounded rows never uncount.
+        self.windows = [None if p.penalty_last_n is None else deque(h[-p.penalty_last_n:], maxlen=p.penalty_last_n)
+                        for h, p in zip(histories, params)]
         self.counts = torch.zeros(len(histories), vocab_size, dtype=torch.int32)
-        for row, window in enumerate(self.windows):
-            if window:
-                self.counts[row].index_add_(0, torch.tensor(list(window)), torch.ones(len(window), dtype=torch.int32))
+        for row, (history, window) in enumerate(zip(histories, self.windows)):
+            counted = list(history if window is None else window)
+            if counted:
+                self.counts[row].index_add_(0, torch.tensor(counted), torch.ones(len(counted), dtype=torch.int32))
 
     def push(self, tokens: list[int]) -> None:
         """Appends one new token per row; tokens that leave a row's window stop counting."""
-        for row, (token, window, limit) in enumerate(zip(tokens, self.windows, self.limits)):
-            window.append(token)
+        for row, (token, window) in enumerate(zip(tokens, self.windows)):
             self.counts[row, token] += 1
-            if limit is not None and len(window) > limit:
-                self.counts[row, window.popleft()] -= 1
+            if window is not None:
+                if len(window) == window.maxlen:
+                    self.counts[row, window[0]] -= 1
+                window.append(token)  # (a full deque drops its oldest)
