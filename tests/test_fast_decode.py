@@ -157,6 +157,22 @@ def test_bucket_table_is_the_reference_bucketing():
         assert torch.equal(table[0][d.clamp(max=max_distance)], expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_matvec_kernels_on_odd_sizes(isa, dtype):
+    """The step's matrix-vector kernels (one vector: a row at a time; 2-4 vectors: rows side by side) on
+    row lengths around the vector width and the 64-element loop step, against fp64 math on the same values."""
+    gen = torch.Generator().manual_seed(7)
+    for K in (1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 127, 130, 577):
+        for batch in (1, 2, 3, 4, 5, 9):
+            N = 37 + K % 5
+            weight = torch.randn(N, K, generator=gen).to(dtype)
+            x = torch.randn(batch, K, generator=gen)
+            out = _ext.ext().cpu_matvec(weight, x, num_threads=2, isa=isa)
+            expected = (x.double() @ weight.double().T).float()
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * K ** 0.5, msg=f"K={K} batch={batch}")
+
+
 @pytest.mark.parametrize("isa", supported_isas())
 def test_bf16_weights_and_cache(isa):
     """bf16 matrices widened in registers: equal (up to the bf16 KV cache) to fp32 math on the same values."""
