@@ -92,4 +92,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property("num_threads", &llama_fast::CpuDecoder::num_threads, &llama_fast::CpuDecoder::set_num_threads);
   m.def("cpu_matvec", &llama_fast::cpu_matvec, py::arg("weight"), py::arg("x"), py::arg("num_threads") = 0,
         py::arg("isa") = "auto", "x (B, K) fp32 @ weight (N, K).T with the CPU decode step's kernels -> (B, N) fp32.");
+  m.def("cpu_attention", &llama_fast::cpu_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("seqlens"), py::arg("alibi_slopes") = py::none(), py::arg("bucket_table") = py::none(),
+        py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0, py::arg("scale") = 0.125,
+        py::arg("num_threads") = 0, py::arg("isa") = "auto",
+        "Span-biased attention of T new queries per row over a contiguous KV cache (decode_cpu.h).");
 }

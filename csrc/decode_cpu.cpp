@@ -41,6 +41,48 @@ cd::Isa parse_isa(const std::string& name) {
   return isa;
 }
 
+// fp32 contiguous copy of an optional per-head tensor (alibi slopes (H,), bucket table (H, max_distance + 1)),
+// checked; undefined when absent. `who` names the caller in errors.
+torch::Tensor span_table(const std::optional<torch::Tensor>& t, int64_t n_heads, bool per_distance, const char* who,
+                         const char* name) {
+  if (!t.has_value() || !t->defined()) return {};
+  const auto& x = *t;
+  TORCH_CHECK(x.device().is_cpu() && x.is_floating_point(), who, ": ", name, " must be a floating-point CPU tensor");
+  if (per_distance) {
+    TORCH_CHECK(x.dim() == 2 && x.size(0) == n_heads && x.size(1) >= 1 && x.size(1) < (int64_t{1} << 30), who, ": ",
+                name, " must be (n_heads=", n_heads, ", max_distance + 1), got ", x.sizes());
+  } else {
+    TORCH_CHECK(x.dim() == 1 && x.size(0) == n_heads, who, ": ", name, " must have shape (", n_heads, "), got ",
+                x.sizes());
+  }
+  return x.to(torch::kFloat32).contiguous().clone();
+}
+
+// One HeadSpan per query head (DESIGN.md section 3); slopes and buckets must outlive the result.
+std::vector<cd::HeadSpan> head_spans(int64_t n_heads, const torch::Tensor& slopes, const torch::Tensor& buckets,
+                                     int64_t window, int64_t sink_tokens, double logit_softcap, double scale,
+                                     const char* who) {
+  TORCH_CHECK(window >= 0 && sink_tokens >= 0, who, ": window and sink_tokens must be >= 0");
+  TORCH_CHECK(sink_tokens == 0 || (window > 0 && sink_tokens < window), who, ": sink_tokens needs a window larger than it");
+  TORCH_CHECK(logit_softcap >= 0 && std::isfinite(logit_softcap), who, ": logit_softcap must be >= 0 (0: off)");
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), who, ": scale must be positive");
+  TORCH_CHECK(window < (int64_t{1} << 30), who, ": window too large");
+  const int64_t max_distance = buckets.defined() ? buckets.size(1) - 1 : 0;
+  std::vector<cd::HeadSpan> spans(n_heads);
+  for (int64_t h = 0; h < n_heads; ++h) {
+    auto& sp = spans[h];
+    sp.has_alibi = slopes.defined();
+    sp.slope = slopes.defined() ? slopes.data_ptr<float>()[h] : 0.0f;
+    sp.buckets = buckets.defined() ? buckets.data_ptr<float>() + h * (max_distance + 1) : nullptr;
+    sp.max_distance = static_cast<int>(max_distance);
+    sp.window = static_cast<int>(window);
+    sp.sinks = static_cast<int>(sink_tokens);
+    sp.softcap = static_cast<float>(logit_softcap);
+    sp.scale = static_cast<float>(scale);
+  }
+  return spans;
+}
+
 }  // namespace
 
 torch::Tensor CpuDecoder::weight(const torch::Tensor& t, int64_t rows, int64_t cols, const std::string& name) {
@@ -107,38 +149,11 @@ CpuDecoder::CpuDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, do
     L.ffn_norm = vector(ffn_norm[l], dim, p + "ffn_norm").data_ptr<float>();
   }
   // Span bias, one HeadSpan per query head.
-  TORCH_CHECK(window >= 0 && sink_tokens >= 0, "CpuDecoder: window and sink_tokens must be >= 0");
-  TORCH_CHECK(sink_tokens == 0 || (window > 0 && sink_tokens < window),
-              "CpuDecoder: sink_tokens needs a window larger than it");
-  TORCH_CHECK(logit_softcap >= 0 && std::isfinite(logit_softcap), "CpuDecoder: logit_softcap must be >= 0 (0: off)");
-  TORCH_CHECK(scale > 0 && std::isfinite(scale), "CpuDecoder: scale must be positive");
-  TORCH_CHECK(window < (int64_t{1} << 30), "CpuDecoder: window too large");
-  span_.assign(n_heads, cd::HeadSpan{});
-  const float* slopes = nullptr;
-  if (alibi_slopes.has_value() && alibi_slopes->defined())
-    slopes = vector(*alibi_slopes, n_heads, "alibi_slopes").data_ptr<float>();
-  const float* buckets = nullptr;
-  int64_t max_distance = 0;
-  if (bucket_table.has_value() && bucket_table->defined()) {
-    const auto& bt = *bucket_table;
-    TORCH_CHECK(bt.device().is_cpu() && bt.dim() == 2 && bt.size(0) == n_heads && bt.size(1) >= 1,
-                "CpuDecoder: bucket_table must be a CPU tensor (n_heads, max_distance + 1), got ", bt.sizes());
-    auto f = bt.to(torch::kFloat32).contiguous().clone();
-    keep_.push_back(f);
-    buckets = f.data_ptr<float>();
-    max_distance = bt.size(1) - 1;
-  }
-  for (int64_t h = 0; h < n_heads; ++h) {
-    auto& sp = span_[h];
-    sp.has_alibi = slopes != nullptr;
-    sp.slope = slopes != nullptr ? slopes[h] : 0.0f;
-    sp.buckets = buckets != nullptr ? buckets + h * (max_distance + 1) : nullptr;
-    sp.max_distance = static_cast<int>(max_distance);
-    sp.window = static_cast<int>(window);
-    sp.sinks = static_cast<int>(sink_tokens);
-    sp.softcap = static_cast<float>(logit_softcap);
-    sp.scale = static_cast<float>(scale);
-  }
+  const auto slopes = span_table(alibi_slopes, n_heads, false, "CpuDecoder", "alibi_slopes");
+  const auto buckets = span_table(bucket_table, n_heads, true, "CpuDecoder", "bucket_table");
+  keep_.push_back(slopes);
+  keep_.push_back(buckets);
+  span_ = head_spans(n_heads, slopes, buckets, window, sink_tokens, logit_softcap, scale, "CpuDecoder");
   desc_.dim = static_cast<int>(dim);
   desc_.n_layers = static_cast<int>(n_layers);
   desc_.n_heads = static_cast<int>(n_heads);
@@ -244,6 +259,63 @@ torch::Tensor CpuDecoder::step(const torch::Tensor& tokens, const torch::Tensor&
 }
 
 std::string CpuDecoder::isa() const { return cd::isa_name(isa_); }
+
+torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
+                            const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
+                            double logit_softcap, double scale, int64_t num_threads, const std::string& isa) {
+  const char* who = "cpu_attention";
+  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens})
+    TORCH_CHECK(t->defined() && t->device().is_cpu() && t->is_contiguous(), who,
+                ": q, k_cache, v_cache and seqlens must be contiguous CPU tensors");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 4 && q.size(0) >= 1 && q.size(1) >= 1,
+              who, ": q must be float32 (B, T, H, D), got ", q.scalar_type(), " ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(is_weight_dtype(k_cache) && k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(3) == D,
+              who, ": k_cache must be float32 or bfloat16 (B=", B, ", S_max, Hkv, D=", D, "), got ",
+              k_cache.scalar_type(), " ", k_cache.sizes());
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes(), who,
+              ": v_cache must match k_cache (", k_cache.scalar_type(), " ", k_cache.sizes(), "), got ",
+              v_cache.scalar_type(), " ", v_cache.sizes());
+  const int64_t S = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, who, ": the query heads (", H, ") must be a multiple of the KV heads (", Hkv, ")");
+  TORCH_CHECK(std::max({S, H * D, B * T}) < (int64_t{1} << 30), who, ": sizes too large");
+  TORCH_CHECK(seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 && seqlens.size(0) == B, who,
+              ": seqlens must be int32 of shape (", B, ",), got ", seqlens.scalar_type(), " ", seqlens.sizes());
+  const int32_t* len = seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(len[b] >= T && len[b] <= S, who, ": seqlens[", b, "] = ", len[b], " must count the ", T,
+                " new queries and fit the cache (", S, " positions)");
+  const auto slopes = span_table(alibi_slopes, H, false, who, "alibi_slopes");
+  const auto buckets = span_table(bucket_table, H, true, who, "bucket_table");
+  const auto spans = head_spans(H, slopes, buckets, window, sink_tokens, logit_softcap, scale, who);
+  const auto kern = cd::kernels_for(parse_isa(isa));
+  TORCH_CHECK(num_threads >= 0, who, ": num_threads must be >= 0 (0: torch's thread count)");
+  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const char* kp = static_cast<const char*>(k_cache.data_ptr());
+  const char* vp = static_cast<const char*>(v_cache.data_ptr());
+  const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
+  const size_t esz = bf16 ? 2 : 4, row = static_cast<size_t>(S) * Hkv * D;  // cache elements per batch row
+  const int64_t units = B * T * H, group = H / Hkv;
+  pybind11::gil_scoped_release no_gil;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> scores(S);
+    // Query t of row b sits at position len[b] - T + t; later queries see more keys, so the units are dealt
+    // out in small chunks to keep the threads even.
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = u / (T * H), t = u / H % T, h = u % H;
+      const size_t offset = (b * row + (h / group) * D) * esz;
+      kern.attend(qp + u * D, kp + offset, vp + offset, bf16, Hkv * D, static_cast<int>(D),
+                  static_cast<int>(len[b] - T + t), spans[h], scores.data(), op + u * D);
+    }
+  }
+  return out;
+}
 
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
                          const std::string& isa) {

@@ -63,4 +63,13 @@ class CpuDecoder {
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
                          const std::string& isa);
 
+// Attention of T new queries per row over a contiguous KV cache that already holds them, with the span bias
+// (DESIGN.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
+// (B, S_max, Hkv, D) fp32 or bf16; seqlens (B,) int32, each row's length including the T new tokens, so
+// query t of row b sits at position seqlens[b] - T + t. Span arguments as CpuDecoder's. -> (B, T, H, D) fp32.
+torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                            const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
+                            const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
+                            double logit_softcap, double scale, int64_t num_threads, const std::string& isa);
+
 }  // namespace llama_fast

@@ -18,23 +18,9 @@ import torch
 
 from ._ext import ext
 from .cache import CacheFullError, StaticKVCache
-from .reference import span_bucket
-from .span import SpanBias
+from .reference import bucket_table
 
 _CACHE_FULL = "llama_fast: KV cache full"
-
-
-def bucket_table(span: SpanBias) -> torch.Tensor | None:
-    """(H, max_distance + 1) fp32: the learned span bias of span d is table[h, min(d, max_distance)].
-
-    Every d >= max_distance falls in the last bucket (T5 clamps there), so the table is exact; it is
-    built with the reference's own fp32 bucketing.
-    """
-    if span.bucket_bias is None:
-        return None
-    d = torch.arange(span.max_distance + 1)
-    buckets = span_bucket(d, span.num_buckets, span.max_distance)  # (max_distance + 1,)
-    return span.bucket_bias.detach().float().cpu()[:, buckets].contiguous()
 
 
 def supports(model) -> str | None:

@@ -40,15 +40,15 @@ class Attention(nn.Module):
 
     def forward(self, x, cache, positions, cos_sin_cache, span: SpanBias):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = ops.linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim)
+        k = ops.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
+        v = ops.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
         ops.apply_rope(q, k, positions, cos_sin_cache)
         cache.write(self.layer, k, v)
         out = ops.decode_attention(  # (B, T, n_heads, head_dim)
             q, cache.k[self.layer], cache.v[self.layer], cache.step_seqlens, span, cache.block_table
         )
-        return self.wo(out.reshape(B, T, -1))
+        return ops.linear(out.reshape(B, T, -1), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -59,7 +59,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+        return ops.linear(ops.swiglu(ops.linear(x, self.w1.weight), ops.linear(x, self.w3.weight)), self.w2.weight)
 
 
 class Block(nn.Module):
@@ -123,7 +123,7 @@ class Transformer(nn.Module):
             x, residual = x[torch.arange(B), last.long()][:, None], residual[torch.arange(B), last.long()][:, None]
         x, _ = self.norm(x, residual)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return torch.nn.functional.linear(x, weight).float()
+        return ops.linear(x, weight).float()
 
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype=torch.float32, device="cpu",

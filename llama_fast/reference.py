@@ -93,6 +93,19 @@ def span_bucket(d: torch.Tensor, num_buckets: int, max_distance: int) -> torch.T
     return torch.where(is_small, d, large)
 
 
+def bucket_table(span: SpanBias) -> torch.Tensor | None:
+    """(H, max_distance + 1) fp32: the learned span bias of span d is table[h, min(d, max_distance)].
+
+    Every d >= max_distance falls in the last bucket (T5 clamps there), so the table is exact; it is
+    built with the reference's own fp32 bucketing.
+    """
+    if span.bucket_bias is None:
+        return None
+    d = torch.arange(span.max_distance + 1)
+    buckets = span_bucket(d, span.num_buckets, span.max_distance)  # (max_distance + 1,)
+    return span.bucket_bias.detach().float().cpu()[:, buckets].contiguous()
+
+
 def span_scores_bias(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Additive bias and mask (H, Tq, Tk) fp32 for query positions q_pos (Tq,) and key positions k_pos (Tk,).
 

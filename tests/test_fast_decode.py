@@ -14,12 +14,12 @@ from llama_fast import _ext
 from llama_fast.cache import CacheFullError, StaticKVCache
 from llama_fast.config import ModelConfig
 from llama_fast.model import Transformer, build_model
-from llama_fast.reference import span_bucket
+from llama_fast.reference import bucket_table, span_bucket
 from llama_fast.span import SpanBias, alibi_slopes
 
 pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
 
-from llama_fast.fast_decode import CpuDecodePath, bucket_table  # noqa: E402
+from llama_fast.fast_decode import CpuDecodePath  # noqa: E402
 
 
 def supported_isas():

@@ -1,0 +1,122 @@
+"""The "cpu" backend of the model's ops (llama_fast.ops) against the pure-PyTorch reference: attention over
+a KV cache in C++ (every SpanBias variant, GQA, prompts and single tokens, rows of different lengths) and
+linear (the C++ matrix-vector kernels for a few rows, bf16 weights in fp32 for many). Fresh random
+inputs, odd sizes; bad input raises a clear error.
+"""
+import pytest
+import torch
+
+from llama_fast import _ext, ops, reference
+from llama_fast.span import SpanBias, alibi_slopes
+
+pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
+
+
+def spans(n_heads, gen):
+    buckets = torch.randn(n_heads, 8, generator=gen)
+    return {
+        "plain": SpanBias(),
+        "alibi": SpanBias(alibi_slopes=alibi_slopes(n_heads)),
+        "buckets": SpanBias(bucket_bias=buckets, num_buckets=8, max_distance=12),
+        "window_sinks": SpanBias(window=6, sink_tokens=2),
+        "window": SpanBias(window=3),
+        "softcap": SpanBias(logit_softcap=1.5),
+        "all": SpanBias(alibi_slopes=alibi_slopes(n_heads), bucket_bias=buckets, num_buckets=8, max_distance=12,
+                        window=9, sink_tokens=3, logit_softcap=3.0),
+    }
+
+
+@pytest.mark.parametrize("variant", ["plain", "alibi", "buckets", "window_sinks", "window", "softcap", "all"])
+@pytest.mark.parametrize("heads,head_dim", [((6, 2), 16), ((4, 4), 64), ((5, 1), 18)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_reference(variant, heads, head_dim, cache_dtype):
+    H, Hkv = heads
+    gen = torch.Generator().manual_seed(100 * len(variant) + 10 * H + head_dim)
+    span = spans(H, gen)[variant]
+    B, S = 3, 61
+    for T in (1, 5, 37):
+        k = (2 * torch.randn(B, S, Hkv, head_dim, generator=gen)).to(cache_dtype)
+        v = torch.randn(B, S, Hkv, head_dim, generator=gen).to(cache_dtype)
+        q = 2 * torch.randn(B, T, H, head_dim, generator=gen)
+        seqlens = torch.tensor([T, T + 11, S], dtype=torch.int32)  # a fresh prompt, a continued one, a full cache
+        got = ops.decode_attention(q, k, v, seqlens, span, backend="cpu")
+        want = reference.decode_attention(q, k, v, seqlens, span)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"T={T}")
+
+
+def test_decode_attention_bf16_queries_and_scale():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 7, 4, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 20, 2, 32, generator=gen).bfloat16() for _ in range(2))
+    seqlens = torch.tensor([7, 20], dtype=torch.int32)
+    got = ops.decode_attention(q, k, v, seqlens, SpanBias(), scale=0.3, backend="cpu")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference.decode_attention(q, k, v, seqlens, SpanBias(), scale=0.3))
+
+
+def test_decode_attention_dispatch():
+    """On CPU the C++ version runs by default; a paged or fp16 cache goes to the reference, and forcing the
+    C++ version on one says why it cannot."""
+    q = torch.randn(1, 2, 2, 8)
+    k = torch.randn(1, 4, 1, 8)
+    seqlens = torch.tensor([3], dtype=torch.int32)
+    assert ops.choose_backend("decode_attention", q.device, None, cpu_ext=True) == "cpu"
+    torch.testing.assert_close(ops.decode_attention(q, k, k, seqlens), reference.decode_attention(q, k, k, seqlens))
+    paged = torch.randn(2, 4, 1, 8)
+    table = torch.tensor([[1]], dtype=torch.int32)
+    torch.testing.assert_close(ops.decode_attention(q, paged, paged, seqlens, block_table=table),
+                               reference.decode_attention(q, paged, paged, seqlens, block_table=table))
+    with pytest.raises(ops.BackendError, match="paged cache"):
+        ops.decode_attention(q, paged, paged, seqlens, block_table=table, backend="cpu")
+    with pytest.raises(ops.BackendError, match="float16 cache"):
+        ops.decode_attention(q.half(), k.half(), k.half(), seqlens, backend="cpu")
+
+
+def test_cpu_attention_rejects_bad_input():
+    c = _ext.ext()
+    q = torch.randn(1, 2, 4, 8)
+    k = torch.randn(1, 5, 2, 8)
+    ok = torch.tensor([3], dtype=torch.int32)
+    cases = [
+        (dict(q=q.double()), "q must be float32"),
+        (dict(q=q[:, :, :3].contiguous()), "multiple of the KV heads"),
+        (dict(k_cache=k.half(), v_cache=k.half()), "k_cache must be float32 or bfloat16"),
+        (dict(v_cache=k[:, :4].contiguous()), "v_cache must match"),
+        (dict(k_cache=torch.randn(1, 5, 2, 6), v_cache=torch.randn(1, 5, 2, 6)), "k_cache must be"),
+        (dict(seqlens=torch.tensor([1], dtype=torch.int32)), "must count the 2 new queries"),
+        (dict(seqlens=torch.tensor([6], dtype=torch.int32)), "fit the cache"),
+        (dict(seqlens=torch.tensor([3, 3], dtype=torch.int32)), "seqlens must be int32 of shape"),
+        (dict(seqlens=ok.long()), "seqlens must be int32"),
+        (dict(q=q.transpose(1, 2)), "contiguous"),
+        (dict(alibi_slopes=torch.ones(3)), "alibi_slopes must have shape"),
+        (dict(bucket_table=torch.ones(4)), "bucket_table must be"),
+        (dict(window=2, sink_tokens=2), "sink_tokens needs a window"),
+        (dict(scale=0.0), "scale must be positive"),
+    ]
+    for bad, message in cases:
+        args = dict(q=q, k_cache=k, v_cache=k, seqlens=ok) | bad
+        with pytest.raises(RuntimeError, match=message):
+            c.cpu_attention(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(11)
+    for K, N in ((7, 5), (64, 33), (577, 130)):
+        weight = torch.randn(N, K, generator=gen).to(dtype)
+        for shape in ((1, 1), (2, 3), (1, 8), (3, 3), (2, 17)):  # rows 1..9 and 34: both sides of the threshold
+            x = torch.randn(*shape, K, generator=gen).to(dtype)
+            got = ops.linear(x, weight, backend="cpu")
+            assert got.shape == (*shape, N) and got.dtype == dtype
+            want = (x.double() @ weight.double().T).to(dtype)
+            tol = dict(rtol=1e-5, atol=1e-5 * K ** 0.5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(got, want, **tol, msg=f"K={K} shape={shape}")
+
+
+def test_linear_dispatch():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    assert torch.equal(ops.linear(x, w, backend="reference"), torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(ops.linear(x, w), torch.nn.functional.linear(x, w))
+    with pytest.raises(ops.BackendError, match="not a contiguous fp32/bf16 weight"):
+        ops.linear(x, w.t().contiguous().t(), backend="cpu")
+    torch.testing.assert_close(ops.linear(x.half(), w.half()), torch.nn.functional.linear(x.half(), w.half()))
