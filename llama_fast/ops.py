@@ -125,6 +125,7 @@ def linear(x, weight, *, backend=None):
     the C++ matrix-vector kernels; bfloat16 weights with more rows are multiplied in fp32 (exact
     products, fp32 sums, as torch's bf16 GEMM), since torch's bf16 GEMM on CPUs without native bf16
     ran 8x slower than fp32 (128 rows: 14.6 ms against 1.8 + 0.5 for the conversion, one-off timing).
+    Every other backend (reference; triton, which has no GEMM kernel here) is torch's own F.linear.
     """
     supported = x.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
     which = choose_backend("linear", x.device, backend,
