@@ -97,4 +97,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0, py::arg("scale") = 0.125,
         py::arg("num_threads") = 0, py::arg("isa") = "auto",
         "Span-biased attention of T new queries per row over a contiguous KV cache (decode_cpu.h).");
+  m.def("cpu_rms_norm", &llama_fast::cpu_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::arg("residual") = py::none(), "RMSNorm of x (+ residual) on fp32 CPU tensors -> (normed, sum).");
+  m.def("cpu_rope", &llama_fast::cpu_rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("cos_sin_cache"),
+        "Rotates q and k (fp32, CPU) in place.");
+  m.def("cpu_swiglu", &llama_fast::cpu_swiglu, py::arg("gate"), py::arg("up"), "silu(gate) * up on fp32 CPU tensors.");
 }

@@ -5,6 +5,7 @@
 
 #include <mutex>
 #include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -71,5 +72,16 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
                             const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
                             const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
                             double logit_softcap, double scale, int64_t num_threads, const std::string& isa);
+
+// The elementwise ops of the PyTorch forward on fp32 CPU tensors (ops_cpu.cpp), as reference.py defines them.
+// rms_norm of x (..., dim), or of x + residual: returns (normed, x + residual) (the sum is x itself without
+// a residual).
+std::tuple<torch::Tensor, torch::Tensor> cpu_rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                                                      const std::optional<torch::Tensor>& residual);
+// Rotates q (..., Hq, D) and k (..., Hk, D) in place (rotate-half layout) at positions (...) int32/int64 of
+// the [cos | sin] table (P, rot_dim).
+void cpu_rope(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& positions, const torch::Tensor& table);
+// silu(gate) * up.
+torch::Tensor cpu_swiglu(const torch::Tensor& gate, const torch::Tensor& up);
 
 }  // namespace llama_fast

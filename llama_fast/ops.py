@@ -141,24 +141,42 @@ def linear(x, weight, *, backend=None):
     return torch.nn.functional.linear(x, weight)
 
 
+def _cpu_fp32(*tensors) -> bool | str:
+    """True when the C++ elementwise ops can run these tensors, else why not."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return True
+    return "they run contiguous float32 CPU tensors"
+
+
 def rms_norm(x, weight, eps: float, residual=None, *, backend=None):
-    which = choose_backend("rms_norm", x.device, backend)
+    """See reference.rms_norm. On CPU (fp32) one C++ pass per row instead of six torch ops."""
+    which = choose_backend("rms_norm", x.device, backend,
+                           cpu_ext=_cpu_fp32(x, weight, *([] if residual is None else [residual])))
     if which == "triton":
         return _kernels().rms_norm(x, weight, eps, residual)
+    if which == "cpu":
+        out, total = ext().cpu_rms_norm(x, weight, eps, residual)
+        return (out, total) if residual is not None else out
     return reference.rms_norm(x, weight, eps, residual)
 
 
 def apply_rope(q, k, positions, cos_sin_cache, *, backend=None):
-    which = choose_backend("apply_rope", q.device, backend)
+    """See reference.apply_rope (in place, returns q and k)."""
+    which = choose_backend("apply_rope", q.device, backend, cpu_ext=_cpu_fp32(q, k, cos_sin_cache))
     if which == "triton":
         return _kernels().apply_rope(q, k, positions, cos_sin_cache)
+    if which == "cpu":
+        ext().cpu_rope(q, k, positions, cos_sin_cache)
+        return q, k
     return reference.apply_rope(q, k, positions, cos_sin_cache)
 
 
 def swiglu(gate, up, *, backend=None):
-    which = choose_backend("swiglu", gate.device, backend)
+    which = choose_backend("swiglu", gate.device, backend, cpu_ext=_cpu_fp32(gate, up))
     if which == "triton":
         return _kernels().swiglu(gate, up)
+    if which == "cpu":
+        return ext().cpu_swiglu(gate, up)
     return reference.swiglu(gate, up)
 
 

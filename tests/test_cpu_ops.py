@@ -120,3 +120,51 @@ def test_linear_dispatch():
     with pytest.raises(ops.BackendError, match="not a contiguous fp32/bf16 weight"):
         ops.linear(x, w.t().contiguous().t(), backend="cpu")
     torch.testing.assert_close(ops.linear(x.half(), w.half()), torch.nn.functional.linear(x.half(), w.half()))
+
+
+def test_rms_norm_rope_swiglu_match_reference():
+    gen = torch.Generator().manual_seed(13)
+    for dim in (1, 7, 64, 577):
+        x, residual = torch.randn(2, 5, dim, generator=gen), torch.randn(2, 5, dim, generator=gen)
+        weight = 1 + 0.1 * torch.randn(dim, generator=gen)
+        torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5, backend="cpu"), reference.rms_norm(x, weight, 1e-5))
+        for got, want in zip(ops.rms_norm(x, weight, 1e-6, residual, backend="cpu"),
+                             reference.rms_norm(x, weight, 1e-6, residual)):
+            torch.testing.assert_close(got, want)
+        gate, up = 4 * torch.randn(3, dim, generator=gen), torch.randn(3, dim, generator=gen)
+        torch.testing.assert_close(ops.swiglu(gate, up, backend="cpu"), reference.swiglu(gate, up))
+    table = reference.rope_cos_sin_cache(50, 16, 10000.0)
+    for rot_dim, head_dim in ((16, 16), (16, 18), (8, 16)):  # all of the head, a head with a tail, partial rotary
+        q, k = torch.randn(2, 7, 5, head_dim, generator=gen), torch.randn(2, 7, 1, head_dim, generator=gen)
+        positions = torch.randint(0, 50, (2, 7), generator=gen)
+        want = reference.apply_rope(q.clone(), k.clone(), positions, table[:, :rot_dim].contiguous())
+        got = ops.apply_rope(q, k, positions.int(), table[:, :rot_dim].contiguous(), backend="cpu")
+        assert got[0] is q and got[1] is k  # in place
+        torch.testing.assert_close(got, want)
+
+
+def test_elementwise_cpu_ops_reject_bad_input():
+    c = _ext.ext()
+    x, w = torch.randn(3, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        c.cpu_rms_norm(x, torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="residual must have"):
+        c.cpu_rms_norm(x, w, 1e-5, torch.randn(3, 7))
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        c.cpu_rms_norm(x.double(), w, 1e-5)
+    with pytest.raises(RuntimeError, match="gate and up"):
+        c.cpu_swiglu(x, torch.randn(8, 3))
+    q, k, table = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 1, 8), torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="outside the RoPE table"):
+        c.cpu_rope(q, k, torch.tensor([[0, 10]]), table)
+    with pytest.raises(RuntimeError, match="outside the RoPE table"):
+        c.cpu_rope(q, k, torch.tensor([[-1, 0]]), table)
+    with pytest.raises(RuntimeError, match="positions must have the leading dims"):
+        c.cpu_rope(q, k, torch.tensor([0, 1]), table)
+    with pytest.raises(RuntimeError, match="even rot_dim"):
+        c.cpu_rope(q, k, torch.tensor([[0, 1]]), torch.randn(10, 10))
+    with pytest.raises(RuntimeError, match="positions must be int32 or int64"):
+        c.cpu_rope(q, k, torch.tensor([[0.0, 1.0]]), table)
+    with pytest.raises(ops.BackendError, match="contiguous float32"):
+        ops.swiglu(x.bfloat16(), x.bfloat16(), backend="cpu")
+    torch.testing.assert_close(ops.swiglu(x.bfloat16(), x.bfloat16()), reference.swiglu(x.bfloat16(), x.bfloat16()))
