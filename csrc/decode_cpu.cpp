@@ -325,7 +325,7 @@ torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, in
               weight.scalar_type(), " ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) >= 1,
               "cpu_matvec: x must be float32 (B, ", weight.size(1), "), got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31) && weight.size(1) < (int64_t{1} << 31) && x.size(0) < 4096,
+  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31) && weight.size(1) < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31),
               "cpu_matvec: sizes too large");
   const auto kern = cd::kernels_for(parse_isa(isa));
   const int N = static_cast<int>(weight.size(0)), K = static_cast<int>(weight.size(1)), B = static_cast<int>(x.size(0));

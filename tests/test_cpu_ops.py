@@ -104,7 +104,7 @@ def test_linear_matches_reference(dtype):
     gen = torch.Generator().manual_seed(11)
     for K, N in ((7, 5), (64, 33), (577, 130)):
         weight = torch.randn(N, K, generator=gen).to(dtype)
-        for shape in ((1, 1), (2, 3), (1, 8), (3, 3), (2, 17)):  # rows 1..9 and 34: both sides of the threshold
+        for shape in ((1, 1), (2, 3), (1, 8), (3, 3), (2, 17), (0, 4)):  # rows 0..9 and 34: both sides of the threshold
             x = torch.randn(*shape, K, generator=gen).to(dtype)
             got = ops.linear(x, weight, backend="cpu")
             assert got.shape == (*shape, N) and got.dtype == dtype
