@@ -45,7 +45,8 @@ def _load(args):
 
 def cmd_generate(args) -> None:
     llm = _load(args)
-    for piece in llm.stream(args.prompt, **_sampling(args)):
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for piece in llm.stream(prompt, **_sampling(args)):
         print(piece, end="", flush=True)
     print()
 
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="stream a continuation of PROMPT")
     p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as one user message through the model's chat template (an instruct "
+                        "model's greedy continuation of a bare instruction is often just its end token)")
     _add_model_args(p)
     _add_sampling_args(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)

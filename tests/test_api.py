@@ -110,6 +110,18 @@ def test_cli_generate_streams_text():
     assert result.stdout.strip() == "the idea of a community garden, but"
 
 
+def test_cli_generate_chat_answers_an_instruction():
+    """The main job (scripts/run.sh): a bare instruction's greedy continuation is the end token at once;
+    --chat sends it as a user message through the chat template and the model answers."""
+    prompt = "Write a short poem about the sea."
+    bare = run([os.path.join(VENV_BIN, "llama-fast"), "generate", prompt, "--max-new-tokens", "8"])
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.strip() == ""
+    chat = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "--chat", prompt, "--max-new-tokens", "8"])
+    assert chat.returncode == 0, chat.stderr
+    assert len(chat.stdout.strip().split()) >= 4
+
+
 def test_cli_info_and_module_entry():
     result = run([sys.executable, "-m", "llama_fast", "info"])
     assert result.returncode == 0, result.stderr
