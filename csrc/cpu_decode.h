@@ -98,13 +98,14 @@ inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast
 struct Kernels {
   void (*dot_rows)(const void*, bool, int, int, int, const float*, int, int, float*, int);
   void (*attend)(const float*, const void*, const void*, bool, long, int, int, const HeadSpan&, float*, float*);
+  void (*silu_mul)(const float*, const float*, float*, int64_t);
 };
 
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
-    case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend};
-    case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend};
-    default: return {isa_scalar::dot_rows, isa_scalar::attend};
+    case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend, isa_avx512::silu_mul};
+    case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend, isa_avx2::silu_mul};
+    default: return {isa_scalar::dot_rows, isa_scalar::attend, isa_scalar::silu_mul};
   }
 }
 
@@ -293,11 +294,7 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
       split(F, 16, t, nt, lo, hi);
       kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, B, gate, F);
       kern.dot_rows(w.w3, m.w_bf16, dim, lo, hi, xn, dim, B, up, F);
-      for (int b = 0; b < B; ++b)
-        for (int r = lo; r < hi; ++r) {
-          const float g = gate[b * F + r];
-          gate[b * F + r] = g / (1.0f + std::exp(-g)) * up[b * F + r];
-        }
+      for (int b = 0; b < B; ++b) kern.silu_mul(gate + b * F + lo, up + b * F + lo, gate + b * F + lo, hi - lo);
       barrier.wait();
       split(dim, 16, t, nt, lo, hi);
       kern.dot_rows(w.w2, m.w_bf16, F, lo, hi, gate, F, B, tmp, dim);

@@ -143,6 +143,16 @@ def test_rms_norm_rope_swiglu_match_reference():
         torch.testing.assert_close(got, want)
 
 
+def test_swiglu_at_the_edges_of_exp():
+    """The C++ SwiGLU computes exp with its own vector formula: check it where exp over- and underflows, at
+    +-0, and that NaN stays NaN, in the vector body and the scalar tail alike."""
+    edges = [-1e4, -200.0, -88.5, -87.0, -20.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 20.0, 87.0, 88.5, 200.0, 1e4]
+    gate = torch.tensor(edges * 3 + [float("nan")] * 2)  # 47 values: the tail of 8- and 16-wide vectors too
+    up = torch.linspace(-2, 2, gate.numel())
+    got, want = ops.swiglu(gate, up, backend="cpu"), reference.swiglu(gate, up)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30, equal_nan=True)
+
+
 def test_elementwise_cpu_ops_reject_bad_input():
     c = _ext.ext()
     x, w = torch.randn(3, 8), torch.ones(8)
