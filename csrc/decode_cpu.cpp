@@ -18,12 +18,6 @@ bool is_weight_dtype(const torch::Tensor& t) {
   return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
 }
 
-void check_cpu_contiguous(const torch::Tensor& t, const std::string& name) {
-  TORCH_CHECK(t.defined(), "CpuDecoder: ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), "CpuDecoder: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), "CpuDecoder: ", name, " must be contiguous");
-}
-
 cd::Isa parse_isa(const std::string& name) {
   std::string want = name;
   if (want.empty() || want == "auto") {
@@ -85,8 +79,20 @@ std::vector<cd::HeadSpan> head_spans(int64_t n_heads, const torch::Tensor& slope
 
 }  // namespace
 
+void check_cpu_tensor(const torch::Tensor& t, const char* who, const std::string& name) {
+  TORCH_CHECK(t.defined(), who, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), who, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), who, ": ", name, " must be contiguous");
+}
+
+void check_cpu_fp32(const torch::Tensor& t, const char* who, const std::string& name) {
+  check_cpu_tensor(t, who, name);
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, who, ": ", name, " must be a contiguous float32 CPU tensor, got ",
+              t.scalar_type());
+}
+
 torch::Tensor CpuDecoder::weight(const torch::Tensor& t, int64_t rows, int64_t cols, const std::string& name) {
-  check_cpu_contiguous(t, name);
+  check_cpu_tensor(t, "CpuDecoder", name);
   TORCH_CHECK(is_weight_dtype(t), "CpuDecoder: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.scalar_type() == wdtype_, "CpuDecoder: ", name, " is ", t.scalar_type(), ", the embedding is ", wdtype_,
               " (all matrices must share one dtype)");
@@ -114,7 +120,7 @@ CpuDecoder::CpuDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, do
                        std::optional<torch::Tensor> bucket_table, int64_t window, int64_t sink_tokens,
                        double logit_softcap, double scale, int64_t num_threads, const std::string& isa) {
   isa_ = parse_isa(isa);
-  check_cpu_contiguous(embedding, "embedding");
+  check_cpu_tensor(embedding, "CpuDecoder", "embedding");
   TORCH_CHECK(is_weight_dtype(embedding), "CpuDecoder: embedding must be float32 or bfloat16, got ",
               embedding.scalar_type());
   TORCH_CHECK(embedding.dim() == 2, "CpuDecoder: embedding must be (vocab, dim), got ", embedding.sizes());
@@ -174,7 +180,7 @@ CpuDecoder::CpuDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, do
 }
 
 void CpuDecoder::set_rope_table(torch::Tensor table) {
-  check_cpu_contiguous(table, "rope_table");
+  check_cpu_tensor(table, "CpuDecoder", "rope_table");
   TORCH_CHECK(table.scalar_type() == torch::kFloat32, "CpuDecoder: rope_table must be float32, got ",
               table.scalar_type());
   TORCH_CHECK(table.dim() == 2 && table.size(1) % 2 == 0 && table.size(1) >= 2 && table.size(1) <= desc_.head_dim,
@@ -189,8 +195,8 @@ void CpuDecoder::set_rope_table(torch::Tensor table) {
 
 torch::Tensor CpuDecoder::step(const torch::Tensor& tokens, const torch::Tensor& seqlens,
                                const std::vector<torch::Tensor>& k_cache, const std::vector<torch::Tensor>& v_cache) {
-  check_cpu_contiguous(tokens, "tokens");
-  check_cpu_contiguous(seqlens, "seqlens");
+  check_cpu_tensor(tokens, "CpuDecoder.step", "tokens");
+  check_cpu_tensor(seqlens, "CpuDecoder.step", "seqlens");
   TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && tokens.dim() == 1 && tokens.size(0) >= 1,
               "CpuDecoder.step: tokens must be int64 of shape (B,), got ", tokens.scalar_type(), " ", tokens.sizes());
   const int64_t B = tokens.size(0);
@@ -265,9 +271,10 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
                             const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
                             double logit_softcap, double scale, int64_t num_threads, const std::string& isa) {
   const char* who = "cpu_attention";
-  for (const auto* t : {&q, &k_cache, &v_cache, &seqlens})
-    TORCH_CHECK(t->defined() && t->device().is_cpu() && t->is_contiguous(), who,
-                ": q, k_cache, v_cache and seqlens must be contiguous CPU tensors");
+  check_cpu_tensor(q, who, "q");
+  check_cpu_tensor(k_cache, who, "k_cache");
+  check_cpu_tensor(v_cache, who, "v_cache");
+  check_cpu_tensor(seqlens, who, "seqlens");
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 4 && q.size(0) >= 1 && q.size(1) >= 1,
               who, ": q must be float32 (B, T, H, D), got ", q.scalar_type(), " ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
@@ -319,8 +326,8 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
 
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
                          const std::string& isa) {
-  check_cpu_contiguous(weight, "weight");
-  check_cpu_contiguous(x, "x");
+  check_cpu_tensor(weight, "cpu_matvec", "weight");
+  check_cpu_tensor(x, "cpu_matvec", "x");
   TORCH_CHECK(is_weight_dtype(weight) && weight.dim() == 2, "cpu_matvec: weight must be (N, K) float32 or bfloat16, got ",
               weight.scalar_type(), " ", weight.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) >= 1,

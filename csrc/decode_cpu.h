@@ -60,6 +60,11 @@ class CpuDecoder {
   int num_threads_ = 1;
 };
 
+// Refuse (TORCH_CHECK) anything but a defined, contiguous CPU tensor (of float32, for the second); the
+// message starts with `who` (the op) and names the argument.
+void check_cpu_tensor(const torch::Tensor& t, const char* who, const std::string& name);
+void check_cpu_fp32(const torch::Tensor& t, const char* who, const std::string& name);
+
 // y (B, N) fp32 = x (B, K) fp32 times weight (N, K) fp32/bf16 transposed, with the decode step's kernels.
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
                          const std::string& isa);

@@ -9,27 +9,17 @@ namespace llama_fast {
 
 namespace cd = cpu_decode;
 
-namespace {
-
-void check_fp32(const torch::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == torch::kFloat32, op,
-              ": ", name, " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device(),
-              t.is_contiguous() ? "" : " (not contiguous)");
-}
-
-}  // namespace
-
 std::tuple<torch::Tensor, torch::Tensor> cpu_rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps,
                                                       const std::optional<torch::Tensor>& residual) {
-  check_fp32(x, "cpu_rms_norm", "x");
-  check_fp32(weight, "cpu_rms_norm", "weight");
+  check_cpu_fp32(x, "cpu_rms_norm", "x");
+  check_cpu_fp32(weight, "cpu_rms_norm", "weight");
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1) && x.size(-1) >= 1,
               "cpu_rms_norm: weight must be (", x.dim() >= 1 ? x.size(-1) : 0, ",), got ", weight.sizes());
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "cpu_rms_norm: eps must be >= 0");
   const int64_t dim = x.size(-1), rows = x.numel() / dim;
   torch::Tensor sum = x;
   if (residual.has_value() && residual->defined()) {
-    check_fp32(*residual, "cpu_rms_norm", "residual");
+    check_cpu_fp32(*residual, "cpu_rms_norm", "residual");
     TORCH_CHECK(residual->sizes() == x.sizes(), "cpu_rms_norm: residual must have x's shape ", x.sizes(), ", got ",
                 residual->sizes());
     sum = torch::empty_like(x);
@@ -52,9 +42,9 @@ std::tuple<torch::Tensor, torch::Tensor> cpu_rms_norm(const torch::Tensor& x, co
 }
 
 void cpu_rope(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& positions, const torch::Tensor& table) {
-  check_fp32(q, "cpu_rope", "q");
-  check_fp32(k, "cpu_rope", "k");
-  check_fp32(table, "cpu_rope", "cos_sin_cache");
+  check_cpu_fp32(q, "cpu_rope", "q");
+  check_cpu_fp32(k, "cpu_rope", "k");
+  check_cpu_fp32(table, "cpu_rope", "cos_sin_cache");
   TORCH_CHECK(q.dim() >= 2 && k.dim() == q.dim() && q.size(-1) == k.size(-1),
               "cpu_rope: q (..., Hq, D) and k (..., Hk, D) must share their leading dims and D, got ", q.sizes(),
               " and ", k.sizes());
@@ -88,8 +78,8 @@ void cpu_rope(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& positions
 }
 
 torch::Tensor cpu_swiglu(const torch::Tensor& gate, const torch::Tensor& up) {
-  check_fp32(gate, "cpu_swiglu", "gate");
-  check_fp32(up, "cpu_swiglu", "up");
+  check_cpu_fp32(gate, "cpu_swiglu", "gate");
+  check_cpu_fp32(up, "cpu_swiglu", "up");
   TORCH_CHECK(gate.sizes() == up.sizes(), "cpu_swiglu: gate and up must have one shape, got ", gate.sizes(), " and ",
               up.sizes());
   auto out = torch::empty_like(gate);
