@@ -15,6 +15,7 @@
 
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
@@ -55,6 +56,9 @@ struct HeadSpan {
   float softcap = 0.0f;             // 0: off
   float scale = 1.0f;
 };
+
+// The most query heads one attention call takes (heads of one KV group; larger groups go in parts).
+constexpr int kMaxGroupHeads = 16;
 
 #define LF_NS isa_avx512
 #define LF_W 16
@@ -97,7 +101,7 @@ inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast
 
 struct Kernels {
   void (*dot_rows)(const void*, bool, int, int, int, const float*, int, int, float*, int);
-  void (*attend)(const float*, const void*, const void*, bool, long, int, int, const HeadSpan&, float*, float*);
+  void (*attend)(const float*, const void*, const void*, bool, long, int, int, int, const HeadSpan*, float*, float*);
   void (*silu_mul)(const float*, const float*, float*, int64_t);
 };
 
@@ -142,11 +146,16 @@ struct StepDesc {
 
 inline size_t qkv_width(const ModelDesc& m) { return static_cast<size_t>(m.n_heads + 2 * m.n_kv_heads) * m.head_dim; }
 
+// Scores scratch of one attention call (attend) for heads in groups of `group` over up to s_max keys.
+inline size_t attention_scratch(int group, int s_max) {
+  return static_cast<size_t>(group < kMaxGroupHeads ? group : kMaxGroupHeads) * s_max;
+}
+
 inline size_t workspace_floats(const ModelDesc& m, int batch, int s_max, int num_threads) {
   const size_t B = batch;
   const size_t shared = B * m.dim /*x*/ + B * qkv_width(m) + B * m.n_heads * m.head_dim /*att*/ +
                         2 * B * m.ffn_dim /*gate, up*/ + B * m.dim /*tmp*/;
-  const size_t per_thread = B * m.dim /*normed x*/ + static_cast<size_t>(s_max) /*scores*/ + 16;
+  const size_t per_thread = B * m.dim /*normed x*/ + attention_scratch(m.n_heads / m.n_kv_heads, s_max) + 16;
   return shared + per_thread * num_threads;
 }
 
@@ -234,7 +243,7 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
   float* up = ws; ws += static_cast<size_t>(B) * F;
   float* tmp = ws; ws += static_cast<size_t>(B) * dim;
   float* per_thread = ws;
-  const size_t per_thread_floats = static_cast<size_t>(B) * dim + s.s_max + 16;
+  const size_t per_thread_floats = static_cast<size_t>(B) * dim + attention_scratch(group, s.s_max) + 16;
   const size_t kv_row = static_cast<size_t>(s.s_max) * nkv;  // elements per batch row of a cache tensor
   const size_t esz = s.kv_bf16 ? 2 : 4;
 
@@ -276,13 +285,16 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
         }
       }
       barrier.wait();
+      // Heads split evenly over the threads; a thread's heads of one KV group go in one call (one read of
+      // the group's cache).
       split(B * H, 1, t, nt, lo, hi);
-      for (int u = lo; u < hi; ++u) {
+      for (int u = lo, nh; u < hi; u += nh) {
         const int b = u / H, h = u % H, kh = h / group;
+        nh = std::min({hi - u, (kh + 1) * group - h, kMaxGroupHeads});
         const char* kb = static_cast<const char*>(s.k_cache[l]) + (b * kv_row + kh * D) * esz;
         const char* vb = static_cast<const char*>(s.v_cache[l]) + (b * kv_row + kh * D) * esz;
-        kern.attend(qkv + static_cast<size_t>(b) * nqkv + h * D, kb, vb, s.kv_bf16, nkv, D, s.positions[b], m.span[h],
-                    scores, att + static_cast<size_t>(b) * nq + h * D);
+        kern.attend(qkv + static_cast<size_t>(b) * nqkv + h * D, kb, vb, s.kv_bf16, nkv, D, s.positions[b], nh,
+                    m.span + h, scores, att + static_cast<size_t>(b) * nq + h * D);
       }
       barrier.wait();
       split(dim, 16, t, nt, lo, hi);

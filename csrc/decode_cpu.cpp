@@ -306,19 +306,24 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   const char* vp = static_cast<const char*>(v_cache.data_ptr());
   const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
   const size_t esz = bf16 ? 2 : 4, row = static_cast<size_t>(S) * Hkv * D;  // cache elements per batch row
-  const int64_t units = B * T * H, group = H / Hkv;
+  // A unit: one query's heads of one KV group (in parts of at most kMaxGroupHeads), sharing one read of the
+  // group's cache.
+  const int64_t group = H / Hkv, parts = (group + cd::kMaxGroupHeads - 1) / cd::kMaxGroupHeads;
+  const int64_t per_part = (group + parts - 1) / parts, units = B * T * Hkv * parts;
   pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> scores(S);
+    std::vector<float> scores(cd::attention_scratch(static_cast<int>(per_part), static_cast<int>(S)));
     // Query t of row b sits at position len[b] - T + t; later queries see more keys, so the units are dealt
     // out in small chunks to keep the threads even.
 #pragma omp for schedule(dynamic, 4)
     for (int64_t u = 0; u < units; ++u) {
-      const int64_t b = u / (T * H), t = u / H % T, h = u % H;
-      const size_t offset = (b * row + (h / group) * D) * esz;
-      kern.attend(qp + u * D, kp + offset, vp + offset, bf16, Hkv * D, static_cast<int>(D),
-                  static_cast<int>(len[b] - T + t), spans[h], scores.data(), op + u * D);
+      const int64_t bt = u / (Hkv * parts), kh = u / parts % Hkv, h = kh * group + u % parts * per_part;
+      const int64_t nh = std::min(per_part, (kh + 1) * group - h);
+      const size_t offset = (bt / T * row + kh * D) * esz;
+      kern.attend(qp + (bt * H + h) * D, kp + offset, vp + offset, bf16, Hkv * D, static_cast<int>(D),
+                  static_cast<int>(len[bt / T] - T + bt % T), static_cast<int>(nh), spans.data() + h, scores.data(),
+                  op + (bt * H + h) * D);
     }
   }
   return out;

@@ -27,7 +27,7 @@ def spans(n_heads, gen):
 
 
 @pytest.mark.parametrize("variant", ["plain", "alibi", "buckets", "window_sinks", "window", "softcap", "all"])
-@pytest.mark.parametrize("heads,head_dim", [((6, 2), 16), ((4, 4), 64), ((5, 1), 18)])
+@pytest.mark.parametrize("heads,head_dim", [((6, 2), 16), ((4, 4), 64), ((5, 1), 18), ((34, 2), 8)])
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_matches_reference(variant, heads, head_dim, cache_dtype):
     H, Hkv = heads

@@ -125,6 +125,7 @@ def test_span_variants_match_reference(variant, isa):
     dict(dim=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn_dim=128),   # head_dim 64, MHA
     dict(dim=100, n_heads=4, n_kv_heads=1, head_dim=128, ffn_dim=203),  # head_dim 128, GQA 4, odd sizes
     dict(dim=90, n_heads=6, n_kv_heads=2, head_dim=18, ffn_dim=77),     # GQA 3, head_dim not a vector multiple
+    dict(dim=72, n_heads=36, n_kv_heads=2, head_dim=8, ffn_dim=50),     # GQA 18: a group in two attention calls
 ])
 @pytest.mark.parametrize("isa", supported_isas())
 def test_shapes_and_gqa(dims, isa):
