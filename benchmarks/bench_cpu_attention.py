@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_sampling import median_ms  # (benchmarks/ is on sys.path for its scripts and under pytest)
 
 from llama_fast import ops, reference
 from llama_fast.span import SpanBias
@@ -64,17 +64,6 @@ def test_attention(benchmark, impl, T, S, cache_dtype):
     benchmark.pedantic(runner(impl, T, S, cache_dtype), rounds=20, iterations=1, warmup_rounds=2)
 
 
-def median_ms(fn, min_time=0.3, max_rounds=200) -> float:
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="also write the results here")
@@ -91,13 +80,12 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for T, S in CASES:
         for dt in CACHE_DTYPES:
-            t = {impl: median_ms(runner(impl, T, S, dt)) for impl in IMPLS}
+            t = {impl: median_ms(runner(impl, T, S, dt), max_rounds=200) for impl in IMPLS}
             rows.append({"T": T, "S": S, "cache": str(dt), **t})
             print(f"| {T} | {S} | {str(dt).replace('torch.', '')} | {t['cpp']:.3f} | {t['sdpa']:.3f} | "
                   f"{t['reference']:.3f} | {t['sdpa'] / t['cpp']:.2f}x | {t['reference'] / t['cpp']:.1f}x |", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
