@@ -180,9 +180,7 @@ CpuDecoder::CpuDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, do
 }
 
 void CpuDecoder::set_rope_table(torch::Tensor table) {
-  check_cpu_tensor(table, "CpuDecoder", "rope_table");
-  TORCH_CHECK(table.scalar_type() == torch::kFloat32, "CpuDecoder: rope_table must be float32, got ",
-              table.scalar_type());
+  check_cpu_fp32(table, "CpuDecoder", "rope_table");
   TORCH_CHECK(table.dim() == 2 && table.size(1) % 2 == 0 && table.size(1) >= 2 && table.size(1) <= desc_.head_dim,
               "CpuDecoder: rope_table must be (positions, rot_dim) with an even rot_dim <= head_dim (",
               desc_.head_dim, "), got ", table.sizes());
