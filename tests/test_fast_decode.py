@@ -241,6 +241,14 @@ def test_bad_weights_raise():
     with pytest.raises(ValueError, match="float16"):
         CpuDecodePath(model)
     assert CpuDecodePath.for_model(model) is None
+    decoder = CpuDecodePath(random_model(SMALL))._decoder
+    table = torch.zeros(8, SMALL.head_dim)
+    with pytest.raises(RuntimeError, match="rope_table must be a contiguous float32"):
+        decoder.set_rope_table(table.double())
+    with pytest.raises(RuntimeError, match="rope_table must be contiguous"):
+        decoder.set_rope_table(torch.zeros(SMALL.head_dim, 8).t())
+    with pytest.raises(RuntimeError, match="even rot_dim"):
+        decoder.set_rope_table(torch.zeros(8, 3))
 
 
 # ----------------------------------------------------------------------------------------------------
