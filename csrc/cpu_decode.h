@@ -131,15 +131,20 @@ struct ModelDesc {
   const HeadSpan* span;      // (n_heads,)
 };
 
+// One row per new token. Rows are usually one token of each sequence in a batch (row b in cache row b), but
+// several rows may be consecutive tokens of one sequence (a prompt's chunk, via cache_rows): every row's
+// K/V is stored before any row attends, so each sees the tokens before it.
 struct StepDesc {
   int batch;
   const int64_t* tokens;     // (batch,)
   const int32_t* positions;  // (batch,): cache position of each row's new token
+  const int32_t* cache_rows = nullptr;  // (batch,): the cache row each row reads and writes; null: row b -> b
   int s_max;                 // cache capacity per row
   bool kv_bf16;
-  void* const* k_cache;      // n_layers pointers to (batch, s_max, n_kv_heads, head_dim)
+  void* const* k_cache;      // n_layers pointers to (cache rows, s_max, n_kv_heads, head_dim)
   void* const* v_cache;
-  float* logits;             // (batch, vocab)
+  int logits_from = 0;       // logits only of rows [logits_from, batch) (a prompt chunk needs its last only)
+  float* logits;             // (batch - logits_from, vocab)
   int num_threads;
   float* workspace;          // workspace_floats(...) floats
 };
@@ -246,6 +251,7 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
   const size_t per_thread_floats = static_cast<size_t>(B) * dim + attention_scratch(group, s.s_max) + 16;
   const size_t kv_row = static_cast<size_t>(s.s_max) * nkv;  // elements per batch row of a cache tensor
   const size_t esz = s.kv_bf16 ? 2 : 4;
+  auto cache_row = [&](int b) { return static_cast<size_t>(s.cache_rows != nullptr ? s.cache_rows[b] : b); };
 
   for (int b = 0; b < B; ++b) load_row(m.embedding, m.w_bf16, s.tokens[b], dim, x + static_cast<size_t>(b) * dim);
 
@@ -280,7 +286,7 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
             const bool is_k = head < H + Hkv;
             const int kh = is_k ? head - H : head - H - Hkv;
             char* base = static_cast<char*>(is_k ? s.k_cache[l] : s.v_cache[l]);
-            store_row(base + ((b * kv_row) + static_cast<size_t>(pos) * nkv + kh * D) * esz, s.kv_bf16, v, D);
+            store_row(base + (cache_row(b) * kv_row + static_cast<size_t>(pos) * nkv + kh * D) * esz, s.kv_bf16, v, D);
           }
         }
       }
@@ -291,8 +297,8 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
       for (int u = lo, nh; u < hi; u += nh) {
         const int b = u / H, h = u % H, kh = h / group;
         nh = std::min({hi - u, (kh + 1) * group - h, kMaxGroupHeads});
-        const char* kb = static_cast<const char*>(s.k_cache[l]) + (b * kv_row + kh * D) * esz;
-        const char* vb = static_cast<const char*>(s.v_cache[l]) + (b * kv_row + kh * D) * esz;
+        const char* kb = static_cast<const char*>(s.k_cache[l]) + (cache_row(b) * kv_row + kh * D) * esz;
+        const char* vb = static_cast<const char*>(s.v_cache[l]) + (cache_row(b) * kv_row + kh * D) * esz;
         kern.attend(qkv + static_cast<size_t>(b) * nqkv + h * D, kb, vb, s.kv_bf16, nkv, D, s.positions[b], nh,
                     m.span + h, scores, att + static_cast<size_t>(b) * nq + h * D);
       }
@@ -314,9 +320,10 @@ inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
         for (int r = lo; r < hi; ++r) x[b * dim + r] += tmp[b * dim + r];
       barrier.wait();
     }
-    for (int b = 0; b < B; ++b) rms_norm(x + b * dim, m.final_norm, dim, m.eps, xn + b * dim);
+    for (int b = s.logits_from; b < B; ++b) rms_norm(x + b * dim, m.final_norm, dim, m.eps, xn + b * dim);
     split(m.vocab, 16, t, nt, lo, hi);
-    kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xn, dim, B, s.logits, m.vocab);
+    kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xn + static_cast<size_t>(s.logits_from) * dim, dim,
+                  B - s.logits_from, s.logits, m.vocab);
   }
 }
 
