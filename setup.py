@@ -1,24 +1,29 @@
-"""Builds llama_fast and its extension llama_fast._C.
+"""Builds llama_fast and its extensions llama_fast._C and llama_fast._lite.
 
 The C++ sources (csrc/*.cpp, OpenMP) are built everywhere. The CUDA sources (csrc/*.cu) are added only
 where torch itself was built with CUDA and a CUDA toolkit is present; on CPU-only torch they are checked
 separately with nvcc (scripts/check_cuda_compile.sh). No -march=native: the extension must run on any
 x86-64 machine it is copied to, so ISA-specific code paths are chosen at run time.
+
+llama_fast._lite (csrc/lite_module.cpp) is the CPU decode step and sampler again, bound with pybind11 but
+not linked to libtorch, so the command line can generate without importing torch (llama_fast/lite.py).
 """
 import glob
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+LITE_SOURCE = "csrc/lite_module.cpp"
+CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 
 
 def extension():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cpp_sources = sorted(s for s in glob.glob("csrc/*.cpp") if s != LITE_SOURCE)
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = CXX_FLAGS
     include_dirs = [os.path.join(ROOT, "csrc")]
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
         return CUDAExtension(
@@ -38,6 +43,18 @@ def extension():
     )
 
 
+def lite_extension():
+    # pybind11's headers are the ones torch ships (torch is a build dependency already); nothing links libtorch.
+    return Extension(
+        "llama_fast._lite",
+        [LITE_SOURCE],
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(os.path.dirname(torch.__file__), "include")],
+        language="c++",
+        extra_compile_args=CXX_FLAGS,
+        extra_link_args=["-fopenmp"],
+    )
+
+
 setup(
     name="llama_fast",
     version="0.1.0",
@@ -45,7 +62,7 @@ setup(
     python_requires=">=3.10",
     packages=["llama_fast", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
-    ext_modules=[extension()],
+    ext_modules=[extension(), lite_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The benchmark's llama.cpp columns (built from source: minutes): pip install -e .[bench]
     extras_require={"bench": ["llama-cpp-python==0.3.36"]},

@@ -1,0 +1,285 @@
+// llama_fast._lite: the CPU decode step and the sampler for Python that has not imported torch (the
+// command line's fast start, llama_fast/lite.py: `import torch` alone takes 2-4 s on a small machine).
+// Built without libtorch; the work is the same cpu_decode.h and sampling.h that llama_fast._C runs.
+// Weights are Python buffers (slices of a memory-mapped safetensors file), checked here once; the decoder
+// owns its KV cache and its RoPE table. Bad input raises ValueError, never crashes.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_decode.h"
+#include "sampling.h"
+
+namespace py = pybind11;
+namespace cd = llama_fast::cpu_decode;
+
+namespace {
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  ((s += [](const auto& a) {
+     if constexpr (std::is_convertible_v<decltype(a), std::string>) return std::string(a);
+     else return std::to_string(a);
+   }(args)),
+   ...);
+  return s;
+}
+
+#define LITE_CHECK(cond, ...)                                    \
+  do {                                                           \
+    if (!(cond)) throw std::invalid_argument(cat(__VA_ARGS__));  \
+  } while (0)
+
+cd::Isa parse_isa(const std::string& name) {
+  const cd::Isa isa = name == "auto" ? cd::best_isa() : name == "avx512" ? cd::Isa::Avx512
+                    : name == "avx2" ? cd::Isa::Avx2 : cd::Isa::Scalar;
+  LITE_CHECK(name == "auto" || name == "avx512" || name == "avx2" || name == "scalar", "LiteDecoder: unknown isa '",
+             name, "' (auto, avx512, avx2, scalar)");
+  LITE_CHECK(cd::isa_supported(isa), "LiteDecoder: this CPU does not support isa '", name, "'");
+  return isa;
+}
+
+// Rows of one prompt chunk per step call: weights are read from memory once per chunk.
+constexpr int kChunk = 32;
+
+class LiteDecoder {
+ public:
+  // tensors: the model's names (as llama_fast.loaders writes them) -> (buffer, "F32" | "BF16", shape);
+  // matrices share one dtype, which is also the KV cache's. "output.weight" absent: tied embeddings.
+  // capacity: the most tokens the cache holds; num_threads 0: OpenMP's default.
+  LiteDecoder(int n_layers, int n_heads, int n_kv_heads, int head_dim, int ffn_dim, double norm_eps,
+              double rope_theta, const py::dict& tensors, int capacity, int num_threads, const std::string& isa) {
+    LITE_CHECK(n_layers >= 1 && n_heads >= 1 && n_kv_heads >= 1 && n_heads % n_kv_heads == 0,
+               "LiteDecoder: n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ", n_kv_heads);
+    LITE_CHECK(head_dim >= 2 && head_dim % 2 == 0, "LiteDecoder: head_dim must be even, got ", head_dim);
+    LITE_CHECK(ffn_dim >= 1 && norm_eps > 0 && rope_theta > 0, "LiteDecoder: ffn_dim, norm_eps and rope_theta must be > 0");
+    LITE_CHECK(capacity >= 1 && capacity < (1 << 24), "LiteDecoder: capacity must be in [1, 2^24), got ", capacity);
+    LITE_CHECK(num_threads >= 0 && num_threads <= 1024, "LiteDecoder: num_threads must be in [0, 1024], got ", num_threads);
+    isa_ = parse_isa(isa);
+    num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
+
+    const auto& emb = tensor(tensors, "tok_embeddings.weight", {-1, -1});
+    desc_.w_bf16 = emb.bf16;
+    const int vocab = static_cast<int>(emb.shape[0]), dim = static_cast<int>(emb.shape[1]);
+    LITE_CHECK(vocab >= 1 && dim >= 1 && vocab < (1 << 30), "LiteDecoder: bad embedding shape");
+    const int nq = n_heads * head_dim, nkv = n_kv_heads * head_dim;
+    desc_.embedding = emb.data;
+    desc_.output = tensors.contains("output.weight") ? matrix(tensors, "output.weight", vocab, dim) : emb.data;
+    desc_.final_norm = norm(tensors, "norm.weight", dim);
+    layers_.resize(n_layers);
+    for (int l = 0; l < n_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      auto& L = layers_[l];
+      L.attn_norm = norm(tensors, p + "attention_norm.weight", dim);
+      L.wq = matrix(tensors, p + "attention.wq.weight", nq, dim);
+      L.wk = matrix(tensors, p + "attention.wk.weight", nkv, dim);
+      L.wv = matrix(tensors, p + "attention.wv.weight", nkv, dim);
+      L.wo = matrix(tensors, p + "attention.wo.weight", dim, nq);
+      L.ffn_norm = norm(tensors, p + "ffn_norm.weight", dim);
+      L.w1 = matrix(tensors, p + "feed_forward.w1.weight", ffn_dim, dim);
+      L.w2 = matrix(tensors, p + "feed_forward.w2.weight", dim, ffn_dim);
+      L.w3 = matrix(tensors, p + "feed_forward.w3.weight", ffn_dim, dim);
+    }
+    const size_t named = 3 + 9 * static_cast<size_t>(n_layers) - (tensors.contains("output.weight") ? 0 : 1);
+    LITE_CHECK(tensors.size() == named, "LiteDecoder: got ", tensors.size(), " tensors, the model has ", named);
+
+    // RoPE [cos | sin] per position, in fp32 as torch computes it (reference.rope_cos_sin_cache).
+    const int half = head_dim / 2;
+    rope_.resize(static_cast<size_t>(capacity) * head_dim);
+    for (int i = 0; i < half; ++i) {
+      const float inv_freq = 1.0f / std::pow(static_cast<float>(rope_theta), static_cast<float>(2 * i) / head_dim);
+      for (int pos = 0; pos < capacity; ++pos) {
+        const float angle = static_cast<float>(pos) * inv_freq;
+        rope_[static_cast<size_t>(pos) * head_dim + i] = std::cos(angle);
+        rope_[static_cast<size_t>(pos) * head_dim + half + i] = std::sin(angle);
+      }
+    }
+    span_.assign(n_heads, cd::HeadSpan{});
+    for (auto& sp : span_) sp.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+
+    desc_.dim = dim;
+    desc_.n_layers = n_layers;
+    desc_.n_heads = n_heads;
+    desc_.n_kv_heads = n_kv_heads;
+    desc_.head_dim = head_dim;
+    desc_.ffn_dim = ffn_dim;
+    desc_.vocab = vocab;
+    desc_.eps = static_cast<float>(norm_eps);
+    desc_.layers = layers_.data();
+    desc_.rope = rope_.data();
+    desc_.rope_rows = capacity;
+    desc_.rot_dim = head_dim;
+    desc_.span = span_.data();
+
+    capacity_ = capacity;
+    const size_t per_layer = static_cast<size_t>(capacity) * nkv * (desc_.w_bf16 ? 2 : 4);
+    kv_.reset(new char[2 * per_layer * n_layers]);  // not zeroed: nothing past length_ is read
+    for (int l = 0; l < n_layers; ++l) {
+      k_.push_back(kv_.get() + 2 * l * per_layer);
+      v_.push_back(kv_.get() + (2 * l + 1) * per_layer);
+    }
+    logits_.resize(vocab);
+  }
+
+  // Appends tokens to the sequence and leaves the logits after the last one for sample() / logits().
+  void feed(const std::vector<int64_t>& tokens) {
+    LITE_CHECK(!tokens.empty(), "LiteDecoder.feed: no tokens");
+    for (size_t i = 0; i < tokens.size(); ++i)
+      LITE_CHECK(tokens[i] >= 0 && tokens[i] < desc_.vocab, "LiteDecoder.feed: token id ", tokens[i], " at ", i,
+                 " is outside [0, ", desc_.vocab, ")");
+    LITE_CHECK(length_ + static_cast<int64_t>(tokens.size()) <= capacity_, "LiteDecoder.feed: ", tokens.size(),
+               " more tokens do not fit: the cache holds ", length_, " of ", capacity_);
+    py::gil_scoped_release no_gil;
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::vector<int32_t> rows(kChunk, 0);  // every row of a chunk is in the one cache row
+    std::vector<int32_t> positions(kChunk);
+    workspace_.resize(cd::workspace_floats(desc_, kChunk, capacity_, num_threads_));
+    for (size_t start = 0; start < tokens.size(); start += kChunk) {
+      const int n = static_cast<int>(std::min<size_t>(kChunk, tokens.size() - start));
+      for (int i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(length_ + i);
+      cd::StepDesc s;
+      s.batch = n;
+      s.tokens = tokens.data() + start;
+      s.positions = positions.data();
+      s.cache_rows = rows.data();
+      s.s_max = capacity_;
+      s.kv_bf16 = desc_.w_bf16;
+      s.k_cache = k_.data();
+      s.v_cache = v_.data();
+      s.logits_from = start + n == tokens.size() ? n - 1 : n;  // the last token's logits only
+      s.logits = logits_.data();
+      s.num_threads = num_threads_;
+      s.workspace = workspace_.data();
+      cd::decode_step(desc_, s, isa_);
+      length_ += n;
+    }
+  }
+
+  // The next token from the last logits (sampling.h: temperature 0 is greedy; Philox(seed, step) draws).
+  int64_t sample(double temperature, int64_t top_k, double top_p, double min_p, uint64_t seed, uint64_t step) {
+    LITE_CHECK(length_ > 0, "LiteDecoder.sample: feed tokens first");
+    LITE_CHECK(std::isfinite(temperature) && temperature >= 0, "LiteDecoder.sample: temperature must be >= 0");
+    LITE_CHECK(top_k >= 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p <= 1,
+               "LiteDecoder.sample: need top_k >= 0, top_p in (0, 1], min_p in [0, 1]");
+    std::lock_guard<std::mutex> lock(mutex_);
+    llama_fast::SampleParams p;
+    p.temperature = static_cast<float>(temperature);
+    p.top_k = top_k >= desc_.vocab ? 0 : top_k;
+    p.top_p = static_cast<float>(top_p);
+    p.min_p = static_cast<float>(min_p);
+    p.seed = seed;
+    p.step = step;
+    sample_ws_.resize(desc_.vocab);
+    std::copy(logits_.begin(), logits_.end(), sample_ws_.x.begin());
+    if (!llama_fast::all_finite(sample_ws_.x.data(), desc_.vocab))
+      throw std::runtime_error("LiteDecoder.sample: the logits contain NaN or inf");
+    return llama_fast::sample_filtered_row(sample_ws_, desc_.vocab, p);
+  }
+
+  py::bytes logits() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {reinterpret_cast<const char*>(logits_.data()), logits_.size() * sizeof(float)};
+  }
+  int64_t length() const { return length_; }
+  int capacity() const { return capacity_; }
+  int vocab() const { return desc_.vocab; }
+  std::string isa() const { return cd::isa_name(isa_); }
+  int num_threads() const { return num_threads_; }
+  void set_num_threads(int n) {
+    LITE_CHECK(n >= 1 && n <= 1024, "LiteDecoder: num_threads must be in [1, 1024], got ", n);
+    num_threads_ = n;
+  }
+
+ private:
+  struct Tensor {
+    const void* data;
+    bool bf16;
+    std::vector<int64_t> shape;
+  };
+
+  // Checks tensors[name] = (buffer, dtype, shape) against the wanted shape (-1: any) and keeps its buffer
+  // exported, so the memory it maps cannot be closed under the decoder.
+  const Tensor& tensor(const py::dict& tensors, const std::string& name, const std::vector<int64_t>& want) {
+    LITE_CHECK(tensors.contains(name), "LiteDecoder: missing tensor ", name);
+    const auto entry = tensors[name.c_str()].cast<py::tuple>();
+    LITE_CHECK(entry.size() == 3, "LiteDecoder: ", name, " must be (buffer, dtype, shape)");
+    const auto dtype = entry[1].cast<std::string>();
+    LITE_CHECK(dtype == "F32" || dtype == "BF16", "LiteDecoder: ", name, " is ", dtype, " (F32 and BF16 are read)");
+    Tensor t{nullptr, dtype == "BF16", entry[2].cast<std::vector<int64_t>>()};
+    LITE_CHECK(t.shape.size() == want.size(), "LiteDecoder: ", name, " must be ", want.size(), "-d");
+    int64_t numel = 1;
+    for (size_t i = 0; i < want.size(); ++i) {
+      LITE_CHECK(t.shape[i] >= 1 && (want[i] < 0 || t.shape[i] == want[i]), "LiteDecoder: ", name, " dim ", i, " is ",
+                 t.shape[i], ", expected ", want[i]);
+      numel *= t.shape[i];
+    }
+    LITE_CHECK(py::isinstance<py::buffer>(entry[0]), "LiteDecoder: ", name, "'s data must be a buffer (memoryview, bytes)");
+    views_.push_back(std::make_unique<py::buffer_info>(entry[0].cast<py::buffer>().request()));
+    const auto& view = *views_.back();
+    LITE_CHECK(view.size * view.itemsize == numel * (t.bf16 ? 2 : 4), "LiteDecoder: ", name, " has ",
+               view.size * view.itemsize, " bytes, its shape and dtype need ", numel * (t.bf16 ? 2 : 4));
+    t.data = view.ptr;
+    tensors_.push_back(std::make_unique<Tensor>(std::move(t)));
+    return *tensors_.back();
+  }
+
+  const void* matrix(const py::dict& tensors, const std::string& name, int64_t rows, int64_t cols) {
+    const auto& t = tensor(tensors, name, {rows, cols});
+    LITE_CHECK(t.bf16 == desc_.w_bf16, "LiteDecoder: ", name, " is ", t.bf16 ? "BF16" : "F32",
+               ", the embedding is not (all matrices must share one dtype)");
+    return t.data;
+  }
+
+  const float* norm(const py::dict& tensors, const std::string& name, int64_t n) {
+    const auto& t = tensor(tensors, name, {n});
+    norms_.emplace_back(n);
+    for (int64_t i = 0; i < n; ++i)
+      norms_.back()[i] = t.bf16 ? cd::bf16_to_f32(static_cast<const uint16_t*>(t.data)[i])
+                                : static_cast<const float*>(t.data)[i];
+    return norms_.back().data();
+  }
+
+  cd::Isa isa_;
+  cd::ModelDesc desc_{};
+  std::vector<cd::LayerWeights> layers_;
+  std::vector<cd::HeadSpan> span_;
+  std::vector<std::unique_ptr<py::buffer_info>> views_;
+  std::vector<std::unique_ptr<Tensor>> tensors_;
+  std::vector<std::vector<float>> norms_;
+  std::vector<float> rope_;
+  std::unique_ptr<char[]> kv_;
+  std::vector<void*> k_, v_;
+  std::vector<float> logits_;
+  std::vector<float> workspace_;
+  llama_fast::SampleWorkspace sample_ws_;
+  std::mutex mutex_;
+  int capacity_ = 0;
+  int64_t length_ = 0;
+  int num_threads_ = 1;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_lite, m) {
+  m.doc() = "llama_fast's CPU decode step and sampler without torch (see llama_fast/lite.py)";
+  py::class_<LiteDecoder>(m, "LiteDecoder")
+      .def(py::init<int, int, int, int, int, double, double, const py::dict&, int, int, const std::string&>(),
+           py::arg("n_layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("ffn_dim"),
+           py::arg("norm_eps"), py::arg("rope_theta"), py::arg("tensors"), py::arg("capacity"),
+           py::arg("num_threads") = 0, py::arg("isa") = "auto")
+      .def("feed", &LiteDecoder::feed, py::arg("tokens"))
+      .def("sample", &LiteDecoder::sample, py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
+           py::arg("seed"), py::arg("step"))
+      .def("logits", &LiteDecoder::logits, "the last logits as float32 bytes (vocab,)")
+      .def_property_readonly("length", &LiteDecoder::length)
+      .def_property_readonly("capacity", &LiteDecoder::capacity)
+      .def_property_readonly("vocab", &LiteDecoder::vocab)
+      .def_property_readonly("isa", &LiteDecoder::isa)
+      .def_property("num_threads", &LiteDecoder::num_threads, &LiteDecoder::set_num_threads);
+}
