@@ -22,6 +22,7 @@ import time
 import torch
 
 from llama_fast import LLM, SpanBias
+from llama_fast.sampling import row_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(os.path.dirname(HERE), "tests", "data", "shakespeare_head.txt")
@@ -34,7 +35,7 @@ def sampling(llm, rows: int):
     # A mild repetition penalty over the last 64 tokens only (llama.cpp's repeat_last_n): without one the
     # stream settles into repeating a sentence; over the whole history it pushes the model off every
     # common token (seen at 20,000 tokens with 1.1: a loop of one Hebrew token).
-    return llm._row_params(rows, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64)
+    return row_params(rows, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1, penalty_last_n=64)
 
 
 def perplexities(llm, text: str, max_tokens: int) -> dict:

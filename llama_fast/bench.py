@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from .sampling import row_params
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (editable install)
 PROMPT_FILE = os.path.join(REPO, "tests", "data", "shakespeare_head.txt")
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
@@ -50,7 +52,7 @@ class LlamaFastEngine:
         return sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
 
     def run(self, prompt_ids: list[int], new_tokens: int):
-        params = self.llm._row_params(1, 0, temperature=0.0)
+        params = row_params(1, 0, temperature=0.0)
         start, stamps, ids = time.perf_counter(), [], []
         for (token,) in self.llm.generate_ids([prompt_ids], params, new_tokens, stop_at_eos=False):
             stamps.append(time.perf_counter() - start)

@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -17,10 +16,10 @@ from . import ops
 from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
-from .sampling import PenaltyCounts, SamplingParams
+from .sampling import PenaltyCounts, SamplingParams, row_params
 from .span import SpanBias
 from .streaming import StreamingKVCache, streaming_slack
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import Tokenizer, stop_strings, stream_text
 
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphDecodePath
@@ -186,11 +185,6 @@ class LLM:
 
     # ---- generation ----
 
-    def _row_params(self, n_rows: int, seed: int | None, **settings) -> list[SamplingParams]:
-        """One SamplingParams per row: row r draws from seed + r, so rows differ and each is reproducible."""
-        base = secrets.randbits(62) if seed is None else seed
-        return [SamplingParams(seed=(base + r) % 2**63, **settings) for r in range(n_rows)]
-
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         encoded = [self.tokenizer.encode(p) for p in prompts]
         for ids in encoded:
@@ -285,44 +279,14 @@ class LLM:
         return cache, logits[owner]
 
     def _stream_rows(self, prompts: list[str], max_new_tokens: int, stop, seed, settings) -> Iterator[tuple[int, str, int | None, str | None]]:
-        """Yields (row, new text, new token id or None, finish reason or None) as rows produce text; each
-        row's last event carries its finish reason ("eos", "stop" or "length").
-
-        Stop strings end a row and are cut from its text; text that might begin a stop string is held
-        back until it cannot.
-        """
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must be non-empty")
+        """Yields (row, new text, new token id or None, finish reason or None): tokenizer.stream_text over
+        the decode loop."""
+        stops = stop_strings(stop)
         prompt_ids = self._encode_prompts(prompts)
-        params = self._row_params(len(prompts), seed, **settings)
+        params = row_params(len(prompts), seed, **settings)
         eos_ids = self.tokenizer.eos_ids | set(self.config.eos_token_ids)
-        decoders = [StreamDecoder(self.tokenizer, ids) for ids in prompt_ids]
-        pending = [""] * len(prompts)  # decoded text not yet yielded (may hold a stop string's prefix)
-        finished = [False] * len(prompts)
-        hold = max((len(s) for s in stops), default=1) - 1
-        for new_tokens in self.generate_ids(prompt_ids, params, max_new_tokens):
-            for row, token in enumerate(new_tokens):
-                if token is None or finished[row]:
-                    continue
-                if token in eos_ids:
-                    finished[row] = True
-                    yield row, pending[row] + decoders[row].flush(), token, "eos"
-                    continue
-                pending[row] += decoders[row].push(token)
-                cut = min((pending[row].find(s) for s in stops if s in pending[row]), default=-1)
-                if cut >= 0:
-                    finished[row] = True
-                    yield row, pending[row][:cut], token, "stop"
-                    continue
-                safe = max(len(pending[row]) - hold, 0)
-                yield row, pending[row][:safe], token, None
-                pending[row] = pending[row][safe:]
-            if all(finished):
-                return
-        for row in range(len(prompts)):
-            if not finished[row]:
-                yield row, pending[row] + decoders[row].flush(), None, "length"
+        yield from stream_text(self.tokenizer, prompt_ids, self.generate_ids(prompt_ids, params, max_new_tokens),
+                               stops, eos_ids)
 
     def generate(self, prompt: str | list[str], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,

@@ -11,14 +11,12 @@ fp32 activations whatever the weight dtype (fp32 or bf16 weights; fp32 or bf16 K
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 from ._ext import ext
 from .cache import CacheFullError, StaticKVCache
 from .reference import bucket_table
+from .threads import ThreadTuner
 
 _CACHE_FULL = "llama_fast: KV cache full"
 
@@ -40,38 +38,10 @@ def supports(model) -> str | None:
     return None
 
 
-class _ThreadTuner:
-    """Picks the thread count of the decode step by measurement, and keeps checking.
-
-    On an idle machine every core helps (the step is bandwidth-bound and one core cannot saturate memory);
-    on a machine whose cores are busy with other work, threads that meet at barriers wait for descheduled
-    peers and one thread can be faster. So the first steps alternate between the candidates, the faster
-    median wins, and every `every` steps a few steps probe again.
-    """
-
-    def __init__(self, candidates: list[int], probes: int = 3, every: int = 128):
-        self.candidates, self.probes, self.every = candidates, probes, every
-        self.times: dict[int, list[float]] = {n: [] for n in candidates}
-        self.best = candidates[0]
-        self.steps = 0
-
-    def next_threads(self) -> int | None:
-        """The thread count to time this step with, or None when not probing (run with self.best)."""
-        phase = self.steps % self.every
-        if phase < self.probes * len(self.candidates):
-            return self.candidates[phase % len(self.candidates)]
-        return None
-
-    def record(self, threads: int, seconds: float) -> None:
-        self.times[threads].append(seconds)
-        if self.steps % self.every == self.probes * len(self.candidates) - 1:  # the probe window is complete
-            self.best = min(self.candidates, key=lambda n: statistics.median(self.times[n][-self.probes:]))
-
-
 class CpuDecodePath:
     """Holds a C++ CpuDecoder built once from a model's weights (used in place, not copied).
 
-    num_threads: 0 (default) chooses between torch's thread count and 1 by timing steps (_ThreadTuner);
+    num_threads: 0 (default) chooses between torch's thread count and 1 by timing steps (ThreadTuner);
     a positive number fixes it. isa: "auto", "avx512", "avx2" or "scalar" (for tests).
     """
 
@@ -105,7 +75,7 @@ class CpuDecodePath:
         )
         self._rope_rows = table.shape[0]
         threads = torch.get_num_threads()
-        self._tuner = _ThreadTuner([threads, 1]) if num_threads == 0 and threads > 1 else None
+        self._tuner = ThreadTuner([threads, 1]) if num_threads == 0 and threads > 1 else None
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "CpuDecodePath | None":
@@ -146,21 +116,12 @@ class CpuDecodePath:
             table = self.model.rope_table(cache.max_seq_len, "cpu")
             self._decoder.set_rope_table(table)
             self._rope_rows = table.shape[0]
+        args = (tokens, cache.seqlens, cache.k, cache.v)
         try:
-            tuner = self._tuner
-            if tuner is None:
-                logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
+            if self._tuner is None:
+                logits = self._decoder.step(*args)
             else:
-                threads = tuner.next_threads()
-                if threads is None:
-                    self._decoder.num_threads = tuner.best
-                    logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
-                else:
-                    self._decoder.num_threads = threads
-                    start = time.perf_counter()
-                    logits = self._decoder.step(tokens, cache.seqlens, cache.k, cache.v)
-                    tuner.record(threads, time.perf_counter() - start)
-                tuner.steps += 1
+                logits = self._tuner.run(self._decoder, self._decoder.step, *args)
         except RuntimeError as err:
             if str(err).startswith(_CACHE_FULL):
                 raise CacheFullError(str(err).split("\n")[0]) from None

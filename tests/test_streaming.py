@@ -7,6 +7,7 @@ import torch
 from llama_fast import LLM, PagedKVCache, SamplingParams, SpanBias
 from llama_fast.streaming import StreamingKVCache, rotate_keys_back
 from llama_fast.reference import apply_rope, rope_cos_sin_cache
+from llama_fast.sampling import row_params
 
 @pytest.fixture(scope="module")
 def shakespeare():
@@ -39,7 +40,7 @@ def test_window_and_sinks_perplexity_reproduces_streaming_llm(smollm, shakespear
 def test_long_generation_keeps_memory_constant_and_text_alive(smollm):
     llm = smollm.with_span(SpanBias(window=64, sink_tokens=4))
     prompt_ids = [llm.tokenizer.encode("Once upon a time, in a land far away,")]
-    params = llm._row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+    params = row_params(1, 7, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
     caches = []
     held, tokens = [], []
     # stop_at_eos=False: the length must not hang on whether this seed happens to draw EOS.
