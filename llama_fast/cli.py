@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .loaders import DEFAULT_MODEL
+from .paths import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,15 @@ def _sampling(args) -> dict:
                 penalty_last_n=args.penalty_last_n, seed=args.seed, stop=args.stop)
 
 
-def _load(args):
+def _load(args, settings: dict | None = None):
+    """The model for a command. Given the sampling settings of a generate or chat, LiteLLM where it can
+    serve them (it starts in a fraction of the time: no torch import), else LLM."""
+    if settings is not None and args.device in (None, "cpu") and not (args.window or args.sinks):
+        from .lite import LiteLLM
+
+        lite = LiteLLM.open(args.model, args.dtype, **settings)
+        if lite is not None:
+            return lite
     from .engine import LLM
     from .span import SpanBias
 
@@ -44,15 +52,17 @@ def _load(args):
 
 
 def cmd_generate(args) -> None:
-    llm = _load(args)
+    settings = _sampling(args)
+    llm = _load(args, settings)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    for piece in llm.stream(prompt, **_sampling(args)):
+    for piece in llm.stream(prompt, **settings):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(args) -> None:
-    llm = _load(args)
+    settings = _sampling(args)
+    llm = _load(args, settings)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", args.model, "- type /exit to quit.", file=sys.stderr)
     while True:
@@ -66,7 +76,7 @@ def cmd_chat(args) -> None:
             continue
         messages.append({"role": "user", "content": line})
         reply = ""
-        for piece in llm.stream(messages, **_sampling(args)):
+        for piece in llm.stream(messages, **settings):
             reply += piece
             print(piece, end="", flush=True)
         print()

@@ -1,0 +1,177 @@
+"""Generation without importing torch: the command line's fast start on CPU.
+
+`import torch` alone takes 2-4 s on a small machine, longer than everything else before the first token.
+So where a command needs nothing but the C++ decode step, `llama-fast generate` and `llama-fast chat` run
+here: the checkpoint is a GGUF already converted into the cache (paths.gguf_cache_path) in the dtype asked
+for (float32 or bfloat16), memory-mapped from its safetensors file; the tokenizer is built from the cached
+metadata; llama_fast._lite (csrc/lite_module.cpp: the same decode step and sampler as llama_fast._C, built
+without libtorch) runs the prompt in chunks of 32 tokens and then one step per token, with dense attention
+and no penalties. For anything else LiteLLM.open returns None (and logs why) and the caller uses LLM.
+
+    lite = LiteLLM.open("smollm2-135m-instruct")          # None: use llama_fast.LLM
+    for piece in lite.stream("Once upon a time", max_new_tokens=32):
+        print(piece, end="")
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import mmap
+import os
+from typing import Iterator
+
+from .config import ModelConfig, UnsupportedModelError
+from .paths import CheckpointError, gguf_cache_path, resolve_model_path
+from .sampling import row_params
+from .threads import ThreadTuner
+from .tokenizer import Tokenizer, stop_strings, stream_text
+
+log = logging.getLogger("llama_fast")
+
+_SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def read_safetensors(path: str) -> dict[str, tuple[memoryview, str, list[int]]]:
+    """name -> (its bytes in a read-only memory map of the file, dtype ("F32", "BF16", ...), shape)."""
+    try:
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        size = int.from_bytes(mapped[:8], "little")
+        header = json.loads(mapped[8:8 + size])
+        header.pop("__metadata__", None)
+        data = memoryview(mapped)[8 + size:]
+        tensors = {}
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            if not 0 <= start <= end <= len(data):
+                raise ValueError(f"{name}'s bytes [{start}, {end}) are outside the file's data ({len(data)} bytes)")
+            tensors[name] = (data[start:end], info["dtype"], list(info["shape"]))
+        return tensors
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+class LiteLLM:
+    """One model on the C++ decode step, without torch; `stream` as LLM.stream (no penalties)."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, tensors: dict, path: str):
+        self.config, self.tokenizer, self.tensors, self.path = config, tokenizer, tensors, path
+        self.eos_ids = tokenizer.eos_ids | set(config.eos_token_ids)
+
+    @classmethod
+    def open(cls, name_or_path: str, dtype: str | None = None, **settings) -> "LiteLLM | None":
+        """The model, or None where it needs the torch engine (LLM): not a converted GGUF in the cache yet,
+        a dtype other than float32 / bfloat16, RoPE scaling, penalties among the sampling `settings`, the
+        extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set."""
+        dtype = dtype or "float32"
+        found = _unsupported(dtype, settings) or cls._from_cache(resolve_model_path(name_or_path), dtype)
+        if isinstance(found, str):
+            log.info("llama_fast: not the fast start (%s)", found)
+            return None
+        return found
+
+    @classmethod
+    def _from_cache(cls, path: str, dtype: str) -> "LiteLLM | str":
+        """The model from its cache entry, or why not."""
+        found = _cached_gguf(path, dtype) if os.path.isfile(path) else None
+        if found is None:
+            return f"{path} is not a GGUF converted into the cache in {dtype} yet"
+        meta, tensors = found
+        try:
+            config = ModelConfig.from_gguf(meta)
+        except (KeyError, TypeError, UnsupportedModelError) as err:
+            return f"its metadata: {err}"
+        if config.rope_scaling is not None:
+            return "RoPE scaling"
+        return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path)
+
+    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               penalty_last_n: int | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None) -> Iterator[str]:
+        """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
+        if isinstance(prompt, list):
+            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        stops = stop_strings(stop)
+        params = row_params(1, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n)[0]
+        if params.has_penalties:
+            raise ValueError("LiteLLM does not apply penalties: use llama_fast.LLM")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("a prompt must contain at least one token")
+        if len(ids) > self.config.max_seq_len:
+            raise ValueError(f"the input has {len(ids)} tokens; the model's context is {self.config.max_seq_len} tokens")
+        for _, text, _, _ in stream_text(self.tokenizer, [ids], self._decode(ids, params, max_new_tokens), stops,
+                                         self.eos_ids):
+            if text:
+                yield text
+
+    def _decode(self, ids: list[int], params, max_new_tokens: int) -> Iterator[list[int]]:
+        """The decode loop (as LLM.generate_ids for one row): yields [new token] per step."""
+        c = self.config
+        capacity = min(len(ids) + max_new_tokens, c.max_seq_len)
+        steps = capacity - len(ids)
+        if steps <= 0:
+            return
+        decoder = _lite().LiteDecoder(
+            n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim,
+            norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=self.tensors, capacity=capacity)
+        threads = decoder.num_threads
+        tuner = ThreadTuner([threads, 1]) if threads > 1 else None
+        decoder.feed(ids)
+        for step in range(steps):
+            token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step)
+            yield [token]
+            if token in self.eos_ids or step == steps - 1:
+                return
+            if tuner is None:
+                decoder.feed([token])
+            else:
+                tuner.run(decoder, decoder.feed, [token])
+
+
+def _lite():
+    return importlib.import_module("llama_fast._lite")
+
+
+def _unsupported(dtype: str, settings: dict) -> str | None:
+    """Why LiteLLM cannot take this request before any file is read, or None."""
+    if os.environ.get("LLAMA_FAST_LITE") == "0":
+        return "LLAMA_FAST_LITE=0"
+    for var in ("LLAMA_FAST_BACKEND", "LLAMA_FAST_DECODE"):
+        if os.environ.get(var):
+            return f"{var} is set"
+    if dtype not in _SAFETENSORS_DTYPE:
+        return f"dtype {dtype}"
+    if settings.get("repetition_penalty", 1.0) != 1.0 or settings.get("presence_penalty", 0.0) != 0.0 \
+            or settings.get("frequency_penalty", 0.0) != 0.0:
+        return "penalties"
+    try:
+        _lite()
+    except ImportError as err:
+        return f"llama_fast._lite does not load: {err}"
+    return None
+
+
+def _cached_gguf(path: str, dtype: str) -> tuple[dict, dict] | None:
+    """(GGUF metadata, tensors) of the cache entry holding `path` converted to `dtype`, or None. As
+    loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already."""
+    want = _SAFETENSORS_DTYPE[dtype]
+    for key in (f"torch.{dtype}", None):
+        folder = gguf_cache_path(path, key)
+        if folder is None or not os.path.exists(os.path.join(folder, "done")):
+            continue
+        try:
+            with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+                meta = json.load(f)["meta"]
+            tensors = read_safetensors(os.path.join(folder, "weights.safetensors"))
+        except (OSError, ValueError, KeyError) as err:  # a damaged entry: the engine rebuilds it
+            log.info("llama_fast: cache entry %s unreadable (%s)", folder, err)
+            return None
+        if all(dtype_name == want for _, dtype_name, _ in tensors.values()):
+            return meta, tensors
+    return None

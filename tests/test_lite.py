@@ -1,0 +1,178 @@
+"""llama_fast.lite: the command line's torch-free fast start (llama_fast._lite, csrc/lite_module.cpp) against
+the engine on the embedded model: logits, greedy and sampled tokens, prompt chunks, bad input, fallbacks."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_fast.lite import LiteLLM, read_safetensors
+from llama_fast.loaders import load_checkpoint
+from llama_fast.paths import CheckpointError, DEFAULT_MODEL
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = ["I love", "The capital of France is", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def lite():
+    load_checkpoint(DEFAULT_MODEL, progress=False, dtype=torch.float32)  # makes sure the cache entry exists
+    model = LiteLLM.open(DEFAULT_MODEL)
+    assert model is not None, "the fp32 cache entry exists, so the fast start must take the default model"
+    return model
+
+
+def new_decoder(lite, capacity=256, **kwargs):
+    from llama_fast import _lite
+
+    c = lite.config
+    args = dict(n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                ffn_dim=c.ffn_dim, norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=lite.tensors,
+                capacity=capacity)
+    return _lite.LiteDecoder(**{**args, **kwargs})
+
+
+def logits_of(decoder) -> torch.Tensor:
+    return torch.frombuffer(bytearray(decoder.logits()), dtype=torch.float32)
+
+
+def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
+    """A 70-token prompt in one feed (chunks of 32, 32, 6), token by token, and split unevenly: each leaves
+    the logits the PyTorch model computes for its last token."""
+    ids = smollm.tokenizer.encode(open(os.path.join(REPO, "tests", "data", "shakespeare_head.txt")).read())[:70]
+    expected = smollm.logits(torch.tensor([ids]))[0, -1]
+    for pieces in ([ids], [[t] for t in ids], [ids[:5], ids[5:40], ids[40:]]):
+        decoder = new_decoder(lite)
+        for piece in pieces:
+            decoder.feed(piece)
+        assert decoder.length == len(ids)
+        torch.testing.assert_close(logits_of(decoder), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", GOLDEN)
+def test_greedy_text_equals_the_engine(lite, smollm, prompt):
+    ours = "".join(lite.stream(prompt, max_new_tokens=24))
+    assert ours == smollm.generate(prompt, max_new_tokens=24).text
+
+
+def test_sampling_and_stops_equal_the_engine(lite, smollm):
+    """Same seed, same Philox draws: the same sampled text; stop strings cut as LLM cuts them."""
+    settings = dict(max_new_tokens=20, temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, seed=3)
+    assert "".join(lite.stream("Once upon a time", **settings)) == smollm.generate("Once upon a time", **settings).text
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "".join(lite.stream(chat, max_new_tokens=32)) == "The capital of France is Paris."
+    assert "".join(lite.stream(chat, max_new_tokens=32, stop=" of")) == "The capital"
+
+
+def test_bf16_logits_stay_within_bf16_tolerance(smollm):
+    load_checkpoint(DEFAULT_MODEL, progress=False, dtype=torch.bfloat16)
+    half = LiteLLM.open(DEFAULT_MODEL, "bfloat16")
+    assert half is not None and {dtype for _, dtype, _ in half.tensors.values()} == {"BF16"}
+    ids = smollm.tokenizer.encode("The capital of France is")
+    decoder = new_decoder(half)
+    decoder.feed(ids)
+    expected = smollm.logits(torch.tensor([ids]))[0, -1]
+    err = (logits_of(decoder) - expected).abs().max().item()
+    assert err <= 0.03 * expected.abs().max().item()
+    assert logits_of(decoder).argmax() == expected.argmax()
+
+
+def test_decoder_refuses_bad_tensors(lite):
+    tensors = dict(lite.tensors)
+    cases = [
+        ({k: v for k, v in tensors.items() if k != "norm.weight"}, "missing tensor norm.weight"),
+        ({**tensors, "extra.weight": tensors["norm.weight"]}, "tensors, the model has"),
+        ({**tensors, "norm.weight": (tensors["norm.weight"][0], "F16", tensors["norm.weight"][2])}, "F16"),
+        ({**tensors, "norm.weight": (tensors["norm.weight"][0][:8], "F32", tensors["norm.weight"][2])}, "bytes"),
+        ({**tensors, "layers.0.attention.wq.weight": tensors["layers.0.attention.wk.weight"]}, "dim 0"),
+        ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0], "BF16",
+                                                         [576, 3072])}, "dim 1"),
+        ({**tensors, "norm.weight": ("not a buffer", "F32", [576])}, "must be a buffer"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            new_decoder(lite, tensors=bad)
+    with pytest.raises(ValueError, match="capacity"):
+        new_decoder(lite, capacity=0)
+    with pytest.raises(ValueError, match="unknown isa"):
+        new_decoder(lite, isa="sse9")
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        new_decoder(lite, n_kv_heads=4)
+
+
+def test_decoder_refuses_bad_calls(lite):
+    decoder = new_decoder(lite, capacity=8)
+    with pytest.raises(ValueError, match="feed tokens first"):
+        decoder.sample(0.0, 0, 1.0, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="no tokens"):
+        decoder.feed([])
+    with pytest.raises(ValueError, match=r"token id 49152 at 1 is outside \[0, 49152\)"):
+        decoder.feed([1, 49152])
+    with pytest.raises(ValueError, match="outside"):
+        decoder.feed([-1])
+    assert decoder.length == 0  # nothing of a refused call was run
+    decoder.feed([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="4 more tokens do not fit: the cache holds 5 of 8"):
+        decoder.feed([1, 2, 3, 4])
+    for args in [(-1.0, 0, 1.0, 0.0), (float("nan"), 0, 1.0, 0.0), (1.0, -1, 1.0, 0.0), (1.0, 0, 0.0, 0.0),
+                 (1.0, 0, 1.0, 2.0)]:
+        with pytest.raises(ValueError):
+            decoder.sample(*args, 0, 0)
+    with pytest.raises(ValueError, match="num_threads"):
+        decoder.num_threads = 0
+    assert 0 <= decoder.sample(0.7, 5, 0.9, 0.0, 1, 0) < decoder.vocab
+
+
+def test_stream_refuses_bad_requests(lite):
+    with pytest.raises(ValueError, match="at least one token"):
+        list(lite.stream(""))
+    with pytest.raises(ValueError, match="context is 8192 tokens"):
+        list(lite.stream("hi " * 9000))
+    with pytest.raises(ValueError, match="penalties"):
+        list(lite.stream("hi", repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="top_p"):
+        list(lite.stream("hi", top_p=2.0))
+    with pytest.raises(ValueError, match="stop strings"):
+        list(lite.stream("hi", stop=[""]))
+    assert list(lite.stream("hi", max_new_tokens=0)) == []
+
+
+def test_read_safetensors_refuses_junk(tmp_path):
+    for name, data in [("junk", b"\x00" * 3), ("badjson", (20).to_bytes(8, "little") + b"{not json at all!!!}"),
+                       ("outside", (len(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}')).to_bytes(8, "little")
+                        + b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}' + b"\x00" * 8)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=name):
+            read_safetensors(str(tmp_path / name))
+
+
+def test_open_falls_back_to_the_engine_where_it_must(lite, tmp_path, monkeypatch):
+    assert LiteLLM.open(DEFAULT_MODEL, "float16") is None
+    assert LiteLLM.open(DEFAULT_MODEL, repetition_penalty=1.1) is None
+    monkeypatch.setenv("LLAMA_FAST_LITE", "0")
+    assert LiteLLM.open(DEFAULT_MODEL) is None
+    monkeypatch.delenv("LLAMA_FAST_LITE")
+    monkeypatch.setenv("LLAMA_FAST_DECODE", "eager")
+    assert LiteLLM.open(DEFAULT_MODEL) is None
+    monkeypatch.delenv("LLAMA_FAST_DECODE")
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path))  # nothing converted there yet
+    assert LiteLLM.open(DEFAULT_MODEL) is None
+    with pytest.raises(CheckpointError, match="no such model"):
+        LiteLLM.open("/no/such.gguf")
+
+
+def test_cli_generates_without_importing_torch(lite, smollm):
+    """`llama-fast generate` on a converted model never imports torch; with a penalty it takes the engine."""
+    code = ("import sys\nfrom llama_fast.cli import main\n"
+            "code = main(sys.argv[1:])\nprint('|torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-c", code, "generate", *args], capture_output=True, text=True,
+                                timeout=300, cwd=os.path.dirname(REPO))
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert cli("I love", "--max-new-tokens", "8") == " the idea of a community garden, but\n|torch imported: False\n"
+    expected = smollm.generate("I love", max_new_tokens=8, repetition_penalty=1.3).text
+    assert cli("I love", "--max-new-tokens", "8", "--repetition-penalty", "1.3") == expected + "\n|torch imported: True\n"
