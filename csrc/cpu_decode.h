@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -98,6 +99,23 @@ inline Isa best_isa() {
 }
 
 inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(best_isa()); }
+
+// The ISA called `name`: "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or "auto" read
+// $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
+inline Isa parse_isa(const std::string& name, std::string& error) {
+  std::string want = name;
+  if (want.empty() || want == "auto") {
+    const char* env = std::getenv("LLAMA_FAST_CPU_ISA");
+    want = env != nullptr && *env != '\0' ? env : "auto";
+  }
+  if (want == "auto") return best_isa();
+  const Isa isa = want == "avx512" ? Isa::Avx512 : want == "avx2" ? Isa::Avx2 : Isa::Scalar;
+  if (want != "avx512" && want != "avx2" && want != "scalar")
+    error = "unknown isa '" + want + "' (auto, avx512, avx2, scalar)";
+  else if (!isa_supported(isa))
+    error = "this CPU does not support isa '" + want + "'; it supports up to '" + isa_name(best_isa()) + "'";
+  return error.empty() ? isa : best_isa();
+}
 
 struct Kernels {
   void (*dot_rows)(const void*, bool, int, int, int, const float*, int, int, float*, int);

@@ -6,8 +6,6 @@
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 
-#include <cstdlib>
-
 namespace llama_fast {
 
 namespace cd = cpu_decode;
@@ -19,19 +17,9 @@ bool is_weight_dtype(const torch::Tensor& t) {
 }
 
 cd::Isa parse_isa(const std::string& name) {
-  std::string want = name;
-  if (want.empty() || want == "auto") {
-    const char* env = std::getenv("LLAMA_FAST_CPU_ISA");
-    want = env != nullptr && *env != '\0' ? env : "auto";
-  }
-  if (want == "auto") return cd::best_isa();
-  cd::Isa isa;
-  if (want == "avx512") isa = cd::Isa::Avx512;
-  else if (want == "avx2") isa = cd::Isa::Avx2;
-  else if (want == "scalar") isa = cd::Isa::Scalar;
-  else TORCH_CHECK(false, "CpuDecoder: unknown isa '", want, "' (auto, avx512, avx2, scalar)");
-  TORCH_CHECK(cd::isa_supported(isa), "CpuDecoder: this CPU does not support isa '", want, "'; it supports up to '",
-              cd::isa_name(cd::best_isa()), "'");
+  std::string error;
+  const cd::Isa isa = cd::parse_isa(name, error);
+  TORCH_CHECK(error.empty(), "CpuDecoder: ", error);
   return isa;
 }
 

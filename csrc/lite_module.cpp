@@ -36,15 +36,6 @@ std::string cat(const Args&... args) {
     if (!(cond)) throw std::invalid_argument(cat(__VA_ARGS__));  \
   } while (0)
 
-cd::Isa parse_isa(const std::string& name) {
-  const cd::Isa isa = name == "auto" ? cd::best_isa() : name == "avx512" ? cd::Isa::Avx512
-                    : name == "avx2" ? cd::Isa::Avx2 : cd::Isa::Scalar;
-  LITE_CHECK(name == "auto" || name == "avx512" || name == "avx2" || name == "scalar", "LiteDecoder: unknown isa '",
-             name, "' (auto, avx512, avx2, scalar)");
-  LITE_CHECK(cd::isa_supported(isa), "LiteDecoder: this CPU does not support isa '", name, "'");
-  return isa;
-}
-
 // Rows of one prompt chunk per step call: weights are read from memory once per chunk.
 constexpr int kChunk = 32;
 
@@ -61,7 +52,9 @@ class LiteDecoder {
     LITE_CHECK(ffn_dim >= 1 && norm_eps > 0 && rope_theta > 0, "LiteDecoder: ffn_dim, norm_eps and rope_theta must be > 0");
     LITE_CHECK(capacity >= 1 && capacity < (1 << 24), "LiteDecoder: capacity must be in [1, 2^24), got ", capacity);
     LITE_CHECK(num_threads >= 0 && num_threads <= 1024, "LiteDecoder: num_threads must be in [0, 1024], got ", num_threads);
-    isa_ = parse_isa(isa);
+    std::string isa_error;
+    isa_ = cd::parse_isa(isa, isa_error);
+    LITE_CHECK(isa_error.empty(), "LiteDecoder: ", isa_error);
     num_threads_ = num_threads > 0 ? num_threads : omp_get_max_threads();
 
     const auto& emb = tensor(tensors, "tok_embeddings.weight", {-1, -1});

@@ -11,8 +11,9 @@ llama.cpp runs when llama-cpp-python is installed (`pip install -e .[bench]`): t
 F16 and BF16 copies of the embedded GGUF once (into ~/.cache/llama_fast/bench) and runs those plus the
 original Q4_1. Reports per engine: time to first token (median over the full runs and --ttft-repeats
 one-token requests per round), decode tokens/s, ms/token p50 and p99, peak RSS, and the fraction of the
-memory-bandwidth floor (weight bytes / measured copy bandwidth). Writes JSON and a PNG chart; paste the
-printed table into benchmarks/RESULTS.md.
+memory-bandwidth floor (weight bytes / measured copy bandwidth); and the cold start of `llama-fast
+generate` to its first printed byte (its torch-free fast start, and through the torch engine). Writes JSON
+and a PNG chart; paste the printed table into benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -201,16 +202,20 @@ def copy_bandwidth(threads: int) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def cold_start(prompt: str) -> float:
-    """Seconds from `llama-fast generate` invocation to its first printed byte."""
+def cold_start(prompt: str, lite: bool = True, repeats: int = 3) -> float:
+    """Median seconds from `llama-fast generate` invocation to its first printed byte; lite=False makes the
+    command take the torch engine (LLAMA_FAST_LITE=0) instead of its torch-free fast start."""
     exe = os.path.join(os.path.dirname(sys.executable), "llama-fast")
-    start = time.perf_counter()
-    proc = subprocess.Popen([exe, "generate", prompt, "--max-new-tokens", "4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, cwd=os.path.dirname(REPO))
-    proc.stdout.read(1)
-    first = time.perf_counter() - start
-    proc.communicate()
-    return first
+    env = {**os.environ, "LLAMA_FAST_LITE": "1" if lite else "0"}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        proc = subprocess.Popen([exe, "generate", prompt, "--max-new-tokens", "4"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, cwd=os.path.dirname(REPO), env=env)
+        proc.stdout.read(1)
+        times.append(time.perf_counter() - start)
+        proc.communicate()
+    return statistics.median(times)
 
 
 def summarise(name, spec, runs, weight_bytes, bandwidth):
@@ -306,10 +311,11 @@ def main(argv=None):
         proc.join()
 
     results = [summarise(n, specs[n], runs[n], workers[n][2], bandwidth) for n in workers]
-    cold = cold_start("Once upon a time")
+    cold, cold_engine = cold_start("Once upon a time"), cold_start("Once upon a time", lite=False)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} CPUs", "threads": args.threads, "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens, "cold_start_s": cold, "engines": results}
+              "prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens, "cold_start_s": cold,
+              "cold_start_engine_s": cold_engine, "engines": results}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -320,7 +326,8 @@ def main(argv=None):
 def print_table(report):
     print(f"\n{report['date']}, {report['machine']}, {report['threads']} threads, copy bandwidth "
           f"{report['copy_bandwidth_gb_s']:.1f} GB/s, prompt {report['prompt_tokens']} tokens, "
-          f"{report['new_tokens']} new tokens, greedy; cold start to first token {report['cold_start_s']:.2f} s\n")
+          f"{report['new_tokens']} new tokens, greedy; cold start to first token {report['cold_start_s']:.2f} s "
+          f"(through the torch engine: {report['cold_start_engine_s']:.2f} s)\n")
     print("| engine | TTFT ms | decode tok/s | ms/token p50 | p99 | peak RSS MiB | weights MiB | floor tok/s | of floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for e in report["engines"]:

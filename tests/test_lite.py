@@ -39,15 +39,20 @@ def logits_of(decoder) -> torch.Tensor:
 
 def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
     """A 70-token prompt in one feed (chunks of 32, 32, 6), token by token, and split unevenly: each leaves
-    the logits the PyTorch model computes for its last token."""
+    the logits the PyTorch model computes for its last token; so does every ISA's kernel."""
+    from llama_fast._ext import ext
+
     ids = smollm.tokenizer.encode(open(os.path.join(REPO, "tests", "data", "shakespeare_head.txt")).read())[:70]
     expected = smollm.logits(torch.tensor([ids]))[0, -1]
-    for pieces in ([ids], [[t] for t in ids], [ids[:5], ids[5:40], ids[40:]]):
-        decoder = new_decoder(lite)
+    features = ext().cpu_features()
+    isas = ["scalar"] + ["avx2"] * (features["avx2"] and features["fma"]) + ["avx512"] * (features["avx512f"] and features["avx512bw"])
+    runs = [("auto", [ids]), ("auto", [[t] for t in ids]), ("auto", [ids[:5], ids[5:40], ids[40:]])]
+    for isa, pieces in runs + [(isa, [ids]) for isa in isas]:
+        decoder = new_decoder(lite, isa=isa)
         for piece in pieces:
             decoder.feed(piece)
-        assert decoder.length == len(ids)
-        torch.testing.assert_close(logits_of(decoder), expected, rtol=1e-4, atol=1e-4)
+        assert decoder.length == len(ids) and isa in ("auto", decoder.isa)
+        torch.testing.assert_close(logits_of(decoder), expected, rtol=1e-4, atol=1e-4, msg=f"{isa} {len(pieces)}")
 
 
 @pytest.mark.parametrize("prompt", GOLDEN)
