@@ -86,16 +86,14 @@ class LiteLLM:
             return "RoPE scaling"
         return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path)
 
-    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               penalty_last_n: int | None = None, seed: int | None = None,
-               stop: str | list[str] | None = None) -> Iterator[str]:
-        """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
+    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
+               stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
+        """LLM.stream: the continuation of one prompt (or a chat, given a list of messages) as text pieces;
+        `sampling`: top_k, top_p, min_p (SamplingParams; penalties are refused)."""
         if isinstance(prompt, list):
             prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         stops = stop_strings(stop)
-        params = row_params(1, seed, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n)[0]
+        params = row_params(1, seed, temperature=temperature, **sampling)[0]
         if params.has_penalties:
             raise ValueError("LiteLLM does not apply penalties: use llama_fast.LLM")
         if max_new_tokens < 0:
