@@ -61,6 +61,29 @@ class LlamaFastEngine:
         return ids, stamps
 
 
+class LiteEngine:
+    """llama_fast's torch-free fast start (llama_fast.lite, what `llama-fast generate` runs): no torch in
+    the worker, so its peak RSS is the model's alone."""
+
+    def __init__(self, dtype: str):
+        from llama_fast.lite import LiteLLM
+
+        self.llm = LiteLLM.open("smollm2-135m-instruct", dtype)
+        if self.llm is None:
+            raise RuntimeError("the fast start does not apply (no cache entry, or LLAMA_FAST_* set)")
+
+    def weight_bytes(self) -> int:
+        return sum(len(data) for data, _, _ in self.llm.tensors.values())
+
+    def run(self, prompt_ids: list[int], new_tokens: int):
+        params = row_params(1, 0, temperature=0.0)[0]
+        start, stamps, ids = time.perf_counter(), [], []
+        for (token,) in self.llm.generate_ids(prompt_ids, params, new_tokens, stop_at_eos=False):
+            stamps.append(time.perf_counter() - start)
+            ids.append(token)
+        return ids, stamps
+
+
 class TransformersEngine:
     def __init__(self, dtype: str):
         import torch
@@ -164,15 +187,19 @@ def make_engine(spec: dict, threads: int):
     kind = spec["kind"]
     if kind == "llama_fast":
         return LlamaFastEngine(spec["dtype"], spec.get("backend"))
+    if kind == "lite":
+        return LiteEngine(spec["dtype"])
     if kind == "transformers":
         return TransformersEngine(spec["dtype"])
     return LlamaCppEngine(spec["gguf_type"], threads)
 
 
 def worker(spec: dict, threads: int, prompt_ids: list[int], new_tokens: int, ttft_repeats: int, conn) -> None:
-    import torch
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # before any OpenMP runtime starts
+    if spec["kind"] != "lite":
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     try:
         engine = make_engine(spec, threads)
         engine.run(prompt_ids[:16], 4)  # warm-up: first-call allocations and lazy init
@@ -243,7 +270,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ttft-repeats", type=int, default=4,
                         help="one-token requests per round and engine after the full run (TTFT: median of all)")
-    parser.add_argument("--engines", nargs="+", default=["llama_fast", "llama_fast-reference", "transformers", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+",
+                        default=["llama_fast", "llama_fast-lite", "llama_fast-reference", "transformers", "llama.cpp"])
     parser.add_argument("--prompt-file", default=PROMPT_FILE, help="the prompt's text (its first tokens are used)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
     args = parser.parse_args(argv)
@@ -260,11 +288,13 @@ def main(argv=None):
 
     specs = {}
     for dtype in args.dtypes:
-        if "llama_fast" in args.engines or "llama_fast-reference" in args.engines:
+        if any(e.startswith("llama_fast") for e in args.engines):
             # The converted checkpoint's cache entry for this dtype, made here once: not in a worker's peak RSS.
             load_checkpoint("smollm2-135m-instruct", progress=False, dtype=getattr(torch, dtype))
         if "llama_fast" in args.engines:
             specs[f"llama_fast {dtype}"] = {"kind": "llama_fast", "dtype": dtype}
+        if "llama_fast-lite" in args.engines:
+            specs[f"llama_fast lite {dtype}"] = {"kind": "lite", "dtype": dtype}
         if "llama_fast-reference" in args.engines:
             specs[f"llama_fast reference {dtype}"] = {"kind": "llama_fast", "dtype": dtype, "backend": "reference"}
         if "transformers" in args.engines:
@@ -344,6 +374,10 @@ def print_table(report):
         cpp = engines.get("llama.cpp " + {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype])
         if ours and cpp:
             print(f"{dtype}: llama_fast / llama.cpp decode = {ours['decode_tok_s'] / cpp['decode_tok_s']:.2f}x")
+        lite = engines.get(f"llama_fast lite {dtype}")
+        if ours and lite:
+            print(f"{dtype}: llama_fast lite / llama_fast decode = {lite['decode_tok_s'] / ours['decode_tok_s']:.2f}x; "
+                  f"same greedy tokens: {lite['tokens'] == ours['tokens']}")
 
 
 def plot(report, path):

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from .config import ModelConfig, UnsupportedModelError
 from .paths import CheckpointError, gguf_cache_path, resolve_model_path
-from .sampling import row_params
+from .sampling import SamplingParams, row_params
 from .threads import ThreadTuner
 from .tokenizer import Tokenizer, stop_strings, stream_text
 
@@ -103,13 +103,15 @@ class LiteLLM:
             raise ValueError("a prompt must contain at least one token")
         if len(ids) > self.config.max_seq_len:
             raise ValueError(f"the input has {len(ids)} tokens; the model's context is {self.config.max_seq_len} tokens")
-        for _, text, _, _ in stream_text(self.tokenizer, [ids], self._decode(ids, params, max_new_tokens), stops,
+        for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
                                          self.eos_ids):
             if text:
                 yield text
 
-    def _decode(self, ids: list[int], params, max_new_tokens: int) -> Iterator[list[int]]:
-        """The decode loop (as LLM.generate_ids for one row): yields [new token] per step."""
+    def generate_ids(self, ids: list[int], params: SamplingParams, max_new_tokens: int,
+                     stop_at_eos: bool = True) -> Iterator[list[int]]:
+        """The decode loop, LLM.generate_ids for one row: yields [new token] per step (stop_at_eos=False runs
+        max_new_tokens steps whatever it samples: benchmarks)."""
         c = self.config
         capacity = min(len(ids) + max_new_tokens, c.max_seq_len)
         steps = capacity - len(ids)
@@ -124,7 +126,7 @@ class LiteLLM:
         for step in range(steps):
             token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step)
             yield [token]
-            if token in self.eos_ids or step == steps - 1:
+            if (stop_at_eos and token in self.eos_ids) or step == steps - 1:
                 return
             if tuner is None:
                 decoder.feed([token])

@@ -130,13 +130,14 @@ def test_cli_info_and_module_entry():
 
 def test_cli_bench_runs_and_writes_its_report(tmp_path):
     """`llama-fast bench`, cut down to one engine, one short round: the real workers, timings and report."""
-    result = run([os.path.join(VENV_BIN, "llama-fast"), "bench", "--engines", "llama_fast", "--dtypes", "float32",
-                  "--rounds", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(tmp_path)])
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "bench", "--engines", "llama_fast", "llama_fast-lite",
+                  "--dtypes", "float32", "--rounds", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(tmp_path)])
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench_decode.json").read_text())
-    (engine,) = report["engines"]
+    engine, lite = report["engines"]
     assert engine["engine"] == "llama_fast float32" and len(engine["tokens"]) == 4
-    assert engine["decode_tok_s"] > 0 and engine["peak_rss_mib"] > 0
+    assert lite["engine"] == "llama_fast lite float32" and lite["tokens"] == engine["tokens"]
+    assert engine["decode_tok_s"] > 0 and engine["peak_rss_mib"] > 0 and lite["decode_tok_s"] > 0
     assert report["cold_start_s"] > 0 and report["cold_start_engine_s"] > 0
     assert (tmp_path / "bench_decode.png").stat().st_size > 0 and "| llama_fast float32 |" in result.stdout
 
