@@ -130,17 +130,15 @@ class LiteDecoder {
                " more tokens do not fit: the cache holds ", length_, " of ", capacity_);
     py::gil_scoped_release no_gil;
     std::lock_guard<std::mutex> lock(mutex_);
-    const std::vector<int32_t> rows(kChunk, 0);  // every row of a chunk is in the one cache row
-    std::vector<int32_t> positions(kChunk);
     workspace_.resize(cd::workspace_floats(desc_, kChunk, capacity_, num_threads_));
     for (size_t start = 0; start < tokens.size(); start += kChunk) {
       const int n = static_cast<int>(std::min<size_t>(kChunk, tokens.size() - start));
-      for (int i = 0; i < n; ++i) positions[i] = static_cast<int32_t>(length_ + i);
+      for (int i = 0; i < n; ++i) positions_[i] = static_cast<int32_t>(length_ + i);
       cd::StepDesc s;
       s.batch = n;
       s.tokens = tokens.data() + start;
-      s.positions = positions.data();
-      s.cache_rows = rows.data();
+      s.positions = positions_.data();
+      s.cache_rows = chunk_rows_.data();
       s.s_max = capacity_;
       s.kv_bf16 = desc_.w_bf16;
       s.k_cache = k_.data();
@@ -250,6 +248,8 @@ class LiteDecoder {
   std::vector<void*> k_, v_;
   std::vector<float> logits_;
   std::vector<float> workspace_;
+  std::vector<int32_t> positions_ = std::vector<int32_t>(kChunk);   // of a chunk's rows
+  std::vector<int32_t> chunk_rows_ = std::vector<int32_t>(kChunk);  // all 0: every row is in the one cache row
   llama_fast::SampleWorkspace sample_ws_;
   std::mutex mutex_;
   int capacity_ = 0;

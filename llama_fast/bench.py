@@ -39,6 +39,15 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ----------------------------------------------------------------------------------------------------
 # Engines: each returns (token ids, per-token timestamps relative to the start of the request).
 
+def clocked(steps) -> tuple[list[int], list[float]]:
+    """Runs a one-row decode loop (generate_ids: [token] per step) -> (token ids, their timestamps)."""
+    start, stamps, ids = time.perf_counter(), [], []
+    for (token,) in steps:
+        stamps.append(time.perf_counter() - start)
+        ids.append(token)
+    return ids, stamps
+
+
 class LlamaFastEngine:
     def __init__(self, dtype: str, backend: str | None):
         import torch
@@ -53,12 +62,8 @@ class LlamaFastEngine:
         return sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
 
     def run(self, prompt_ids: list[int], new_tokens: int):
-        params = row_params(1, 0, temperature=0.0)
-        start, stamps, ids = time.perf_counter(), [], []
-        for (token,) in self.llm.generate_ids([prompt_ids], params, new_tokens, stop_at_eos=False):
-            stamps.append(time.perf_counter() - start)
-            ids.append(token)
-        return ids, stamps
+        return clocked(self.llm.generate_ids([prompt_ids], row_params(1, 0, temperature=0.0), new_tokens,
+                                             stop_at_eos=False))
 
 
 class LiteEngine:
@@ -76,12 +81,8 @@ class LiteEngine:
         return sum(len(data) for data, _, _ in self.llm.tensors.values())
 
     def run(self, prompt_ids: list[int], new_tokens: int):
-        params = row_params(1, 0, temperature=0.0)[0]
-        start, stamps, ids = time.perf_counter(), [], []
-        for (token,) in self.llm.generate_ids(prompt_ids, params, new_tokens, stop_at_eos=False):
-            stamps.append(time.perf_counter() - start)
-            ids.append(token)
-        return ids, stamps
+        return clocked(self.llm.generate_ids(prompt_ids, row_params(1, 0, temperature=0.0)[0], new_tokens,
+                                             stop_at_eos=False))
 
 
 class TransformersEngine:

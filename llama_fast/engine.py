@@ -19,7 +19,7 @@ from .model import Transformer, build_model
 from .sampling import PenaltyCounts, SamplingParams, row_params
 from .span import SpanBias
 from .streaming import StreamingKVCache, streaming_slack
-from .tokenizer import Tokenizer, stop_strings, stream_text
+from .tokenizer import Tokenizer, check_context, encode_prompt, stop_strings, stream_text
 
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphDecodePath
@@ -142,7 +142,7 @@ class LLM:
             raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
         self._check_token_ids(input_ids)
         B, T = input_ids.shape
-        self._check_context(T)
+        check_context(T, self._context)
         c = self.config
         cache = StaticKVCache(c.n_layers, B, T, c.n_kv_heads, c.head_dim, dtype=self.model.tok_embeddings.weight.dtype,
                               device=self.device)
@@ -152,9 +152,10 @@ class LLM:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
 
-    def _check_context(self, length: int) -> None:
-        if self.model.span.window is None and length > self.config.max_seq_len:
-            raise ValueError(f"the input has {length} tokens; the model's context is {self.config.max_seq_len} tokens")
+    @property
+    def _context(self) -> int | None:
+        """The most tokens an input may have (None under a sliding window: streams run past the context)."""
+        return self.config.max_seq_len if self.model.span.window is None else None
 
     def decode_path(self, cache) -> "CpuDecodePath | CudaGraphDecodePath | None":
         """The fast decode step for this cache (the C++ step on CPU, CUDA graphs on a GPU), or None when
@@ -186,12 +187,7 @@ class LLM:
     # ---- generation ----
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        encoded = [self.tokenizer.encode(p) for p in prompts]
-        for ids in encoded:
-            if not ids:
-                raise ValueError("a prompt must contain at least one token")
-            self._check_context(len(ids))
-        return encoded
+        return [encode_prompt(self.tokenizer, p, self._context) for p in prompts]
 
     def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
                      on_cache=None, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
@@ -359,7 +355,7 @@ class LLM:
         if len(ids) < 2:
             raise ValueError("perplexity needs a text of at least 2 tokens")
         if span.window is None:
-            self._check_context(len(ids))
+            check_context(len(ids), self._context)
         cache = self.new_cache(1, len(ids), span)
         if isinstance(cache, StreamingKVCache):
             chunk = min(chunk, cache.slack)

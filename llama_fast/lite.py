@@ -22,10 +22,10 @@ import os
 from typing import Iterator
 
 from .config import ModelConfig, UnsupportedModelError
-from .paths import CheckpointError, gguf_cache_path, resolve_model_path
+from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import SamplingParams, row_params
 from .threads import ThreadTuner
-from .tokenizer import Tokenizer, stop_strings, stream_text
+from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
 
 log = logging.getLogger("llama_fast")
 
@@ -98,11 +98,7 @@ class LiteLLM:
             raise ValueError("LiteLLM does not apply penalties: use llama_fast.LLM")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise ValueError("a prompt must contain at least one token")
-        if len(ids) > self.config.max_seq_len:
-            raise ValueError(f"the input has {len(ids)} tokens; the model's context is {self.config.max_seq_len} tokens")
+        ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len)
         for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
                                          self.eos_ids):
             if text:
@@ -162,8 +158,8 @@ def _cached_gguf(path: str, dtype: str) -> tuple[dict, dict] | None:
     loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already."""
     want = _SAFETENSORS_DTYPE[dtype]
     for key in (f"torch.{dtype}", None):
-        folder = gguf_cache_path(path, key)
-        if folder is None or not os.path.exists(os.path.join(folder, "done")):
+        folder = gguf_cache_entry(path, key)
+        if folder is None:
             continue
         try:
             with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:

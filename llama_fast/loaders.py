@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, UnsupportedModelError
-from .paths import DEFAULT_MODEL, CheckpointError, gguf_cache_path, resolve_model_path  # noqa: F401 (re-exported)
+from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("llama_fast")
@@ -189,8 +190,8 @@ def _gguf_weights(reader, config: ModelConfig, path: str, progress: bool):
 
 
 def _read_gguf_cache(path: str, dtype: torch.dtype | None):
-    folder = gguf_cache_path(path, dtype)
-    if folder is None or not os.path.exists(os.path.join(folder, "done")):
+    folder = gguf_cache_entry(path, dtype)
+    if folder is None:
         return None
     from safetensors.torch import load_file
 

@@ -54,3 +54,9 @@ def gguf_cache_path(path: str, dtype=None) -> str | None:
     key = f"{CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{dtype or 'stored'}"
     key = hashlib.sha256(key.encode()).hexdigest()
     return os.path.join(root, "gguf", key[:32])
+
+
+def gguf_cache_entry(path: str, dtype=None) -> str | None:
+    """gguf_cache_path(path, dtype) if a complete entry is there (its "done" marker, written last), else None."""
+    folder = gguf_cache_path(path, dtype)
+    return folder if folder is not None and os.path.exists(os.path.join(folder, "done")) else None

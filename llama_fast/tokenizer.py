@@ -388,6 +388,21 @@ class StreamDecoder:
         return new[len(old):]
 
 
+def check_context(length: int, context: int | None) -> None:
+    """Refuses an input longer than the model's context (None: no bound, as under a sliding window)."""
+    if context is not None and length > context:
+        raise ValueError(f"the input has {length} tokens; the model's context is {context} tokens")
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int | None) -> list[int]:
+    """The prompt's token ids: at least one, and no more than `context` (see check_context)."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("a prompt must contain at least one token")
+    check_context(len(ids), context)
+    return ids
+
+
 def stop_strings(stop: str | list[str] | None) -> list[str]:
     """generate's `stop` argument as a list, checked."""
     stops = [stop] if isinstance(stop, str) else list(stop or [])
