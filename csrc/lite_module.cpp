@@ -150,26 +150,46 @@ class LiteDecoder {
       cd::decode_step(desc_, s, isa_);
       length_ += n;
     }
+    history_.insert(history_.end(), tokens.begin(), tokens.end());
   }
 
   // The next token from the last logits (sampling.h: temperature 0 is greedy; Philox(seed, step) draws).
-  int64_t sample(double temperature, int64_t top_k, double top_p, double min_p, uint64_t seed, uint64_t step) {
+  // The penalties see the last penalty_last_n tokens fed (0: all of them, the prompt included), as
+  // sampling.PenaltyCounts counts them for the engine.
+  int64_t sample(double temperature, int64_t top_k, double top_p, double min_p, uint64_t seed, uint64_t step,
+                 double repetition_penalty, double presence_penalty, double frequency_penalty, int64_t penalty_last_n) {
     LITE_CHECK(length_ > 0, "LiteDecoder.sample: feed tokens first");
     LITE_CHECK(std::isfinite(temperature) && temperature >= 0, "LiteDecoder.sample: temperature must be >= 0");
     LITE_CHECK(top_k >= 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p <= 1,
                "LiteDecoder.sample: need top_k >= 0, top_p in (0, 1], min_p in [0, 1]");
+    LITE_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0 && std::isfinite(presence_penalty) &&
+                   std::isfinite(frequency_penalty) && penalty_last_n >= 0,
+               "LiteDecoder.sample: need repetition_penalty > 0, finite presence and frequency penalties, "
+               "penalty_last_n >= 0");
     std::lock_guard<std::mutex> lock(mutex_);
     llama_fast::SampleParams p;
     p.temperature = static_cast<float>(temperature);
     p.top_k = top_k >= desc_.vocab ? 0 : top_k;
     p.top_p = static_cast<float>(top_p);
     p.min_p = static_cast<float>(min_p);
+    p.repetition_penalty = static_cast<float>(repetition_penalty);
+    p.presence_penalty = static_cast<float>(presence_penalty);
+    p.frequency_penalty = static_cast<float>(frequency_penalty);
     p.seed = seed;
     p.step = step;
     sample_ws_.resize(desc_.vocab);
     std::copy(logits_.begin(), logits_.end(), sample_ws_.x.begin());
     if (!llama_fast::all_finite(sample_ws_.x.data(), desc_.vocab))
       throw std::runtime_error("LiteDecoder.sample: the logits contain NaN or inf");
+    if (p.has_penalties()) {
+      // Counts of the window's tokens, set and cleared again here: O(window) per call, not O(vocab).
+      const size_t n = history_.size(), from = penalty_last_n > 0 && static_cast<size_t>(penalty_last_n) < n
+                                                     ? n - static_cast<size_t>(penalty_last_n) : 0;
+      seen_.resize(desc_.vocab);
+      for (size_t i = from; i < n; ++i) ++seen_[history_[i]];
+      llama_fast::apply_penalties_row(sample_ws_.x.data(), seen_.data(), desc_.vocab, p);
+      for (size_t i = from; i < n; ++i) seen_[history_[i]] = 0;
+    }
     return llama_fast::sample_filtered_row(sample_ws_, desc_.vocab, p);
   }
 
@@ -251,6 +271,8 @@ class LiteDecoder {
   std::vector<int32_t> positions_ = std::vector<int32_t>(kChunk);   // of a chunk's rows
   std::vector<int32_t> chunk_rows_ = std::vector<int32_t>(kChunk);  // all 0: every row is in the one cache row
   llama_fast::SampleWorkspace sample_ws_;
+  std::vector<int64_t> history_;  // every token fed, for the penalties
+  std::vector<int32_t> seen_;     // (vocab,) all 0 between sample() calls
   std::mutex mutex_;
   int capacity_ = 0;
   int64_t length_ = 0;
@@ -268,7 +290,8 @@ PYBIND11_MODULE(_lite, m) {
            py::arg("num_threads") = 0, py::arg("isa") = "auto")
       .def("feed", &LiteDecoder::feed, py::arg("tokens"))
       .def("sample", &LiteDecoder::sample, py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
-           py::arg("seed"), py::arg("step"))
+           py::arg("seed"), py::arg("step"), py::arg("repetition_penalty") = 1.0, py::arg("presence_penalty") = 0.0,
+           py::arg("frequency_penalty") = 0.0, py::arg("penalty_last_n") = 0)
       .def("logits", &LiteDecoder::logits, "the last logits as float32 bytes (vocab,)")
       .def_property_readonly("length", &LiteDecoder::length)
       .def_property_readonly("capacity", &LiteDecoder::capacity)

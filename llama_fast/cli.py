@@ -34,13 +34,13 @@ def _sampling(args) -> dict:
                 penalty_last_n=args.penalty_last_n, seed=args.seed, stop=args.stop)
 
 
-def _load(args, settings: dict | None = None):
-    """The model for a command. Given the sampling settings of a generate or chat, LiteLLM where it can
-    serve them (it starts in a fraction of the time: no torch import), else LLM."""
-    if settings is not None and args.device in (None, "cpu") and not (args.window or args.sinks):
+def _load(args, fast_start: bool = False):
+    """The model for a command: with fast_start (generate, chat), LiteLLM where it can serve the command (it
+    starts in a fraction of the time: no torch import), else LLM."""
+    if fast_start and args.device in (None, "cpu") and not (args.window or args.sinks):
         from .lite import LiteLLM
 
-        lite = LiteLLM.open(args.model, args.dtype, **settings)
+        lite = LiteLLM.open(args.model, args.dtype)
         if lite is not None:
             return lite
     from .engine import LLM
@@ -53,7 +53,7 @@ def _load(args, settings: dict | None = None):
 
 def cmd_generate(args) -> None:
     settings = _sampling(args)
-    llm = _load(args, settings)
+    llm = _load(args, fast_start=True)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     for piece in llm.stream(prompt, **settings):
         print(piece, end="", flush=True)
@@ -62,7 +62,7 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     settings = _sampling(args)
-    llm = _load(args, settings)
+    llm = _load(args, fast_start=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", args.model, "- type /exit to quit.", file=sys.stderr)
     while True:

@@ -6,7 +6,8 @@ here: the checkpoint is a GGUF already converted into the cache (paths.gguf_cach
 for (float32 or bfloat16), memory-mapped from its safetensors file; the tokenizer is built from the cached
 metadata; llama_fast._lite (csrc/lite_module.cpp: the same decode step and sampler as llama_fast._C, built
 without libtorch) runs the prompt in chunks of 32 tokens and then one step per token, with dense attention
-and no penalties. For anything else LiteLLM.open returns None (and logs why) and the caller uses LLM.
+the engine's sampler and penalties. For anything else LiteLLM.open returns None (and logs why) and the
+caller uses LLM.
 
     lite = LiteLLM.open("smollm2-135m-instruct")          # None: use llama_fast.LLM
     for piece in lite.stream("Once upon a time", max_new_tokens=32):
@@ -53,19 +54,19 @@ def read_safetensors(path: str) -> dict[str, tuple[memoryview, str, list[int]]]:
 
 
 class LiteLLM:
-    """One model on the C++ decode step, without torch; `stream` as LLM.stream (no penalties)."""
+    """One model on the C++ decode step, without torch; `stream` as LLM.stream."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, tensors: dict, path: str):
         self.config, self.tokenizer, self.tensors, self.path = config, tokenizer, tensors, path
         self.eos_ids = tokenizer.eos_ids | set(config.eos_token_ids)
 
     @classmethod
-    def open(cls, name_or_path: str, dtype: str | None = None, **settings) -> "LiteLLM | None":
+    def open(cls, name_or_path: str, dtype: str | None = None) -> "LiteLLM | None":
         """The model, or None where it needs the torch engine (LLM): not a converted GGUF in the cache yet,
-        a dtype other than float32 / bfloat16, RoPE scaling, penalties among the sampling `settings`, the
-        extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set."""
+        a dtype other than float32 / bfloat16, RoPE scaling, the extension not built, or $LLAMA_FAST_LITE=0 /
+        $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set."""
         dtype = dtype or "float32"
-        found = _unsupported(dtype, settings) or cls._from_cache(resolve_model_path(name_or_path), dtype)
+        found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
             return None
@@ -89,13 +90,11 @@ class LiteLLM:
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
         """LLM.stream: the continuation of one prompt (or a chat, given a list of messages) as text pieces;
-        `sampling`: top_k, top_p, min_p (SamplingParams; penalties are refused)."""
+        `sampling`: the other SamplingParams (top_k, top_p, min_p, penalties)."""
         if isinstance(prompt, list):
             prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         stops = stop_strings(stop)
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
-        if params.has_penalties:
-            raise ValueError("LiteLLM does not apply penalties: use llama_fast.LLM")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len)
@@ -120,7 +119,9 @@ class LiteLLM:
         tuner = ThreadTuner([threads, 1]) if threads > 1 else None
         decoder.feed(ids)
         for step in range(steps):
-            token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step)
+            token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step,
+                                   params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
+                                   params.penalty_last_n or 0)
             yield [token]
             if (stop_at_eos and token in self.eos_ids) or step == steps - 1:
                 return
@@ -134,7 +135,7 @@ def _lite():
     return importlib.import_module("llama_fast._lite")
 
 
-def _unsupported(dtype: str, settings: dict) -> str | None:
+def _unsupported(dtype: str) -> str | None:
     """Why LiteLLM cannot take this request before any file is read, or None."""
     if os.environ.get("LLAMA_FAST_LITE") == "0":
         return "LLAMA_FAST_LITE=0"
@@ -143,9 +144,6 @@ def _unsupported(dtype: str, settings: dict) -> str | None:
             return f"{var} is set"
     if dtype not in _SAFETENSORS_DTYPE:
         return f"dtype {dtype}"
-    if settings.get("repetition_penalty", 1.0) != 1.0 or settings.get("presence_penalty", 0.0) != 0.0 \
-            or settings.get("frequency_penalty", 0.0) != 0.0:
-        return "penalties"
     try:
         _lite()
     except ImportError as err:

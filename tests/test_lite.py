@@ -70,6 +70,20 @@ def test_sampling_and_stops_equal_the_engine(lite, smollm):
     assert "".join(lite.stream(chat, max_new_tokens=32, stop=" of")) == "The capital"
 
 
+@pytest.mark.parametrize("settings", [
+    dict(repetition_penalty=1.5),
+    dict(repetition_penalty=1.3, penalty_last_n=6, temperature=0.9, top_k=50, seed=11),
+    dict(presence_penalty=0.8, frequency_penalty=0.5, temperature=0.7, seed=5),
+])
+def test_penalties_equal_the_engine(lite, smollm, settings):
+    """The penalties see what the engine's PenaltyCounts sees (the prompt and every token so far, or the last
+    penalty_last_n), so greedy and sampled text with penalties equal LLM's; and they change the text."""
+    ours = "".join(lite.stream("The cat sat on the mat. The cat", max_new_tokens=40, **settings))
+    assert ours == smollm.generate("The cat sat on the mat. The cat", max_new_tokens=40, **settings).text
+    plain = {k: v for k, v in settings.items() if "penalt" not in k}
+    assert ours != "".join(lite.stream("The cat sat on the mat. The cat", max_new_tokens=40, **plain))
+
+
 def test_bf16_logits_stay_within_bf16_tolerance(smollm):
     load_checkpoint(DEFAULT_MODEL, progress=False, dtype=torch.bfloat16)
     half = LiteLLM.open(DEFAULT_MODEL, "bfloat16")
@@ -124,6 +138,10 @@ def test_decoder_refuses_bad_calls(lite):
                  (1.0, 0, 1.0, 2.0)]:
         with pytest.raises(ValueError):
             decoder.sample(*args, 0, 0)
+    for penalties in [(0.0, 0.0, 0.0, 0), (float("inf"), 0.0, 0.0, 0), (1.0, float("nan"), 0.0, 0),
+                      (1.0, 0.0, float("inf"), 0), (1.2, 0.0, 0.0, -1)]:
+        with pytest.raises(ValueError, match="penalt"):
+            decoder.sample(0.0, 0, 1.0, 0.0, 0, 0, *penalties)
     with pytest.raises(ValueError, match="num_threads"):
         decoder.num_threads = 0
     assert 0 <= decoder.sample(0.7, 5, 0.9, 0.0, 1, 0) < decoder.vocab
@@ -134,8 +152,10 @@ def test_stream_refuses_bad_requests(lite):
         list(lite.stream(""))
     with pytest.raises(ValueError, match="context is 8192 tokens"):
         list(lite.stream("hi " * 9000))
-    with pytest.raises(ValueError, match="penalties"):
-        list(lite.stream("hi", repetition_penalty=1.2))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        list(lite.stream("hi", repetition_penalty=0.0))
+    with pytest.raises(ValueError, match="penalty_last_n"):
+        list(lite.stream("hi", repetition_penalty=1.1, penalty_last_n=0))
     with pytest.raises(ValueError, match="top_p"):
         list(lite.stream("hi", top_p=2.0))
     with pytest.raises(ValueError, match="stop strings"):
@@ -154,7 +174,6 @@ def test_read_safetensors_refuses_junk(tmp_path):
 
 def test_open_falls_back_to_the_engine_where_it_must(lite, tmp_path, monkeypatch):
     assert LiteLLM.open(DEFAULT_MODEL, "float16") is None
-    assert LiteLLM.open(DEFAULT_MODEL, repetition_penalty=1.1) is None
     monkeypatch.setenv("LLAMA_FAST_LITE", "0")
     assert LiteLLM.open(DEFAULT_MODEL) is None
     monkeypatch.delenv("LLAMA_FAST_LITE")
@@ -168,7 +187,8 @@ def test_open_falls_back_to_the_engine_where_it_must(lite, tmp_path, monkeypatch
 
 
 def test_cli_generates_without_importing_torch(lite, smollm):
-    """`llama-fast generate` on a converted model never imports torch; with a penalty it takes the engine."""
+    """`llama-fast generate` on a converted model never imports torch, penalties included; a window takes the
+    engine."""
     code = ("import sys\nfrom llama_fast.cli import main\n"
             "code = main(sys.argv[1:])\nprint('|torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
 
@@ -180,4 +200,7 @@ def test_cli_generates_without_importing_torch(lite, smollm):
 
     assert cli("I love", "--max-new-tokens", "8") == " the idea of a community garden, but\n|torch imported: False\n"
     expected = smollm.generate("I love", max_new_tokens=8, repetition_penalty=1.3).text
-    assert cli("I love", "--max-new-tokens", "8", "--repetition-penalty", "1.3") == expected + "\n|torch imported: True\n"
+    assert cli("I love", "--max-new-tokens", "8", "--repetition-penalty", "1.3") == expected + "\n|torch imported: False\n"
+    # (a window of 16 does not bite on 10 tokens: the engine's text is the fast start's)
+    assert cli("I love", "--max-new-tokens", "8", "--window", "16", "--sinks", "4") == \
+        " the idea of a community garden, but\n|torch imported: True\n"
