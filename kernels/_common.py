@@ -5,7 +5,6 @@ Not an op: span_attention.py (prefill) and decode_attention.py (KV cache) both u
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
@@ -13,7 +12,7 @@ import triton.language as tl
 
 from llama_fast.ops import BackendError
 from llama_fast.reference import span_bucket
-from llama_fast.span import SpanBias
+from llama_fast.span import SpanBias, derived_table
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
@@ -52,9 +51,6 @@ def sync_point() -> bool:
 # bucket(d) = num_buckets - 1 for every d > max_distance. So per head a table of max_distance + 2
 # entries, computed with the reference's own fp32 bucketing, replaces the T5 log formula in the kernel.
 
-_TABLES: "weakref.WeakKeyDictionary[SpanBias, dict]" = weakref.WeakKeyDictionary()
-
-
 class SpanArgs:
     """What the kernels need from a SpanBias: flags, scalars and tables pre-scaled by log2(e)."""
 
@@ -71,12 +67,12 @@ class SpanArgs:
         self.heavy = self.has_table or self.has_window or self.has_softcap  # more registers per score
         dummy = None
         if self.has_alibi:
-            self.slopes = _cached(span, "slopes", device, lambda: span.alibi_slopes.float().to(device) * LOG2E)
+            self.slopes = derived_table(span, "slopes", device, lambda: span.alibi_slopes.float().to(device) * LOG2E)
         else:
             dummy = torch.zeros(1, dtype=torch.float32, device=device)
             self.slopes = dummy
         if self.has_table:
-            self.table = _cached(span, "table", device, lambda: _bucket_table(span, device))
+            self.table = derived_table(span, "table", device, lambda: _bucket_table(span, device))
         else:
             self.table = dummy if dummy is not None else torch.zeros(1, dtype=torch.float32, device=device)
         self.table_stride = self.table.stride(0) if self.has_table else 0
@@ -91,17 +87,6 @@ def _bucket_table(span: SpanBias, device) -> torch.Tensor:
     buckets = span_bucket(d, span.num_buckets, span.max_distance)  # (max_distance + 2,)
     table = span.bucket_bias.detach().float().cpu()[:, buckets] * LOG2E  # (H, max_distance + 2)
     return table.contiguous().to(device)
-
-
-def _cached(span: SpanBias, name: str, device, build):
-    """Per-SpanBias cache of a derived table, rebuilt when the source tensor is modified in place."""
-    source = span.alibi_slopes if name == "slopes" else span.bucket_bias
-    key = (name, str(device), source._version)
-    entry = _TABLES.setdefault(span, {})
-    if key not in entry:
-        entry.clear() if len(entry) > 8 else None
-        entry[key] = build()
-    return entry[key]
 
 
 # ----------------------------------------------------------------------------------------------------

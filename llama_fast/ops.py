@@ -20,7 +20,7 @@ import torch
 from . import reference
 from ._ext import ext, has_ext
 from .sampling import SamplingParams
-from .span import SpanBias
+from .span import SpanBias, derived_table
 
 log = logging.getLogger("llama_fast")
 
@@ -93,6 +93,13 @@ def _cpu_attention_unsupported(k_cache, block_table) -> str | None:
     return None
 
 
+def cpu_bucket_table(span: SpanBias) -> torch.Tensor | None:
+    """reference.bucket_table(span) for the C++ attention, built once per span (not per layer and step)."""
+    if span.bucket_bias is None:
+        return None
+    return derived_table(span, "cpu_table", "cpu", lambda: reference.bucket_table(span))
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None, *, backend=None):
     """Attention of new queries over a contiguous or paged KV cache (see reference.decode_attention).
 
@@ -106,7 +113,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     if which == "cpu":
         out = ext().cpu_attention(
             q.float().contiguous(), k_cache, v_cache, cache_seqlens,
-            alibi_slopes=span.alibi_slopes, bucket_table=reference.bucket_table(span), window=span.window or 0,
+            alibi_slopes=span.alibi_slopes, bucket_table=cpu_bucket_table(span), window=span.window or 0,
             sink_tokens=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
             scale=q.shape[-1] ** -0.5 if scale is None else scale)
         return out.to(q.dtype)

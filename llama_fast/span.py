@@ -5,7 +5,9 @@ See DESIGN.md section 3 for the exact definition every implementation follows.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -85,3 +87,20 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         extra_base = 2.0 ** (-4.0 / closest)
         slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
     return torch.tensor(slopes, dtype=torch.float32)
+
+
+_DERIVED: "weakref.WeakKeyDictionary[SpanBias, dict]" = weakref.WeakKeyDictionary()
+
+
+def derived_table(span: SpanBias, name: str, device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A table derived from span.alibi_slopes (name "slopes") or span.bucket_bias (any other name), built
+    once per span, name and device, and again when that source tensor is modified in place: the attention
+    of every layer and step reuses it instead of rebuilding it."""
+    source = span.alibi_slopes if name == "slopes" else span.bucket_bias
+    key = (name, str(device), source._version)
+    entry = _DERIVED.setdefault(span, {})
+    if key not in entry:
+        if len(entry) > 8:  # stale versions of modified tables
+            entry.clear()
+        entry[key] = build()
+    return entry[key]

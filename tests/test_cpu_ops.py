@@ -44,6 +44,29 @@ def test_decode_attention_matches_reference(variant, heads, head_dim, cache_dtyp
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"T={T}")
 
 
+def test_bucket_table_is_built_once_and_follows_in_place_changes():
+    """The C++ attention's bucket table is derived once per span, not per layer and step; a bucket_bias
+    changed in place (training, a loader filling it) gets a fresh table and the attention follows it."""
+    gen = torch.Generator().manual_seed(9)
+    span = SpanBias(bucket_bias=torch.randn(4, 8, generator=gen), num_buckets=8, max_distance=12)
+    table = ops.cpu_bucket_table(span)
+    assert ops.cpu_bucket_table(span) is table
+    torch.testing.assert_close(table, reference.bucket_table(span))
+    q = torch.randn(1, 1, 4, 16, generator=gen)
+    k, v = (torch.randn(1, 30, 2, 16, generator=gen) for _ in range(2))
+    seqlens = torch.tensor([30], dtype=torch.int32)
+    before = ops.decode_attention(q, k, v, seqlens, span, backend="cpu")
+    with torch.no_grad():
+        span.bucket_bias.mul_(-3.0)
+    fresh = ops.cpu_bucket_table(span)
+    assert fresh is not table
+    torch.testing.assert_close(fresh, reference.bucket_table(span))
+    after = ops.decode_attention(q, k, v, seqlens, span, backend="cpu")
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference.decode_attention(q, k, v, seqlens, span), rtol=2e-5, atol=2e-5)
+    assert ops.cpu_bucket_table(SpanBias()) is None
+
+
 def test_decode_attention_bf16_queries_and_scale():
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(2, 7, 4, 32, generator=gen).bfloat16()
