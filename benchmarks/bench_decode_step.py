@@ -17,6 +17,7 @@ import time
 import torch
 
 from llama_fast._ext import ext
+from llama_fast.bench import memory_bandwidth
 from llama_fast.cache import StaticKVCache
 from llama_fast.fast_decode import CpuDecodePath
 from llama_fast.loaders import load_checkpoint
@@ -26,18 +27,6 @@ from llama_fast.model import build_model
 def pct(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
-
-
-def copy_bandwidth(nbytes=256 << 20, repeats=5):
-    """GB/s of a large tensor copy (bytes read + bytes written)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
 
 
 def matvec_gbps(weight, repeats=20):
@@ -96,21 +85,26 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
-    bw = copy_bandwidth()
+    measured = memory_bandwidth(torch.get_num_threads())
+    bw, read_bw = measured["copy"] / 1e9, measured["read"] / 1e9
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads(), "copy_GBps": bw, "context": args.context, "dtypes": {}}
-    print(f"copy bandwidth {bw:.1f} GB/s, {torch.get_num_threads()} threads, context {args.context}")
+              "torch_threads": torch.get_num_threads(), "copy_GBps": bw, "read_GBps": read_bw, "context": args.context,
+              "dtypes": {}}
+    print(f"copy bandwidth {bw:.1f} GB/s, read {read_bw:.1f} GB/s, {torch.get_num_threads()} threads, "
+          f"context {args.context}")
     for dtype in (torch.float32, torch.bfloat16):
         r, model = bench_dtype(ckpt, dtype, args.steps, args.context)
         gbps, mv_ms = matvec_gbps(model.tok_embeddings.weight.detach())
         r["matvec_GBps"], r["matvec_ms"] = gbps, mv_ms
         r["floor_ms"] = r["weight_bytes"] / (bw * 1e9) * 1e3
         r["cpp_fraction_of_floor"] = r["floor_ms"] / r["cpp"]["ms_p50"]
+        r["cpp_GBps"] = r["weight_bytes"] / r["cpp"]["ms_p50"] / 1e6  # the step's weights per second
         result["dtypes"][str(dtype).replace("torch.", "")] = r
         print(f"{str(dtype):15s} eager {r['eager']['ms_p50']:7.1f} ms/token ({r['eager']['tok_s']:5.1f} tok/s)   "
               f"C++ {r['cpp']['ms_p50']:6.1f} ms/token ({r['cpp']['tok_s']:5.1f} tok/s, p99 {r['cpp']['ms_p99']:.1f}, "
               f"min {r['cpp']['ms_min']:.1f})   x{r['speedup_p50']:.2f}   floor {r['floor_ms']:.1f} ms "
-              f"({100 * r['cpp_fraction_of_floor']:.0f}%)")
+              f"({100 * r['cpp_fraction_of_floor']:.0f}%); the step reads {r['cpp_GBps']:.1f} GB/s of weights "
+              f"({100 * r['cpp_GBps'] / read_bw:.0f}% of the read bandwidth)")
         print(f"{'':15s} logits matvec {tuple(model.tok_embeddings.weight.shape)}: torch {gbps['torch']:.1f} GB/s "
               f"({mv_ms['torch']:.2f} ms), C++ {gbps['cpp']:.1f} GB/s ({mv_ms['cpp']:.2f} ms)")
         del model

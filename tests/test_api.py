@@ -139,6 +139,8 @@ def test_cli_bench_runs_and_writes_its_report(tmp_path):
     assert lite["engine"] == "llama_fast lite float32" and lite["tokens"] == engine["tokens"]
     assert engine["decode_tok_s"] > 0 and engine["peak_rss_mib"] > 0 and lite["decode_tok_s"] > 0
     assert report["cold_start_s"] > 0 and report["cold_start_engine_s"] > 0
+    assert report["copy_bandwidth_gb_s"] > 0 and report["read_bandwidth_gb_s"] > 0
+    assert 0 < engine["fraction_of_read"] and 0 < engine["fraction_of_floor"]
     assert (tmp_path / "bench_decode.png").stat().st_size > 0 and "| llama_fast float32 |" in result.stdout
 
 
