@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -43,15 +44,23 @@ class LiteDecoder {
  public:
   // tensors: the model's names (as llama_fast.loaders writes them) -> (buffer, "F32" | "BF16", shape);
   // matrices share one dtype, which is also the KV cache's. "output.weight" absent: tied embeddings.
-  // capacity: the most tokens the cache holds; num_threads 0: OpenMP's default.
+  // capacity: the most tokens the cache holds; num_threads 0: OpenMP's default. window > 0: keys `window` or
+  // more positions behind a query are invisible except the first sink_tokens, and a feed that would
+  // overflow the cache first evicts as streaming.StreamingKVCache does (see evict()).
   LiteDecoder(int n_layers, int n_heads, int n_kv_heads, int head_dim, int ffn_dim, double norm_eps,
-              double rope_theta, const py::dict& tensors, int capacity, int num_threads, const std::string& isa) {
+              double rope_theta, const py::dict& tensors, int capacity, int num_threads, const std::string& isa,
+              int window, int sink_tokens) {
     LITE_CHECK(n_layers >= 1 && n_heads >= 1 && n_kv_heads >= 1 && n_heads % n_kv_heads == 0,
                "LiteDecoder: n_heads must be a positive multiple of n_kv_heads, got ", n_heads, " and ", n_kv_heads);
     LITE_CHECK(head_dim >= 2 && head_dim % 2 == 0, "LiteDecoder: head_dim must be even, got ", head_dim);
     LITE_CHECK(ffn_dim >= 1 && norm_eps > 0 && rope_theta > 0, "LiteDecoder: ffn_dim, norm_eps and rope_theta must be > 0");
     LITE_CHECK(capacity >= 1 && capacity < (1 << 24), "LiteDecoder: capacity must be in [1, 2^24), got ", capacity);
     LITE_CHECK(num_threads >= 0 && num_threads <= 1024, "LiteDecoder: num_threads must be in [0, 1024], got ", num_threads);
+    LITE_CHECK(window >= 0 && sink_tokens >= 0 && (window > 0 ? sink_tokens < window : sink_tokens == 0),
+               "LiteDecoder: need window >= 0 (0: none) and 0 <= sink_tokens < window (0 without a window), got window ",
+               window, ", sink_tokens ", sink_tokens);
+    window_ = window;
+    sinks_ = sink_tokens;
     std::string isa_error;
     isa_ = cd::parse_isa(isa, isa_error);
     LITE_CHECK(isa_error.empty(), "LiteDecoder: ", isa_error);
@@ -94,7 +103,11 @@ class LiteDecoder {
       }
     }
     span_.assign(n_heads, cd::HeadSpan{});
-    for (auto& sp : span_) sp.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    for (auto& sp : span_) {
+      sp.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+      sp.window = window;
+      sp.sinks = sink_tokens;
+    }
 
     desc_.dim = dim;
     desc_.n_layers = n_layers;
@@ -126,10 +139,14 @@ class LiteDecoder {
     for (size_t i = 0; i < tokens.size(); ++i)
       LITE_CHECK(tokens[i] >= 0 && tokens[i] < desc_.vocab, "LiteDecoder.feed: token id ", tokens[i], " at ", i,
                  " is outside [0, ", desc_.vocab, ")");
-    LITE_CHECK(length_ + static_cast<int64_t>(tokens.size()) <= capacity_, "LiteDecoder.feed: ", tokens.size(),
-               " more tokens do not fit: the cache holds ", length_, " of ", capacity_);
+    const int64_t n_new = static_cast<int64_t>(tokens.size());
+    const bool evicts = window_ > 0 && length_ + n_new > capacity_;
+    LITE_CHECK(evicts ? n_new <= capacity_ - sinks_ - (window_ - 1) : length_ + n_new <= capacity_, "LiteDecoder.feed: ",
+               n_new, " more tokens do not fit: the cache holds ", length_, " of ", capacity_,
+               window_ > 0 ? " and keeps its sinks and window - 1 tokens when it evicts" : "");
     py::gil_scoped_release no_gil;
     std::lock_guard<std::mutex> lock(mutex_);
+    if (evicts) evict();
     workspace_.resize(cd::workspace_floats(desc_, kChunk, capacity_, num_threads_));
     for (size_t start = 0; start < tokens.size(); start += kChunk) {
       const int n = static_cast<int>(std::min<size_t>(kChunk, tokens.size() - start));
@@ -198,6 +215,7 @@ class LiteDecoder {
     return {reinterpret_cast<const char*>(logits_.data()), logits_.size() * sizeof(float)};
   }
   int64_t length() const { return length_; }
+  int64_t evicted() const { return evicted_; }
   int capacity() const { return capacity_; }
   int vocab() const { return desc_.vocab; }
   std::string isa() const { return cd::isa_name(isa_); }
@@ -213,6 +231,38 @@ class LiteDecoder {
     bool bf16;
     std::vector<int64_t> shape;
   };
+
+  // Keeps the sinks and the newest window - 1 tokens, moved down behind the sinks: positions are cache
+  // positions, so the survivors' keys (stored rotated by RoPE) are rotated back by the shift, in fp32 and
+  // rounded to the cache's dtype, as streaming.rotate_keys_back does for the engine.
+  void evict() {
+    const int keep = window_ - 1, shift = static_cast<int>(length_) - keep - sinks_;
+    const int D = desc_.head_dim, half = D / 2, nkv = desc_.n_kv_heads * D;
+    const float* cs = rope_.data() + static_cast<size_t>(shift) * D;  // [cos | sin] at position `shift`
+    const size_t esz = desc_.w_bf16 ? 2 : 4;
+    std::vector<float> row(nkv);
+    for (int l = 0; l < desc_.n_layers; ++l) {
+      char* k = static_cast<char*>(k_[l]);
+      char* v = static_cast<char*>(v_[l]);
+      for (int i = 0; i < keep; ++i) {  // ascending: a destination row is never a later source row
+        const size_t from = static_cast<size_t>(sinks_ + shift + i) * nkv * esz;
+        const size_t to = static_cast<size_t>(sinks_ + i) * nkv * esz;
+        cd::load_row(k + from, desc_.w_bf16, 0, nkv, row.data());
+        for (int h = 0; h < desc_.n_kv_heads; ++h) {
+          float* x = row.data() + h * D;
+          for (int j = 0; j < half; ++j) {
+            const float x1 = x[j], x2 = x[half + j], c = cs[j], s = cs[half + j];
+            x[j] = x1 * c + x2 * s;
+            x[half + j] = x2 * c - x1 * s;
+          }
+        }
+        cd::store_row(k + to, desc_.w_bf16, row.data(), nkv);
+        std::memmove(v + to, v + from, nkv * esz);
+      }
+    }
+    length_ = sinks_ + keep;
+    evicted_ += shift;
+  }
 
   // Checks tensors[name] = (buffer, dtype, shape) against the wanted shape (-1: any) and keeps its buffer
   // exported, so the memory it maps cannot be closed under the decoder.
@@ -275,7 +325,9 @@ class LiteDecoder {
   std::vector<int32_t> seen_;     // (vocab,) all 0 between sample() calls
   std::mutex mutex_;
   int capacity_ = 0;
+  int window_ = 0, sinks_ = 0;
   int64_t length_ = 0;
+  int64_t evicted_ = 0;  // tokens dropped by evict() so far
   int num_threads_ = 1;
 };
 
@@ -284,16 +336,17 @@ class LiteDecoder {
 PYBIND11_MODULE(_lite, m) {
   m.doc() = "llama_fast's CPU decode step and sampler without torch (see llama_fast/lite.py)";
   py::class_<LiteDecoder>(m, "LiteDecoder")
-      .def(py::init<int, int, int, int, int, double, double, const py::dict&, int, int, const std::string&>(),
+      .def(py::init<int, int, int, int, int, double, double, const py::dict&, int, int, const std::string&, int, int>(),
            py::arg("n_layers"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("ffn_dim"),
            py::arg("norm_eps"), py::arg("rope_theta"), py::arg("tensors"), py::arg("capacity"),
-           py::arg("num_threads") = 0, py::arg("isa") = "auto")
+           py::arg("num_threads") = 0, py::arg("isa") = "auto", py::arg("window") = 0, py::arg("sink_tokens") = 0)
       .def("feed", &LiteDecoder::feed, py::arg("tokens"))
       .def("sample", &LiteDecoder::sample, py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("min_p"),
            py::arg("seed"), py::arg("step"), py::arg("repetition_penalty") = 1.0, py::arg("presence_penalty") = 0.0,
            py::arg("frequency_penalty") = 0.0, py::arg("penalty_last_n") = 0)
       .def("logits", &LiteDecoder::logits, "the last logits as float32 bytes (vocab,)")
       .def_property_readonly("length", &LiteDecoder::length)
+      .def_property_readonly("evicted", &LiteDecoder::evicted)
       .def_property_readonly("capacity", &LiteDecoder::capacity)
       .def_property_readonly("vocab", &LiteDecoder::vocab)
       .def_property_readonly("isa", &LiteDecoder::isa)

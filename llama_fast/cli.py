@@ -37,10 +37,10 @@ def _sampling(args) -> dict:
 def _load(args, fast_start: bool = False):
     """The model for a command: with fast_start (generate, chat), LiteLLM where it can serve the command (it
     starts in a fraction of the time: no torch import), else LLM."""
-    if fast_start and args.device in (None, "cpu") and not (args.window or args.sinks):
+    if fast_start and args.device in (None, "cpu"):
         from .lite import LiteLLM
 
-        lite = LiteLLM.open(args.model, args.dtype)
+        lite = LiteLLM.open(args.model, args.dtype, window=args.window, sink_tokens=args.sinks)
         if lite is not None:
             return lite
     from .engine import LLM

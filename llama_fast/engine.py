@@ -18,8 +18,9 @@ from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
 from .sampling import PenaltyCounts, SamplingParams, row_params
 from .span import SpanBias
-from .streaming import StreamingKVCache, streaming_slack
+from .streaming import StreamingKVCache
 from .tokenizer import Tokenizer, check_context, encode_prompt, stop_strings, stream_text
+from .window import streaming_slack
 
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphDecodePath
@@ -104,7 +105,7 @@ class LLM:
         c, span = self.config, span or self.model.span
         dtype = self.model.tok_embeddings.weight.dtype
         if span.window is not None:
-            slack = streaming_slack(span)
+            slack = streaming_slack(span.window)
             if max_len > span.sink_tokens + span.window + slack:
                 base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
                                      c.head_dim, dtype=dtype, device=self.device)
@@ -127,7 +128,7 @@ class LLM:
         if isinstance(cache, StreamingKVCache):
             chunk = cache.slack
         elif span.window is not None:
-            chunk = streaming_slack(span)
+            chunk = streaming_slack(span.window)
         last = torch.empty(tokens.shape[0], self.config.vocab_size)
         for start in range(0, tokens.shape[1], chunk):
             kept = (lengths - start).clamp(0, chunk)
@@ -255,7 +256,7 @@ class LLM:
         if span.window is None:
             num_blocks = sum(-(-len(p) // bs) for p in distinct) + len(prompt_ids) * (-(-steps // bs) + 1)
         else:  # a stream holds at most its sinks, window and one prefill chunk, plus a block not yet evicted
-            held = -(-(span.sink_tokens + span.window + streaming_slack(span)) // bs) + 2
+            held = -(-(span.sink_tokens + span.window + streaming_slack(span.window)) // bs) + 2
             num_blocks = (len(distinct) + len(prompt_ids)) * held
         cache = PagedKVCache.for_span(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim, span,
                                       dtype=self.model.tok_embeddings.weight.dtype, device=self.device,

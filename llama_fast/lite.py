@@ -6,8 +6,8 @@ here: the checkpoint is a GGUF already converted into the cache (paths.gguf_cach
 for (float32 or bfloat16), memory-mapped from its safetensors file; the tokenizer is built from the cached
 metadata; llama_fast._lite (csrc/lite_module.cpp: the same decode step and sampler as llama_fast._C, built
 without libtorch) runs the prompt in chunks of 32 tokens and then one step per token, with dense attention
-the engine's sampler and penalties. For anything else LiteLLM.open returns None (and logs why) and the
-caller uses LLM.
+or a sliding window with sinks (evicting as the engine's StreamingKVCache does), and the engine's sampler
+and penalties. For anything else LiteLLM.open returns None (and logs why) and the caller uses LLM.
 
     lite = LiteLLM.open("smollm2-135m-instruct")          # None: use llama_fast.LLM
     for piece in lite.stream("Once upon a time", max_new_tokens=32):
@@ -27,6 +27,7 @@ from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import SamplingParams, row_params
 from .threads import ThreadTuner
 from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
+from .window import check_window, streaming_slack
 
 log = logging.getLogger("llama_fast")
 
@@ -56,24 +57,29 @@ def read_safetensors(path: str) -> dict[str, tuple[memoryview, str, list[int]]]:
 class LiteLLM:
     """One model on the C++ decode step, without torch; `stream` as LLM.stream."""
 
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, tensors: dict, path: str):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, tensors: dict, path: str,
+                 window: int | None = None, sink_tokens: int = 0):
+        check_window(window, sink_tokens)
         self.config, self.tokenizer, self.tensors, self.path = config, tokenizer, tensors, path
+        self.window, self.sink_tokens = window, sink_tokens
         self.eos_ids = tokenizer.eos_ids | set(config.eos_token_ids)
 
     @classmethod
-    def open(cls, name_or_path: str, dtype: str | None = None) -> "LiteLLM | None":
+    def open(cls, name_or_path: str, dtype: str | None = None, window: int | None = None,
+             sink_tokens: int = 0) -> "LiteLLM | None":
         """The model, or None where it needs the torch engine (LLM): not a converted GGUF in the cache yet,
         a dtype other than float32 / bfloat16, RoPE scaling, the extension not built, or $LLAMA_FAST_LITE=0 /
-        $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set."""
+        $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
+        check_window(window, sink_tokens)
         dtype = dtype or "float32"
-        found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype)
+        found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype, window, sink_tokens)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
             return None
         return found
 
     @classmethod
-    def _from_cache(cls, path: str, dtype: str) -> "LiteLLM | str":
+    def _from_cache(cls, path: str, dtype: str, window: int | None, sink_tokens: int) -> "LiteLLM | str":
         """The model from its cache entry, or why not."""
         found = _cached_gguf(path, dtype) if os.path.isfile(path) else None
         if found is None:
@@ -85,7 +91,7 @@ class LiteLLM:
             return f"its metadata: {err}"
         if config.rope_scaling is not None:
             return "RoPE scaling"
-        return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path)
+        return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path, window, sink_tokens)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
@@ -97,7 +103,7 @@ class LiteLLM:
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len)
+        ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len if self.window is None else None)
         for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
                                          self.eos_ids):
             if text:
@@ -106,18 +112,27 @@ class LiteLLM:
     def generate_ids(self, ids: list[int], params: SamplingParams, max_new_tokens: int,
                      stop_at_eos: bool = True) -> Iterator[list[int]]:
         """The decode loop, LLM.generate_ids for one row: yields [new token] per step (stop_at_eos=False runs
-        max_new_tokens steps whatever it samples: benchmarks)."""
+        max_new_tokens steps whatever it samples: benchmarks). Under a window the prompt goes in chunks of
+        the cache's slack and the cache holds at most sinks + window + slack tokens, evicting as it fills,
+        as the engine's prefill and StreamingKVCache do (so the text is the engine's)."""
         c = self.config
-        capacity = min(len(ids) + max_new_tokens, c.max_seq_len)
-        steps = capacity - len(ids)
+        if self.window is None:
+            chunk, capacity = len(ids), min(len(ids) + max_new_tokens, c.max_seq_len)
+            steps = capacity - len(ids)
+        else:
+            chunk = streaming_slack(self.window)
+            capacity = min(len(ids) + max_new_tokens, self.sink_tokens + self.window + chunk)
+            steps = max_new_tokens
         if steps <= 0:
             return
         decoder = _lite().LiteDecoder(
             n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim,
-            norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=self.tensors, capacity=capacity)
+            norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=self.tensors, capacity=capacity,
+            window=self.window or 0, sink_tokens=self.sink_tokens)
         threads = decoder.num_threads
         tuner = ThreadTuner([threads, 1]) if threads > 1 else None
-        decoder.feed(ids)
+        for start in range(0, len(ids), chunk):
+            decoder.feed(ids[start:start + chunk])
         for step in range(steps):
             token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step,
                                    params.repetition_penalty, params.presence_penalty, params.frequency_penalty,

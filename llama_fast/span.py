@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .window import check_window
+
 
 @dataclass(frozen=True, eq=False)
 class SpanBias:
@@ -35,16 +37,7 @@ class SpanBias:
     logit_softcap: float | None = None
 
     def __post_init__(self):
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"SpanBias.window must be a positive int or None, got {self.window!r}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"SpanBias.sink_tokens must be a non-negative int, got {self.sink_tokens!r}")
-        if self.sink_tokens and self.window is None:
-            raise ValueError("SpanBias.sink_tokens needs a window: without one every token is visible anyway")
-        if self.window is not None and self.sink_tokens >= self.window:
-            raise ValueError(
-                f"SpanBias.sink_tokens ({self.sink_tokens}) must be smaller than window ({self.window})"
-            )
+        check_window(self.window, self.sink_tokens)
         if self.logit_softcap is not None and not (self.logit_softcap > 0 and math.isfinite(self.logit_softcap)):
             raise ValueError(f"SpanBias.logit_softcap must be a positive finite number, got {self.logit_softcap!r}")
         if self.alibi_slopes is not None and self.alibi_slopes.dim() != 1:

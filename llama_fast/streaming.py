@@ -94,8 +94,3 @@ class StreamingKVCache:
 
     def end_step(self, num_kept=None) -> None:
         self.base.end_step(num_kept)
-
-
-def streaming_slack(span: SpanBias) -> int:
-    """Spare slots beyond sinks + window: the most tokens one step may add, and how often keys move."""
-    return max(16, min(256, span.window // 4))

@@ -97,6 +97,45 @@ def test_bf16_logits_stay_within_bf16_tolerance(smollm):
     assert logits_of(decoder).argmax() == expected.argmax()
 
 
+@pytest.fixture(scope="module")
+def windowed():
+    """The engine with a sliding window of 32 and 4 sinks (its StreamingKVCache evicts past 52 tokens)."""
+    from llama_fast import LLM
+    from llama_fast.span import SpanBias
+
+    return LLM.from_pretrained(DEFAULT_MODEL, span=SpanBias(window=32, sink_tokens=4), progress=False)
+
+
+@pytest.mark.parametrize("settings", [dict(max_new_tokens=90),
+                                      dict(max_new_tokens=70, temperature=0.8, seed=3, repetition_penalty=1.2)])
+def test_window_and_sinks_stream_as_the_engine(windowed, settings):
+    """Under a window the fast start evicts where the engine's StreamingKVCache does (prompt chunks of the
+    slack, then every step that would overflow sinks + window + slack) and re-rotates the survivors' keys
+    the same way, so a prompt past the window and a generation past the cache give the engine's text."""
+    prompt = "The history of the Roman Empire spans many centuries. It began when a small city on the Tiber " * 2
+    lite = LiteLLM.open(DEFAULT_MODEL, window=32, sink_tokens=4)
+    ours = "".join(lite.stream(prompt, **settings))
+    assert ours == windowed.generate(prompt, **settings).text
+    assert ours != "".join(LiteLLM.open(DEFAULT_MODEL).stream(prompt, **settings))  # the window bites
+
+
+def test_decoder_evicts_and_keeps_a_constant_cache(lite):
+    """sinks 4 + window 32 + slack 16 = 52 slots: 400 tokens pass through, the cache never holds more."""
+    decoder = new_decoder(lite, capacity=52, window=32, sink_tokens=4)
+    decoder.feed(list(range(100, 116)))
+    for token in range(384):
+        decoder.feed([200 + token % 50])
+        assert decoder.length <= 52
+    assert decoder.length + decoder.evicted == 400 and decoder.evicted > 0
+    logits = logits_of(decoder)
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="keeps its sinks and window - 1 tokens"):
+        decoder.feed(list(range(18)))  # more than 52 - 4 - 31 = 17 at once
+    for bad in [dict(window=-1), dict(window=8, sink_tokens=8), dict(window=0, sink_tokens=2), dict(sink_tokens=-1)]:
+        with pytest.raises(ValueError, match="sink_tokens"):
+            new_decoder(lite, **bad)
+
+
 def test_decoder_refuses_bad_tensors(lite):
     tensors = dict(lite.tensors)
     cases = [
@@ -184,23 +223,26 @@ def test_open_falls_back_to_the_engine_where_it_must(lite, tmp_path, monkeypatch
     assert LiteLLM.open(DEFAULT_MODEL) is None
     with pytest.raises(CheckpointError, match="no such model"):
         LiteLLM.open("/no/such.gguf")
+    with pytest.raises(ValueError, match="needs a window"):
+        LiteLLM.open(DEFAULT_MODEL, sink_tokens=4)
+    with pytest.raises(ValueError, match="smaller than window"):
+        LiteLLM.open(DEFAULT_MODEL, window=4, sink_tokens=4)
 
 
 def test_cli_generates_without_importing_torch(lite, smollm):
-    """`llama-fast generate` on a converted model never imports torch, penalties included; a window takes the
-    engine."""
+    """`llama-fast generate` on a converted model never imports torch, penalties and windows included; with
+    LLAMA_FAST_LITE=0 it takes the engine, with the same text."""
     code = ("import sys\nfrom llama_fast.cli import main\n"
             "code = main(sys.argv[1:])\nprint('|torch imported:', 'torch' in sys.modules)\nsys.exit(code)\n")
 
-    def cli(*args):
+    def cli(*args, lite="1"):
         result = subprocess.run([sys.executable, "-c", code, "generate", *args], capture_output=True, text=True,
-                                timeout=300, cwd=os.path.dirname(REPO))
+                                timeout=300, cwd=os.path.dirname(REPO), env={**os.environ, "LLAMA_FAST_LITE": lite})
         assert result.returncode == 0, result.stderr
         return result.stdout
 
     assert cli("I love", "--max-new-tokens", "8") == " the idea of a community garden, but\n|torch imported: False\n"
     expected = smollm.generate("I love", max_new_tokens=8, repetition_penalty=1.3).text
     assert cli("I love", "--max-new-tokens", "8", "--repetition-penalty", "1.3") == expected + "\n|torch imported: False\n"
-    # (a window of 16 does not bite on 10 tokens: the engine's text is the fast start's)
-    assert cli("I love", "--max-new-tokens", "8", "--window", "16", "--sinks", "4") == \
-        " the idea of a community garden, but\n|torch imported: True\n"
+    windowed = ("I love", "--max-new-tokens", "40", "--window", "16", "--sinks", "4")  # evicts past 36 tokens
+    assert cli(*windowed) == cli(*windowed, lite="0").replace("torch imported: True", "torch imported: False")

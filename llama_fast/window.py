@@ -1,0 +1,21 @@
+"""Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py), the engine's
+StreamingKVCache (streaming.py) and the torch-free fast start (lite.py). Torch-free."""
+from __future__ import annotations
+
+
+def check_window(window: int | None, sink_tokens: int) -> None:
+    """Raises ValueError unless `window` (None: unlimited) and `sink_tokens` make a valid pair."""
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"SpanBias.window must be a positive int or None, got {window!r}")
+    if not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"SpanBias.sink_tokens must be a non-negative int, got {sink_tokens!r}")
+    if sink_tokens and window is None:
+        raise ValueError("SpanBias.sink_tokens needs a window: without one every token is visible anyway")
+    if window is not None and sink_tokens >= window:
+        raise ValueError(f"SpanBias.sink_tokens ({sink_tokens}) must be smaller than window ({window})")
+
+
+def streaming_slack(window: int) -> int:
+    """Spare cache slots beyond sinks + window: the most tokens one step may add, and how often keys move
+    (a full cache keeps its sinks and newest window - 1 tokens)."""
+    return max(16, min(256, window // 4))
