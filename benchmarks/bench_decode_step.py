@@ -5,6 +5,7 @@ product (the tied embedding as the logits matrix) through torch against the C++ 
 streaming 256 MiB as fp32 and as bf16 against a plain read of it; and the bandwidth floor of a decode step.
 
     .venv/bin/python benchmarks/bench_decode_step.py [--steps 40] [--context 128] [--json out.json]
+    .venv/bin/python benchmarks/bench_decode_step.py --matvec   # the C++ matrix kernels by row count
 """
 from __future__ import annotations
 
@@ -64,6 +65,29 @@ def stream_gbps(nbytes=256 << 20, cols=576, repeats=9):
     return {name: w32.numel() * 4 / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
+def matvec_sweep(rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), copies=24, repeats=5):
+    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels (cpu_matvec: a row at a time up to 4 vectors, 4 at a
+    time over L2 tiles, a GEMM from 12) against torch's F.linear, on `copies` weight matrices in turn (more
+    than the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved."""
+    c = ext()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [torch.randn(shape).to(dtype) for _ in range(copies)]
+        for n in rows:
+            x = torch.randn(n, shape[1])
+            xw = x.to(dtype)
+            runs = {"cpp": lambda w: c.cpu_matvec(w, x), "torch": lambda w: torch.nn.functional.linear(xw, w)}
+            times = {name: [] for name in runs}
+            for i in range(repeats * copies):
+                for name, run in runs.items():
+                    t0 = time.perf_counter()
+                    run(weights[i % copies])
+                    times[name].append(time.perf_counter() - t0)
+            flops = 2 * n * shape[0] * shape[1]
+            out[f"{str(dtype).replace('torch.', '')} {n}"] = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
+    return out
+
+
 def bench_dtype(ckpt, dtype, steps, context):
     cfg = ckpt.config
     model = build_model(cfg, ckpt.weights, dtype=dtype)
@@ -101,7 +125,13 @@ def main():
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--matvec", action="store_true", help="only the sweep of the C++ matrix kernels over row counts")
     args = ap.parse_args()
+    if args.matvec:
+        print(f"(1536, 576) weights, {torch.get_num_threads()} threads: GFLOPS, C++ cpu_matvec / torch F.linear")
+        for name, r in matvec_sweep().items():
+            print(f"{name:>14} rows: {r['cpp']:6.1f} / {r['torch']:6.1f}")
+        return
     ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
     measured = memory_bandwidth(torch.get_num_threads())
     bw, read_bw = measured["copy"] / 1e9, measured["read"] / 1e9

@@ -120,10 +120,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale)
 
 
-# Up to this many rows, the C++ matrix-vector kernels (which read each weight row once for up to 4 rows)
-# beat torch's fp32 GEMM on CPU: on a 2-core AVX2 Zen 3, (4, 576) x (1536, 576) took 0.09 ms against 0.31,
-# 16 rows 0.33 against 0.41, 128 rows 2.9 against 1.8 (a one-off timing).
-CPU_MATVEC_MAX_ROWS = 8
+# Up to this many rows the C++ kernels (matrix-vector products up to 11 rows, a GEMM from 12) beat torch's
+# fp32 GEMM on CPU; from 128 on torch's is as fast or faster. `benchmarks/bench_decode_step.py --matvec` on a
+# 2-core AVX2 Zen 3, (1536, 576) weights, GFLOPS C++ / torch: 12 rows 62.9 / 54.0, 32 rows 123.8 / 88.0,
+# 64 rows 140.2 / 118.8, 128 rows 134.5 / 133.0 (and with (576, 1536) weights at 128 rows 86 / 109).
+CPU_MATVEC_MAX_ROWS = 64
 
 
 def linear(x, weight, *, backend=None):

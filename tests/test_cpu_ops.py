@@ -127,7 +127,8 @@ def test_linear_matches_reference(dtype):
     gen = torch.Generator().manual_seed(11)
     for K, N in ((7, 5), (64, 33), (577, 130)):
         weight = torch.randn(N, K, generator=gen).to(dtype)
-        for shape in ((1, 1), (2, 3), (1, 8), (3, 3), (2, 17), (0, 4)):  # rows 0..9 and 34: both sides of the threshold
+        # rows 0..13 (the C++ matrix-vector kernels, then its GEMM), 63 and 65 (both sides of the threshold)
+        for shape in ((1, 1), (2, 3), (1, 8), (3, 3), (1, 12), (1, 13), (3, 21), (5, 13), (0, 4)):
             x = torch.randn(*shape, K, generator=gen).to(dtype)
             got = ops.linear(x, weight, backend="cpu")
             assert got.shape == (*shape, N) and got.dtype == dtype

@@ -161,12 +161,13 @@ def test_bucket_table_is_the_reference_bucketing():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", supported_isas())
 def test_matvec_kernels_on_odd_sizes(isa, dtype):
-    """The step's matrix-vector kernels (one vector: a row at a time; 2-4 vectors: rows side by side) on
-    row lengths around the vector width and the 64-element loop step, against fp64 math on the same values."""
+    """The step's matrix kernels (one vector: a row at a time; 2-4 vectors: rows side by side; 5-11: 4 at a
+    time over tiles; from 12: the GEMM, its blocks of 6 rows, 2 registers of vectors, 128 of K and chunks of
+    64 vectors) on sizes around every one of those edges, against fp64 math on the same values."""
     gen = torch.Generator().manual_seed(7)
-    for K in (1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 127, 130, 577):
-        for batch in (1, 2, 3, 4, 5, 9):
-            N = 37 + K % 5
+    for K in (1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 127, 129, 130, 257, 577):
+        for batch in (1, 2, 3, 4, 5, 9, 11, 12, 13, 17, 33, 70):
+            N = 37 + K % 5 + (150 if batch == 70 else 0)  # (several GEMM tiles, the last ragged)
             weight = torch.randn(N, K, generator=gen).to(dtype)
             x = torch.randn(batch, K, generator=gen)
             out = _ext.ext().cpu_matvec(weight, x, num_threads=2, isa=isa)
