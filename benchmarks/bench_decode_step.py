@@ -18,7 +18,7 @@ import time
 import torch
 
 from llama_fast._ext import ext
-from llama_fast.bench import memory_bandwidth
+from llama_fast.bench import interleaved_times, memory_bandwidth
 from llama_fast.cache import StaticKVCache
 from llama_fast.fast_decode import CpuDecodePath
 from llama_fast.loaders import load_checkpoint
@@ -34,15 +34,8 @@ def matvec_gbps(weight, repeats=20):
     x = torch.randn(1, weight.shape[1])
     xw = x.to(weight.dtype)
     c = ext()
-    times = {"torch": [], "cpp": []}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(xw, weight)
-        t1 = time.perf_counter()
-        c.cpu_matvec(weight, x)
-        t2 = time.perf_counter()
-        times["torch"].append(t1 - t0)
-        times["cpp"].append(t2 - t1)
+    times = interleaved_times({"torch": lambda i: torch.nn.functional.linear(xw, weight),
+                               "cpp": lambda i: c.cpu_matvec(weight, x)}, repeats)
     nbytes = weight.numel() * weight.element_size()
     return {k: nbytes / min(v) / 1e9 for k, v in times.items()}, {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -55,13 +48,8 @@ def stream_gbps(nbytes=256 << 20, cols=576, repeats=9):
     w16 = w32.view(torch.bfloat16).reshape(-1, cols)  # the same bytes, read as bf16 (all finite)
     x = torch.randn(1, cols)
     c = ext()
-    runs = {"read": w32.sum, "cpp fp32": lambda: c.cpu_matvec(w32, x), "cpp bf16": lambda: c.cpu_matvec(w16, x)}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_times({"read": lambda i: w32.sum(), "cpp fp32": lambda i: c.cpu_matvec(w32, x),
+                               "cpp bf16": lambda i: c.cpu_matvec(w16, x)}, repeats)
     return {name: w32.numel() * 4 / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
@@ -76,13 +64,9 @@ def matvec_sweep(rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), 
         for n in rows:
             x = torch.randn(n, shape[1])
             xw = x.to(dtype)
-            runs = {"cpp": lambda w: c.cpu_matvec(w, x), "torch": lambda w: torch.nn.functional.linear(xw, w)}
-            times = {name: [] for name in runs}
-            for i in range(repeats * copies):
-                for name, run in runs.items():
-                    t0 = time.perf_counter()
-                    run(weights[i % copies])
-                    times[name].append(time.perf_counter() - t0)
+            times = interleaved_times({"cpp": lambda i: c.cpu_matvec(weights[i % copies], x),
+                                       "torch": lambda i: torch.nn.functional.linear(xw, weights[i % copies])},
+                                      repeats * copies)
             flops = 2 * n * shape[0] * shape[1]
             out[f"{str(dtype).replace('torch.', '')} {n}"] = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
     return out

@@ -19,6 +19,7 @@ and a PNG chart; paste the printed table into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -41,7 +42,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Engines: each returns (token ids, per-token timestamps relative to the start of the request).
 
 def clocked(steps) -> tuple[list[int], list[float]]:
-    """Runs a one-row decode loop (generate_ids: [token] per step) -> (token ids, their timestamps)."""
+    """Runs a one-row decode loop ([token] per step, as generate_ids yields) -> (token ids, their timestamps)."""
     start, stamps, ids = time.perf_counter(), [], []
     for (token,) in steps:
         stamps.append(time.perf_counter() - start)
@@ -137,13 +138,8 @@ class LlamaCppEngine:
 
     def run(self, prompt_ids, new_tokens):
         self.llm.reset()
-        start, stamps, ids = time.perf_counter(), [], []
-        for token in self.llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            stamps.append(time.perf_counter() - start)
-            ids.append(token)
-            if len(ids) == new_tokens:
-                break
-        return ids, stamps
+        tokens = self.llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+        return clocked([token] for token in itertools.islice(tokens, new_tokens))
 
 
 def gguf_copy(gguf_type: str) -> str:
@@ -216,6 +212,18 @@ def worker(spec: dict, threads: int, prompt_ids: list[int], new_tokens: int, ttf
         conn.send({"error": f"{type(err).__name__}: {err}"})
 
 
+def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of `runs` (name -> callable taking the round number), the runs taking turns for
+    `repeats` rounds, so a noisy machine's drift hits them alike."""
+    times = {name: [] for name in runs}
+    for i in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(i)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def memory_bandwidth(threads: int, repeats: int = 5) -> dict[str, float]:
     """Bytes per second, best of `repeats`, over a 256 MiB fp32 tensor (far beyond the caches) on `threads`
     threads: "copy" (a copy, read + write bytes counted: the floor's reference) and "read" (a sum: the most a
@@ -225,14 +233,9 @@ def memory_bandwidth(threads: int, repeats: int = 5) -> dict[str, float]:
     torch.set_num_threads(threads)
     src = torch.ones(256 * 2**20 // 4)
     dst = torch.empty_like(src)
+    times = interleaved_times({"copy": lambda i: dst.copy_(src), "read": lambda i: src.sum()}, repeats)
     nbytes = src.numel() * 4
-    best = {"copy": float("inf"), "read": float("inf")}
-    for _ in range(repeats):
-        for kind, op in (("copy", lambda: dst.copy_(src)), ("read", src.sum)):
-            t = time.perf_counter()
-            op()
-            best[kind] = min(best[kind], time.perf_counter() - t)
-    return {"copy": 2 * nbytes / best["copy"], "read": nbytes / best["read"]}
+    return {"copy": 2 * nbytes / min(times["copy"]), "read": nbytes / min(times["read"])}
 
 
 def cold_start(prompt: str, lite: bool = True, repeats: int = 3) -> float:
