@@ -5,8 +5,9 @@ where torch itself was built with CUDA and a CUDA toolkit is present; on CPU-onl
 separately with nvcc (scripts/check_cuda_compile.sh). No -march=native: the extension must run on any
 x86-64 machine it is copied to, so ISA-specific code paths are chosen at run time.
 
-llama_fast._lite (csrc/lite_module.cpp) is the CPU decode step and sampler again, bound with pybind11 but
-not linked to libtorch, so the command line can generate without importing torch (llama_fast/lite.py).
+llama_fast._lite (csrc/lite_module.cpp) binds the C++ decode session (csrc/session.h) and its sampler with
+pybind11, not linked to libtorch: the CPU route of LLM (llama_fast/session.py) and the command line's
+torch-free fast start (llama_fast/lite.py) both run on it.
 """
 import glob
 import os
@@ -50,7 +51,7 @@ def lite_extension():
         [LITE_SOURCE],
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(os.path.dirname(torch.__file__), "include")],
         language="c++",
-        extra_compile_args=CXX_FLAGS,
+        extra_compile_args=CXX_FLAGS + ["-fvisibility=hidden"],  # as pybind11 asks of its modules
         extra_link_args=["-fopenmp"],
     )
 

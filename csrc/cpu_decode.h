@@ -121,13 +121,15 @@ struct Kernels {
   void (*dot_rows)(const void*, bool, int, int, int, const float*, int, int, float*, int);
   void (*attend)(const float*, const void*, const void*, bool, long, int, int, int, const HeadSpan*, float*, float*);
   void (*silu_mul)(const float*, const float*, float*, int64_t);
+  void (*attend_paged)(const float*, const float*, const void*, const void*, bool, const int32_t*, int, size_t, long, int,
+                       int, int, int, const HeadSpan*, float*, float*);
 };
 
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
-    case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend, isa_avx512::silu_mul};
-    case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend, isa_avx2::silu_mul};
-    default: return {isa_scalar::dot_rows, isa_scalar::attend, isa_scalar::silu_mul};
+    case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend, isa_avx512::silu_mul, isa_avx512::attend_paged};
+    case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend, isa_avx2::silu_mul, isa_avx2::attend_paged};
+    default: return {isa_scalar::dot_rows, isa_scalar::attend, isa_scalar::silu_mul, isa_scalar::attend_paged};
   }
 }
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 import torch
 
 from ._ext import ext
+from .errors import CacheFullError
 from .streaming import rotate_keys_back
-
-
-class CacheFullError(RuntimeError):
-    """The cache has no room for the tokens of this step."""
 
 
 def _kept_counts(num_kept, num_new: int, batch: int) -> list[int]:

@@ -16,7 +16,7 @@ from . import ops
 from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
-from .sampling import PenaltyCounts, SamplingParams, row_params
+from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, row_params
 from .span import SpanBias
 from .streaming import StreamingKVCache
 from .tokenizer import Tokenizer, check_context, encode_prompt, stop_strings, stream_text
@@ -70,6 +70,7 @@ class LLM:
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
         self._fast_path = None  # built on first use
         self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
+        self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
@@ -192,14 +193,145 @@ class LLM:
 
     def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
                      on_cache=None, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
-        """The decode loop: yields, per step, one new token per row (None for rows already finished at EOS).
+        """The decode loop: yields, per step, one new token per row (None for rows that produced none this
+        step: finished, or not started yet).
 
-        Rows are right-padded into one batch for prefill, then decode one token each step. on_cache, if
-        given, is called with the KV cache once it exists (to watch its memory). stop_at_eos=False runs
-        every row for max_new_tokens steps whatever it samples (benchmarks).
+        On CPU every row runs through the C++ session (llama_fast.session): prompts in chunks, each distinct
+        prompt prefilled once and forked for the rows that repeat it, then one token per row per step, all
+        rows in one pass over the weights; rows start as KV blocks allow (max_kv_tokens) and free theirs
+        when done. Elsewhere (CUDA, decode="eager") the model's forward runs the batch (_generate_batch).
+        on_cache, if given, is called with the KV cache (or the session) once it exists (to watch its
+        memory). stop_at_eos=False runs every row for max_new_tokens steps whatever it samples (benchmarks).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
+        if not prompt_ids:
+            raise ValueError("generate needs at least one prompt")
+        for ids in prompt_ids:
+            if not ids:
+                raise ValueError("a prompt must contain at least one token")
+            check_context(len(ids), self._context)
+        if self.decode == "eager" or self.device.type != "cpu" or not self._session_supported():
+            yield from self._generate_batch(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
+            return
+        yield from self._generate_session(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
+
+    # Tokens of one prompt per session step: long prompts go in chunks, so a step's workspace stays small.
+    PREFILL_CHUNK = 256
+    # The KV pool's budget in tokens (None: 2 GiB worth, at least one full context).
+    max_kv_tokens: int | None = None
+
+    def _session_supported(self) -> bool:
+        """Whether the C++ session can run this model (asked once; decode="cpp" insists on it)."""
+        if self._session_reason is None:
+            from .session import supports
+
+            self._session_reason = supports(self.model) or ""
+            if self._session_reason:
+                if self.decode == "cpp":
+                    raise RuntimeError(f"decode='cpp': the C++ session cannot run this model: {self._session_reason}")
+                log.info("llama_fast: decode steps run through the model's forward (%s)", self._session_reason)
+        return not self._session_reason
+
+    def session_runner(self, num_blocks: int):
+        """A C++ session over this model with a pool of num_blocks KV blocks. Each generate call has its own,
+        so calls a caller interleaves never take each other's blocks."""
+        from .session import SessionRunner
+
+        runner = SessionRunner(self.model, num_blocks=num_blocks)
+        log.debug("llama_fast: a C++ session (%s, %d threads, %d KV blocks)", runner.isa, runner.num_threads, num_blocks)
+        return runner
+
+    def _kv_budget_blocks(self, block_size: int) -> int:
+        c = self.config
+        if self.max_kv_tokens is not None:
+            return -(-self.max_kv_tokens // block_size)
+        token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.tok_embeddings.weight.element_size()
+        return max(-(-c.max_seq_len // block_size), (2 << 30) // (token_bytes * block_size))
+
+    def _generate_session(self, prompt_ids, params, max_new_tokens, on_cache, stop_at_eos):
+        from .session import BLOCK_SIZE, blocks_for_sequence
+
+        B = len(prompt_ids)
+        groups: dict[tuple[int, ...], list[int]] = {}  # each distinct prompt -> the rows that run it
+        for row, ids in enumerate(prompt_ids):
+            groups.setdefault(tuple(ids), []).append(row)
+        windowed = self.model.span.window is not None
+        limit = [max_new_tokens if windowed else min(max_new_tokens, self.config.max_seq_len - len(p))
+                 for p in prompt_ids]
+        span = self.model.span
+        need = {g: len(rows) * blocks_for_sequence(len(g) + max(limit[r] for r in rows), self.PREFILL_CHUNK,
+                                                   span.window or 0, span.sink_tokens, BLOCK_SIZE)
+                for g, rows in groups.items()}
+        budget = self._kv_budget_blocks(BLOCK_SIZE)
+        for g, blocks in need.items():
+            if blocks > budget:
+                raise ValueError(
+                    f"a prompt of {len(g)} tokens with max_new_tokens={max_new_tokens} (x{len(groups[g])} sequences) "
+                    f"needs {blocks * BLOCK_SIZE} KV tokens, more than max_kv_tokens={budget * BLOCK_SIZE} holds")
+        runner = self.session_runner(min(sum(need.values()), budget))
+        if on_cache is not None:
+            on_cache(runner)
+        penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
+        eos = set(self.config.eos_token_ids) | self.tokenizer.eos_ids
+        waiting = list(groups)  # prompts not started, in order
+        prefilling: list[list] = []  # [prompt, its sequence, tokens fed]
+        seq_of: dict[int, int] = {}  # row -> its sequence, once its prompt is in
+        last: dict[int, int] = {}  # row -> the token to feed next
+        produced = [0] * B
+        reserved = 0
+        logits = torch.zeros(B, self.config.vocab_size)
+        try:
+            while waiting or prefilling or last:
+                while waiting and reserved + need[waiting[0]] <= runner.num_blocks:
+                    prompt = waiting.pop(0)
+                    reserved += need[prompt]
+                    prefilling.append([prompt, runner.add_sequence(), 0])
+                entries = [(seq_of[row], [token]) for row, token in last.items()]
+                for item in prefilling:
+                    prompt, seq, fed = item
+                    entries.append((seq, prompt[fed:fed + self.PREFILL_CHUNK]))
+                step_logits = runner.step(entries)
+                decoding = list(last)
+                ready = list(decoding)  # rows with fresh logits: the decoding ones, then prompts just done
+                for i, row in enumerate(decoding):
+                    logits[row] = step_logits[i]
+                for i, item in enumerate(list(prefilling)):
+                    prompt, seq, fed = item
+                    item[2] = fed + len(entries[len(decoding) + i][1])
+                    if item[2] < len(prompt):
+                        continue
+                    prefilling.remove(item)
+                    rows = groups[prompt]
+                    for k, row in enumerate(rows):  # the first row takes the prompt's sequence, the rest fork it
+                        seq_of[row] = seq if k == 0 else runner.fork(seq)
+                        logits[row] = step_logits[len(decoding) + i]
+                    ready += rows
+                if not ready:
+                    continue
+                seen = penalties.counts[ready] if penalties is not None else None
+                tokens = ops.sample(logits[ready], [params[r] for r in ready], step=[produced[r] for r in ready],
+                                    seen=seen).tolist()
+                out: list[int | None] = [None] * B
+                for row, token in zip(ready, tokens):
+                    out[row] = token
+                    produced[row] += 1
+                    last[row] = token
+                    if produced[row] >= limit[row] or (stop_at_eos and token in eos):
+                        del last[row]
+                        runner.free(seq_of.pop(row))
+                        group = groups[tuple(prompt_ids[row])]
+                        if all(r not in last and r not in seq_of and produced[r] > 0 for r in group):
+                            reserved -= need[tuple(prompt_ids[row])]
+                if penalties is not None:
+                    penalties.push(out)
+                yield out
+        finally:  # a consumer that stops early (or an error) leaves no blocks behind
+            for seq in list(seq_of.values()) + [item[1] for item in prefilling]:
+                runner.free(seq)
+
+    def _generate_batch(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
+                        on_cache, stop_at_eos: bool) -> Iterator[list[int | None]]:
+        """The model's forward over a right-padded batch (CUDA graphs on a GPU; the eager reference)."""
         B, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
         capacity = longest + max_new_tokens
         if self.model.span.window is None:
@@ -209,10 +341,8 @@ class LLM:
             return
         if self.kv_cache not in ("auto", "static", "paged"):
             raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
-        # decode="cpp" asks for the C++ step, which reads a contiguous cache, and CUDA graphs need one: batches
-        # then take the static one (or a StreamingKVCache over it, with a window).
-        batches_paged = self.decode == "eager" or (self.decode == "auto" and self.device.type != "cuda")
-        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and batches_paged)
+        # CUDA graphs need a static cache: batches then take the static one (or a StreamingKVCache over it).
+        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.device.type != "cuda")
         device = self.device
         if paged:
             cache, logits = self._prefill_paged(prompt_ids, steps)
@@ -226,7 +356,7 @@ class LLM:
         penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
         eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
         done = torch.zeros(B, dtype=torch.bool)
-        fast = None  # the fast decode step (C++ or CUDA graphs), looked up after the first token is out
+        fast = None  # CUDA graphs, looked up after the first token is out
         for step in range(steps):
             seen = penalties.counts if penalties is not None else None
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
@@ -240,7 +370,7 @@ class LLM:
             if step == 0:
                 fast = self.decode_path(cache)
             if fast is not None:
-                logits = fast.step(next_tokens, cache)  # decode one token: one C++ call or graph replay
+                logits = fast.step(next_tokens, cache)  # decode one token: one graph replay
             else:
                 logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
 
@@ -338,8 +468,8 @@ class LLM:
 
     def perplexity(self, text: str, *, span: SpanBias | None = None, max_tokens: int | None = None,
                    chunk: int = 256, progress: bool = False) -> PerplexityResult:
-        """Perplexity of the model on `text`, read left to right through the same cache generation uses
-        (a StreamingKVCache when span has a window shorter than the text: constant memory, any length).
+        """Perplexity of the model on `text`, read left to right as generation reads it: on CPU through the
+        C++ session (under a window its memory stays constant, any length), elsewhere the model's forward.
 
         span: overrides the model's SpanBias for this evaluation. max_tokens: evaluate only the first
         max_tokens tokens. chunk: tokens per forward pass (a streaming cache takes at most its slack).
@@ -357,17 +487,32 @@ class LLM:
             raise ValueError("perplexity needs a text of at least 2 tokens")
         if span.window is None:
             check_context(len(ids), self._context)
-        cache = self.new_cache(1, len(ids), span)
-        if isinstance(cache, StreamingKVCache):
-            chunk = min(chunk, cache.slack)
-        tokens = torch.tensor([ids], device=self.device)  # (1, N)
-        kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+        chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
         total_nll, start_time = 0.0, time.perf_counter()
-        for start in tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress):
-            piece = tokens[:, start:start + chunk]
-            targets = tokens[0, start + 1:start + 1 + piece.shape[1]]  # (n,) the next token of each position
-            logprobs = torch.log_softmax(self.model(piece, cache, span=span)[0, :targets.shape[0]], dim=-1)
-            total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        if self.decode != "eager" and self.device.type == "cpu" and self._session_supported():
+            from .session import blocks_for_sequence
+
+            llm = self if span is self.model.span else self.with_span(span)
+            runner = llm.session_runner(blocks_for_sequence(len(ids), chunk, span.window or 0, span.sink_tokens))
+            kv_bytes = runner.kv_bytes
+            seq = runner.add_sequence()
+            for start in chunks:
+                piece = ids[start:min(start + chunk, len(ids) - 1)]
+                targets = torch.tensor(ids[start + 1:start + 1 + len(piece)])  # the next token of each position
+                logprobs = torch.log_softmax(runner.step([(seq, piece)], all_logits=True), dim=-1)
+                total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        else:
+            cache = self.new_cache(1, len(ids), span)
+            if isinstance(cache, StreamingKVCache):
+                chunk = min(chunk, cache.slack)
+                chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
+            tokens = torch.tensor([ids], device=self.device)  # (1, N)
+            kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+            for start in chunks:
+                piece = tokens[:, start:start + chunk]
+                targets = tokens[0, start + 1:start + 1 + piece.shape[1]]  # (n,) the next token of each position
+                logprobs = torch.log_softmax(self.model(piece, cache, span=span)[0, :targets.shape[0]], dim=-1)
+                total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
         seconds = time.perf_counter() - start_time
         n = len(ids) - 1
         return PerplexityResult(math.exp(total_nll / n), total_nll / n, n, seconds, len(ids) / seconds, kv_bytes)

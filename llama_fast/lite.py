@@ -4,10 +4,10 @@
 So where a command needs nothing but the C++ decode step, `llama-fast generate` and `llama-fast chat` run
 here: the checkpoint is a GGUF already converted into the cache (paths.gguf_cache_path) in the dtype asked
 for (float32 or bfloat16), memory-mapped from its safetensors file; the tokenizer is built from the cached
-metadata; llama_fast._lite (csrc/lite_module.cpp: the same decode step and sampler as llama_fast._C, built
-without libtorch) runs the prompt in chunks of 32 tokens and then one step per token, with dense attention
-or a sliding window with sinks (evicting as the engine's StreamingKVCache does), and the engine's sampler
-and penalties. For anything else LiteLLM.open returns None (and logs why) and the caller uses LLM.
+metadata; llama_fast._lite (csrc/lite_module.cpp: the engine's C++ session and sampler, bound without
+libtorch) runs the prompt in chunks and then one step per token, dense or with a window and sinks, with
+the engine's sampler and penalties: the engine's text. For anything else LiteLLM.open returns None (and
+logs why) and the caller uses LLM.
 
     lite = LiteLLM.open("smollm2-135m-instruct")          # None: use llama_fast.LLM
     for piece in lite.stream("Once upon a time", max_new_tokens=32):
@@ -22,16 +22,19 @@ import mmap
 import os
 from typing import Iterator
 
+from . import rope
 from .config import ModelConfig, UnsupportedModelError
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
-from .sampling import SamplingParams, row_params
+from .sampling import SamplingParams, check_max_new_tokens, row_params
 from .threads import ThreadTuner
 from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
-from .window import check_window, streaming_slack
+from .window import check_window
 
 log = logging.getLogger("llama_fast")
 
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
+PREFILL_CHUNK = 256  # prompt tokens per session step, as LLM.PREFILL_CHUNK
+BLOCK_SIZE = 16  # tokens per KV block, as session.BLOCK_SIZE
 
 
 def read_safetensors(path: str) -> dict[str, tuple[memoryview, str, list[int]]]:
@@ -68,7 +71,7 @@ class LiteLLM:
     def open(cls, name_or_path: str, dtype: str | None = None, window: int | None = None,
              sink_tokens: int = 0) -> "LiteLLM | None":
         """The model, or None where it needs the torch engine (LLM): not a converted GGUF in the cache yet,
-        a dtype other than float32 / bfloat16, RoPE scaling, the extension not built, or $LLAMA_FAST_LITE=0 /
+        a dtype other than float32 / bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 /
         $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
         dtype = dtype or "float32"
@@ -89,8 +92,6 @@ class LiteLLM:
             config = ModelConfig.from_gguf(meta)
         except (KeyError, TypeError, UnsupportedModelError) as err:
             return f"its metadata: {err}"
-        if config.rope_scaling is not None:
-            return "RoPE scaling"
         return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path, window, sink_tokens)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
@@ -101,8 +102,7 @@ class LiteLLM:
             prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         stops = stop_strings(stop)
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len if self.window is None else None)
         for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
                                          self.eos_ids):
@@ -112,38 +112,41 @@ class LiteLLM:
     def generate_ids(self, ids: list[int], params: SamplingParams, max_new_tokens: int,
                      stop_at_eos: bool = True) -> Iterator[list[int]]:
         """The decode loop, LLM.generate_ids for one row: yields [new token] per step (stop_at_eos=False runs
-        max_new_tokens steps whatever it samples: benchmarks). Under a window the prompt goes in chunks of
-        the cache's slack and the cache holds at most sinks + window + slack tokens, evicting as it fills,
-        as the engine's prefill and StreamingKVCache do (so the text is the engine's)."""
+        max_new_tokens steps whatever it samples: benchmarks). The same C++ session as the engine's
+        (csrc/session.h), so the same text, window and sinks included."""
         c = self.config
-        if self.window is None:
-            chunk, capacity = len(ids), min(len(ids) + max_new_tokens, c.max_seq_len)
-            steps = capacity - len(ids)
-        else:
-            chunk = streaming_slack(self.window)
-            capacity = min(len(ids) + max_new_tokens, self.sink_tokens + self.window + chunk)
-            steps = max_new_tokens
+        steps = max_new_tokens if self.window is not None else min(max_new_tokens, c.max_seq_len - len(ids))
         if steps <= 0:
             return
-        decoder = _lite().LiteDecoder(
-            n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, ffn_dim=c.ffn_dim,
-            norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=self.tensors, capacity=capacity,
-            window=self.window or 0, sink_tokens=self.sink_tokens)
-        threads = decoder.num_threads
+        lite = _lite()
+        window, sinks = self.window or 0, self.sink_tokens
+        dtypes = {dtype for _, dtype, _ in self.tensors.values()}
+        session = lite.Session(
+            n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, norm_eps=c.norm_eps,
+            max_positions=c.max_seq_len, weights=self.tensors, owner=self.tensors,
+            inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=[], bucket_table=[],
+            window=window, sinks=sinks, logit_softcap=0.0, scale=0.0,
+            num_blocks=lite.blocks_for_sequence(len(ids) + steps, PREFILL_CHUNK, window, sinks, BLOCK_SIZE),
+            block_size=BLOCK_SIZE, kv_dtype="BF16" if dtypes == {"BF16"} else "F32", num_threads=0, isa="auto")
+        seq = session.add_sequence()
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            piece = ids[start:start + PREFILL_CHUNK]
+            logits = session.step([seq], [len(piece)], piece)
+        threads = session.num_threads
         tuner = ThreadTuner([threads, 1]) if threads > 1 else None
-        for start in range(0, len(ids), chunk):
-            decoder.feed(ids[start:start + chunk])
+        history = list(ids)
         for step in range(steps):
-            token = decoder.sample(params.temperature, params.top_k, params.top_p, params.min_p, params.seed, step,
-                                   params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
-                                   params.penalty_last_n or 0)
+            token = lite.sample_row(logits[0], history, params.temperature, params.top_k, params.top_p, params.min_p,
+                                    params.seed, step, params.repetition_penalty, params.presence_penalty,
+                                    params.frequency_penalty, params.penalty_last_n or 0)
             yield [token]
             if (stop_at_eos and token in self.eos_ids) or step == steps - 1:
                 return
+            history.append(token)
             if tuner is None:
-                decoder.feed([token])
+                logits = session.step([seq], [1], [token])
             else:
-                tuner.run(decoder, decoder.feed, [token])
+                logits = tuner.run(session, session.step, [seq], [1], [token])
 
 
 def _lite():

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import rope
 from .span import SpanBias
 
 # ----------------------------------------------------------------------------------------------------
@@ -37,22 +38,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rope_inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
-    """Inverse frequencies (rot_dim // 2,) fp32, with HF's "linear" and "llama3" rope_scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
-    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-        old_len = scaling.get("original_max_position_embeddings", 8192)
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
+    """Inverse frequencies (rot_dim // 2,) fp32, with HF's "linear" and "llama3" rope_scaling (llama_fast.rope:
+    the one rule every route uses)."""
+    return torch.tensor(rope.inv_freq(rot_dim, theta, scaling), dtype=torch.float32)
 
 
 def rope_cos_sin_cache(max_positions: int, rot_dim: int, theta: float, scaling: dict | None = None):
@@ -189,6 +177,62 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
         k_pos = torch.arange(length, device=q.device)
         out[b] = _attend(q[b], k, v, q_pos, k_pos, span, scale)
     return out
+
+
+def sink_position(t: torch.Tensor, span: SpanBias) -> torch.Tensor:
+    """Where query t meets the sinks under a window: its position in a cache holding only the sinks and
+    the window (StreamingLLM's positions), min(t, sink_tokens + window - 1); t without a window."""
+    if span.window is None:
+        return t
+    return t.clamp(max=span.sink_tokens + span.window - 1)
+
+
+def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
+    """(N, vocab) fp32 logits after each of a sequence's N tokens, from the model's weights in plain PyTorch:
+    the reference of the C++ session (csrc/session.h), window and sinks included. Query t scores the keys of
+    its window at their own positions (true distances) and the sinks from sink_position(t), in RoPE and in
+    the span bias alike. O(N^2) memory: for tests."""
+    c, span = model.config, model.span
+    f = {name: w.detach().float() for name, w in model.state_dict().items()}
+    N, H, Hkv, D = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
+    t = torch.arange(N)
+    t_sink = sink_position(t, span)
+    table = rope_cos_sin_cache(int(t.max()) + 1, D, c.rope_theta, c.rope_scaling)
+    d = t[:, None] - t[None, :]  # (N, N) the span of every (query, key) pair
+    visible = d >= 0
+    sink_pair = torch.zeros_like(visible)
+    if span.window is not None:
+        sink_pair = visible & (d >= span.window) & (t[None, :] < span.sink_tokens)
+        visible &= (d < span.window) | sink_pair
+    d = torch.where(sink_pair, t_sink[:, None] - t[None, :], d)
+    bias = torch.zeros(H, N, N)
+    if span.alibi_slopes is not None:
+        bias -= span.alibi_slopes.float()[:, None, None] * d.clamp(min=0).float()
+    if span.bucket_bias is not None:
+        bias += span.bucket_bias.float()[:, span_bucket(d, span.num_buckets, span.max_distance)]
+    bias = bias.masked_fill(~visible, float("-inf"))
+
+    def rotate(x, pos):  # x (N, heads, D) rotated at positions pos (N,)
+        return apply_rope(x.clone(), x[:, :0].clone(), pos, table)[0]
+
+    x = f["tok_embeddings.weight"][torch.tensor(tokens)]
+    for l in range(c.n_layers):
+        p = f"layers.{l}."
+        h = rms_norm(x, f[p + "attention_norm.weight"], c.norm_eps)
+        q = (h @ f[p + "attention.wq.weight"].T).view(N, H, D)
+        k = rotate((h @ f[p + "attention.wk.weight"].T).view(N, Hkv, D), t).repeat_interleave(H // Hkv, dim=1)
+        v = (h @ f[p + "attention.wv.weight"].T).view(N, Hkv, D).repeat_interleave(H // Hkv, dim=1)
+        scores = torch.where(sink_pair, torch.einsum("qhd,khd->hqk", rotate(q, t_sink), k),
+                             torch.einsum("qhd,khd->hqk", rotate(q, t), k)) * D ** -0.5
+        if span.logit_softcap is not None:
+            scores = span.logit_softcap * torch.tanh(scores / span.logit_softcap)
+        att = torch.einsum("hqk,khd->qhd", torch.softmax(scores + bias, dim=-1), v).reshape(N, H * D)
+        x = x + att @ f[p + "attention.wo.weight"].T
+        h = rms_norm(x, f[p + "ffn_norm.weight"], c.norm_eps)
+        gate, up = h @ f[p + "feed_forward.w1.weight"].T, h @ f[p + "feed_forward.w3.weight"].T
+        x = x + swiglu(gate, up) @ f[p + "feed_forward.w2.weight"].T
+    out = f.get("output.weight", f["tok_embeddings.weight"])
+    return rms_norm(x, f["norm.weight"], c.norm_eps) @ out.T
 
 
 # ----------------------------------------------------------------------------------------------------

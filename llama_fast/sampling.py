@@ -61,6 +61,12 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+def check_max_new_tokens(n) -> None:
+    """max_new_tokens of every generate call: an int >= 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
+
+
 def row_params(n_rows: int, seed: int | None, **settings) -> list[SamplingParams]:
     """One SamplingParams per row: row r draws from seed + r, so rows differ and each is reproducible
     (seed None: a fresh random base)."""
@@ -85,9 +91,12 @@ class PenaltyCounts:
             if counted:
                 self.counts[row].index_add_(0, torch.tensor(counted), torch.ones(len(counted), dtype=torch.int32))
 
-    def push(self, tokens: list[int]) -> None:
-        """Appends one new token per row; tokens that leave a row's window stop counting."""
+    def push(self, tokens: list[int | None]) -> None:
+        """Appends one new token per row (None: the row has none this step); tokens that leave a row's
+        window stop counting."""
         for row, (token, window) in enumerate(zip(tokens, self.windows)):
+            if token is None:
+                continue
             self.counts[row, token] += 1
             if window is not None:
                 if len(window) == window.maxlen:

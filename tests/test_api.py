@@ -25,7 +25,9 @@ def test_generate_returns_completions(smollm):
     assert [len(c.token_ids) for c in many] == [3, 3]
     nested = smollm.generate(["I love", "Hello"], max_new_tokens=3, num_return_sequences=2, temperature=0.8, seed=1)
     assert [len(group) for group in nested] == [2, 2]
-    assert smollm.generate("I love", max_new_tokens=0).token_ids == []
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            smollm.generate("I love", max_new_tokens=bad)
 
 
 def test_seed_makes_sampling_reproducible(smollm):

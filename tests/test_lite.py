@@ -23,23 +23,26 @@ def lite():
     return model
 
 
-def new_decoder(lite, capacity=256, **kwargs):
-    from llama_fast import _lite
+def new_session(lite, num_blocks=16, **kwargs):
+    from llama_fast import _lite, rope
 
     c = lite.config
     args = dict(n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
-                ffn_dim=c.ffn_dim, norm_eps=c.norm_eps, rope_theta=c.rope_theta, tensors=lite.tensors,
-                capacity=capacity)
-    return _lite.LiteDecoder(**{**args, **kwargs})
+                norm_eps=c.norm_eps, max_positions=c.max_seq_len, weights=lite.tensors, owner=lite.tensors,
+                inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=[], bucket_table=[],
+                window=0, sinks=0, logit_softcap=0.0, scale=0.0, num_blocks=num_blocks, block_size=16,
+                kv_dtype="F32", num_threads=0, isa="auto")
+    return _lite.Session(**{**args, **kwargs})
 
 
-def logits_of(decoder) -> torch.Tensor:
-    return torch.frombuffer(bytearray(decoder.logits()), dtype=torch.float32)
+def feed(session, seq, tokens) -> torch.Tensor:
+    """Feeds tokens to one sequence; returns the logits after the last (vocab,)."""
+    return torch.from_numpy(session.step([seq], [len(tokens)], tokens))[0]
 
 
 def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
-    """A 70-token prompt in one feed (chunks of 32, 32, 6), token by token, and split unevenly: each leaves
-    the logits the PyTorch model computes for its last token; so does every ISA's kernel."""
+    """A 70-token prompt in one step, token by token, and split unevenly: each leaves the logits the PyTorch
+    model computes for its last token; so does every ISA's kernel."""
     from llama_fast._ext import ext
 
     ids = smollm.tokenizer.encode(open(os.path.join(REPO, "tests", "data", "shakespeare_head.txt")).read())[:70]
@@ -48,11 +51,12 @@ def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
     isas = ["scalar"] + ["avx2"] * (features["avx2"] and features["fma"]) + ["avx512"] * (features["avx512f"] and features["avx512bw"])
     runs = [("auto", [ids]), ("auto", [[t] for t in ids]), ("auto", [ids[:5], ids[5:40], ids[40:]])]
     for isa, pieces in runs + [(isa, [ids]) for isa in isas]:
-        decoder = new_decoder(lite, isa=isa)
+        session = new_session(lite, isa=isa)
+        seq = session.add_sequence()
         for piece in pieces:
-            decoder.feed(piece)
-        assert decoder.length == len(ids) and isa in ("auto", decoder.isa)
-        torch.testing.assert_close(logits_of(decoder), expected, rtol=1e-4, atol=1e-4, msg=f"{isa} {len(pieces)}")
+            logits = feed(session, seq, piece)
+        assert session.length(seq) == len(ids) and isa in ("auto", session.isa)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=f"{isa} {len(pieces)}")
 
 
 @pytest.mark.parametrize("prompt", GOLDEN)
@@ -89,12 +93,12 @@ def test_bf16_logits_stay_within_bf16_tolerance(smollm):
     half = LiteLLM.open(DEFAULT_MODEL, "bfloat16")
     assert half is not None and {dtype for _, dtype, _ in half.tensors.values()} == {"BF16"}
     ids = smollm.tokenizer.encode("The capital of France is")
-    decoder = new_decoder(half)
-    decoder.feed(ids)
+    session = new_session(half, kv_dtype="BF16")
+    logits = feed(session, session.add_sequence(), ids)
     expected = smollm.logits(torch.tensor([ids]))[0, -1]
-    err = (logits_of(decoder) - expected).abs().max().item()
+    err = (logits - expected).abs().max().item()
     assert err <= 0.03 * expected.abs().max().item()
-    assert logits_of(decoder).argmax() == expected.argmax()
+    assert logits.argmax() == expected.argmax()
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +113,8 @@ def windowed():
 @pytest.mark.parametrize("settings", [dict(max_new_tokens=90),
                                       dict(max_new_tokens=70, temperature=0.8, seed=3, repetition_penalty=1.2)])
 def test_window_and_sinks_stream_as_the_engine(windowed, settings):
-    """Under a window the fast start evicts where the engine's StreamingKVCache does (prompt chunks of the
-    slack, then every step that would overflow sinks + window + slack) and re-rotates the survivors' keys
-    the same way, so a prompt past the window and a generation past the cache give the engine's text."""
+    """Under a window the fast start runs the engine's session, so a prompt past the window and a generation
+    far past it give the engine's text."""
     prompt = "The history of the Roman Empire spans many centuries. It began when a small city on the Tiber " * 2
     lite = LiteLLM.open(DEFAULT_MODEL, window=32, sink_tokens=4)
     ours = "".join(lite.stream(prompt, **settings))
@@ -119,71 +122,75 @@ def test_window_and_sinks_stream_as_the_engine(windowed, settings):
     assert ours != "".join(LiteLLM.open(DEFAULT_MODEL).stream(prompt, **settings))  # the window bites
 
 
-def test_decoder_evicts_and_keeps_a_constant_cache(lite):
-    """sinks 4 + window 32 + slack 16 = 52 slots: 400 tokens pass through, the cache never holds more."""
-    decoder = new_decoder(lite, capacity=52, window=32, sink_tokens=4)
-    decoder.feed(list(range(100, 116)))
+def test_session_frees_what_the_window_hides(lite):
+    """sinks 4 + window 32: 400 tokens pass through a pool of 5 blocks of 16."""
+    session = new_session(lite, num_blocks=5, window=32, sinks=4)
+    seq = session.add_sequence()
+    feed(session, seq, list(range(100, 116)))
     for token in range(384):
-        decoder.feed([200 + token % 50])
-        assert decoder.length <= 52
-    assert decoder.length + decoder.evicted == 400 and decoder.evicted > 0
-    logits = logits_of(decoder)
-    assert torch.isfinite(logits).all()
-    with pytest.raises(ValueError, match="keeps its sinks and window - 1 tokens"):
-        decoder.feed(list(range(18)))  # more than 52 - 4 - 31 = 17 at once
-    for bad in [dict(window=-1), dict(window=8, sink_tokens=8), dict(window=0, sink_tokens=2), dict(sink_tokens=-1)]:
-        with pytest.raises(ValueError, match="sink_tokens"):
-            new_decoder(lite, **bad)
+        logits = feed(session, seq, [200 + token % 50])
+        assert session.blocks_held(seq) <= 4
+    assert session.length(seq) == 400 and torch.isfinite(logits).all()
+    for bad in [dict(window=-1), dict(window=8, sinks=8), dict(window=0, sinks=2), dict(sinks=-1)]:
+        with pytest.raises(ValueError, match="sinks"):
+            new_session(lite, **bad)
 
 
-def test_decoder_refuses_bad_tensors(lite):
+def test_session_refuses_bad_tensors(lite):
     tensors = dict(lite.tensors)
     cases = [
-        ({k: v for k, v in tensors.items() if k != "norm.weight"}, "missing tensor norm.weight"),
-        ({**tensors, "extra.weight": tensors["norm.weight"]}, "tensors, the model has"),
+        ({k: v for k, v in tensors.items() if k != "norm.weight"}, "no tensor 'norm.weight'"),
+        ({**tensors, "extra.weight": tensors["norm.weight"]}, "'extra.weight' is not part of the model"),
         ({**tensors, "norm.weight": (tensors["norm.weight"][0], "F16", tensors["norm.weight"][2])}, "F16"),
         ({**tensors, "norm.weight": (tensors["norm.weight"][0][:8], "F32", tensors["norm.weight"][2])}, "bytes"),
-        ({**tensors, "layers.0.attention.wq.weight": tensors["layers.0.attention.wk.weight"]}, "dim 0"),
+        ({**tensors, "layers.0.attention.wq.weight": tensors["layers.0.attention.wk.weight"]}, "must have shape"),
         ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0], "BF16",
-                                                         [576, 3072])}, "dim 1"),
-        ({**tensors, "norm.weight": ("not a buffer", "F32", [576])}, "must be a buffer"),
+                                                         [576, 768])}, "is BF16, the embedding is F32"),
+        ({**tensors, "norm.weight": ("not a buffer", "F32", [576])}, "must be an address or a buffer"),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
-            new_decoder(lite, tensors=bad)
-    with pytest.raises(ValueError, match="capacity"):
-        new_decoder(lite, capacity=0)
+            new_session(lite, weights=bad)
+    with pytest.raises(ValueError, match="num_blocks"):
+        new_session(lite, num_blocks=0)
     with pytest.raises(ValueError, match="unknown isa"):
-        new_decoder(lite, isa="sse9")
+        new_session(lite, isa="sse9")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        new_decoder(lite, n_kv_heads=4)
+        new_session(lite, n_kv_heads=4)
 
 
-def test_decoder_refuses_bad_calls(lite):
-    decoder = new_decoder(lite, capacity=8)
-    with pytest.raises(ValueError, match="feed tokens first"):
-        decoder.sample(0.0, 0, 1.0, 0.0, 0, 0)
-    with pytest.raises(ValueError, match="no tokens"):
-        decoder.feed([])
+def test_session_and_sampler_refuse_bad_calls(lite):
+    from llama_fast import _lite
+    from llama_fast.errors import CacheFullError
+
+    session = new_session(lite, num_blocks=1)
+    seq = session.add_sequence()
+    with pytest.raises(ValueError, match="new tokens"):
+        session.step([seq], [0], [])
     with pytest.raises(ValueError, match=r"token id 49152 at 1 is outside \[0, 49152\)"):
-        decoder.feed([1, 49152])
+        session.step([seq], [2], [1, 49152])
     with pytest.raises(ValueError, match="outside"):
-        decoder.feed([-1])
-    assert decoder.length == 0  # nothing of a refused call was run
-    decoder.feed([1, 2, 3, 4, 5])
-    with pytest.raises(ValueError, match="4 more tokens do not fit: the cache holds 5 of 8"):
-        decoder.feed([1, 2, 3, 4])
+        session.step([seq], [1], [-1])
+    with pytest.raises(ValueError, match="counts 2 tokens, got 3"):
+        session.step([seq], [2], [1, 2, 3])
+    assert session.length(seq) == 0  # nothing of a refused call was run
+    logits = feed(session, seq, [1, 2, 3, 4, 5]).numpy()
+    with pytest.raises(CacheFullError, match="out of blocks"):
+        session.step([seq], [12], [1] * 12)
+    assert session.length(seq) == 5
     for args in [(-1.0, 0, 1.0, 0.0), (float("nan"), 0, 1.0, 0.0), (1.0, -1, 1.0, 0.0), (1.0, 0, 0.0, 0.0),
                  (1.0, 0, 1.0, 2.0)]:
         with pytest.raises(ValueError):
-            decoder.sample(*args, 0, 0)
+            _lite.sample_row(logits, [], *args, 0, 0, 1.0, 0.0, 0.0, 0)
     for penalties in [(0.0, 0.0, 0.0, 0), (float("inf"), 0.0, 0.0, 0), (1.0, float("nan"), 0.0, 0),
                       (1.0, 0.0, float("inf"), 0), (1.2, 0.0, 0.0, -1)]:
         with pytest.raises(ValueError, match="penalt"):
-            decoder.sample(0.0, 0, 1.0, 0.0, 0, 0, *penalties)
+            _lite.sample_row(logits, [1], 0.0, 0, 1.0, 0.0, 0, 0, *penalties)
+    with pytest.raises(ValueError, match="history token 49152"):
+        _lite.sample_row(logits, [49152], 0.0, 0, 1.0, 0.0, 0, 0, 1.2, 0.0, 0.0, 0)
     with pytest.raises(ValueError, match="num_threads"):
-        decoder.num_threads = 0
-    assert 0 <= decoder.sample(0.7, 5, 0.9, 0.0, 1, 0) < decoder.vocab
+        session.num_threads = 0
+    assert 0 <= _lite.sample_row(logits, [1, 2], 0.7, 5, 0.9, 0.0, 1, 0, 1.0, 0.0, 0.0, 0) < session.vocab
 
 
 def test_stream_refuses_bad_requests(lite):
@@ -199,7 +206,8 @@ def test_stream_refuses_bad_requests(lite):
         list(lite.stream("hi", top_p=2.0))
     with pytest.raises(ValueError, match="stop strings"):
         list(lite.stream("hi", stop=[""]))
-    assert list(lite.stream("hi", max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(lite.stream("hi", max_new_tokens=0))
 
 
 def test_read_safetensors_refuses_junk(tmp_path):

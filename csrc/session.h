@@ -1,0 +1,642 @@
+// The decode session: one route from token ids to logits on CPU, for any number of sequences at once.
+// Torch-free; llama_fast._C and llama_fast._lite bind it (session_binding.h), the Python runner drives it.
+//
+// A Session owns
+//   - the model description, built once from a name -> (pointer, dtype, shape) map of the weights (the
+//     names of llama_fast.model.Transformer's state dict) and checked here;
+//   - the paged KV cache: one pool of blocks per layer, every sequence a table of blocks, fork with
+//     copy-on-write of a shared partial block, and eviction of blocks a window made invisible for good;
+//   - each sequence's length, and the RoPE rows of its positions;
+// and step() runs one pass over the weights for a batch of entries, each some new tokens of one sequence
+// (one token of a decoding sequence, or a chunk of a prompt), and writes the logits of each entry's last
+// token (or of every token). Prefill and decode are the same call.
+//
+// Batch invariance: every row's arithmetic depends on its own sequence only (the matrix kernels sum each
+// output in one order whatever the number of vectors; attention reads one sequence's keys; no reduction
+// crosses rows), so a sequence gets the same logits, bit for bit, alone, in any batch, and however its
+// prompt was chunked.
+//
+// Positions under a window with sinks (StreamingLLM): token t of a sequence is scored against the window's
+// keys at its own index t (their distance is the true one) and against the sinks at sink_position(t), the
+// position t would have in a cache holding only the sinks and the window. This is one rule for every
+// sequence, applied per token, so no eviction ever changes a number: blocks whose tokens are invisible to
+// every later query are just freed. Keys are stored rotated at their own index; RoPE rows are computed per
+// position, so streams run past any table.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "cpu_decode.h"
+
+namespace llama_fast {
+namespace session {
+
+namespace cd = cpu_decode;
+
+// Bad arguments (a Python ValueError) and a pool with too few free blocks for a step (CacheFullError).
+// The session's state is unchanged when either is thrown.
+class BadArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+class CacheFull : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::string s;
+  ((s += [](const auto& a) {
+     if constexpr (std::is_convertible_v<decltype(a), std::string>) return std::string(a);
+     else return std::to_string(a);
+   }(args)),
+   ...);
+  return s;
+}
+
+#define SESSION_CHECK(cond, ...)                                                   \
+  do {                                                                             \
+    if (!(cond)) throw ::llama_fast::session::BadArgument(::llama_fast::session::cat(__VA_ARGS__)); \
+  } while (0)
+
+// Blocks of block_size tokens a sequence of `tokens` tokens holds at most, fed at most step_tokens at a
+// time: all of its tokens' blocks, or under a window (window > 0) the sinks' blocks and those the window and
+// one step can touch (Session frees the rest).
+inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t window, int64_t sinks,
+                                   int64_t block_size) {
+  const int64_t bs = block_size, all = (tokens + bs - 1) / bs;
+  if (window == 0) return all;
+  const int64_t live = std::min(tokens, window + step_tokens);
+  return std::min(all, (sinks + bs - 1) / bs + (live + bs - 1) / bs + 1);
+}
+
+enum class DType { F32, BF16 };
+
+inline DType parse_dtype(const std::string& name, const std::string& what) {
+  if (name == "F32" || name == "float32") return DType::F32;
+  if (name == "BF16" || name == "bfloat16") return DType::BF16;
+  throw BadArgument(what + ": dtype must be F32 or BF16, got '" + name + "'");
+}
+
+struct TensorRef {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+};
+using WeightMap = std::unordered_map<std::string, TensorRef>;
+
+struct ModelShape {
+  int n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  double norm_eps = 1e-5;
+  int64_t max_positions = 0;  // tokens a sequence may hold without a window (the context); 0: no limit
+};
+
+// The span bias (docs/architecture.md): per-head tables as flat vectors, empty when absent.
+struct SpanParams {
+  std::vector<float> alibi_slopes;  // (n_heads,)
+  std::vector<float> bucket_table;  // (n_heads, max_distance + 1): bias by span, the buckets already looked up
+  int window = 0;                   // 0: none
+  int sinks = 0;
+  double logit_softcap = 0.0;       // 0: off
+  double scale = 0.0;               // 0: 1 / sqrt(head_dim)
+};
+
+struct CacheParams {
+  int64_t num_blocks = 0;
+  int block_size = 16;
+  DType kv_dtype = DType::F32;
+};
+
+// One entry of a step: `count` new tokens of sequence `seq` (tokens[offset, offset + count) of the step).
+struct Entry {
+  int64_t seq;
+  int count;
+};
+
+class Session {
+ public:
+  Session(const ModelShape& shape, const WeightMap& weights, const SpanParams& span, std::vector<float> inv_freq,
+          const CacheParams& cache, int num_threads, cd::Isa isa)
+      : shape_(shape), isa_(isa), kern_(cd::kernels_for(isa)), inv_freq_(std::move(inv_freq)) {
+    describe(weights);
+    set_span(span);
+    SESSION_CHECK(!inv_freq_.empty() && static_cast<int>(inv_freq_.size()) * 2 <= shape.head_dim,
+                  "Session: inv_freq must have between 1 and head_dim / 2 (", shape.head_dim / 2, ") entries, got ",
+                  inv_freq_.size());
+    for (float f : inv_freq_) SESSION_CHECK(std::isfinite(f), "Session: inv_freq holds a non-finite value");
+    SESSION_CHECK(cache.block_size >= 1 && cache.block_size <= 4096, "Session: block_size must be in [1, 4096], got ",
+                  cache.block_size);
+    SESSION_CHECK(cache.num_blocks >= 1 && cache.num_blocks < (int64_t{1} << 31), "Session: num_blocks must be >= 1, got ",
+                  cache.num_blocks);
+    SESSION_CHECK(shape.max_positions >= 0, "Session: max_positions must be >= 0 (0: no limit)");
+    set_num_threads(num_threads);
+    cache_ = cache;
+    const size_t nkv = static_cast<size_t>(shape_.n_kv_heads) * shape_.head_dim;
+    block_elems_ = static_cast<size_t>(cache.block_size) * nkv;
+    const size_t esz = cache.kv_dtype == DType::BF16 ? 2 : 4;
+    const size_t pool_bytes = static_cast<size_t>(cache.num_blocks) * block_elems_ * esz;
+    // Not zeroed: a slot is always written before it is read.
+    pools_.reset(new char[2 * pool_bytes * shape_.n_layers]);
+    for (int l = 0; l < shape_.n_layers; ++l) {
+      k_.push_back(pools_.get() + (2 * l) * pool_bytes);
+      v_.push_back(pools_.get() + (2 * l + 1) * pool_bytes);
+    }
+    refcount_.assign(cache.num_blocks, 0);
+    for (int64_t b = cache.num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+  }
+
+  // ---- sequences ----
+
+  int64_t add_sequence() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t id = next_id_++;
+    seqs_.emplace(id, Seq{});
+    return id;
+  }
+
+  // A new sequence holding the same tokens, sharing every block (the partial last one is copied on the
+  // next write into it).
+  int64_t fork(int64_t parent) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Seq child = get(parent, "fork");
+    for (int32_t b : child.table)
+      if (b >= 0) ++refcount_[b];
+    const int64_t id = next_id_++;
+    seqs_.emplace(id, std::move(child));
+    return id;
+  }
+
+  void free(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Seq& s = get(id, "free");
+    for (int32_t b : s.table)
+      if (b >= 0) release(b);
+    seqs_.erase(id);
+  }
+
+  int64_t length(int64_t id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return get(id, "length").length;
+  }
+  // Blocks the sequence holds (shared ones included).
+  int64_t blocks_held(int64_t id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Seq& s = get(id, "blocks_held");
+    return std::count_if(s.table.begin(), s.table.end(), [](int32_t b) { return b >= 0; });
+  }
+  bool contains(int64_t id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return seqs_.count(id) != 0;
+  }
+  int64_t num_sequences() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(seqs_.size());
+  }
+  int64_t num_blocks() const { return cache_.num_blocks; }
+  int64_t num_free_blocks() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(free_.size());
+  }
+  int block_size() const { return cache_.block_size; }
+
+  int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens) const {
+    return session::blocks_for_sequence(tokens, step_tokens, window_, sinks_, cache_.block_size);
+  }
+
+  // The position of token t against the sinks (see the top of this file).
+  int64_t sink_position(int64_t t) const {
+    if (window_ == 0) return t;
+    return std::min<int64_t>(t, sinks_ + window_ - 1);
+  }
+
+  // ---- the step ----
+
+  // entries: distinct sequences with count >= 1 new tokens each; tokens: the entries' tokens one after the
+  // other. logits: (entries, vocab) for each entry's last token, or (sum of counts, vocab) with all_logits.
+  void step(const std::vector<Entry>& entries, const int64_t* tokens, int64_t num_tokens, bool all_logits,
+            float* logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    SESSION_CHECK(!entries.empty(), "Session.step: no entries");
+    int64_t rows = 0;
+    std::unordered_set<int64_t> seen;
+    for (const Entry& e : entries) {
+      const Seq& s = get(e.seq, "step");
+      SESSION_CHECK(seen.insert(e.seq).second, "Session.step: sequence ", e.seq, " appears twice in one step");
+      SESSION_CHECK(e.count >= 1, "Session.step: sequence ", e.seq, " has ", e.count, " new tokens (need >= 1)");
+      SESSION_CHECK(shape_.max_positions == 0 || window_ > 0 || s.length + e.count <= shape_.max_positions,
+                    "Session.step: sequence ", e.seq, " would hold ", s.length + e.count,
+                    " tokens, past the model's context of ", shape_.max_positions);
+      SESSION_CHECK(s.length + e.count < (int64_t{1} << 31), "Session.step: sequence ", e.seq, " is too long");
+      rows += e.count;
+    }
+    SESSION_CHECK(rows == num_tokens, "Session.step: the entries count ", rows, " tokens, got ", num_tokens);
+    SESSION_CHECK(rows < (int64_t{1} << 24), "Session.step: too many tokens in one step (", rows, ")");
+    for (int64_t i = 0; i < rows; ++i)
+      SESSION_CHECK(tokens[i] >= 0 && tokens[i] < desc_.vocab, "Session.step: token id ", tokens[i], " at ", i,
+                    " is outside [0, ", desc_.vocab, ")");
+    reserve(entries);
+    run(entries, tokens, static_cast<int>(rows), all_logits, logits);
+    for (const Entry& e : entries) seqs_.at(e.seq).length += e.count;
+  }
+
+  // ---- settings ----
+
+  int vocab() const { return desc_.vocab; }
+  int num_threads() const { return num_threads_; }
+  void set_num_threads(int n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    SESSION_CHECK(n >= 1 && n <= 1024, "Session: num_threads must be in [1, 1024], got ", n);
+    num_threads_ = n;
+  }
+  const char* isa_name() const { return cd::isa_name(isa_); }
+  int window() const { return window_; }
+  int sinks() const { return sinks_; }
+
+ private:
+  struct Seq {
+    std::vector<int32_t> table;  // block of tokens [i * bs, (i + 1) * bs); -1: freed (invisible for good)
+    int64_t length = 0;          // tokens written
+    int64_t evict_from = 0;      // first table entry that may still become invisible
+  };
+
+  const Seq& get(int64_t id, const char* op) const {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) throw BadArgument(cat("Session.", op, ": unknown or freed sequence id ", id));
+    return it->second;
+  }
+  Seq& get(int64_t id, const char* op) { return const_cast<Seq&>(static_cast<const Session*>(this)->get(id, op)); }
+
+  int32_t take() {
+    const int32_t b = free_.back();
+    free_.pop_back();
+    refcount_[b] = 1;
+    return b;
+  }
+  void release(int32_t b) {
+    if (--refcount_[b] == 0) free_.push_back(b);
+  }
+
+  // Frees the blocks of `s` that no query from token `s.length` on can see: every token in them lies in
+  // [sinks, length - window + 1). Changes no number, only memory.
+  void evict_invisible(Seq& s) {
+    if (window_ == 0) return;
+    const int64_t bs = cache_.block_size, invisible_end = s.length - window_ + 1;
+    s.evict_from = std::max<int64_t>(s.evict_from, (sinks_ + bs - 1) / bs);
+    for (; s.evict_from < static_cast<int64_t>(s.table.size()) && (s.evict_from + 1) * bs <= invisible_end;
+         ++s.evict_from) {
+      int32_t& b = s.table[s.evict_from];
+      if (b >= 0) release(b);
+      b = -1;
+    }
+  }
+
+  // Blocks for every entry's new tokens, the shared partial last block copied first; atomic: throws
+  // CacheFull and changes nothing (but invisible blocks freed) when the pool is short.
+  void reserve(const std::vector<Entry>& entries) {
+    const int64_t bs = cache_.block_size;
+    int64_t need = 0;
+    std::unordered_map<int32_t, int> writers;  // shared partial block -> sequences of this step writing into it
+    for (const Entry& e : entries) {
+      Seq& s = seqs_.at(e.seq);
+      evict_invisible(s);
+      need += (s.length + e.count + bs - 1) / bs - static_cast<int64_t>(s.table.size());
+      if (shared_partial(s)) ++writers[s.table.back()];
+    }
+    // k of a block's r holders write into it: k copies, or k - 1 when all do (the last keeps the block).
+    for (const auto& [block, k] : writers) need += std::min(k, refcount_[block] - 1);
+    if (need > static_cast<int64_t>(free_.size()))
+      throw CacheFull(cat("KV cache out of blocks: this step needs ", need, " more blocks of ", bs, " tokens, ",
+                          free_.size(), " of ", cache_.num_blocks, " are free"));
+    for (const Entry& e : entries) {
+      Seq& s = seqs_.at(e.seq);
+      if (shared_partial(s)) {
+        const int32_t fresh = take();
+        copy_block(s.table.back(), fresh, static_cast<int>(s.length % bs));
+        --refcount_[s.table.back()];
+        s.table.back() = fresh;
+      }
+      while (static_cast<int64_t>(s.table.size()) * bs < s.length + e.count) s.table.push_back(take());
+    }
+  }
+
+  bool shared_partial(const Seq& s) const {
+    return s.length % cache_.block_size != 0 && s.table.back() >= 0 && refcount_[s.table.back()] > 1;
+  }
+
+  void copy_block(int32_t src, int32_t dst, int tokens) {
+    const size_t esz = cache_.kv_dtype == DType::BF16 ? 2 : 4;
+    const size_t bytes = static_cast<size_t>(tokens) * shape_.n_kv_heads * shape_.head_dim * esz;
+    for (int l = 0; l < shape_.n_layers; ++l)
+      for (char* pool : {k_[l], v_[l]}) std::memcpy(pool + dst * block_elems_ * esz, pool + src * block_elems_ * esz, bytes);
+  }
+
+  // [cos | sin] of position p (the first rot_dim dims of a head rotate), in fp32 as torch computes it.
+  void rope_row(int64_t p, float* out) const {
+    const int half = static_cast<int>(inv_freq_.size());
+    for (int i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(p) * inv_freq_[i];
+      out[i] = std::cos(angle);
+      out[half + i] = std::sin(angle);
+    }
+  }
+
+  // ---- the model ----
+
+  const TensorRef& find(const WeightMap& w, const std::string& name) {
+    auto it = w.find(name);
+    SESSION_CHECK(it != w.end(), "Session: the weights have no tensor '", name, "'");
+    SESSION_CHECK(it->second.data != nullptr, "Session: tensor '", name, "' has no data");
+    used_.insert(name);
+    return it->second;
+  }
+  static std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + ")";
+  }
+  const void* matrix(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
+    const TensorRef& t = find(w, name);
+    SESSION_CHECK(t.shape == std::vector<int64_t>({rows, cols}), "Session: tensor '", name, "' must have shape (",
+                  rows, ", ", cols, "), got ", shape_str(t.shape));
+    SESSION_CHECK(t.dtype == wdtype_, "Session: tensor '", name, "' is ", t.dtype == DType::BF16 ? "BF16" : "F32",
+                  ", the embedding is ", wdtype_ == DType::BF16 ? "BF16" : "F32", " (matrices share one dtype)");
+    return t.data;
+  }
+  const float* vector(const WeightMap& w, const std::string& name, int64_t n) {
+    const TensorRef& t = find(w, name);
+    SESSION_CHECK(t.shape == std::vector<int64_t>({n}), "Session: tensor '", name, "' must have shape (", n,
+                  "), got ", shape_str(t.shape));
+    // Norm weights are read as fp32: a bf16 one is widened once into memory the session owns.
+    if (t.dtype == DType::F32) return static_cast<const float*>(t.data);
+    owned_.emplace_back(n);
+    for (int64_t i = 0; i < n; ++i) owned_.back()[i] = cd::bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
+    return owned_.back().data();
+  }
+
+  // The model description from the weights (names as llama_fast.model.Transformer's state dict).
+  void describe(const WeightMap& w) {
+    const ModelShape& m = shape_;
+    SESSION_CHECK(m.n_layers >= 1 && m.n_heads >= 1 && m.n_kv_heads >= 1 && m.n_heads % m.n_kv_heads == 0,
+                  "Session: n_heads must be a positive multiple of n_kv_heads, got ", m.n_heads, " and ", m.n_kv_heads);
+    SESSION_CHECK(m.head_dim >= 2 && m.head_dim % 2 == 0 && m.head_dim <= 1024, "Session: head_dim must be even, got ",
+                  m.head_dim);
+    SESSION_CHECK(m.norm_eps > 0 && std::isfinite(m.norm_eps), "Session: norm_eps must be > 0");
+    const TensorRef& emb = find(w, "tok_embeddings.weight");
+    SESSION_CHECK(emb.shape.size() == 2 && emb.shape[0] >= 1 && emb.shape[1] >= 1 && emb.shape[0] < (1 << 30) &&
+                      emb.shape[1] < (1 << 20),
+                  "Session: tok_embeddings.weight must be (vocab, dim), got ", shape_str(emb.shape));
+    wdtype_ = emb.dtype;
+    const int64_t vocab = emb.shape[0], dim = emb.shape[1];
+    const int64_t nq = int64_t{m.n_heads} * m.head_dim, nkv = int64_t{m.n_kv_heads} * m.head_dim;
+    const TensorRef& w1 = find(w, "layers.0.feed_forward.w1.weight");
+    SESSION_CHECK(w1.shape.size() == 2 && w1.shape[0] >= 1 && w1.shape[0] < (1 << 24),
+                  "Session: layers.0.feed_forward.w1.weight must be (ffn_dim, dim), got ", shape_str(w1.shape));
+    const int64_t ffn = w1.shape[0];
+    desc_.dim = static_cast<int>(dim);
+    desc_.n_layers = m.n_layers;
+    desc_.n_heads = m.n_heads;
+    desc_.n_kv_heads = m.n_kv_heads;
+    desc_.head_dim = m.head_dim;
+    desc_.ffn_dim = static_cast<int>(ffn);
+    desc_.vocab = static_cast<int>(vocab);
+    desc_.eps = static_cast<float>(m.norm_eps);
+    desc_.w_bf16 = wdtype_ == DType::BF16;
+    desc_.embedding = emb.data;
+    desc_.output = w.count("output.weight") ? matrix(w, "output.weight", vocab, dim) : emb.data;
+    desc_.final_norm = vector(w, "norm.weight", dim);
+    layers_.resize(m.n_layers);
+    for (int l = 0; l < m.n_layers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      cd::LayerWeights& L = layers_[l];
+      L.attn_norm = vector(w, p + "attention_norm.weight", dim);
+      L.wq = matrix(w, p + "attention.wq.weight", nq, dim);
+      L.wk = matrix(w, p + "attention.wk.weight", nkv, dim);
+      L.wv = matrix(w, p + "attention.wv.weight", nkv, dim);
+      L.wo = matrix(w, p + "attention.wo.weight", dim, nq);
+      L.ffn_norm = vector(w, p + "ffn_norm.weight", dim);
+      L.w1 = matrix(w, p + "feed_forward.w1.weight", ffn, dim);
+      L.w2 = matrix(w, p + "feed_forward.w2.weight", dim, ffn);
+      L.w3 = matrix(w, p + "feed_forward.w3.weight", ffn, dim);
+    }
+    desc_.layers = layers_.data();
+    for (const auto& kv : w)
+      SESSION_CHECK(used_.count(kv.first), "Session: tensor '", kv.first, "' is not part of the model (",
+                    m.n_layers, " layers)");
+  }
+
+  void set_span(const SpanParams& span) {
+    const int H = shape_.n_heads;
+    SESSION_CHECK(span.window >= 0 && span.sinks >= 0 && (span.window > 0 ? span.sinks < span.window : span.sinks == 0),
+                  "Session: need window >= 0 (0: none) and 0 <= sinks < window (0 without a window), got window ",
+                  span.window, ", sinks ", span.sinks);
+    SESSION_CHECK(span.logit_softcap >= 0 && std::isfinite(span.logit_softcap), "Session: logit_softcap must be >= 0");
+    SESSION_CHECK(span.scale >= 0 && std::isfinite(span.scale), "Session: scale must be >= 0 (0: 1/sqrt(head_dim))");
+    SESSION_CHECK(span.alibi_slopes.empty() || static_cast<int>(span.alibi_slopes.size()) == H,
+                  "Session: alibi_slopes must have n_heads (", H, ") entries, got ", span.alibi_slopes.size());
+    SESSION_CHECK(span.bucket_table.size() % H == 0, "Session: bucket_table must be (n_heads=", H,
+                  ", max_distance + 1), got ", span.bucket_table.size(), " values");
+    slopes_ = span.alibi_slopes;
+    buckets_ = span.bucket_table;
+    window_ = span.window;
+    sinks_ = span.sinks;
+    const int per_head = static_cast<int>(buckets_.size() / H);
+    spans_.assign(H, cd::HeadSpan{});
+    for (int h = 0; h < H; ++h) {
+      cd::HeadSpan& sp = spans_[h];
+      sp.has_alibi = !slopes_.empty();
+      sp.slope = slopes_.empty() ? 0.0f : slopes_[h];
+      sp.buckets = buckets_.empty() ? nullptr : buckets_.data() + static_cast<size_t>(h) * per_head;
+      sp.max_distance = per_head > 0 ? per_head - 1 : 0;
+      sp.window = span.window;
+      sp.sinks = span.sinks;
+      sp.softcap = static_cast<float>(span.logit_softcap);
+      sp.scale = static_cast<float>(span.scale > 0 ? span.scale : 1.0 / std::sqrt(static_cast<double>(shape_.head_dim)));
+    }
+    desc_.span = spans_.data();
+  }
+
+  // One pass over the weights for every row of the step (cpu_decode::decode_step's structure, over the
+  // paged cache): threads split each product by output rows and attention by (row, KV group).
+  void run(const std::vector<Entry>& entries, const int64_t* tokens, int R, bool all_logits, float* logits) {
+    const cd::ModelDesc& m = desc_;
+    const int dim = m.dim, D = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, F = m.ffn_dim;
+    const int nq = H * D, nkv = Hkv * D, nqkv = nq + 2 * nkv, group = H / Hkv, rot = 2 * static_cast<int>(inv_freq_.size());
+    const int bs = cache_.block_size;
+    const bool kv_bf16 = cache_.kv_dtype == DType::BF16;
+    const size_t esz = kv_bf16 ? 2 : 4;
+    const bool two_queries = window_ > 0 && sinks_ > 0;
+
+    // Per row: its sequence's table, its index t and its sink position.
+    row_table_.resize(R);
+    row_pos_.resize(R);
+    row_sink_pos_.resize(R);
+    int max_visible = 1;
+    for (int i = 0, r = 0; i < static_cast<int>(entries.size()); ++i) {
+      const Seq& s = seqs_.at(entries[i].seq);
+      for (int j = 0; j < entries[i].count; ++j, ++r) {
+        row_table_[r] = s.table.data();
+        row_pos_[r] = static_cast<int>(s.length + j);
+        row_sink_pos_[r] = static_cast<int>(sink_position(s.length + j));
+        const int visible = window_ > 0 ? std::min(row_pos_[r] + 1, window_ + sinks_) : row_pos_[r] + 1;
+        max_visible = std::max(max_visible, visible);
+      }
+    }
+    // Rows whose logits are wanted: each entry's last, or all.
+    out_rows_.clear();
+    for (int i = 0, r = 0; i < static_cast<int>(entries.size()); ++i) {
+      r += entries[i].count;
+      if (all_logits)
+        for (int j = r - entries[i].count; j < r; ++j) out_rows_.push_back(j);
+      else
+        out_rows_.push_back(r - 1);
+    }
+    const int n_out = static_cast<int>(out_rows_.size());
+
+    const int gh = std::min(group, cd::kMaxGroupHeads);
+    const size_t per_thread = static_cast<size_t>(R) * dim + static_cast<size_t>(gh) * max_visible + 16;
+    const size_t need = static_cast<size_t>(R) * (dim + nqkv + nq + 2 * F + dim + 2 * rot) +
+                        (two_queries ? static_cast<size_t>(R) * nq : 0) + per_thread * num_threads_ +
+                        static_cast<size_t>(n_out) * dim;
+    if (workspace_.size() < need) workspace_.resize(need);
+    float* ws = workspace_.data();
+    float* x = ws; ws += static_cast<size_t>(R) * dim;        // (R, dim) the residual stream
+    float* qkv = ws; ws += static_cast<size_t>(R) * nqkv;     // (R, nq + 2 nkv)
+    float* att = ws; ws += static_cast<size_t>(R) * nq;       // (R, nq)
+    float* gate = ws; ws += static_cast<size_t>(R) * F;       // (R, F), then silu(gate) * up
+    float* up = ws; ws += static_cast<size_t>(R) * F;
+    float* tmp = ws; ws += static_cast<size_t>(R) * dim;
+    float* cs = ws; ws += static_cast<size_t>(R) * rot;       // (R, rot) RoPE rows at t
+    float* cs_sink = ws; ws += static_cast<size_t>(R) * rot;  // (R, rot) at the sink position
+    float* q_sink = nullptr;                                  // (R, nq) the queries rotated for the sinks
+    if (two_queries) { q_sink = ws; ws += static_cast<size_t>(R) * nq; }
+    float* xo = ws; ws += static_cast<size_t>(n_out) * dim;   // (n_out, dim) normed rows for the logits
+    float* per_thread_ws = ws;
+
+    for (int r = 0; r < R; ++r) {
+      cd::load_row(m.embedding, m.w_bf16, tokens[r], dim, x + static_cast<size_t>(r) * dim);
+      rope_row(row_pos_[r], cs + static_cast<size_t>(r) * rot);
+      rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
+    }
+
+    const cd::Kernels kern = kern_;
+    cd::SpinBarrier barrier;
+#pragma omp parallel num_threads(num_threads_)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+#pragma omp single
+      barrier.n = nt;
+      float* xn = per_thread_ws + t * per_thread;  // (R, dim) this thread's copy of the normed x
+      float* scores = xn + static_cast<size_t>(R) * dim;
+      int lo, hi;
+      for (int l = 0; l < m.n_layers; ++l) {
+        const cd::LayerWeights& w = m.layers[l];
+        for (int r = 0; r < R; ++r) cd::rms_norm(x + r * dim, w.attn_norm, dim, m.eps, xn + r * dim);
+        // QKV: rows split in whole heads, so each thread applies RoPE and fills the cache for its own heads.
+        cd::split(nqkv, D, t, nt, lo, hi);
+        {
+          const void* mats[3] = {w.wq, w.wk, w.wv};
+          const int starts[4] = {0, nq, nq + nkv, nqkv};
+          for (int i = 0; i < 3; ++i) {
+            const int a = std::max(lo, starts[i]), e = std::min(hi, starts[i + 1]);
+            if (a < e) kern.dot_rows(mats[i], m.w_bf16, dim, a - starts[i], e - starts[i], xn, dim, R, qkv + starts[i], nqkv);
+          }
+        }
+        for (int head = lo / D; head < hi / D; ++head) {
+          for (int r = 0; r < R; ++r) {
+            float* v = qkv + static_cast<size_t>(r) * nqkv + head * D;
+            if (head < H && two_queries) {
+              float* qs = q_sink + static_cast<size_t>(r) * nq + head * D;
+              std::memcpy(qs, v, sizeof(float) * D);
+              cd::rope(qs, cs_sink + static_cast<size_t>(r) * rot, rot);
+            }
+            if (head < H + Hkv) cd::rope(v, cs + static_cast<size_t>(r) * rot, rot);
+            if (head >= H) {
+              const bool is_k = head < H + Hkv;
+              const int kh = is_k ? head - H : head - H - Hkv;
+              const int pos = row_pos_[r];
+              const size_t slot = static_cast<size_t>(row_table_[r][pos / bs]) * block_elems_ +
+                                  static_cast<size_t>(pos % bs) * nkv + static_cast<size_t>(kh) * D;
+              cd::store_row((is_k ? k_[l] : v_[l]) + slot * esz, kv_bf16, v, D);
+            }
+          }
+        }
+        barrier.wait();
+        // Attention units (row, head run of one KV group) split evenly over the threads.
+        cd::split(R * H, 1, t, nt, lo, hi);
+        for (int u = lo, nh; u < hi; u += nh) {
+          const int r = u / H, h = u % H, kh = h / group;
+          nh = std::min({hi - u, (kh + 1) * group - h, cd::kMaxGroupHeads});
+          const float* q = qkv + static_cast<size_t>(r) * nqkv + h * D;
+          const float* qs = two_queries ? q_sink + static_cast<size_t>(r) * nq + h * D : q;
+          kern.attend_paged(q, qs, k_[l] + static_cast<size_t>(kh) * D * esz, v_[l] + static_cast<size_t>(kh) * D * esz,
+                            kv_bf16, row_table_[r], bs, block_elems_, nkv, D, row_pos_[r], row_sink_pos_[r], nh,
+                            m.span + h, scores, att + static_cast<size_t>(r) * nq + h * D);
+        }
+        barrier.wait();
+        cd::split(dim, 16, t, nt, lo, hi);
+        kern.dot_rows(w.wo, m.w_bf16, nq, lo, hi, att, nq, R, tmp, dim);
+        for (int r = 0; r < R; ++r)
+          for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
+        barrier.wait();
+        for (int r = 0; r < R; ++r) cd::rms_norm(x + r * dim, w.ffn_norm, dim, m.eps, xn + r * dim);
+        cd::split(F, 16, t, nt, lo, hi);
+        kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, R, gate, F);
+        kern.dot_rows(w.w3, m.w_bf16, dim, lo, hi, xn, dim, R, up, F);
+        for (int r = 0; r < R; ++r) kern.silu_mul(gate + r * F + lo, up + r * F + lo, gate + r * F + lo, hi - lo);
+        barrier.wait();
+        cd::split(dim, 16, t, nt, lo, hi);
+        kern.dot_rows(w.w2, m.w_bf16, F, lo, hi, gate, F, R, tmp, dim);
+        for (int r = 0; r < R; ++r)
+          for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
+        barrier.wait();
+      }
+      cd::split(n_out, 1, t, nt, lo, hi);
+      for (int i = lo; i < hi; ++i) cd::rms_norm(x + static_cast<size_t>(out_rows_[i]) * dim, m.final_norm, dim, m.eps, xo + static_cast<size_t>(i) * dim);
+      barrier.wait();
+      cd::split(m.vocab, 16, t, nt, lo, hi);
+      kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xo, dim, n_out, logits, m.vocab);
+    }
+  }
+
+  ModelShape shape_;
+  cd::Isa isa_;
+  cd::Kernels kern_;
+  std::vector<float> inv_freq_;
+  DType wdtype_ = DType::F32;
+  cd::ModelDesc desc_{};
+  std::vector<cd::LayerWeights> layers_;
+  std::vector<std::vector<float>> owned_;  // bf16 norm weights widened
+  std::unordered_set<std::string> used_;
+  std::vector<float> slopes_, buckets_;
+  std::vector<cd::HeadSpan> spans_;
+  int window_ = 0, sinks_ = 0;
+  int num_threads_ = 1;
+
+  CacheParams cache_;
+  size_t block_elems_ = 0;  // elements of one block in one layer's pool: block_size * n_kv_heads * head_dim
+  std::unique_ptr<char[]> pools_;
+  std::vector<char*> k_, v_;
+  std::vector<int32_t> refcount_;
+  std::vector<int32_t> free_;
+  std::unordered_map<int64_t, Seq> seqs_;
+  int64_t next_id_ = 0;
+
+  std::vector<const int32_t*> row_table_;
+  std::vector<int> row_pos_, row_sink_pos_, out_rows_;
+  std::vector<float> workspace_;
+  mutable std::mutex mutex_;
+};
+
+}  // namespace session
+}  // namespace llama_fast

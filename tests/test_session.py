@@ -1,0 +1,201 @@
+"""The C++ decode session (csrc/session.h, llama_fast.session) against the plain-PyTorch reference
+(reference.sequence_logits), and its promises: a sequence's logits are bitwise the same alone, in any
+batch and however its prompt is chunked; forks share blocks; a window frees blocks without changing a
+number; bad input raises before any work, and nothing leaks a block."""
+import random
+
+import pytest
+import torch
+
+from llama_fast import _ext
+from llama_fast.config import ModelConfig
+from llama_fast.errors import CacheFullError
+from llama_fast.reference import sequence_logits
+from llama_fast.span import SpanBias, alibi_slopes
+
+pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="the C++ extensions are not built")
+
+from llama_fast.session import SessionRunner  # noqa: E402
+
+from test_fast_decode import random_model, supported_isas  # noqa: E402
+
+
+def tiny_config(n_heads=6, n_kv_heads=2, head_dim=64, dim=96, layers=2, vocab=97, ffn=80, max_seq_len=512):
+    return ModelConfig(dim=dim, n_layers=layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab,
+                       ffn_dim=ffn, max_seq_len=max_seq_len, head_dim=head_dim)
+
+
+def spans(cfg):
+    H = cfg.n_heads
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "causal": SpanBias(),
+        "window": SpanBias(window=24),
+        "window_sinks": SpanBias(window=24, sink_tokens=4),
+        "alibi": SpanBias(alibi_slopes=alibi_slopes(H)),
+        "buckets_softcap": SpanBias(bucket_bias=torch.randn(H, 32, generator=gen), num_buckets=32, max_distance=64,
+                                    logit_softcap=5.0),
+        "everything": SpanBias(alibi_slopes=alibi_slopes(H), bucket_bias=torch.randn(H, 16, generator=gen),
+                               num_buckets=16, max_distance=40, window=20, sink_tokens=3, logit_softcap=8.0),
+    }
+
+
+def prompt(n, vocab, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+@pytest.mark.parametrize("span_name", ["causal", "window", "window_sinks", "alibi", "buckets_softcap", "everything"])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2)])
+def test_session_matches_reference(span_name, heads):
+    cfg = tiny_config(n_heads=heads[0], n_kv_heads=heads[1])
+    model = random_model(cfg, spans(cfg)[span_name], seed=heads[0])
+    tokens = prompt(100, cfg.vocab_size, 1)
+    want = sequence_logits(model, tokens)  # (100, vocab)
+    runner = SessionRunner(model, num_blocks=64)
+    seq = runner.add_sequence()
+    got = torch.cat([runner.step([(seq, tokens[i:i + 17])], all_logits=True) for i in range(0, 100, 17)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("span_name", ["causal", "window_sinks", "everything"])
+def test_batch_and_chunks_change_no_bit(isa, dtype, span_name):
+    """Each sequence's logits alone == in a batch of sequences of other lengths == with its prompt in other
+    chunks, bit for bit."""
+    cfg = tiny_config(head_dim=64, dim=128, ffn=176)
+    model = random_model(cfg, spans(cfg)[span_name], seed=7, dtype=dtype)
+    runner = SessionRunner(model, num_blocks=400, isa=isa)
+    lengths = [5, 33, 1, 90, 17, 64, 2, 40]
+    prompts = [prompt(n, cfg.vocab_size, 10 + i) for i, n in enumerate(lengths)]
+    steps = 12
+
+    def run(groups, chunk):
+        """Prefill then greedy decode for each group of prompts run together; returns every step's logits."""
+        out = {}
+        for group in groups:
+            seqs = {i: runner.add_sequence() for i in group}
+            fed = {i: 0 for i in group}
+            logits = {}
+            while any(fed[i] < len(prompts[i]) for i in group):
+                live = [i for i in group if fed[i] < len(prompts[i])]
+                step = runner.step([(seqs[i], prompts[i][fed[i]:fed[i] + chunk]) for i in live])
+                for i, row in zip(live, step):
+                    fed[i] = min(fed[i] + chunk, len(prompts[i]))
+                    logits[i] = row
+            for i in group:
+                out[i] = [logits[i]]
+            for _ in range(steps):
+                step = runner.step([(seqs[i], [int(out[i][-1].argmax())]) for i in group])
+                for i, row in zip(group, step):
+                    out[i].append(row)
+            for i in group:
+                runner.free(seqs[i])
+        return out
+
+    alone = run([[i] for i in range(len(prompts))], chunk=1000)
+    batched = run([list(range(len(prompts)))], chunk=16)
+    shuffled = run([[7, 3, 0, 5], [1, 6, 2, 4]], chunk=7)
+    for i in range(len(prompts)):
+        for s in range(steps + 1):
+            assert torch.equal(alone[i][s], batched[i][s]), (i, s)
+            assert torch.equal(alone[i][s], shuffled[i][s]), (i, s)
+    assert runner.num_free_blocks == runner.num_blocks
+
+
+def test_fork_shares_blocks_and_copies_on_write():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    runner = SessionRunner(model, num_blocks=32)
+    tokens = prompt(40, cfg.vocab_size, 2)  # 2.5 blocks
+    seq = runner.add_sequence()
+    runner.step([(seq, tokens)])
+    free_before = runner.num_free_blocks
+    twin = runner.fork(seq)
+    assert runner.num_free_blocks == free_before  # shared, nothing copied yet
+    a = runner.step([(seq, [1]), (twin, [2])])
+    assert runner.num_free_blocks == free_before - 1  # the shared partial block was copied once
+    want = sequence_logits(model, tokens + [1]), sequence_logits(model, tokens + [2])
+    torch.testing.assert_close(a[0], want[0][-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a[1], want[1][-1], atol=1e-4, rtol=1e-4)
+    runner.free(seq)
+    runner.free(twin)
+    assert runner.num_free_blocks == runner.num_blocks
+
+
+def test_window_frees_blocks_and_runs_past_the_context():
+    cfg = tiny_config(max_seq_len=64)
+    model = random_model(cfg, SpanBias(window=24, sink_tokens=4))
+    runner = SessionRunner(model, num_blocks=8)
+    tokens = prompt(300, cfg.vocab_size, 4)
+    seq = runner.add_sequence()
+    got = []
+    for t in tokens:
+        got.append(runner.step([(seq, [t])])[0])
+        assert runner.blocks_held(seq) <= runner.blocks_for_sequence(runner.length(seq), 1)
+    assert runner.blocks_held(seq) <= 4  # sinks' block + the window's
+    want = sequence_logits(model, tokens)
+    torch.testing.assert_close(torch.stack(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input_raises_and_changes_nothing():
+    cfg = tiny_config(max_seq_len=40)
+    model = random_model(cfg)
+    runner = SessionRunner(model, num_blocks=4)
+    seq = runner.add_sequence()
+    with pytest.raises(ValueError, match="unknown or freed sequence id 99"):
+        runner.step([(99, [1])])
+    with pytest.raises(ValueError, match="token id 97"):
+        runner.step([(seq, [1, 97])])
+    with pytest.raises(ValueError, match="token id -1"):
+        runner.step([(seq, [-1])])
+    with pytest.raises(ValueError, match="past the model's context of 40"):
+        runner.step([(seq, [1] * 41)])
+    with pytest.raises(ValueError, match="appears twice"):
+        runner.step([(seq, [1]), (seq, [2])])
+    with pytest.raises(ValueError, match="new tokens"):
+        runner.step([(seq, [])])
+    other = runner.add_sequence()
+    runner.step([(seq, [1] * 40)])  # 3 blocks of 16
+    with pytest.raises(CacheFullError, match="out of blocks"):
+        runner.step([(other, [1] * 17)])  # needs 2, 1 is free
+    assert runner.length(other) == 0 and runner.num_free_blocks == 1
+    runner.step([(other, [1] * 16)])
+    runner.free(seq)
+    runner.free(other)
+    assert runner.num_free_blocks == 4
+    with pytest.raises(ValueError, match="unknown or freed"):
+        runner.free(seq)
+
+
+def test_weight_map_is_checked():
+    from llama_fast.session import weight_map
+
+    cfg = tiny_config()
+    model = random_model(cfg)
+    weights, owners = weight_map(model)
+    from llama_fast import _lite
+
+    session_type = _lite.Session
+    args = dict(n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                norm_eps=cfg.norm_eps, max_positions=cfg.max_seq_len, owner=owners, inv_freq=[1.0] * 32,
+                alibi_slopes=[], bucket_table=[], window=0, sinks=0, logit_softcap=0.0, scale=0.0, num_blocks=4,
+                block_size=16, kv_dtype="F32", num_threads=1, isa="auto")
+    session_type(weights=weights, **args)
+    missing = dict(weights)
+    del missing["layers.1.attention.wk.weight"]
+    with pytest.raises(ValueError, match="no tensor 'layers.1.attention.wk.weight'"):
+        session_type(weights=missing, **args)
+    wrong = dict(weights)
+    address, dtype, shape = wrong["layers.0.feed_forward.w2.weight"]
+    wrong["layers.0.feed_forward.w2.weight"] = (address, dtype, [shape[0], shape[1] - 1])
+    with pytest.raises(ValueError, match="layers.0.feed_forward.w2.weight' must have shape"):
+        session_type(weights=wrong, **args)
+    extra = dict(weights, **{"layers.2.attention.wq.weight": weights["layers.0.attention.wq.weight"]})
+    with pytest.raises(ValueError, match="'layers.2.attention.wq.weight' is not part of the model"):
+        session_type(weights=extra, **args)
+    with pytest.raises(ValueError, match="dtype must be F32 or BF16"):
+        session_type(weights={**weights, "norm.weight": (weights["norm.weight"][0], "F16", [cfg.dim])}, **args)
+    with pytest.raises(ValueError, match="sinks"):
+        session_type(weights=weights, **dict(args, window=4, sinks=4))
