@@ -136,6 +136,7 @@ inline Kernels kernels_for(Isa isa) {
 struct LayerWeights {
   const void *wq, *wk, *wv, *wo, *w1, *w2, *w3;  // (out, in) row-major, fp32 or bf16 (ModelDesc::w_bf16)
   const float *attn_norm, *ffn_norm;            // (dim,) fp32
+  const float *bq = nullptr, *bk = nullptr, *bv = nullptr;  // QKV biases (Qwen2), fp32, or null
 };
 
 struct ModelDesc {

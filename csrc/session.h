@@ -423,6 +423,11 @@ class Session {
       L.wq = matrix(w, p + "attention.wq.weight", nq, dim);
       L.wk = matrix(w, p + "attention.wk.weight", nkv, dim);
       L.wv = matrix(w, p + "attention.wv.weight", nkv, dim);
+      if (w.count(p + "attention.wq.bias")) {  // Qwen2's QKV biases: all three or none
+        L.bq = vector(w, p + "attention.wq.bias", nq);
+        L.bk = vector(w, p + "attention.wk.bias", nkv);
+        L.bv = vector(w, p + "attention.wv.bias", nkv);
+      }
       L.wo = matrix(w, p + "attention.wo.weight", dim, nq);
       L.ffn_norm = vector(w, p + "ffn_norm.weight", dim);
       L.w1 = matrix(w, p + "feed_forward.w1.weight", ffn, dim);
@@ -547,9 +552,14 @@ class Session {
         {
           const void* mats[3] = {w.wq, w.wk, w.wv};
           const int starts[4] = {0, nq, nq + nkv, nqkv};
+          const float* biases[3] = {w.bq, w.bk, w.bv};
           for (int i = 0; i < 3; ++i) {
             const int a = std::max(lo, starts[i]), e = std::min(hi, starts[i + 1]);
-            if (a < e) kern.dot_rows(mats[i], m.w_bf16, dim, a - starts[i], e - starts[i], xn, dim, R, qkv + starts[i], nqkv);
+            if (a >= e) continue;
+            kern.dot_rows(mats[i], m.w_bf16, dim, a - starts[i], e - starts[i], xn, dim, R, qkv + starts[i], nqkv);
+            if (biases[i] != nullptr)
+              for (int r = 0; r < R; ++r)
+                for (int c = a; c < e; ++c) qkv[static_cast<size_t>(r) * nqkv + c] += biases[i][c - starts[i]];
           }
         }
         for (int head = lo / D; head < hi / D; ++head) {

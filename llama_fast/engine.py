@@ -20,7 +20,7 @@ from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, row_p
 from .span import SpanBias
 from .streaming import StreamingKVCache
 from .tokenizer import Tokenizer, check_context, encode_prompt, stop_strings, stream_text
-from .window import streaming_slack
+from .window import prefill_chunk, streaming_slack
 
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphDecodePath
@@ -215,8 +215,6 @@ class LLM:
             return
         yield from self._generate_session(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
 
-    # Tokens of one prompt per session step: long prompts go in chunks, so a step's workspace stays small.
-    PREFILL_CHUNK = 256
     # The KV pool's budget in tokens (None: 2 GiB worth, at least one full context).
     max_kv_tokens: int | None = None
 
@@ -256,10 +254,11 @@ class LLM:
         for row, ids in enumerate(prompt_ids):
             groups.setdefault(tuple(ids), []).append(row)
         windowed = self.model.span.window is not None
+        chunk = prefill_chunk(self.model.span.window)
         limit = [max_new_tokens if windowed else min(max_new_tokens, self.config.max_seq_len - len(p))
                  for p in prompt_ids]
         span = self.model.span
-        need = {g: len(rows) * blocks_for_sequence(len(g) + max(limit[r] for r in rows), self.PREFILL_CHUNK,
+        need = {g: len(rows) * blocks_for_sequence(len(g) + max(limit[r] for r in rows), chunk,
                                                    span.window or 0, span.sink_tokens, BLOCK_SIZE)
                 for g, rows in groups.items()}
         budget = self._kv_budget_blocks(BLOCK_SIZE)
@@ -289,7 +288,7 @@ class LLM:
                 entries = [(seq_of[row], [token]) for row, token in last.items()]
                 for item in prefilling:
                     prompt, seq, fed = item
-                    entries.append((seq, prompt[fed:fed + self.PREFILL_CHUNK]))
+                    entries.append((seq, prompt[fed:fed + chunk]))
                 step_logits = runner.step(entries)
                 decoding = list(last)
                 ready = list(decoding)  # rows with fresh logits: the decoding ones, then prompts just done
@@ -493,6 +492,8 @@ class LLM:
             from .session import blocks_for_sequence
 
             llm = self if span is self.model.span else self.with_span(span)
+            chunk = min(chunk, prefill_chunk(span.window))
+            chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
             runner = llm.session_runner(blocks_for_sequence(len(ids), chunk, span.window or 0, span.sink_tokens))
             kv_bytes = runner.kv_bytes
             seq = runner.add_sequence()

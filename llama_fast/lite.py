@@ -28,12 +28,11 @@ from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import SamplingParams, check_max_new_tokens, row_params
 from .threads import ThreadTuner
 from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
-from .window import check_window
+from .window import check_window, prefill_chunk
 
 log = logging.getLogger("llama_fast")
 
 _SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16"}
-PREFILL_CHUNK = 256  # prompt tokens per session step, as LLM.PREFILL_CHUNK
 BLOCK_SIZE = 16  # tokens per KV block, as session.BLOCK_SIZE
 
 
@@ -119,18 +118,18 @@ class LiteLLM:
         if steps <= 0:
             return
         lite = _lite()
-        window, sinks = self.window or 0, self.sink_tokens
+        window, sinks, chunk = self.window or 0, self.sink_tokens, prefill_chunk(self.window)
         dtypes = {dtype for _, dtype, _ in self.tensors.values()}
         session = lite.Session(
             n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, norm_eps=c.norm_eps,
             max_positions=c.max_seq_len, weights=self.tensors, owner=self.tensors,
             inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=[], bucket_table=[],
             window=window, sinks=sinks, logit_softcap=0.0, scale=0.0,
-            num_blocks=lite.blocks_for_sequence(len(ids) + steps, PREFILL_CHUNK, window, sinks, BLOCK_SIZE),
+            num_blocks=lite.blocks_for_sequence(len(ids) + steps, chunk, window, sinks, BLOCK_SIZE),
             block_size=BLOCK_SIZE, kv_dtype="BF16" if dtypes == {"BF16"} else "F32", num_threads=0, isa="auto")
         seq = session.add_sequence()
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            piece = ids[start:start + PREFILL_CHUNK]
+        for start in range(0, len(ids), chunk):
+            piece = ids[start:start + chunk]
             logits = session.step([seq], [len(piece)], piece)
         threads = session.num_threads
         tuner = ThreadTuner([threads, 1]) if threads > 1 else None

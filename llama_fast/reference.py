@@ -219,9 +219,10 @@ def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
     for l in range(c.n_layers):
         p = f"layers.{l}."
         h = rms_norm(x, f[p + "attention_norm.weight"], c.norm_eps)
-        q = (h @ f[p + "attention.wq.weight"].T).view(N, H, D)
-        k = rotate((h @ f[p + "attention.wk.weight"].T).view(N, Hkv, D), t).repeat_interleave(H // Hkv, dim=1)
-        v = (h @ f[p + "attention.wv.weight"].T).view(N, Hkv, D).repeat_interleave(H // Hkv, dim=1)
+        q, k, v = (h @ f[p + f"attention.{w}.weight"].T + f.get(p + f"attention.{w}.bias", 0.0) for w in ("wq", "wk", "wv"))
+        q = q.view(N, H, D)
+        k = rotate(k.view(N, Hkv, D), t).repeat_interleave(H // Hkv, dim=1)
+        v = v.view(N, Hkv, D).repeat_interleave(H // Hkv, dim=1)
         scores = torch.where(sink_pair, torch.einsum("qhd,khd->hqk", rotate(q, t_sink), k),
                              torch.einsum("qhd,khd->hqk", rotate(q, t), k)) * D ** -0.5
         if span.logit_softcap is not None:

@@ -1,5 +1,5 @@
-"""Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py), the engine's
-StreamingKVCache (streaming.py) and the torch-free fast start (lite.py). Torch-free."""
+"""Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py), the session's
+drivers (engine.py, lite.py) and the StreamingKVCache of the model's forward (streaming.py). Torch-free."""
 from __future__ import annotations
 
 
@@ -13,6 +13,15 @@ def check_window(window: int | None, sink_tokens: int) -> None:
         raise ValueError("SpanBias.sink_tokens needs a window: without one every token is visible anyway")
     if window is not None and sink_tokens >= window:
         raise ValueError(f"SpanBias.sink_tokens ({sink_tokens}) must be smaller than window ({window})")
+
+
+PREFILL_CHUNK = 256  # prompt tokens of one sequence per session step, without a window
+
+
+def prefill_chunk(window: int | None) -> int:
+    """Tokens of one sequence fed per session step: under a window few enough that the window plus one step
+    stays a small, constant number of KV blocks."""
+    return PREFILL_CHUNK if window is None else min(PREFILL_CHUNK, streaming_slack(window))
 
 
 def streaming_slack(window: int) -> int:

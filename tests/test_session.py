@@ -199,3 +199,58 @@ def test_weight_map_is_checked():
         session_type(weights={**weights, "norm.weight": (weights["norm.weight"][0], "F16", [cfg.dim])}, **args)
     with pytest.raises(ValueError, match="sinks"):
         session_type(weights=weights, **dict(args, window=4, sinks=4))
+
+
+# ---- LLM on the session: the embedded model ----
+
+def shakespeare_prompts(llm, lengths):
+    import os
+
+    text = open(os.path.join(os.path.dirname(__file__), "data", "shakespeare_head.txt"), encoding="utf-8").read()
+    ids = llm.tokenizer.encode(text)
+    return [ids[100 * i:100 * i + n] for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("span", [None, SpanBias(window=48, sink_tokens=4)], ids=["dense", "window_sinks"])
+def test_every_row_of_a_batch_equals_its_prompt_alone(smollm, span):
+    """8 prompts of 5 to 300 tokens, greedy: each row's tokens in the batch are the tokens of its prompt run
+    alone (under the window, prompts and generations run far past it), and no block is left behind."""
+    from llama_fast.sampling import SamplingParams
+
+    llm = smollm if span is None else smollm.with_span(span)
+    prompts = shakespeare_prompts(llm, [5, 300, 17, 64, 150, 9, 230, 100])
+    params = [SamplingParams()] * len(prompts)
+
+    def run(batch):
+        rows = [[] for _ in batch]
+        for step in llm.generate_ids(batch, params[:len(batch)], 40, stop_at_eos=False):
+            for row, token in enumerate(step):
+                if token is not None:
+                    rows[row].append(token)
+        return rows
+
+    together = run(prompts)
+    for prompt, tokens in zip(prompts, together):
+        assert run([prompt])[0] == tokens
+
+
+def test_generate_bad_input_raises_before_any_work(smollm):
+    with pytest.raises(ValueError, match="at least one prompt"):
+        smollm.generate([])
+    with pytest.raises(ValueError, match="context is 8192 tokens"):
+        smollm.generate("hi " * 9000)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        smollm.generate(["a", "b"], max_new_tokens=0)
+    small = smollm.with_span(smollm.model.span)
+    small.max_kv_tokens = 64
+    with pytest.raises(ValueError, match="more than max_kv_tokens=64 holds"):
+        small.generate("hi " * 60, max_new_tokens=20)
+
+
+def test_a_batch_larger_than_the_kv_pool_runs_in_waves(smollm):
+    """max_kv_tokens holds two rows at a time: six rows still all finish, each with its text alone."""
+    llm = smollm.with_span(smollm.model.span)
+    prompts = ["I love", "The capital of France is", "def fibonacci(n):", "Once upon a time", "Hello", "Why"]
+    alone = [llm.generate(p, max_new_tokens=12).token_ids for p in prompts]
+    llm.max_kv_tokens = 64  # 4 blocks: two rows of up to 32 tokens
+    assert [c.token_ids for c in llm.generate(prompts, max_new_tokens=12)] == alone
