@@ -54,9 +54,10 @@ def stream_gbps(nbytes=256 << 20, cols=576, repeats=9):
 
 
 def matvec_sweep(rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), copies=24, repeats=5):
-    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels (cpu_matvec: a row at a time up to 4 vectors, 4 at a
-    time over L2 tiles, a GEMM from 12) against torch's F.linear, on `copies` weight matrices in turn (more
-    than the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved."""
+    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels (cpu_matvec: one weight row after another for all
+    vectors up to 8 (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles of rows; one
+    summation order in every path) against torch's F.linear, on `copies` weight matrices in turn (more than
+    the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved."""
     c = ext()
     out = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -161,9 +161,9 @@ def test_bucket_table_is_the_reference_bucketing():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", supported_isas())
 def test_matvec_kernels_on_odd_sizes(isa, dtype):
-    """The step's matrix kernels (one vector: a row at a time; 2-4 vectors: rows side by side; 5-11: 4 at a
-    time over tiles; from 12: the GEMM, its blocks of 6 rows, 2 registers of vectors, 128 of K and chunks of
-    64 vectors) on sizes around every one of those edges, against fp64 math on the same values."""
+    """The step's matrix kernels (up to kStreamVecs vectors: one row after another; more: register blocks of
+    rows x vectors over L2 tiles of rows; K in blocks of two vector widths and a tail) on sizes around every
+    one of those edges, against fp64 math on the same values."""
     gen = torch.Generator().manual_seed(7)
     for K in (1, 7, 8, 15, 16, 31, 33, 63, 64, 65, 100, 127, 129, 130, 257, 577):
         for batch in (1, 2, 3, 4, 5, 9, 11, 12, 13, 17, 33, 70):

@@ -1,0 +1,101 @@
+"""Batch invariance of the CPU decode step's matrix kernels (csrc/cpu_decode_isa.inc, through
+llama_fast._C.cpu_matvec): for one ISA and weight dtype, an output W[r] . x[j] is bitwise the same whatever
+the number of vectors in the call (one vector, a decode batch, a prompt chunk), the vector's place among
+them, the other vectors, the thread count and the rows a thread is given; and it is within a tight
+tolerance of fp64 math on the same values. Fresh random inputs, odd sizes around every vector width.
+"""
+import pytest
+import torch
+
+from llama_fast import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
+
+K_SIZES = (1, 7, 33, 64, 100, 576, 1000, 1536)
+N_SIZES = (1, 17, 129)
+MAX_VECTORS = 70
+
+
+def supported_isas():
+    if not _ext.has_ext():
+        return ["scalar"]
+    f = _ext.ext().cpu_features()
+    isas = ["scalar"]
+    if f["avx2"] and f["fma"]:
+        isas.append("avx2")
+    if f["avx512f"] and f["avx512bw"]:
+        isas.append("avx512")
+    return isas
+
+
+def matvec(weight, x, isa, threads=1):
+    return _ext.ext().cpu_matvec(weight, x.contiguous(), num_threads=threads, isa=isa)
+
+
+def assert_bitwise(got, want, msg):
+    if not torch.equal(got, want):
+        diff = (got != want).nonzero()
+        raise AssertionError(f"{msg}: {len(diff)} outputs differ, first at {diff[0].tolist()} "
+                             f"({got[tuple(diff[0])].item()!r} vs {want[tuple(diff[0])].item()!r})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_every_batch_size_gives_the_one_vector_result(isa, dtype):
+    """Row j of an nb-vector product (nb = 1..70: one vector, decode batches, prompt chunks) equals the product
+    of x[j] alone, bit for bit: as the first nb vectors, and as a random selection of nb vectors in random
+    order (other companions, another place), on 1, 2 and 3 threads."""
+    gen = torch.Generator().manual_seed(11 + len(isa) + dtype.itemsize)
+    for K in K_SIZES:
+        for N in N_SIZES:
+            weight = torch.randn(N, K, generator=gen).to(dtype)
+            pool = torch.randn(MAX_VECTORS, K, generator=gen)
+            alone = torch.cat([matvec(weight, pool[j:j + 1], isa) for j in range(MAX_VECTORS)])
+            expected = (pool.double() @ weight.double().T)
+            torch.testing.assert_close(alone.double(), expected, rtol=1e-5, atol=1e-5 * K ** 0.5,
+                                       msg=f"K={K} N={N} against fp64")
+            for nb in range(1, MAX_VECTORS + 1):
+                threads = 1 + nb % 3
+                assert_bitwise(matvec(weight, pool[:nb], isa, threads), alone[:nb],
+                               f"K={K} N={N} first {nb} vectors, {threads} threads")
+                picked = torch.randperm(MAX_VECTORS, generator=gen)[:nb]
+                threads = 1 + (nb + 1) % 3
+                assert_bitwise(matvec(weight, pool[picked], isa, threads), alone[picked],
+                               f"K={K} N={N} {nb} vectors picked {picked.tolist()}, {threads} threads")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_row_ranges_give_the_same_rows(isa, dtype):
+    """A block of rows multiplied on its own (as a thread's share of the rows would be) gives those rows of the
+    whole product bit for bit, for row ranges that start and end anywhere in the kernels' row blocks."""
+    gen = torch.Generator().manual_seed(5 + len(isa) + dtype.itemsize)
+    for K in (33, 100, 576):
+        weight = torch.randn(129, K, generator=gen).to(dtype)
+        for nb in (1, 2, 5, 8, 9, 13, 40, 70):
+            x = torch.randn(nb, K, generator=gen)
+            whole = matvec(weight, x, isa, threads=2)
+            for r0, r1 in ((0, 1), (1, 6), (3, 17), (5, 129), (64, 127), (128, 129)):
+                assert_bitwise(matvec(weight[r0:r1], x, isa, threads=3), whole[:, r0:r1],
+                               f"K={K} nb={nb} rows [{r0}, {r1})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_error_within_the_bound_of_the_order(isa, dtype):
+    """Every path against fp64 math on the same values, within the rigorous error bound of the kernels' order
+    (2 chains of K / (2 W) FMAs per lane, a 4-level tree over W lanes (lanes of a 16-wide vector are first
+    paired), the tail's FMAs): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
+    constant so that sums cancel."""
+    width = {"avx512": 16, "avx2": 8, "scalar": 1}[isa]
+    block = 2 * width
+    gen = torch.Generator().manual_seed(23 + len(isa) + dtype.itemsize)
+    for K in (7, 64, 1000, 1536):
+        depth = -(-K // block) + 6 + K % block
+        weight = torch.randn(17, K, generator=gen).to(dtype)
+        for nb in (1, 4, 8, 12, 31, 64):
+            x = torch.randn(nb, K, generator=gen) + 3.0
+            got = matvec(weight, x, isa, threads=2).double()
+            expected = x.double() @ weight.double().T
+            bound = depth * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
+            assert ((got - expected).abs() <= bound).all(), f"K={K} nb={nb}"
