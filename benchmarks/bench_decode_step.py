@@ -1,5 +1,5 @@
 """Micro benchmark of one CPU decode step on the embedded SmolLM2-135M: the eager PyTorch model
-(llama_fast's reference path) against the C++ step (llama_fast.fast_decode), fp32 and bf16, interleaved
+(llama_fast's reference path) against a step of the C++ session (llama_fast.session), fp32 and bf16, interleaved
 in one run (ratios, not absolute times: shared machines are noisy); plus GB/s of one big matrix-vector
 product (the tied embedding as the logits matrix) through torch against the C++ kernel; the kernel
 streaming 256 MiB as fp32 and as bf16 against a plain read of it; and the bandwidth floor of a decode step.
@@ -20,9 +20,9 @@ import torch
 from llama_fast._ext import ext
 from llama_fast.bench import interleaved_times, memory_bandwidth
 from llama_fast.cache import StaticKVCache
-from llama_fast.fast_decode import CpuDecodePath
 from llama_fast.loaders import load_checkpoint
 from llama_fast.model import build_model
+from llama_fast.session import SessionRunner, blocks_for_sequence
 
 
 def pct(values, q):
@@ -76,28 +76,27 @@ def matvec_sweep(rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), 
 def bench_dtype(ckpt, dtype, steps, context):
     cfg = ckpt.config
     model = build_model(cfg, ckpt.weights, dtype=dtype)
-    path = CpuDecodePath(model)
     prompt = torch.randint(0, cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
-    caches = []
-    for _ in range(2):
-        cache = StaticKVCache(cfg.n_layers, 1, context + steps + 8, cfg.n_kv_heads, cfg.head_dim, dtype=dtype)
-        model(prompt, cache)
-        caches.append(cache)
+    cache = StaticKVCache(cfg.n_layers, 1, context + steps + 8, cfg.n_kv_heads, cfg.head_dim, dtype=dtype)
+    model(prompt, cache)
+    session = SessionRunner(model, num_blocks=blocks_for_sequence(context + steps + 8, context, 0, 0))
+    seq = session.add_sequence()
+    session.step([(seq, prompt[0].tolist())])
     tok = torch.tensor([42])
     for _ in range(2):  # warm-up (not timed), keeps both caches at the same length
-        model(tok[:, None], caches[0])
-        path.step(tok, caches[1])
+        model(tok[:, None], cache)
+        session.step([(seq, [42])])
     eager, fast = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        model(tok[:, None], caches[0])
+        model(tok[:, None], cache)
         t1 = time.perf_counter()
-        path.step(tok, caches[1])
+        session.step([(seq, [42])])
         t2 = time.perf_counter()
         eager.append((t1 - t0) * 1e3)
         fast.append((t2 - t1) * 1e3)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    out = {"weight_bytes": weight_bytes, "isa": path.isa, "threads": path.num_threads}
+    out = {"weight_bytes": weight_bytes, "isa": session.isa, "threads": session.num_threads}
     for name, ms in (("eager", eager), ("cpp", fast)):
         out[name] = {"ms_p50": statistics.median(ms), "ms_p99": pct(ms, 99), "ms_min": min(ms),
                      "tok_s": 1e3 / statistics.median(ms)}

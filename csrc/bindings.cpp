@@ -70,26 +70,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("commit", &llama_fast::PagedBlockManager::commit, "seqs"_a, "kept"_a)
       .def("block_table", &llama_fast::PagedBlockManager::block_table, "seqs"_a, "min_width"_a = 0);
 
-  // Decoding
-  py::class_<llama_fast::CpuDecoder>(m, "CpuDecoder",
-                                     "The whole CPU decode step of a LLaMA-family model, one call per token.")
-      .def(py::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, torch::Tensor,
-                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                    std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>, torch::Tensor,
-                    std::optional<torch::Tensor>, std::optional<torch::Tensor>, int64_t, int64_t, double, double,
-                    int64_t, const std::string&>(),
-           py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("embedding"),
-           py::arg("output"), py::arg("final_norm"), py::arg("attn_norm"), py::arg("wq"), py::arg("wk"),
-           py::arg("wv"), py::arg("wo"), py::arg("ffn_norm"), py::arg("w1"), py::arg("w2"), py::arg("w3"),
-           py::arg("rope_table"), py::arg("alibi_slopes") = py::none(), py::arg("bucket_table") = py::none(),
-           py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0,
-           py::arg("scale") = 0.125, py::arg("num_threads") = 0, py::arg("isa") = "auto")
-      .def("step", &llama_fast::CpuDecoder::step, py::arg("tokens"), py::arg("seqlens"), py::arg("k_cache"),
-           py::arg("v_cache"))
-      .def("set_rope_table", &llama_fast::CpuDecoder::set_rope_table, py::arg("table"))
-      .def_property_readonly("isa", &llama_fast::CpuDecoder::isa)
-      .def_property("num_threads", &llama_fast::CpuDecoder::num_threads, &llama_fast::CpuDecoder::set_num_threads);
+  // The CPU kernels of the session, as ops of the PyTorch forward
   m.def("cpu_matvec", &llama_fast::cpu_matvec, py::arg("weight"), py::arg("x"), py::arg("num_threads") = 0,
         py::arg("isa") = "auto", "x (B, K) fp32 @ weight (N, K).T with the CPU decode step's kernels -> (B, N) fp32.");
   m.def("cpu_attention", &llama_fast::cpu_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),

@@ -1,7 +1,6 @@
-// The whole decode step of a LLaMA-family model on CPU, for one new token per sequence: embedding ->
-// n_layers x (RMSNorm, QKV, RoPE, KV-cache append, span-biased GQA attention, output projection + residual,
-// RMSNorm, SwiGLU MLP + residual) -> RMSNorm -> logits. Torch-free; decode_cpu.cpp checks the tensors and
-// calls decode_step.
+// The pieces of the CPU decode step (session.h runs them: embedding -> n_layers x (RMSNorm, QKV, RoPE,
+// KV-cache append, span-biased GQA attention, output projection + residual, RMSNorm, SwiGLU MLP + residual)
+// -> RMSNorm -> logits): the model description, the per-ISA kernels, the barrier. Torch-free.
 //
 // Decode is memory-bound (every weight is read once per token), so the matrix-vector products stream the
 // weights (fp32, or bf16 widened to fp32 in registers) with the widest vectors the CPU has, chosen at run
@@ -152,37 +151,11 @@ struct ModelDesc {
   const HeadSpan* span;      // (n_heads,)
 };
 
-// One row per new token. Rows are usually one token of each sequence in a batch (row b in cache row b), but
-// several rows may be consecutive tokens of one sequence (a prompt's chunk, via cache_rows): every row's
-// K/V is stored before any row attends, so each sees the tokens before it.
-struct StepDesc {
-  int batch;
-  const int64_t* tokens;     // (batch,)
-  const int32_t* positions;  // (batch,): cache position of each row's new token
-  const int32_t* cache_rows = nullptr;  // (batch,): the cache row each row reads and writes; null: row b -> b
-  int s_max;                 // cache capacity per row
-  bool kv_bf16;
-  void* const* k_cache;      // n_layers pointers to (cache rows, s_max, n_kv_heads, head_dim)
-  void* const* v_cache;
-  int logits_from = 0;       // logits only of rows [logits_from, batch) (a prompt chunk needs its last only)
-  float* logits;             // (batch - logits_from, vocab)
-  int num_threads;
-  float* workspace;          // workspace_floats(...) floats
-};
-
 inline size_t qkv_width(const ModelDesc& m) { return static_cast<size_t>(m.n_heads + 2 * m.n_kv_heads) * m.head_dim; }
 
 // Scores scratch of one attention call (attend) for heads in groups of `group` over up to s_max keys.
 inline size_t attention_scratch(int group, int s_max) {
   return static_cast<size_t>(group < kMaxGroupHeads ? group : kMaxGroupHeads) * s_max;
-}
-
-inline size_t workspace_floats(const ModelDesc& m, int batch, int s_max, int num_threads) {
-  const size_t B = batch;
-  const size_t shared = B * m.dim /*x*/ + B * qkv_width(m) + B * m.n_heads * m.head_dim /*att*/ +
-                        2 * B * m.ffn_dim /*gate, up*/ + B * m.dim /*tmp*/;
-  const size_t per_thread = B * m.dim /*normed x*/ + attention_scratch(m.n_heads / m.n_kv_heads, s_max) + 16;
-  return shared + per_thread * num_threads;
 }
 
 // A barrier for the threads of one parallel region that spins briefly, then yields the core: on a
@@ -253,98 +226,6 @@ inline void store_row(void* dst, bool bf16, const float* src, int n) {
     for (int i = 0; i < n; ++i) p[i] = f32_to_bf16(src[i]);
   } else {
     std::memcpy(dst, src, sizeof(float) * n);
-  }
-}
-
-// One decode step. Inputs are assumed valid (decode_cpu.cpp checks them).
-inline void decode_step(const ModelDesc& m, const StepDesc& s, Isa isa) {
-  const Kernels kern = kernels_for(isa);
-  const int B = s.batch, dim = m.dim, D = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, F = m.ffn_dim;
-  const int nq = H * D, nkv = Hkv * D, nqkv = nq + 2 * nkv, group = H / Hkv;
-  float* ws = s.workspace;
-  float* x = ws; ws += static_cast<size_t>(B) * dim;            // (B, dim) the residual stream
-  float* qkv = ws; ws += static_cast<size_t>(B) * nqkv;         // (B, nq + 2 nkv)
-  float* att = ws; ws += static_cast<size_t>(B) * nq;           // (B, H * D)
-  float* gate = ws; ws += static_cast<size_t>(B) * F;           // (B, F), then silu(gate) * up
-  float* up = ws; ws += static_cast<size_t>(B) * F;
-  float* tmp = ws; ws += static_cast<size_t>(B) * dim;
-  float* per_thread = ws;
-  const size_t per_thread_floats = static_cast<size_t>(B) * dim + attention_scratch(group, s.s_max) + 16;
-  const size_t kv_row = static_cast<size_t>(s.s_max) * nkv;  // elements per batch row of a cache tensor
-  const size_t esz = s.kv_bf16 ? 2 : 4;
-  auto cache_row = [&](int b) { return static_cast<size_t>(s.cache_rows != nullptr ? s.cache_rows[b] : b); };
-
-  for (int b = 0; b < B; ++b) load_row(m.embedding, m.w_bf16, s.tokens[b], dim, x + static_cast<size_t>(b) * dim);
-
-  SpinBarrier barrier;
-#pragma omp parallel num_threads(s.num_threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#pragma omp single
-    barrier.n = nt;  // (the implicit barrier of `single` publishes it)
-    float* xn = per_thread + t * per_thread_floats;  // (B, dim) this thread's copy of the normed x
-    float* scores = xn + static_cast<size_t>(B) * dim;
-    int lo, hi;
-    for (int l = 0; l < m.n_layers; ++l) {
-      const LayerWeights& w = m.layers[l];
-      for (int b = 0; b < B; ++b) rms_norm(x + b * dim, w.attn_norm, dim, m.eps, xn + b * dim);
-      // QKV: rows split in whole heads, so each thread applies RoPE and fills the cache for its own heads.
-      split(nqkv, D, t, nt, lo, hi);
-      {
-        const void* mats[3] = {w.wq, w.wk, w.wv};
-        const int starts[4] = {0, nq, nq + nkv, nqkv};
-        for (int i = 0; i < 3; ++i) {
-          const int a = lo > starts[i] ? lo : starts[i], e = hi < starts[i + 1] ? hi : starts[i + 1];
-          if (a < e) kern.dot_rows(mats[i], m.w_bf16, dim, a - starts[i], e - starts[i], xn, dim, B, qkv + starts[i], nqkv);
-        }
-      }
-      for (int head = lo / D; head < hi / D; ++head) {
-        for (int b = 0; b < B; ++b) {
-          float* v = qkv + static_cast<size_t>(b) * nqkv + head * D;
-          const int pos = s.positions[b];
-          if (head < H + Hkv) rope(v, m.rope + static_cast<size_t>(pos) * m.rot_dim, m.rot_dim);
-          if (head >= H) {
-            const bool is_k = head < H + Hkv;
-            const int kh = is_k ? head - H : head - H - Hkv;
-            char* base = static_cast<char*>(is_k ? s.k_cache[l] : s.v_cache[l]);
-            store_row(base + (cache_row(b) * kv_row + static_cast<size_t>(pos) * nkv + kh * D) * esz, s.kv_bf16, v, D);
-          }
-        }
-      }
-      barrier.wait();
-      // Heads split evenly over the threads; a thread's heads of one KV group go in one call (one read of
-      // the group's cache).
-      split(B * H, 1, t, nt, lo, hi);
-      for (int u = lo, nh; u < hi; u += nh) {
-        const int b = u / H, h = u % H, kh = h / group;
-        nh = std::min({hi - u, (kh + 1) * group - h, kMaxGroupHeads});
-        const char* kb = static_cast<const char*>(s.k_cache[l]) + (cache_row(b) * kv_row + kh * D) * esz;
-        const char* vb = static_cast<const char*>(s.v_cache[l]) + (cache_row(b) * kv_row + kh * D) * esz;
-        kern.attend(qkv + static_cast<size_t>(b) * nqkv + h * D, kb, vb, s.kv_bf16, nkv, D, s.positions[b], nh,
-                    m.span + h, scores, att + static_cast<size_t>(b) * nq + h * D);
-      }
-      barrier.wait();
-      split(dim, 16, t, nt, lo, hi);
-      kern.dot_rows(w.wo, m.w_bf16, nq, lo, hi, att, nq, B, tmp, dim);
-      for (int b = 0; b < B; ++b)
-        for (int r = lo; r < hi; ++r) x[b * dim + r] += tmp[b * dim + r];
-      barrier.wait();
-      for (int b = 0; b < B; ++b) rms_norm(x + b * dim, w.ffn_norm, dim, m.eps, xn + b * dim);
-      split(F, 16, t, nt, lo, hi);
-      kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, B, gate, F);
-      kern.dot_rows(w.w3, m.w_bf16, dim, lo, hi, xn, dim, B, up, F);
-      for (int b = 0; b < B; ++b) kern.silu_mul(gate + b * F + lo, up + b * F + lo, gate + b * F + lo, hi - lo);
-      barrier.wait();
-      split(dim, 16, t, nt, lo, hi);
-      kern.dot_rows(w.w2, m.w_bf16, F, lo, hi, gate, F, B, tmp, dim);
-      for (int b = 0; b < B; ++b)
-        for (int r = lo; r < hi; ++r) x[b * dim + r] += tmp[b * dim + r];
-      barrier.wait();
-    }
-    for (int b = s.logits_from; b < B; ++b) rms_norm(x + b * dim, m.final_norm, dim, m.eps, xn + b * dim);
-    split(m.vocab, 16, t, nt, lo, hi);
-    kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xn + static_cast<size_t>(s.logits_from) * dim, dim,
-                  B - s.logits_from, s.logits, m.vocab);
   }
 }
 

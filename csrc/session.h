@@ -471,7 +471,7 @@ class Session {
     desc_.span = spans_.data();
   }
 
-  // One pass over the weights for every row of the step (cpu_decode::decode_step's structure, over the
+  // One pass over the weights for every row of the step (one OpenMP region, over the
   // paged cache): threads split each product by output rows and attention by (row, KV group).
   void run(const std::vector<Entry>& entries, const int64_t* tokens, int R, bool all_logits, float* logits) {
     const cd::ModelDesc& m = desc_;

@@ -24,7 +24,6 @@ from .window import prefill_chunk, streaming_slack
 
 if TYPE_CHECKING:
     from .cuda_graphs import CudaGraphDecodePath
-    from .fast_decode import CpuDecodePath
 
 log = logging.getLogger("llama_fast")
 
@@ -47,19 +46,19 @@ class Completion:
 
 
 class LLM:
-    # Which KV cache generation uses: "auto" (a PagedKVCache for batches of several rows, num_return_sequences
-    # included, storing each distinct prompt once, each row a stream evicting on its own with a window span;
-    # for a single row a StaticKVCache, or a StreamingKVCache over one for window spans past their window),
-    # or "static" / "paged" to force one.
+    # Which KV cache the model's forward uses (CUDA, decode="eager"; the C++ session owns its own): "auto" (a
+    # PagedKVCache for batches of several rows, num_return_sequences included, storing each distinct prompt
+    # once, each row a stream evicting on its own with a window span; for a single row a StaticKVCache, or a
+    # StreamingKVCache over one for window spans past their window), or "static" / "paged" to force one.
     kv_cache = "auto"
     PAGE_SIZE = 16  # tokens per block of the paged cache
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
-        """decode: how decode steps run: "auto" (default; also $LLAMA_FAST_DECODE): on CPU the C++ step
-        (llama_fast.fast_decode) where it applies (fp32/bf16, the extension built), on CUDA the model's
+        """decode: how generation runs: "auto" (default; also $LLAMA_FAST_DECODE): on CPU the C++ session
+        (llama_fast.session) where it applies (fp32/bf16 weights, the extension built), on CUDA the model's
         forward replayed from CUDA graphs (llama_fast.cuda_graphs) on a static cache, else the model's
-        forward; "cpp": the C++ step or an error; "eager": always the model's forward (the reference path;
-        also the default when LLAMA_FAST_BACKEND=reference)."""
+        forward; "cpp": the C++ session or an error; "eager": always the model's forward (the reference
+        path; also the default when LLAMA_FAST_BACKEND=reference)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
         if decode is None:
@@ -68,7 +67,6 @@ class LLM:
         self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
-        self._fast_path = None  # built on first use
         self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
         self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 
@@ -159,32 +157,12 @@ class LLM:
         """The most tokens an input may have (None under a sliding window: streams run past the context)."""
         return self.config.max_seq_len if self.model.span.window is None else None
 
-    def decode_path(self, cache) -> "CpuDecodePath | CudaGraphDecodePath | None":
-        """The fast decode step for this cache (the C++ step on CPU, CUDA graphs on a GPU), or None when
-        decode steps run through the model's forward."""
-        if self.decode == "eager":
+    def decode_path(self, cache) -> "CudaGraphDecodePath | None":
+        """CUDA graphs for this cache's decode steps, or None when they run through the model's forward."""
+        if self.decode == "eager" or self.device.type != "cuda":
             return None
-        if self.device.type == "cuda" and self.decode == "auto":
-            graphs = self._graph_path
-            return graphs if graphs is not None and graphs.applies_to(cache) else None
-        if self._fast_path is None:
-            from .fast_decode import CpuDecodePath, supports
-
-            reason = supports(self.model)
-            if reason is not None:
-                if self.decode == "cpp":
-                    raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run this model: {reason}")
-                self.decode = "eager"
-                log.info("llama_fast: decode steps run through the model's forward (%s)", reason)
-                return None
-            self._fast_path = CpuDecodePath(self.model)
-            log.info("llama_fast: decode steps run in C++ (%s, %d threads)", self._fast_path.isa,
-                     self._fast_path.num_threads)
-        if not self._fast_path.applies_to(cache):
-            if self.decode == "cpp":
-                raise RuntimeError(f"decode='cpp': the C++ CPU decode step cannot run on a {type(cache).__name__}")
-            return None
-        return self._fast_path
+        graphs = self._graph_path
+        return graphs if graphs is not None and graphs.applies_to(cache) else None
 
     # ---- generation ----
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from llama_fast.cache import CacheFullError, GraphStaticKVCache, StaticKVCache
 from llama_fast.config import ModelConfig
 from llama_fast.cuda_graphs import CudaGraphDecodePath, cache_bucket
-from test_fast_decode import random_model
+from models import random_model
 
 TINY = ModelConfig(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=64, ffn_dim=160, vocab_size=97,
                    max_seq_len=64)

@@ -254,3 +254,20 @@ def test_cli_generates_without_importing_torch(lite, smollm):
     assert cli("I love", "--max-new-tokens", "8", "--repetition-penalty", "1.3") == expected + "\n|torch imported: False\n"
     windowed = ("I love", "--max-new-tokens", "40", "--window", "16", "--sinks", "4")  # evicts past 36 tokens
     assert cli(*windowed) == cli(*windowed, lite="0").replace("torch imported: True", "torch imported: False")
+
+
+def test_thread_tuner_picks_the_faster_count():
+    from llama_fast.threads import ThreadTuner
+
+    tuner = ThreadTuner([2, 1], probes=2, every=10)
+    seen = []
+    for step in range(25):
+        threads = tuner.next_threads()
+        seen.append(threads)
+        if threads is not None:
+            slow = (step < 10) == (threads == 1)  # 2 threads are faster first, 1 thread later
+            tuner.record(threads, 0.05 if slow else 0.02)
+            if step % 10 == 3:
+                assert tuner.best == (2 if step < 10 else 1)
+        tuner.steps += 1
+    assert seen[:5] == [2, 1, 2, 1, None] and seen[10:14] == [2, 1, 2, 1]

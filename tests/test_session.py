@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="the C++ extensions a
 
 from llama_fast.session import SessionRunner  # noqa: E402
 
-from test_fast_decode import random_model, supported_isas  # noqa: E402
+from models import random_model, supported_isas  # noqa: E402
 
 
 def tiny_config(n_heads=6, n_kv_heads=2, head_dim=64, dim=96, layers=2, vocab=97, ffn=80, max_seq_len=512):
@@ -254,3 +254,100 @@ def test_a_batch_larger_than_the_kv_pool_runs_in_waves(smollm):
     alone = [llm.generate(p, max_new_tokens=12).token_ids for p in prompts]
     llm.max_kv_tokens = 64  # 4 blocks: two rows of up to 32 tokens
     assert [c.token_ids for c in llm.generate(prompts, max_new_tokens=12)] == alone
+
+
+@pytest.mark.parametrize("dims", [
+    dict(dim=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn=128),   # head_dim 64, MHA
+    dict(dim=100, n_heads=4, n_kv_heads=1, head_dim=128, ffn=203),  # head_dim 128, GQA 4, odd sizes
+    dict(dim=90, n_heads=6, n_kv_heads=2, head_dim=18, ffn=77),     # GQA 3, head_dim not a vector multiple
+    dict(dim=72, n_heads=36, n_kv_heads=2, head_dim=8, ffn=50),     # GQA 18: a group in two attention calls
+])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_shapes_gqa_and_isas(dims, isa):
+    cfg = tiny_config(**dims)
+    model = random_model(cfg, SpanBias(window=9, sink_tokens=2), qk_gain=2.0)
+    tokens = prompt(40, cfg.vocab_size, 5)
+    runner = SessionRunner(model, num_blocks=8, isa=isa)
+    assert runner.isa == isa
+    seq = runner.add_sequence()
+    got = torch.cat([runner.step([(seq, tokens[:23])], all_logits=True)] +
+                    [runner.step([(seq, [t])]) for t in tokens[23:]])
+    torch.testing.assert_close(got, sequence_logits(model, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_long_context_threads_and_bf16():
+    """1000 tokens (attention, not the weights, dominates): 1, 2 and 3 threads give the same bits; bf16
+    weights and cache stay within bf16's tolerance of the fp32 reference."""
+    cfg = tiny_config(max_seq_len=1024)
+    model = random_model(cfg, SpanBias(alibi_slopes=alibi_slopes(cfg.n_heads)), qk_gain=2.0)
+    tokens = prompt(1000, cfg.vocab_size, 6)
+    want = sequence_logits(model, tokens)[-1]
+    outs = []
+    for threads in (1, 2, 3):
+        runner = SessionRunner(model, num_blocks=64, num_threads=threads)
+        assert runner.num_threads == threads
+        outs.append(runner.step([(runner.add_sequence(), tokens)])[0])
+    torch.testing.assert_close(outs[0], want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    half = random_model(cfg, SpanBias(alibi_slopes=alibi_slopes(cfg.n_heads)), qk_gain=2.0, dtype=torch.bfloat16)
+    runner = SessionRunner(half, num_blocks=64)
+    got = runner.step([(runner.add_sequence(), tokens)])[0]
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_qkv_biases():
+    """Qwen2's biases on Q, K and V are added before RoPE."""
+    cfg = tiny_config()
+    cfg.qkv_bias = True
+    model = random_model(cfg, SpanBias(window=16, sink_tokens=2))
+    assert "layers.0.attention.wq.bias" in model.state_dict()
+    tokens = prompt(50, cfg.vocab_size, 8)
+    runner = SessionRunner(model, num_blocks=16)
+    got = runner.step([(runner.add_sequence(), tokens)], all_logits=True)
+    torch.testing.assert_close(got, sequence_logits(model, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_bucket_table_is_the_reference_bucketing():
+    from llama_fast.reference import bucket_table, span_bucket
+
+    for num_buckets, max_distance in ((32, 128), (8, 12), (2, 5), (64, 1000)):
+        table_span = SpanBias(bucket_bias=torch.arange(num_buckets, dtype=torch.float32)[None].repeat(2, 1),
+                              num_buckets=num_buckets, max_distance=max_distance)
+        table = bucket_table(table_span)
+        assert table.shape == (2, max_distance + 1)
+        d = torch.arange(5 * max_distance + 50)
+        expected = span_bucket(d, num_buckets, max_distance).float()
+        assert torch.equal(table[0][d.clamp(max=max_distance)], expected)
+
+
+def test_session_route_equals_the_eager_model(smollm):
+    """LLM on the session and LLM on the model's forward (decode="eager"): the same greedy tokens, a batch of
+    rows of different lengths against each prompt alone."""
+    from llama_fast import LLM
+
+    prompts = ["I love", "The quick brown fox jumps over the lazy dog. Then",
+               "def fibonacci(n):\n    if n < 2:\n        return n\n"]
+    eager = LLM(smollm.model, smollm.tokenizer, decode="eager")
+    fast = LLM(smollm.model, smollm.tokenizer, decode="cpp")
+    runners = []
+    ids = [fast.tokenizer.encode(p) for p in prompts]
+    from llama_fast.sampling import SamplingParams
+
+    list(fast.generate_ids(ids, [SamplingParams()] * 3, 2, on_cache=runners.append))
+    assert isinstance(runners[0], SessionRunner)
+    for prompt, together in zip(prompts, fast.generate(prompts, max_new_tokens=24)):
+        assert together.token_ids == eager.generate(prompt, max_new_tokens=24).token_ids
+
+
+def test_decode_choice(smollm, monkeypatch):
+    from llama_fast import LLM
+
+    with pytest.raises(ValueError, match="decode"):
+        LLM(smollm.model, smollm.tokenizer, decode="fastest")
+    monkeypatch.setenv("LLAMA_FAST_BACKEND", "reference")
+    assert LLM(smollm.model, smollm.tokenizer).decode == "eager"
+    monkeypatch.setenv("LLAMA_FAST_DECODE", "cpp")
+    assert LLM(smollm.model, smollm.tokenizer).decode == "cpp"
+    half = random_model(tiny_config(), dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="float16"):
+        list(LLM(half, smollm.tokenizer, decode="cpp").generate_ids([[1, 2]], [None], 2))

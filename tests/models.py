@@ -1,0 +1,34 @@
+"""Tiny random models and the ISAs this CPU runs, for the tests of the C++ routes."""
+import torch
+
+from llama_fast import _ext
+from llama_fast.config import ModelConfig
+from llama_fast.model import Transformer, build_model
+from llama_fast.span import SpanBias
+
+
+def supported_isas():
+    f = _ext.ext().cpu_features()
+    isas = ["scalar"]
+    if f["avx2"] and f["fma"]:
+        isas.append("avx2")
+    if f["avx512f"] and f["avx512bw"]:
+        isas.append("avx512")
+    return isas
+
+
+def random_model(cfg: ModelConfig, span: SpanBias = SpanBias(), *, seed=0, dtype=torch.float32, qk_gain=1.0):
+    """A model of cfg's shape with random weights (norms around 1, matrices scaled by 1/sqrt(fan-in))."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg).state_dict().items()}
+    weights = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norm weights around 1 (and biases around 0)
+            weights[name] = (0.0 if name.endswith(".bias") else 1.0) + 0.2 * torch.randn(shape, generator=gen)
+        else:
+            w = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+            if name.endswith(("wq.weight", "wk.weight")):
+                w = w * qk_gain
+            weights[name] = w
+    return build_model(cfg, weights, dtype=dtype, span=span)
