@@ -28,6 +28,8 @@ def supports(model) -> str | None:
         return f"the model is on {weight.device.type}"
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return f"weights are {weight.dtype} (float32 and bfloat16 are supported)"
+    if model.config.qkv_bias:
+        return "QKV biases (Qwen2): the C++ step has none yet"
     dtypes = {p.dtype for name, p in model.named_parameters() if p.dim() == 2}
     if len(dtypes) != 1:
         return f"the matrices mix dtypes {sorted(map(str, dtypes))}"
