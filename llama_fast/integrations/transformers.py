@@ -117,12 +117,6 @@ register()
 # A transformers model as a llama_fast Transformer (weights shared)
 
 
-def _config_dict(hf_config) -> dict:
-    cfg = hf_config.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or []
-    return cfg
-
-
 def to_llama_fast(model) -> Transformer:
     """A llama_fast Transformer on `model`'s own weight tensors (nothing copied): LlamaForCausalLM,
     MistralForCausalLM or Qwen2ForCausalLM; anything else raises ValueError naming it."""
@@ -130,7 +124,7 @@ def to_llama_fast(model) -> Transformer:
     if name not in SUPPORTED_CLASSES:
         raise ValueError(f"llama_fast runs {', '.join(SUPPORTED_CLASSES)}; got a {name}")
     hf_config = model.config
-    config = ModelConfig.from_hf(_config_dict(hf_config))
+    config = ModelConfig.from_hf(hf_config.to_dict())
     if getattr(hf_config, "use_sliding_window", False) and getattr(hf_config, "layer_types", None):
         if any(t != "full_attention" for t in hf_config.layer_types):
             raise ValueError(f"{name}: per-layer sliding windows (layer_types {set(hf_config.layer_types)}) "
