@@ -61,11 +61,12 @@ setup(
     version="0.1.0",
     description="Fast LLaMA-family inference: span-biased attention kernels, C++ KV cache and sampler",
     python_requires=">=3.10",
-    packages=["llama_fast", "llama_fast.kernels"],
+    packages=["llama_fast", "llama_fast.integrations", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
     ext_modules=[extension(), lite_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The benchmark's llama.cpp columns (built from source: minutes): pip install -e .[bench]
-    extras_require={"bench": ["llama-cpp-python==0.3.36"]},
+    # llama_fast.integrations.transformers: pip install -e .[transformers]
+    extras_require={"bench": ["llama-cpp-python==0.3.36"], "transformers": ["transformers==5.24.0"]},
     entry_points={"console_scripts": ["llama-fast = llama_fast.cli:main"]},
 )

@@ -24,6 +24,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # HF-style: {"rope_type": "llama3" | "linear", ...}
     max_seq_len: int = 2048  # the context length the model was trained for
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
@@ -48,6 +49,8 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.ffn_dim
         embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * (attn + mlp + 2 * self.dim) + self.dim + embed
@@ -56,13 +59,14 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM and close relatives)."""
+        """From a Hugging Face config.json (LlamaForCausalLM and close relatives; Qwen2: LLaMA with QKV biases)."""
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral") and not any(a in _HF_ARCHS for a in archs):
+        if model_type not in ("llama", "mistral", "qwen2") and not any(a in _HF_ARCHS for a in archs):
             raise UnsupportedModelError(f"architecture {archs} (model_type {model_type!r}) is not LLaMA-family")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise UnsupportedModelError("attention or MLP biases are not supported")
+        qwen2 = model_type == "qwen2" or "Qwen2ForCausalLM" in archs
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu)")
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
@@ -84,6 +88,7 @@ class ModelConfig:
             rope_scaling=rope,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qwen2,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             name=cfg.get("_name_or_path", ""),
@@ -158,4 +163,4 @@ class ModelConfig:
         )
 
 
-_HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+_HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

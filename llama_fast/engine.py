@@ -83,6 +83,17 @@ class LLM:
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
+    @classmethod
+    def from_transformers(cls, model, tokenizer=None, *, decode: str | None = None) -> "LLM":
+        """An LLM on an already-loaded transformers LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM,
+        sharing its weight tensors (nothing is copied; see llama_fast.integrations.transformers). tokenizer:
+        the model's transformers tokenizer, for text prompts (without it, token ids only). The span is
+        `model.config.llama_fast_span`, else Mistral's sliding window, else plain causal."""
+        from .integrations.transformers import llm_parts
+
+        transformer, tok = llm_parts(model, tokenizer)
+        return cls(transformer, tok, getattr(model, "name_or_path", ""), decode=decode)
+
     def with_span(self, span: SpanBias) -> "LLM":
         """The same model (weights shared, nothing copied) attending with another SpanBias."""
         span.check_heads(self.config.n_heads)

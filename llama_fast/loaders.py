@@ -71,6 +71,9 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: ModelConfig, path: s
             p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
             p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
             p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
+            **({p + "attention.wq.bias": (c.n_heads * c.head_dim,),
+                p + "attention.wk.bias": (c.n_kv_heads * c.head_dim,),
+                p + "attention.wv.bias": (c.n_kv_heads * c.head_dim,)} if c.qkv_bias else {}),
             p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
             p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
             p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
@@ -239,6 +242,21 @@ _HF_NAMES = {
 }
 
 
+_HF_BIASES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # Qwen2's QKV biases
+
+
+def hf_tensor_name(key: str) -> str | None:
+    """The model's name for a Hugging Face tensor name (model.layers.3.self_attn.q_proj.weight ->
+    layers.3.attention.wq.weight), or None for a tensor the model has no place for."""
+    match = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?([\w.]+)\.(weight|bias)", key)
+    if match is None or match.group(2) not in _HF_NAMES:
+        return None
+    layer, base, kind = match.groups()
+    if kind == "bias" and base not in _HF_BIASES:
+        return None
+    return (f"layers.{layer}." if layer is not None else "") + _HF_NAMES[base] + "." + kind
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -259,14 +277,13 @@ def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
         try:
             with safe_open(file, framework="pt") as f:
                 for key in _progress(list(f.keys()), f"loading {os.path.basename(file)}", progress):
-                    match = re.fullmatch(r"(?:model\.layers\.(\d+)\.)?([\w.]+)\.weight", key)
-                    if match is None or match.group(2) not in _HF_NAMES:
+                    name = hf_tensor_name(key)
+                    if name is None:
                         if key.endswith("rotary_emb.inv_freq"):
                             continue
                         raise CheckpointError(f"{file}: unexpected tensor {key}")
-                    layer, base = match.groups()
                     tensor = f.get_tensor(key)
-                    weights[(f"layers.{layer}." if layer is not None else "") + _HF_NAMES[base] + ".weight"] = tensor
+                    weights[name] = tensor
                     types[str(tensor.dtype)] = types.get(str(tensor.dtype), 0) + 1
         except CheckpointError:
             raise

@@ -33,22 +33,27 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(self, x, cache, positions, cos_sin_cache, span: SpanBias):
         B, T, _ = x.shape
-        q = ops.linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim)
-        k = ops.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
-        v = ops.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
+        q = self._project(x, self.wq).view(B, T, self.n_heads, self.head_dim)
+        k = self._project(x, self.wk).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self._project(x, self.wv).view(B, T, self.n_kv_heads, self.head_dim)
         ops.apply_rope(q, k, positions, cos_sin_cache)
         cache.write(self.layer, k, v)
         out = ops.decode_attention(  # (B, T, n_heads, head_dim)
             q, cache.k[self.layer], cache.v[self.layer], cache.step_seqlens, span, cache.block_table
         )
         return ops.linear(out.reshape(B, T, -1), self.wo.weight)
+
+    @staticmethod
+    def _project(x, proj: nn.Linear):
+        out = ops.linear(x, proj.weight)
+        return out if proj.bias is None else out + proj.bias
 
 
 class FeedForward(nn.Module):

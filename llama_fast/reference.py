@@ -112,8 +112,10 @@ def span_scores_bias(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor, n
     return bias.masked_fill(~visible, float("-inf"))
 
 
-def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float):
-    """One sequence. q: (Tq, H, D); k, v: (Tk, Hkv, D) -> (Tq, H, D), math in fp32 (fp64 if given fp64)."""
+def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float, mask: torch.Tensor | None = None):
+    """One sequence. q: (Tq, H, D); k, v: (Tk, Hkv, D) -> (Tq, H, D), math in fp32 (fp64 if given fp64).
+
+    mask: an extra (1 or H, Tq, Tk) mask on top of the span's: bool (False: invisible) or float (added)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     num_heads, group = q.shape[1], q.shape[1] // k.shape[1]
     qf = q.to(compute).transpose(0, 1)  # (H, Tq, D)
@@ -123,6 +125,8 @@ def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float):
     if span.logit_softcap is not None:
         scores = span.logit_softcap * torch.tanh(scores / span.logit_softcap)
     scores = scores + span_scores_bias(span, q_pos, k_pos, num_heads).to(compute)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no visible key outputs 0
     return (probs @ vf).transpose(0, 1).to(q.dtype)
 
@@ -146,6 +150,19 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     q_pos = torch.arange(S - T, S, device=q.device)
     k_pos = torch.arange(S, device=q.device)
     return torch.stack([_attend(q[b], k[b], v[b], q_pos, k_pos, span, scale) for b in range(q.shape[0])])
+
+
+def masked_attention(q, k, v, mask, q_pos, k_pos, span: SpanBias = SpanBias(), scale: float | None = None):
+    """Span-biased attention under an explicit mask as well (padding, a caller's own pattern).
+
+    q (B, Tq, H, D); k, v (B, Tk, Hkv, D); mask (B, 1 or H, Tq, Tk): bool (True: may attend) or float (added to
+    the scores); q_pos (B, Tq), k_pos (B, Tk): the positions the span measures d = q_pos - k_pos with (a key
+    is visible only when the span and the mask both allow it). A query with no visible key gives zeros.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = mask.expand(q.shape[0], *mask.shape[1:])
+    q_pos, k_pos = q_pos.expand(q.shape[0], -1), k_pos.expand(q.shape[0], -1)
+    return torch.stack([_attend(q[b], k[b], v[b], q_pos[b], k_pos[b], span, scale, mask[b]) for b in range(q.shape[0])])
 
 
 def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
