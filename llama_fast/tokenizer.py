@@ -6,7 +6,12 @@ Two kinds are supported:
 - "sentencepiece": a SentencePiece ``tokenizer.model`` (HF or Meta directory), or a GGUF ``"llama"``
   vocabulary rebuilt into a SentencePiece model, run by ``sentencepiece``.
 
-Special (control) tokens written in the text, such as ``<|im_start|>``, are encoded as their ids.
+A GGUF "gpt2" vocabulary is pre-tokenized as llama.cpp does for its ``tokenizer.ggml.pre`` (the regexes
+of src/llama-vocab.cpp; tests check llama.cpp's own test vectors), and an unknown name raises.
+
+Control tokens written in the text, such as ``<|im_start|>``, are encoded as their ids unless
+``encode(..., parse_special=False)``; chat templates tokenize message content that way, so text in a message
+never becomes a control token.
 """
 from __future__ import annotations
 
