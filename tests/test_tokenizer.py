@@ -1,8 +1,11 @@
 """Tokenizer tests: the embedded SmolLM2 GGUF (byte-level BPE) against transformers, SentencePiece models
-trained here against sentencepiece and transformers, streaming detokenization and bad input."""
+trained here against sentencepiece and transformers, llama.cpp's vocabularies against its test vectors and
+against plain reference tokenizers on random strings, chat templates as ids (content kept as text),
+streaming detokenization and bad input."""
 import importlib.util
 import json
 import os
+import random
 from pathlib import Path
 
 import jinja2
@@ -594,7 +597,47 @@ def test_bpe_matches_reference_on_own_strings(vectors_dir, name):
     for text, ids in llama_cpp_vectors(vectors_dir / f"ggml-vocab-{name}.gguf"):
         assert ref.encode(text) == ids, text
     seed = int.from_bytes(os.urandom(4), "little")
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
+    for _ in range(200):
+        text = "".join(rng.choice(OWN_PIECES) for _ in range(rng.randint(1, 12)))
+        assert tok.encode(text, add_bos=False, parse_special=False) == ref.encode(text), (seed, text)
+
+
+class ReferenceSPM:
+    """llama.cpp's SentencePiece ("llama") tokenizer written plainly: a space prefix, spaces as "▁", then
+    the adjacent pair whose join is a token of the highest score (leftmost on ties) merged until none is;
+    characters that are not tokens become their UTF-8 bytes' <0xXX> tokens."""
+
+    def __init__(self, meta: dict):
+        self.ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+        self.scores = meta["tokenizer.ggml.scores"]
+        self.add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        symbols = list(("▁" if self.add_prefix else "") + text.replace(" ", "▁"))
+        while True:
+            pairs = [(-self.scores[self.ids[a + b]], i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))
+                     if a + b in self.ids]
+            if not pairs:
+                break
+            _, i = min(pairs)
+            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        return [i for s in symbols
+                for i in ([self.ids[s]] if s in self.ids else [self.ids[f"<0x{b:02X}>"] for b in s.encode("utf-8")])]
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3"])
+def test_sentencepiece_vocab_matches_reference_on_own_strings(vectors_dir, name):
+    """The GGUF SentencePiece vocabularies against the plain reference above, pinned to llama.cpp's
+    vectors first, then on fresh random strings (seed in the failure message)."""
+    meta, tok = llama_cpp_vocab(vectors_dir, name)
+    ref = ReferenceSPM(meta)
+    for text, ids in llama_cpp_vectors(vectors_dir / f"ggml-vocab-{name}.gguf"):
+        assert ref.encode(text) == ids, text
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
     for _ in range(200):
         text = "".join(rng.choice(OWN_PIECES) for _ in range(rng.randint(1, 12)))
         assert tok.encode(text, add_bos=False, parse_special=False) == ref.encode(text), (seed, text)
