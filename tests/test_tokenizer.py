@@ -641,3 +641,12 @@ def test_sentencepiece_vocab_matches_reference_on_own_strings(vectors_dir, name)
     for _ in range(200):
         text = "".join(rng.choice(OWN_PIECES) for _ in range(rng.randint(1, 12)))
         assert tok.encode(text, add_bos=False, parse_special=False) == ref.encode(text), (seed, text)
+
+
+@pytest.mark.parametrize("name", ["phi-3", "deepseek-coder"])
+def test_from_pretrained_vocab_only_gguf(vectors_dir, name):
+    """Tokenizer.from_pretrained reads a GGUF holding only a vocabulary (no tensors)."""
+    path = vectors_dir / f"ggml-vocab-{name}.gguf"
+    tok = Tokenizer.from_pretrained(path)
+    for text, ids in llama_cpp_vectors(path):
+        assert tok.encode(text, add_bos=False, parse_special=False) == ids, text
