@@ -145,9 +145,9 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None
     else:
         reader, meta = read_gguf_metadata(path)
         config = _gguf_config(meta, path)
-        # Before converting: a vocabulary that cannot be read (e.g. an unknown pre-tokenizer) caches nothing.
-        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
         weights, types = _gguf_weights(reader, config, path, progress)
+        # Before caching: a vocabulary that cannot be read (e.g. an unknown pre-tokenizer) caches nothing.
+        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
         _write_gguf_cache(path, meta, weights, types, None)
     if dtype is not None and any(w.dtype != dtype for w in weights.values()):
         # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
