@@ -7,7 +7,7 @@ Two kinds are supported:
   vocabulary rebuilt into a SentencePiece model, run by ``sentencepiece``.
 
 A GGUF "gpt2" vocabulary is pre-tokenized as llama.cpp does for its ``tokenizer.ggml.pre`` (the regexes
-of src/llama-vocab.cpp; tests check llama.cpp's own test vectors), and an unknown name raises.
+of llama.cpp's llama-vocab.cpp; tests check llama.cpp's own test vectors), and an unknown name raises.
 
 Control tokens written in the text, such as ``<|im_start|>``, are encoded as their ids unless
 ``encode(..., parse_special=False)``; chat templates tokenize message content that way, so text in a message
@@ -34,7 +34,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Tokens that end a turn in the chat templates of common LLaMA-family models.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-# llama.cpp's BPE pre-tokenizers (src/llama-vocab.cpp, llm_tokenizer_bpe): regexes applied in turn, each
+# llama.cpp's BPE pre-tokenizers (its llama-vocab.cpp, llm_tokenizer_bpe): regexes applied in turn, each
 # splitting the pieces the one before left (what a regex matches and the text between matches both become
 # pieces), then byte-level BPE on each piece.
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -102,7 +102,7 @@ def _bpe_pre_tokenizer(pre: str | None, name: str) -> _PreTokenizer:
     when the key is missing, with its warning)."""
     if not pre:
         warnings.warn(f"{name}: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer "
-                      "(generation quality may suffer: reconvert the model)", stacklevel=4)
+                      "(generation quality may suffer: reconvert the model)", stacklevel=3)
         pre = "default"
     if pre not in BPE_PRE_TOKENIZERS:
         raise TokenizerError(f"{name}: unknown tokenizer.ggml.pre {pre!r} (supported: "
