@@ -12,6 +12,7 @@ import importlib
 _EXPORTS = {
     "LLM": "engine", "Completion": "engine", "CacheFullError": "cache", "PagedKVCache": "cache",
     "StaticKVCache": "cache", "ModelConfig": "config", "SamplingParams": "sampling", "SpanBias": "span",
+    "Tokenizer": "tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -177,7 +177,7 @@ class LLM:
 
     # ---- generation ----
 
-    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    def _encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
         return [encode_prompt(self.tokenizer, p, self._context) for p in prompts]
 
     def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
@@ -439,8 +439,8 @@ class LLM:
                penalty_last_n: int | None = None, seed: int | None = None,
                stop: str | list[str] | None = None) -> Iterator[str]:
         """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
-        if isinstance(prompt, list):
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        if isinstance(prompt, list):  # ids: message content stays text, never control tokens
+            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n)
         for _, text, _, _ in self._stream_rows([prompt], max_new_tokens, stop, seed, settings):
@@ -449,8 +449,8 @@ class LLM:
 
     def chat(self, messages: list[dict], **kwargs) -> Completion:
         """One assistant reply to `messages` ([{"role": ..., "content": ...}]), via the checkpoint's template."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, **kwargs)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return self.generate([ids], **kwargs)[0]  # one prompt given as ids (a list of one)
 
     # ---- evaluation ----
 

@@ -97,8 +97,8 @@ class LiteLLM:
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
         """LLM.stream: the continuation of one prompt (or a chat, given a list of messages) as text pieces;
         `sampling`: the other SamplingParams (top_k, top_p, min_p, penalties)."""
-        if isinstance(prompt, list):
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        if isinstance(prompt, list):  # ids: message content stays text, never control tokens
+            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         stops = stop_strings(stop)
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
         check_max_new_tokens(max_new_tokens)

@@ -144,10 +144,13 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None
     if cached is not None:
         meta, weights, types = cached
         config = _gguf_config(meta, path)
+        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
     else:
         reader, meta = read_gguf_metadata(path)
         config = _gguf_config(meta, path)
         weights, types = _gguf_weights(reader, config, path, progress)
+        # Before caching: a vocabulary that cannot be read (e.g. an unknown pre-tokenizer) caches nothing.
+        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
         _write_gguf_cache(path, meta, weights, types, None)
     if dtype is not None and any(w.dtype != dtype for w in weights.values()):
         # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
@@ -155,7 +158,6 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None
         _write_gguf_cache(path, meta, weights, types, dtype)
     config.tie_embeddings = "output.weight" not in weights
     _check_shapes(weights, config, path)
-    tokenizer = Tokenizer.from_gguf_metadata(meta, path)
     if not config.eos_token_ids:
         config.eos_token_ids = sorted(tokenizer.eos_ids)
     return Checkpoint(config, weights, tokenizer, path, types)

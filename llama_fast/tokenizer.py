@@ -6,13 +6,21 @@ Two kinds are supported:
 - "sentencepiece": a SentencePiece ``tokenizer.model`` (HF or Meta directory), or a GGUF ``"llama"``
   vocabulary rebuilt into a SentencePiece model, run by ``sentencepiece``.
 
-Special (control) tokens written in the text, such as ``<|im_start|>``, are encoded as their ids.
+A GGUF "gpt2" vocabulary is pre-tokenized as llama.cpp does for its ``tokenizer.ggml.pre`` (the regexes
+of llama.cpp's llama-vocab.cpp; tests check llama.cpp's own test vectors), and an unknown name raises.
+
+Control tokens written in the text, such as ``<|im_start|>``, are encoded as their ids unless
+``encode(..., parse_special=False)``; chat templates tokenize message content that way, so text in a message
+never becomes a control token.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,47 +34,110 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Tokens that end a turn in the chat templates of common LLaMA-family models.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
-_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's BPE pre-tokenizers (its llama-vocab.cpp, llm_tokenizer_bpe): regexes applied in turn, each
+# splitting the pieces the one before left (what a regex matches and the text between matches both become
+# pieces), then byte-level BPE on each piece.
+_GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_REGEX = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+_QWEN35_REGEX = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2's, with combining marks kept in words
+_CJK_RUNS = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# DeepSeek LLM's letters: the cased letters of Unicode, as llama.cpp lists them.
+_DEEPSEEK_LETTERS = (
+    "\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376"
+    "\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f"
+    "\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77"
+    "\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
+    "\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb"
+    "\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
+    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4"
+    "\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
+    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943]+")
+
+
+@dataclass(frozen=True)
+class _PreTokenizer:
+    regexes: tuple[str, ...]
+    ignore_merges: bool = False  # a piece that is a whole token is that token (BPE merges not applied)
+    add_bos: bool = False  # BOS is added unless the GGUF says otherwise (tokenizer.ggml.add_bos_token)
+
+
+_LLAMA3 = _PreTokenizer((_LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+_GPT2 = _PreTokenizer((_GPT2_REGEX,))
+_DIGITS_THEN_GPT2 = _PreTokenizer((r"\p{N}", _GPT2_REGEX))  # every digit is its own piece
+_QWEN2 = _PreTokenizer((_QWEN2_REGEX,))
+# tokenizer.ggml.pre -> pre-tokenizer, for the names llama.cpp gives vocabularies of LLaMA-family models
+# that need nothing but a pre-tokenizer (others, e.g. BERT-style separators, raise as unknown).
+BPE_PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    "default": _PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]")),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                    _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), _PreTokenizer((_LLAMA3_REGEX,))),
+    "deepseek-llm": _PreTokenizer(("[\r\n]", _DEEPSEEK_LETTERS,
+                                   "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                                   r"\s+$", _CJK_RUNS, r"\p{N}+")),
+    "deepseek-coder": _PreTokenizer(("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUNS, r"\p{N}")),
+    "falcon": _PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_REGEX, "[0-9][0-9][0-9]")),
+    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
+                     "mellum2"), _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4",
+                     "mellum", "gigachat", "a.x-4.0"), _GPT2),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan",
+                     "solar-open"), _QWEN2),
+    "qwen35": _PreTokenizer((_QWEN35_REGEX,)),
+}
 
 
 class TokenizerError(ValueError):
     """A tokenizer file or metadata is missing, corrupt or unsupported; the message names which."""
 
 
-def _byte_level_pre_tokenizer(pre: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
-    """The pre-tokenizer for a GGUF ``tokenizer.ggml.pre`` name, and whether BPE should ignore merges
-    for words already in the vocabulary (as llama.cpp does for Llama 3)."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+def _bpe_pre_tokenizer(pre: str | None, name: str) -> _PreTokenizer:
+    """The pre-tokenizer of a GGUF "gpt2" vocabulary's ``tokenizer.ggml.pre`` (llama.cpp's "default"
+    when the key is missing, with its warning)."""
+    if not pre:
+        warnings.warn(f"{name}: no tokenizer.ggml.pre; using llama.cpp's 'default' pre-tokenizer "
+                      "(generation quality may suffer: reconvert the model)", stacklevel=3)
+        pre = "default"
+    if pre not in BPE_PRE_TOKENIZERS:
+        raise TokenizerError(f"{name}: unknown tokenizer.ggml.pre {pre!r} (supported: "
+                             f"{', '.join(sorted(BPE_PRE_TOKENIZERS))})")
+    return BPE_PRE_TOKENIZERS[pre]
 
-    def split(regex: str) -> pre_tokenizers.PreTokenizer:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated"), byte_level])
 
-    if pre in ("llama-bpe", "llama3", "smaug-bpe"):
-        return split(_LLAMA3_REGEX), True
-    if pre == "qwen2":
-        return split(_QWEN2_REGEX), False
-    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "starcoder", "refact"):  # every digit is its own pre-token, then GPT-2's regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]), False
-    if pre not in ("default", "gpt2", ""):
-        warnings.warn(f"unknown tokenizer.ggml.pre {pre!r}: using GPT-2's pre-tokenizer", stacklevel=3)
-    return gpt2, False
+@dataclass(frozen=True)
+class _Special:
+    """A control token as text: its id and whether whitespace next to it is absorbed (tokenizer.json's
+    lstrip/rstrip)."""
+    id: int
+    lstrip: bool = False
+    rstrip: bool = False
 
 
 class _HFBackend:
-    """A ``tokenizers.Tokenizer`` (byte-level BPE, or any tokenizer.json)."""
+    """A ``tokenizers.Tokenizer`` (byte-level BPE, or any tokenizer.json). Its special added tokens are the
+    control tokens; its other added tokens (llama.cpp's "user-defined") are matched in any text."""
 
     def __init__(self, tok: tokenizers.Tokenizer):
         self.tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self._plain = None  # a copy that leaves control-token text as text, built when first needed
+        self.special = {t.content: _Special(i, t.lstrip, t.rstrip)
+                        for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.special_re = _special_regex(self.special)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, parse_special: bool) -> list[int]:
+        if parse_special:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        if self._plain is None:
+            self._plain = tokenizers.Tokenizer.from_str(self.tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
@@ -79,26 +150,20 @@ class _HFBackend:
 
 
 class _SPBackend:
-    """A ``sentencepiece`` model; control pieces written in the text are split off and encoded as their
-    ids, and the text between them is encoded on its own (HF's legacy behaviour, and llama.cpp's)."""
+    """A ``sentencepiece`` model. Control pieces written in the text are split off and encoded as their
+    ids when parse_special, and the text between them is encoded on its own (HF's legacy behaviour, and
+    llama.cpp's); user-defined pieces are matched by sentencepiece itself in any text."""
 
     def __init__(self, sp):
         self.sp = sp
         self.vocab_size = sp.get_piece_size()
-        self.special = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
-        names = sorted(self.special, key=len, reverse=True)
-        self.special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        self.special = {sp.id_to_piece(i): _Special(i) for i in range(self.vocab_size) if sp.is_control(i)}
+        self.special_re = _special_regex(self.special)
 
-    def encode(self, text: str) -> list[int]:
-        if self.special_re is None:
+    def encode(self, text: str, parse_special: bool) -> list[int]:
+        if not parse_special:
             return self.sp.encode(text)
-        ids: list[int] = []
-        for i, part in enumerate(self.special_re.split(text)):
-            if i % 2:
-                ids.append(self.special[part])
-            elif part:
-                ids += self.sp.encode(part)
-        return ids
+        return _encode_around_specials([(text, True)], self, self.sp.encode)
 
     def decode(self, ids: list[int], skip_special: bool) -> str:
         out, run = [], []
@@ -119,6 +184,47 @@ class _SPBackend:
 
     def id_to_token(self, i: int) -> str | None:
         return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
+
+
+def _special_regex(special: dict[str, _Special]) -> re.Pattern | None:
+    """A regex matching these control tokens, longest first (None when there are none)."""
+    names = sorted(special, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def _encode_around_specials(pieces: list[tuple[str, bool]], backend, encode_text) -> list[int]:
+    """Ids of the concatenated ``pieces`` ((text, may hold control tokens)): control-token text is taken
+    as the token only inside pieces that may hold them; everything between the control tokens found is
+    encoded as one plain text by ``encode_text``, so text is split only where a control token is."""
+    ids: list[int] = []
+    pending = ""  # plain text since the last control token
+    strip_next = False  # the last control token absorbs the whitespace after it
+
+    def add_text(text: str):
+        nonlocal pending, strip_next
+        if strip_next:
+            text = text.lstrip()
+            strip_next = strip_next and not text
+        pending += text
+
+    for text, specials_allowed in pieces:
+        pos = 0
+        matches = backend.special_re.finditer(text) if specials_allowed and backend.special_re else ()
+        for match in matches:
+            special = backend.special[match.group()]
+            add_text(text[pos:match.start()])
+            if special.lstrip:
+                pending = pending.rstrip()
+            if pending:
+                ids.extend(encode_text(pending))
+            pending = ""
+            ids.append(special.id)
+            strip_next = special.rstrip
+            pos = match.end()
+        add_text(text[pos:])
+    if pending:
+        ids.extend(encode_text(pending))
+    return ids
 
 
 def _load_sentencepiece(source: str | bytes, name: str) -> _SPBackend:
@@ -163,6 +269,51 @@ def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _check_messages(messages) -> None:
+    """Chat messages must be a list of dicts, each with a str "role" and a str "content"."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
+                        f"got {type(messages).__name__}")
+    for n, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(f"messages[{n}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+        for field in ("role", "content"):
+            if field not in message:
+                raise ValueError(f"messages[{n}] has no {field!r}")
+            if not isinstance(message[field], str):
+                raise TypeError(f"messages[{n}][{field!r}] must be a str, got {type(message[field]).__name__}")
+
+
+def _chat_pieces(text: str, messages: list[dict], render) -> list[tuple[str, bool]]:
+    """The rendered chat ``text`` cut into (piece, is template markup): message contents are found by
+    rendering again with a unique placeholder as each content, which shows the markup around them. A
+    template may write a content as is or trimmed; one that changes it otherwise (or branches on it)
+    cannot be traced and raises."""
+    marker = f"\x00{secrets.token_hex(8)}:"
+    skeleton = render([{**m, "content": f"{marker}{n}\x00"} for n, m in enumerate(messages)])
+    parts = re.split(re.escape(marker) + "(\\d+)\x00", skeleton)  # markup, index, markup, ..., markup
+    pieces, pos = [], 0
+    for k in range(0, len(parts), 2):
+        markup = parts[k]
+        if not text.startswith(markup, pos):
+            break
+        pieces.append((markup, True))
+        pos += len(markup)
+        if k + 1 == len(parts):
+            if pos == len(text):
+                return pieces
+            break
+        content = messages[int(parts[k + 1])]["content"]
+        found = next((c for c in (content, content.strip()) if text.startswith(c, pos)), None)
+        if found is None:
+            break
+        pieces.append((found, False))
+        pos += len(found)
+    raise TokenizerError("the chat template changes message content beyond trimming it, so its markup "
+                         "cannot be told from the content: use tokenize=False, or "
+                         "allow_special_in_content=True to parse control tokens everywhere")
+
+
 class Tokenizer:
     """Text <-> token ids for one checkpoint, with its BOS/EOS conventions and chat template."""
 
@@ -189,10 +340,29 @@ class Tokenizer:
         """The text of token ``i`` as the vocabulary writes it (None for None or an unknown id)."""
         return None if i is None else self._backend.id_to_token(i)
 
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``. BOS is prepended when ``add_bos`` (default: the checkpoint's setting)
-        says so and the text does not already start with it (e.g. a chat template wrote it)."""
-        ids = self._backend.encode(text)
+    def check_ids(self, ids) -> list[int]:
+        """``ids`` (any iterable of ints, e.g. a 1-D tensor) as a list, each checked to be in the vocabulary."""
+        out = []
+        for i in ids:
+            if isinstance(i, bool) or not hasattr(i, "__index__"):
+                raise TypeError(f"token ids must be ints, got {i!r} ({type(i).__name__})")
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the vocabulary (ids 0..{self.vocab_size - 1})")
+            out.append(i)
+        return out
+
+    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``. BOS is prepended when ``add_bos`` (default: the checkpoint's setting, as
+        transformers' add_special_tokens=True) says so and the text does not already start with it (e.g. a
+        chat template wrote it). ``parse_special``: control-token text such as "<|im_start|>" becomes that
+        token; with False it is tokenized as plain text (user-defined tokens are still matched, as in
+        llama.cpp and transformers)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._with_bos(self._backend.encode(text, parse_special), add_bos)
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             if not ids or ids[0] != self.bos_id:
                 ids.insert(0, self.bos_id)
@@ -200,13 +370,21 @@ class Tokenizer:
 
     def decode(self, ids, *, skip_special: bool = False) -> str:
         """The text of ``ids`` (any iterable of ints, e.g. a 1-D tensor); special tokens are written out
-        unless ``skip_special``."""
-        return self._backend.decode([int(i) for i in ids], skip_special)
+        unless ``skip_special``. An id outside the vocabulary raises naming it."""
+        return self._backend.decode(self.check_ids(ids), skip_special)
 
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
-                            **extra) -> str:
+                            tokenize: bool = False, allow_special_in_content: bool = False,
+                            **extra) -> str | list[int]:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the checkpoint's jinja2 chat
-        template the way Hugging Face does; ``extra`` becomes template variables."""
+        template the way Hugging Face does; ``extra`` becomes template variables.
+
+        tokenize=False returns the text. tokenize=True returns the ids: the template's markup with its
+        control tokens, and each message's content as plain text (encode's parse_special=False), so text
+        such as "<|im_end|>" inside a message never becomes a control token and a user cannot forge a turn;
+        ``allow_special_in_content=True`` parses control tokens in content too. BOS is prepended as
+        ``encode`` does (when the checkpoint adds one and the template did not write it)."""
+        _check_messages(messages)
         if not self.chat_template:
             raise TokenizerError("this checkpoint has no chat template; encode a plain prompt instead")
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # (lazily: 40 ms of every cold start)
@@ -219,8 +397,39 @@ class Tokenizer:
         tokens = {"bos_token": self.token(self.bos_id), "eos_token": self.token(self.eos_id)}
         variables = {k: v for k, v in tokens.items() if v is not None}
         variables.update(extra)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        template = env.from_string(self.chat_template)
+
+        def render(msgs):
+            return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+
+        text = render(messages)
+        if not tokenize:
+            return text
+        if allow_special_in_content:
+            return self.encode(text, add_bos=None, parse_special=True)
+        pieces = _chat_pieces(text, messages, render)
+        ids = _encode_around_specials(pieces, self._backend, lambda t: self._backend.encode(t, False))
+        return self._with_bos(ids, None)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of a checkpoint: a built-in model name (e.g. "smollm2-135m-instruct"), a .gguf file
+        (a vocab-only GGUF too), or a Hugging Face or Meta directory. Loads no weights (nor torch)."""
+        from .paths import resolve_model_path
+
+        if not isinstance(path_or_name, (str, os.PathLike)):
+            raise TypeError(f"path_or_name must be a str or path, got {type(path_or_name).__name__}")
+        path = resolve_model_path(os.fspath(path_or_name))
+        if os.path.isdir(path):
+            return cls.from_dir(path)
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(path)
+            meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+        except Exception as err:  # the reader raises assorted errors on files that are not GGUF
+            raise TokenizerError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+        return cls.from_gguf_metadata(meta, path)
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, path: str = "") -> "Tokenizer":
@@ -238,8 +447,9 @@ class Tokenizer:
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if model == "gpt2":
-            backend, kind = cls._gguf_bpe(meta, tokens, types, name), "bpe"
-            add_bos_default = False
+            pre = _bpe_pre_tokenizer(meta.get("tokenizer.ggml.pre"), name)
+            backend, kind = cls._gguf_bpe(meta, tokens, types, pre, name), "bpe"
+            add_bos_default = pre.add_bos
         else:
             backend, kind = cls._gguf_sentencepiece(meta, tokens, types, name), "sentencepiece"
             add_bos_default = True
@@ -249,19 +459,20 @@ class Tokenizer:
                    chat_template=meta.get("tokenizer.chat_template"), extra_eos_ids=extra_eos)
 
     @staticmethod
-    def _gguf_bpe(meta: dict, tokens: list[str], types: list[int], name: str) -> _HFBackend:
-        """Byte-level BPE from a GGUF "gpt2" vocabulary: tokens, merges and the named pre-tokenizer."""
+    def _gguf_bpe(meta: dict, tokens: list[str], types: list[int], pre: _PreTokenizer, name: str) -> _HFBackend:
+        """Byte-level BPE from a GGUF "gpt2" vocabulary: tokens, merges and llama.cpp's pre-tokenizer."""
         merges = meta.get("tokenizer.ggml.merges")
         if not merges:
             raise TokenizerError(f"{name}: tokenizer.ggml.model is 'gpt2' but there are no tokenizer.ggml.merges")
-        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
         try:
             bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)},
-                                        [tuple(m.split(" ", 1)) for m in merges], ignore_merges=ignore_merges)
+                                        [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre.ignore_merges)
         except Exception as e:
             raise TokenizerError(f"{name}: inconsistent BPE vocabulary/merges ({e})") from None
         tok = tokenizers.Tokenizer(bpe)
-        tok.pre_tokenizer = pre_tokenizer
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated") for r in pre.regexes]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t, ty in zip(tokens, types) if ty == CONTROL])
@@ -279,7 +490,10 @@ class Tokenizer:
         unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
         proto = pb.ModelProto()
         for i, (piece, score, ty) in enumerate(zip(tokens, scores, types)):
-            proto.pieces.add(piece=piece, score=score, type=UNKNOWN if i == unk else ty)
+            # SentencePiece allows one unknown piece; llama.cpp treats the others (Phi-3's added tokens)
+            # as control tokens: never produced from plain text, matched when parsing special tokens.
+            ty = UNKNOWN if i == unk else CONTROL if ty == UNKNOWN else ty
+            proto.pieces.add(piece=piece, score=score, type=ty)
         spec = proto.trainer_spec
         spec.model_type = pb.TrainerSpec.BPE
         spec.vocab_size = len(tokens)
@@ -394,9 +608,10 @@ def check_context(length: int, context: int | None) -> None:
         raise ValueError(f"the input has {length} tokens; the model's context is {context} tokens")
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int | None) -> list[int]:
-    """The prompt's token ids: at least one, and no more than `context` (see check_context)."""
-    ids = tokenizer.encode(prompt)
+def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int], context: int | None) -> list[int]:
+    """The prompt's token ids (a text encoded, or token ids checked): at least one, and no more than
+    `context` (see check_context)."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.check_ids(prompt)
     if not ids:
         raise ValueError("a prompt must contain at least one token")
     check_context(len(ids), context)

@@ -9,6 +9,9 @@ bash scripts/bootstrap.sh
 .venv/bin/python scripts/check_triton_compile.py
 # The CUDA sources (csrc/*.cu) must compile with nvcc for sm_80 and sm_90 (no GPU needed).
 bash scripts/check_cuda_compile.sh
+# llama.cpp's tokenizer test vectors (tests/test_tokenizer.py): downloaded once into the cache, then a no-op.
+# Without network the tokenizer tests that need them skip, saying why.
+.venv/bin/python scripts/fetch_tokenizer_vectors.py >/dev/null || echo "note: llama.cpp's tokenizer vectors unavailable" >&2
 # Run pytest through its console script, not `python -m pytest`: that would put the repository root on
 # sys.path, where our kernels/ folder shadows the Hugging Face `kernels` package (DESIGN.md section 4).
 exec .venv/bin/pytest "$@"

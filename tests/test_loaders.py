@@ -272,3 +272,28 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     assert load_checkpoint(path, progress=False, dtype=torch.bfloat16).weights["norm.weight"].dtype == torch.bfloat16
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", "none")
     assert loaders.gguf_cache_path(path) is None
+
+
+def test_gguf_with_unknown_pre_tokenizer_caches_nothing(tmp_path, monkeypatch):
+    """An unknown tokenizer.ggml.pre raises naming it, before a cache entry is written."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from llama_fast.tokenizer import TokenizerError
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(cache))
+    path = str(tmp_path / "m.gguf")
+    writer = GGUFWriter(path, "llama")
+    for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
+                       ("attention.head_count", 2), ("context_length", 64), ("vocab_size", 4)]:
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("no-such-pre")
+    writer.add_token_list(["a", "b", "ab", "c"])
+    writer.add_token_merges(["a b"])
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+    with pytest.raises(TokenizerError, match="m.gguf: unknown tokenizer.ggml.pre 'no-such-pre'"):
+        load_checkpoint(path, progress=False)
+    assert not cache.exists() or not any(cache.rglob("*"))
