@@ -120,10 +120,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale)
 
 
-# Up to this many rows the C++ kernels (matrix-vector products up to 11 rows, a GEMM from 12) beat torch's
-# fp32 GEMM on CPU; from 128 on torch's is as fast or faster. `benchmarks/bench_decode_step.py --matvec` on a
-# 2-core AVX2 Zen 3, (1536, 576) weights, GFLOPS C++ / torch: 12 rows 62.9 / 54.0, 32 rows 123.8 / 88.0,
-# 64 rows 140.2 / 118.8, 128 rows 134.5 / 133.0 (and with (576, 1536) weights at 128 rows 86 / 109).
+# Up to this many rows the C++ kernels (each weight row read once for up to 8 (AVX-512) / 4 vectors, register
+# blocks over L2 tiles of rows beyond) go to them for fp32 weights in the PyTorch forward on CPU (the eager
+# reference route; generation runs on the session, which always uses them). Measured with the kernels before
+# they became batch-invariant (2-core AVX2 Zen 3, (1536, 576) weights, GFLOPS C++ / torch: 32 rows 123.8 /
+# 88.0, 64 rows 140.2 / 118.8, 128 rows 134.5 / 133.0); `benchmarks/bench_decode_step.py --matvec` re-measures.
 CPU_MATVEC_MAX_ROWS = 64
 
 
