@@ -281,7 +281,8 @@ def main(argv=None) -> None:
     for gguf_type in args.types:
         rows = batched_bench(gguf_copy(gguf_type), args.batch_sizes, args.prompt_tokens, args.new_tokens, args.threads)
         report[gguf_type] = rows
-        print(f"\n{gguf_type} (flash_attn={rows[args.batch_sizes[0]]['flash_attn']})\n")
+        flash_attn = {-1: "auto", 0: "off", 1: "on"}.get(rows[args.batch_sizes[0]]["flash_attn"])
+        print(f"\n{gguf_type} (flash attention: {flash_attn})\n")
         print("| B | prefill tok/s | decode tok/s (all rows) | decode tok/s per row |")
         print("|--:|--:|--:|--:|")
         for size, row in rows.items():
