@@ -44,7 +44,7 @@ def prompts(llm: LLM, count: int, length: int) -> list[list[int]]:
 def llama_fast_run(llm: LLM, batch: list[list[int]], new_tokens: int) -> dict:
     """One batch through LLM.generate_ids (the C++ session): prompt time (to the first tokens) and decode time
     (the rest), and the ISA its kernels ran."""
-    params = [SamplingParams()] * len(batch)
+    params = [SamplingParams(temperature=0.0)] * len(batch)
     runners = []
     start = time.perf_counter()
     first = None

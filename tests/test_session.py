@@ -219,7 +219,7 @@ def test_every_row_of_a_batch_equals_its_prompt_alone(smollm, span):
 
     llm = smollm if span is None else smollm.with_span(span)
     prompts = shakespeare_prompts(llm, [5, 300, 17, 64, 150, 9, 230, 100])
-    params = [SamplingParams()] * len(prompts)
+    params = [SamplingParams(temperature=0.0)] * len(prompts)
 
     def run(batch):
         rows = [[] for _ in batch]
@@ -333,7 +333,7 @@ def test_session_route_equals_the_eager_model(smollm):
     ids = [fast.tokenizer.encode(p) for p in prompts]
     from llama_fast.sampling import SamplingParams
 
-    list(fast.generate_ids(ids, [SamplingParams()] * 3, 2, on_cache=runners.append))
+    list(fast.generate_ids(ids, [SamplingParams(temperature=0.0)] * 3, 2, on_cache=runners.append))
     assert isinstance(runners[0], SessionRunner)
     for prompt, together in zip(prompts, fast.generate(prompts, max_new_tokens=24)):
         assert together.token_ids == eager.generate(prompt, max_new_tokens=24).token_ids
