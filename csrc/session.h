@@ -594,22 +594,22 @@ class Session {
                             m.span + h, scores, att + static_cast<size_t>(r) * nq + h * D);
         }
         barrier.wait();
-        cd::split(dim, 16, t, nt, lo, hi);
-        kern.dot_rows(w.wo, m.w_bf16, nq, lo, hi, att, nq, R, tmp, dim);
-        for (int r = 0; r < R; ++r)
-          for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
-        barrier.wait();
+        // x += w . in, for this thread's columns of x (the output projections, then the residual add).
+        auto project_add = [&](const void* wm, const float* in, int k) {
+          cd::split(dim, 16, t, nt, lo, hi);
+          kern.dot_rows(wm, m.w_bf16, k, lo, hi, in, k, R, tmp, dim);
+          for (int r = 0; r < R; ++r)
+            for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
+          barrier.wait();
+        };
+        project_add(w.wo, att, nq);
         for (int r = 0; r < R; ++r) cd::rms_norm(x + r * dim, w.ffn_norm, dim, m.eps, xn + r * dim);
         cd::split(F, 16, t, nt, lo, hi);
         kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, R, gate, F);
         kern.dot_rows(w.w3, m.w_bf16, dim, lo, hi, xn, dim, R, up, F);
         for (int r = 0; r < R; ++r) kern.silu_mul(gate + r * F + lo, up + r * F + lo, gate + r * F + lo, hi - lo);
         barrier.wait();
-        cd::split(dim, 16, t, nt, lo, hi);
-        kern.dot_rows(w.w2, m.w_bf16, F, lo, hi, gate, F, R, tmp, dim);
-        for (int r = 0; r < R; ++r)
-          for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
-        barrier.wait();
+        project_add(w.w2, gate, F);
       }
       cd::split(n_out, 1, t, nt, lo, hi);
       for (int i = lo; i < hi; ++i) cd::rms_norm(x + static_cast<size_t>(out_rows_[i]) * dim, m.final_norm, dim, m.eps, xo + static_cast<size_t>(i) * dim);

@@ -9,23 +9,13 @@ import torch
 
 from llama_fast import _ext
 
+from models import supported_isas
+
 pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
 
 K_SIZES = (1, 7, 33, 64, 100, 576, 1000, 1536)
 N_SIZES = (1, 17, 129)
 MAX_VECTORS = 70
-
-
-def supported_isas():
-    if not _ext.has_ext():
-        return ["scalar"]
-    f = _ext.ext().cpu_features()
-    isas = ["scalar"]
-    if f["avx2"] and f["fma"]:
-        isas.append("avx2")
-    if f["avx512f"] and f["avx512bw"]:
-        isas.append("avx512")
-    return isas
 
 
 def matvec(weight, x, isa, threads=1):

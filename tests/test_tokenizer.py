@@ -591,15 +591,7 @@ def test_bpe_matches_reference_on_own_strings(vectors_dir, name):
     """Each byte-level BPE vocabulary against the plain reference above, on llama.cpp's strings (which
     pins the reference to llama.cpp) and on fresh random strings mixing scripts, digits, whitespace runs,
     emoji and punctuation (seed in the failure message)."""
-    meta, tok = llama_cpp_vocab(vectors_dir, name)
-    ref = ReferenceBPE(meta)
-    for text, ids in llama_cpp_vectors(vectors_dir / f"ggml-vocab-{name}.gguf"):
-        assert ref.encode(text) == ids, text
-    seed = int.from_bytes(os.urandom(4), "little")
-    rng = random.Random(seed)
-    for _ in range(200):
-        text = "".join(rng.choice(OWN_PIECES) for _ in range(rng.randint(1, 12)))
-        assert tok.encode(text, add_bos=False, parse_special=False) == ref.encode(text), (seed, text)
+    check_against_reference(vectors_dir, name, ReferenceBPE)
 
 
 class ReferenceSPM:
@@ -631,8 +623,14 @@ class ReferenceSPM:
 def test_sentencepiece_vocab_matches_reference_on_own_strings(vectors_dir, name):
     """The GGUF SentencePiece vocabularies against the plain reference above, pinned to llama.cpp's
     vectors first, then on fresh random strings (seed in the failure message)."""
+    check_against_reference(vectors_dir, name, ReferenceSPM)
+
+
+def check_against_reference(vectors_dir, name, reference):
+    """The reference is first pinned to llama.cpp's vectors, then our tokenizer must equal it on 200 fresh
+    random strings (the seed is in the failure message)."""
     meta, tok = llama_cpp_vocab(vectors_dir, name)
-    ref = ReferenceSPM(meta)
+    ref = reference(meta)
     for text, ids in llama_cpp_vectors(vectors_dir / f"ggml-vocab-{name}.gguf"):
         assert ref.encode(text) == ids, text
     seed = int.from_bytes(os.urandom(4), "little")
