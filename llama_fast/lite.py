@@ -24,10 +24,11 @@ from typing import Iterator
 
 from .config import ModelConfig, UnsupportedModelError
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
-from .sampling import SamplingParams, row_params
+from . import validate
+from .sampling import SamplingParams, check_request, row_params
 from .threads import ThreadTuner
-from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
-from .window import check_window, streaming_slack
+from .tokenizer import Tokenizer, stop_strings, stream_text
+from .window import check_window, checkpoint_window, streaming_slack
 
 log = logging.getLogger("llama_fast")
 
@@ -71,7 +72,7 @@ class LiteLLM:
         a dtype other than float32 / bfloat16, RoPE scaling, the extension not built, or $LLAMA_FAST_LITE=0 /
         $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
-        dtype = dtype or "float32"
+        dtype = validate.dtype_name(dtype or "float32")
         found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype, window, sink_tokens)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
@@ -91,23 +92,21 @@ class LiteLLM:
             return f"its metadata: {err}"
         if config.rope_scaling is not None:
             return "RoPE scaling"
+        window = checkpoint_window(window, sink_tokens, config.sliding_window)
         return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path, window, sink_tokens)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
         """LLM.stream: the continuation of one prompt (or a chat, given a list of messages) as text pieces;
         `sampling`: the other SamplingParams (top_k, top_p, min_p, penalties)."""
-        if isinstance(prompt, list):
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+        prompt = validate.one_prompt(prompt, self.tokenizer.apply_chat_template)
+        check_request(1, max_new_tokens, stop, seed, dict(temperature=temperature, **sampling))
         stops = stop_strings(stop)
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len if self.window is None else None)
-        for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
-                                         self.eos_ids):
-            if text:
-                yield text
+        ids = validate.prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size,
+                                        self.config.max_seq_len if self.window is None else None)
+        steps = self.generate_ids(ids, params, max_new_tokens)
+        return (text for _, text, _, _ in stream_text(self.tokenizer, [ids], steps, stops, self.eos_ids) if text)
 
     def generate_ids(self, ids: list[int], params: SamplingParams, max_new_tokens: int,
                      stop_at_eos: bool = True) -> Iterator[list[int]]:
