@@ -70,7 +70,7 @@ torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, in
                          const std::string& isa);
 
 // Attention of T new queries per row over a contiguous KV cache that already holds them, with the span bias
-// (DESIGN.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
+// (docs/ARCHITECTURE.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
 // (B, S_max, Hkv, D) fp32 or bf16; seqlens (B,) int32, each row's length including the T new tokens, so
 // query t of row b sits at position seqlens[b] - T + t. Span arguments as CpuDecoder's. -> (B, T, H, D) fp32.
 torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,

@@ -3,7 +3,7 @@
 Eager PyTorch spends most of a CPU decode step in one-row matrix products that move 8-10 GB/s and in
 per-op overhead (about 900 ops per token); the C++ step streams the weights at memory bandwidth and runs
 the whole step (embedding, 30 layers, final norm, logits) in one OpenMP region. It computes exactly what
-Transformer.forward computes for one new token per row (DESIGN.md section 3 for the span bias), with
+Transformer.forward computes for one new token per row (docs/ARCHITECTURE.md section 3 for the span bias), with
 fp32 activations whatever the weight dtype (fp32 or bf16 weights; fp32 or bf16 KV cache).
 
     decoder = CpuDecodePath.for_model(model)         # None where it does not apply (see supports())

@@ -79,7 +79,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
 
 
 # ----------------------------------------------------------------------------------------------------
-# Span-biased attention (DESIGN.md section 3)
+# Span-biased attention (docs/ARCHITECTURE.md section 3)
 
 
 def span_bucket(d: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -192,7 +192,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling (DESIGN.md section 3b)
+# Sampling (docs/ARCHITECTURE.md section 3b)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, params) -> torch.Tensor:
