@@ -78,14 +78,15 @@ sys.exit(os.path.dirname(os.path.realpath(llama_fast.__file__)) != os.path.realp
     LLAMA_FAST_NO_EXT=1 pip_install --no-build-isolation --no-deps -e .
 fi
 
-# A GGUF's first load converts it (seconds): done here once, so that the main job starts at once.
+# A GGUF's first load converts it (seconds: parsed, dequantised, kept as safetensors; a float32 model uses
+# that entry as it is): done here once, so that the main job starts at once.
 if ! "$VPY" - <<'EOF'
 import sys
 from llama_fast.paths import DEFAULT_MODEL, cache_dir, gguf_cache_entry, resolve_model_path
-sys.exit(cache_dir() is not None and gguf_cache_entry(resolve_model_path(DEFAULT_MODEL), "torch.float32") is None)
+sys.exit(cache_dir() is not None and gguf_cache_entry(resolve_model_path(DEFAULT_MODEL)) is None)
 EOF
 then
-    step "converting the default model into the cache (~/.cache/llama_fast, first run only): later runs map it"
+    step "converting the default model into the cache (\$LLAMA_FAST_CACHE_DIR or ~/.cache/llama_fast; first run only): later runs map it"
     "$VPY" -c "from llama_fast.loaders import load_checkpoint; import torch
 load_checkpoint('smollm2-135m-instruct', progress=False, dtype=torch.float32)"
 fi
