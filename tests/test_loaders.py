@@ -10,6 +10,7 @@ from llama_fast import LLM, SpanBias
 from llama_fast.config import ModelConfig, UnsupportedModelError
 from llama_fast.loaders import CheckpointError, load_checkpoint, resolve_model_path
 from llama_fast.paths import SAMPLE_TEXT
+from llama_fast.window import checkpoint_window
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -357,3 +358,15 @@ def test_empty_hf_config_names_the_missing_keys(tmp_path, smollm_tokenizer_dir):
     (tmp_path / "config.json").write_text(json.dumps(partial))
     with pytest.raises(CheckpointError, match="lacks 'num_attention_heads'"):
         load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_gguf_sliding_window_and_the_window_rule():
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
+            "llama.attention.head_count": 4, "llama.feed_forward_length": 160, "llama.vocab_size": 300}
+    assert ModelConfig.from_gguf(meta).sliding_window is None
+    assert ModelConfig.from_gguf({**meta, "llama.attention.sliding_window": 32}).sliding_window == 32
+    # The one rule LLM (span.checkpoint_span) and the torch-free LiteLLM share.
+    assert checkpoint_window(None, 0, 32) == 32 and checkpoint_window(16, 4, 32) == 16
+    assert checkpoint_window(None, 0, None) is None and checkpoint_window(64, 0, None) == 64
+    with pytest.raises(ValueError, match="sliding_window"):
+        checkpoint_window(33, 0, 32)
