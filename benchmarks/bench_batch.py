@@ -25,7 +25,8 @@ import time
 import torch
 
 from llama_fast import LLM
-from llama_fast.bench import PROMPT_FILE, gguf_copy
+from llama_fast.bench import gguf_copy
+from llama_fast.paths import SAMPLE_TEXT
 from llama_fast.sampling import SamplingParams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ GGUF_TYPE = {"float32": "F32", "bfloat16": "BF16"}
 
 def prompts(llm: LLM, count: int, length: int) -> list[list[int]]:
     """`count` distinct prompts of `length` tokens: consecutive windows of the text."""
-    with open(PROMPT_FILE, encoding="utf-8") as f:
+    with open(SAMPLE_TEXT, encoding="utf-8") as f:
         ids = llm.tokenizer.encode(f.read())
     if len(ids) < count * length:
         raise SystemExit(f"the prompt text has {len(ids)} tokens, fewer than {count} x {length}")

@@ -23,9 +23,9 @@ import torch
 
 from llama_fast import LLM, SpanBias
 from llama_fast.sampling import row_params
+from llama_fast.paths import SAMPLE_TEXT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TEXT = os.path.join(os.path.dirname(HERE), "tests", "data", "shakespeare_head.txt")
 
 
 PROMPTS = ["Once upon a time, in a land far away,", "The recipe for a good loaf of bread is simple:"]
@@ -112,7 +112,7 @@ def main(argv=None):
         with open(path) as f:
             report = json.load(f)
     if "ppl" in args.parts:
-        with open(TEXT, encoding="utf-8") as f:
+        with open(SAMPLE_TEXT, encoding="utf-8") as f:
             report["perplexity"] = perplexities(llm, f.read(), args.ppl_tokens)
     if "stream" in args.parts:
         report["generation"] = long_stream(streaming, args.tokens)

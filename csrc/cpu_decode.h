@@ -45,7 +45,7 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// The span bias of one query head (DESIGN.md section 3).
+// The span bias of one query head (docs/ARCHITECTURE.md section 3).
 struct HeadSpan {
   bool has_alibi = false;
   float slope = 0.0f;               // bias -= slope * d

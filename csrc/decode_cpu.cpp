@@ -40,7 +40,7 @@ torch::Tensor span_table(const std::optional<torch::Tensor>& t, int64_t n_heads,
   return x.to(torch::kFloat32).contiguous().clone();
 }
 
-// One HeadSpan per query head (DESIGN.md section 3); slopes and buckets must outlive the result.
+// One HeadSpan per query head (docs/ARCHITECTURE.md section 3); slopes and buckets must outlive the result.
 std::vector<cd::HeadSpan> head_spans(int64_t n_heads, const torch::Tensor& slopes, const torch::Tensor& buckets,
                                      int64_t window, int64_t sink_tokens, double logit_softcap, double scale,
                                      const char* who) {

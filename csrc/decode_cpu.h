@@ -23,7 +23,7 @@ torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, in
                          const std::string& isa);
 
 // Attention of T new queries per row over a contiguous KV cache that already holds them, with the span bias
-// (DESIGN.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
+// (docs/ARCHITECTURE.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
 // (B, S_max, Hkv, D) fp32 or bf16; seqlens (B,) int32, each row's length including the T new tokens, so
 // query t of row b sits at position seqlens[b] - T + t. window 0: none; logit_softcap 0: off; bucket_table:
 // (H, max_distance + 1) fp32, the bias of span d is bucket_table[h, min(d, max_distance)]. -> (B, T, H, D) fp32.

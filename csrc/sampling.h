@@ -1,4 +1,4 @@
-// Token sampling on raw pointers (DESIGN.md section 3b): one row of logits -> one token id.
+// Token sampling on raw pointers (docs/ARCHITECTURE.md section 3b): one row of logits -> one token id.
 // Torch-free: the host code (sampling_cpu.cpp) validates arguments and calls sample_row per row.
 //
 // Order: penalties on the raw logits -> temperature (0: greedy argmax, ties to the lowest id) -> top_k ->

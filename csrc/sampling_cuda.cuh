@@ -3,7 +3,7 @@
 // value with at least k tokens at or above it, top_p's pivot the smallest value whose strictly-larger
 // mass is below top_p of the kept mass; ties at a pivot are kept in id order (the reference's stable
 // sort), found with a block-wide prefix count. The draw is a block-wide prefix sum over id-ordered chunks.
-// Same order and semantics as sampling.h (DESIGN.md section 3b).
+// Same order and semantics as sampling.h (docs/ARCHITECTURE.md section 3b).
 #pragma once
 
 #include <cub/block/block_reduce.cuh>

@@ -1,4 +1,4 @@
-"""Fused span-biased causal attention for prefill (DESIGN.md section 3), FlashAttention-2 style.
+"""Fused span-biased causal attention for prefill (docs/ARCHITECTURE.md section 3), FlashAttention-2 style.
 
 One program computes BLOCK_M queries of one head: online softmax in fp32, scores biased from positions
 inside the kernel (ALiBi slope, learned span table indexed by min(d, max_distance + 1), window + sinks
@@ -186,7 +186,7 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
               at position S - T + t, key s at position s.
     Varlen:   q (total, H, D); k, v (total, Hkv, D) packed sequences (self-attention, T = S per sequence);
               cu_seqlens (B + 1,) int32 with cu_seqlens[0] = 0 and cu_seqlens[-1] = total.
-    span:     SpanBias (DESIGN.md section 3): ALiBi slopes (H,), bucket_bias (H, num_buckets), window,
+    span:     SpanBias (docs/ARCHITECTURE.md section 3): ALiBi slopes (H,), bucket_bias (H, num_buckets), window,
               sink_tokens, logit_softcap, in any combination.
     scale:    multiplies q . k (default 1 / sqrt(D)).
     H % Hkv == 0 (GQA/MQA: query head h reads KV head h // (H // Hkv)); D in {64, 80, 96, 128};

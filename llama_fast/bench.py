@@ -32,8 +32,9 @@ import time
 
 from .sampling import row_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout (editable install)
-PROMPT_FILE = os.path.join(REPO, "tests", "data", "shakespeare_head.txt")
+from .paths import SAMPLE_TEXT as PROMPT_FILE  # package data: found in a checkout and when installed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -270,6 +271,12 @@ def summarise(name, spec, runs, weight_bytes, bandwidth):
     }
 
 
+def default_out() -> str:
+    """benchmarks/out of the checkout this module runs from, or ./llama_fast_bench once installed."""
+    checkout_benchmarks = os.path.join(REPO, "benchmarks")
+    return os.path.join(checkout_benchmarks, "out") if os.path.isdir(checkout_benchmarks) else "llama_fast_bench"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,10 +290,11 @@ def main(argv=None):
     parser.add_argument("--engines", nargs="+",
                         default=["llama_fast", "llama_fast-lite", "llama_fast-reference", "transformers", "llama.cpp"])
     parser.add_argument("--prompt-file", default=PROMPT_FILE, help="the prompt's text (its first tokens are used)")
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out"))
+    parser.add_argument("--out", default=default_out(), help="report folder (default: benchmarks/out in a checkout, "
+                        "else ./llama_fast_bench)")
     args = parser.parse_args(argv)
     if not os.path.exists(args.prompt_file):
-        parser.error(f"no prompt file {args.prompt_file} (run from a checkout, or pass --prompt-file)")
+        parser.error(f"no prompt file {args.prompt_file}")
 
     import torch
 

@@ -2,42 +2,70 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import os
+import secrets
 import sys
 
+from . import validate
 from .paths import DEFAULT_MODEL
+
+# Chat on the command line samples as llama.cpp's command line does by default (a greedy reply of a small
+# model soon loops); --temperature 0 makes it greedy. A plain `generate` and the Python API stay greedy.
+CHAT_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+GREEDY_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, .gguf file, or HF/Meta directory")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=list(validate.DTYPE_NAMES), help="weight dtype (default float32)")
     p.add_argument("--window", type=int, default=None, help="sliding attention window (tokens)")
     p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept with --window")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 is greedy (default: {CHAT_SAMPLING['temperature']} for chat, else 0)")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 is off (default: {CHAT_SAMPLING['top_k']} for chat, else 0)")
+    p.add_argument("--top-p", type=float, default=None, help=f"1 is off (default: {CHAT_SAMPLING['top_p']} for chat, else 1)")
+    p.add_argument("--min-p", type=float, default=None, help=f"0 is off (default: {CHAT_SAMPLING['min_p']} for chat, else 0)")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--penalty-last-n", type=int, default=None,
                    help="the penalty sees only the last N tokens (default: all of them)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed in [0, 2**63) (default: a fresh one, printed to stderr)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                penalty_last_n=args.penalty_last_n, seed=args.seed, stop=args.stop)
+def _sampling(args, chat: bool) -> dict:
+    """The sampling keywords: the flags given, the rest CHAT_SAMPLING's (chat) or GREEDY_SAMPLING's. A sampled
+    run without --seed gets a fresh seed, printed to stderr so that the run can be repeated."""
+    defaults = CHAT_SAMPLING if chat else GREEDY_SAMPLING
+    chosen = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in defaults}
+    seed = args.seed
+    if seed is None and chosen["temperature"] > 0:
+        seed = secrets.randbits(63)
+        print(f"seed: {seed} (--seed {seed} repeats this run)", file=sys.stderr, flush=True)
+    return dict(max_new_tokens=args.max_new_tokens, **chosen, repetition_penalty=args.repetition_penalty,
+                penalty_last_n=args.penalty_last_n, seed=seed, stop=args.stop)
+
+
+def _utf8(data: bytes | str, what: str) -> str:
+    """Text from the command line or stdin; not UTF-8 is an error (argv's undecodable bytes arrive as
+    surrogate escapes)."""
+    try:
+        return data.decode("utf-8") if isinstance(data, bytes) else data.encode("utf-8").decode("utf-8")
+    except UnicodeError as err:
+        raise ValueError(f"{what} is not valid UTF-8 ({err.reason} at {err.start})") from None
 
 
 def _load(args, fast_start: bool = False):
     """The model for a command: with fast_start (generate, chat), LiteLLM where it can serve the command (it
     starts in a fraction of the time: no torch import), else LLM."""
-    if fast_start and args.device in (None, "cpu"):
+    args.device = validate.device_name(args.device, "--device")
+    if fast_start and args.device == "cpu":
         from .lite import LiteLLM
 
         lite = LiteLLM.open(args.model, args.dtype, window=args.window, sink_tokens=args.sinks)
@@ -52,16 +80,18 @@ def _load(args, fast_start: bool = False):
 
 
 def cmd_generate(args) -> None:
-    settings = _sampling(args)
+    text = _utf8(sys.stdin.buffer.read(), "the prompt read from stdin") if args.prompt == "-" else \
+        _utf8(args.prompt, "the prompt")
+    settings = _sampling(args, chat=args.chat)
     llm = _load(args, fast_start=True)
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    prompt = [{"role": "user", "content": text}] if args.chat else text
     for piece in llm.stream(prompt, **settings):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(args) -> None:
-    settings = _sampling(args)
+    settings = _sampling(args, chat=True)
     llm = _load(args, fast_start=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", args.model, "- type /exit to quit.", file=sys.stderr)
@@ -74,7 +104,7 @@ def cmd_chat(args) -> None:
             break
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append({"role": "user", "content": _utf8(line, "the message")})
         reply = ""
         for piece in llm.stream(messages, **settings):
             reply += piece
@@ -102,11 +132,29 @@ def cmd_info(args) -> None:
           f"chat template: {'yes' if t.chat_template else 'no'}")
 
 
+def read_text(file, encode, max_tokens: int | None) -> str:
+    """The text of a binary file object, or with max_tokens only as much of it as holds the first max_tokens
+    tokens (encode(text) -> ids): reads chunks of growing size until the text encodes to more tokens than
+    needed (the last one may continue past the cut), so an endless input (/dev/zero) is not read to its end."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    if max_tokens is None:
+        return decoder.decode(file.read(), final=True)
+    text, size = "", max(1024, 16 * max_tokens)  # tokens average a few bytes: most inputs take one read
+    while True:
+        chunk = file.read(size)
+        text += decoder.decode(chunk, final=not chunk)
+        if not chunk or len(encode(text)) > max_tokens:
+            return text
+        size *= 2
+
+
 def cmd_perplexity(args) -> None:
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
     llm = _load(args)
     try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
+        with open(args.file, "rb") if args.file != "-" else os.fdopen(os.dup(0), "rb") as f:
+            text = read_text(f, llm.tokenizer.encode, args.max_tokens)
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {args.file}: {err}") from err
     result = llm.perplexity(text, max_tokens=args.max_tokens, progress=sys.stderr.isatty())
@@ -121,21 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-fast", description="Fast LLaMA-family inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="stream a continuation of PROMPT")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt; - reads it from stdin")
     p.add_argument("--chat", action="store_true",
                    help="send PROMPT as one user message through the model's chat template (an instruct "
-                        "model's greedy continuation of a bare instruction is often just its end token)")
+                        "model's greedy continuation of a bare instruction is often just its end token); "
+                        "samples by default, as chat does")
     _add_model_args(p)
     _add_sampling_args(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template (samples by default)")
     p.add_argument("--system", default=None, help="system prompt (default: the template's own)")
     _add_model_args(p)
     _add_sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("perplexity", help="perplexity of the model on a text file")
-    p.add_argument("file")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("file", help="a UTF-8 text file; - reads stdin")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate only the first N tokens (and read only as much of FILE as they need)")
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
     sub.add_parser("bench", help="decode benchmark against transformers and llama.cpp (bench --help: its options)")
@@ -155,8 +205,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     except (ValueError, RuntimeError, OSError, ImportError) as err:
         print(f"llama-fast: error: {err}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .paths import CheckpointError
+
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is readable but describes something llama_fast does not run."""
@@ -28,6 +30,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
+    sliding_window: int | None = None  # keys further back than this are never attended (Mistral, Qwen2)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -39,6 +42,9 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise UnsupportedModelError(f"sliding_window must be a positive int or None, got {self.sliding_window!r}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
@@ -59,7 +65,15 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """From a Hugging Face config.json (LlamaForCausalLM and close relatives; Qwen2: LLaMA with QKV biases)."""
+        """From a Hugging Face config.json (LlamaForCausalLM and close relatives; Qwen2: LLaMA with QKV biases).
+        Keys that change the math are honoured (sliding_window, rope scaling) or refused, never ignored."""
+        missing = [key for key in _HF_REQUIRED if key not in cfg]
+        if missing:
+            raise CheckpointError(f"config.json lacks {', '.join(repr(k) for k in missing)}: every LLaMA-family "
+                                  f"config.json has them")
+        for key, neutral in _HF_REFUSED.items():
+            if cfg.get(key, neutral) not in (neutral, None):
+                raise UnsupportedModelError(f"config.json's {key}={cfg[key]!r} is not supported")
         archs = cfg.get("architectures") or ["LlamaForCausalLM"]
         model_type = cfg.get("model_type", "llama")
         if model_type not in ("llama", "mistral", "qwen2") and not any(a in _HF_ARCHS for a in archs):
@@ -92,6 +106,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             name=cfg.get("_name_or_path", ""),
+            sliding_window=_hf_sliding_window(cfg),
         )
 
     @classmethod
@@ -160,7 +175,34 @@ class ModelConfig:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=[] if eos is None else [eos],
             name=meta.get("general.name", ""),
+            sliding_window=get("attention.sliding_window"),
         )
 
 
 _HF_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+# config.json keys of LLaMA relatives that change the math and that the model does not implement, with the
+# value that means "off".
+_HF_REFUSED = {"attn_logit_softcapping": None, "final_logit_softcapping": None, "partial_rotary_factor": 1.0,
+               "query_pre_attn_scalar": None, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+               "attention_multiplier": None, "logits_scaling": 1.0, "use_qk_norm": False}
+
+
+def _hf_sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The window every layer attends within (Mistral's sliding_window; Qwen2's when use_sliding_window, on
+    the layers its layer_types / max_window_layers mark), or None. Windows on only some layers are refused."""
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window", True) is False:
+        return None
+    n_layers = cfg["num_hidden_layers"]
+    kinds = cfg.get("layer_types")
+    if kinds is None and "max_window_layers" in cfg:  # Qwen2: layers from max_window_layers on slide
+        kinds = ["sliding_attention" if i >= cfg["max_window_layers"] else "full_attention" for i in range(n_layers)]
+    if kinds is not None:
+        sliding = [kind == "sliding_attention" for kind in kinds]
+        if not any(sliding):
+            return None
+        if not all(sliding):
+            raise UnsupportedModelError(f"config.json slides the attention window on some layers only ({kinds}): "
+                                        "not supported")
+    return window

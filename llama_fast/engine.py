@@ -3,6 +3,7 @@ sample (as gpt-fast splits them), batching several prompts into one forward pass
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -12,14 +13,14 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from . import ops
+from . import ops, validate
 from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model
-from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, row_params
-from .span import SpanBias
+from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, check_request, row_params
+from .span import SpanBias, checkpoint_span
 from .streaming import StreamingKVCache
-from .tokenizer import Tokenizer, check_context, encode_prompt, stop_strings, stream_text
+from .tokenizer import Tokenizer, check_context, stop_strings, stream_text
 from .window import prefill_chunk, streaming_slack
 
 if TYPE_CHECKING:
@@ -74,13 +75,17 @@ class LLM:
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
                         progress: bool = True, decode: str | None = None) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
-        Hugging Face or Meta directory. device: default cpu. dtype: default float32. decode: see __init__."""
-        device = torch.device(device or "cpu")
-        dtype = dtype or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        Hugging Face or Meta directory. device: "cpu" (default), "cuda", "cuda:N" or N. dtype: a name of
+        validate.DTYPE_NAMES ("float32" (default) / "fp32", "bfloat16" / "bf16", "float16" / "fp16") or that
+        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__."""
+        name_or_path = validate.path_or_name(name_or_path)
+        device = torch.device(validate.device_name(device))
+        dtype = getattr(torch, validate.dtype_name(dtype or "float32"))
+        if span is not None and not isinstance(span, SpanBias):
+            raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
         ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
-        model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span or SpanBias())
+        span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
+        model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span)
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
     @classmethod
@@ -95,7 +100,9 @@ class LLM:
         return cls(transformer, tok, getattr(model, "name_or_path", ""), decode=decode)
 
     def with_span(self, span: SpanBias) -> "LLM":
-        """The same model (weights shared, nothing copied) attending with another SpanBias."""
+        """The same model (weights shared, nothing copied) attending with another SpanBias (within the
+        checkpoint's sliding window, if it has one)."""
+        span = checkpoint_span(span, self.config.sliding_window)
         span.check_heads(self.config.n_heads)
         model = copy.copy(self.model)  # a shallow copy shares every parameter
         model.span = span
@@ -178,7 +185,7 @@ class LLM:
     # ---- generation ----
 
     def _encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
-        return [encode_prompt(self.tokenizer, p, self._context) for p in prompts]
+        return [validate.prompt_token_ids(p, self.tokenizer, self.config.vocab_size, self._context) for p in prompts]
 
     def generate_ids(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
                      on_cache=None, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
@@ -403,26 +410,24 @@ class LLM:
         yield from stream_text(self.tokenizer, prompt_ids, self.generate_ids(prompt_ids, params, max_new_tokens),
                                stops, eos_ids)
 
-    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+    def generate(self, prompt: str | list[str] | list[int] | list[list[int]], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, penalty_last_n: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, num_return_sequences: int = 1):
         """Generates a continuation of each prompt; all prompts (times num_return_sequences) run as one batch.
 
-        Returns a Completion for a single prompt, a list of them for a list of prompts; with
-        num_return_sequences = n > 1, each of those becomes a list of n Completions. temperature 0 is
-        greedy. The penalties see each row's last penalty_last_n tokens (None: all, prompt included).
+        prompt: a str, token ids (a list of int), or a list of either. Returns a Completion for a single
+        prompt, a list of them for a list of prompts; with num_return_sequences = n > 1, each of those
+        becomes a list of n Completions. temperature 0 (the default) is greedy. The penalties see each row's last penalty_last_n tokens (None: all, prompt included).
         seed makes sampling reproducible (row r of the batch draws from seed + r).
         """
-        if num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("generate needs at least one prompt")
+        prompts, single = validate.prompts(prompt)
+        validate.integer(num_return_sequences, "num_return_sequences", minimum=1)
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                         frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
+        check_request(len(rows), max_new_tokens, stop, seed, settings)
         completions = [Completion("", [], "length") for _ in rows]
         for row, text, token, finish_reason in self._stream_rows(rows, max_new_tokens, stop, seed, settings):
             completions[row].text += text
@@ -432,25 +437,29 @@ class LLM:
                 completions[row].finish_reason = finish_reason
         if num_return_sequences > 1:
             completions = [completions[i:i + num_return_sequences] for i in range(0, len(rows), num_return_sequences)]
-        return completions[0] if isinstance(prompt, str) else completions
+        return completions[0] if single else completions
 
-    def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-               penalty_last_n: int | None = None, seed: int | None = None,
-               stop: str | list[str] | None = None) -> Iterator[str]:
-        """Yields the continuation of one prompt (or a chat, given a list of messages) as text pieces."""
-        if isinstance(prompt, list):  # ids: message content stays text, never control tokens
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    def stream(self, prompt: str | list[int] | list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_last_n: int | None = None,
+               seed: int | None = None, stop: str | list[str] | None = None) -> Iterator[str]:
+        """Yields the continuation of one prompt (a str or token ids; or a chat, given a list of messages, whose
+        content stays text, never control tokens) as text pieces. The sampling keywords are generate's.
+        Arguments are checked here, not at the first piece."""
+        prompt = validate.one_prompt(prompt, functools.partial(self.tokenizer.apply_chat_template, tokenize=True))
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty, penalty_last_n=penalty_last_n)
-        for _, text, _, _ in self._stream_rows([prompt], max_new_tokens, stop, seed, settings):
-            if text:
-                yield text
+                        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n)
+        check_request(1, max_new_tokens, stop, seed, settings)
+        return (text for _, text, _, _ in self._stream_rows([prompt], max_new_tokens, stop, seed, settings) if text)
 
     def chat(self, messages: list[dict], **kwargs) -> Completion:
-        """One assistant reply to `messages` ([{"role": ..., "content": ...}]), via the checkpoint's template."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return self.generate([ids], **kwargs)[0]  # one prompt given as ids (a list of one)
+        """One assistant reply to `messages` ([{"role": ..., "content": ...}]), via the checkpoint's template
+        (message content stays text, never control tokens); kwargs: generate's (the same sampling keywords
+        as stream)."""
+        ids = self.tokenizer.apply_chat_template(validate.messages(messages), add_generation_prompt=True,
+                                                 tokenize=True)
+        return self.generate(ids, **kwargs)
 
     # ---- evaluation ----
 
@@ -464,7 +473,7 @@ class LLM:
         """
         from tqdm import tqdm
 
-        span = span or self.model.span
+        span = checkpoint_span(span, self.config.sliding_window) if span is not None else self.model.span
         span.check_heads(self.config.n_heads)
         ids = self.tokenizer.encode(text)
         if max_tokens is not None:

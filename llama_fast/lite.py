@@ -15,6 +15,7 @@ logs why) and the caller uses LLM.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -22,13 +23,13 @@ import mmap
 import os
 from typing import Iterator
 
-from . import rope
+from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
-from .sampling import SamplingParams, check_max_new_tokens, row_params
+from .sampling import SamplingParams, check_request, row_params
 from .threads import ThreadTuner
-from .tokenizer import Tokenizer, encode_prompt, stop_strings, stream_text
-from .window import check_window, prefill_chunk
+from .tokenizer import Tokenizer, stop_strings, stream_text
+from .window import check_window, checkpoint_window, prefill_chunk
 
 log = logging.getLogger("llama_fast")
 
@@ -73,7 +74,7 @@ class LiteLLM:
         a dtype other than float32 / bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 /
         $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
-        dtype = dtype or "float32"
+        dtype = validate.dtype_name(dtype or "float32")
         found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype, window, sink_tokens)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
@@ -91,22 +92,22 @@ class LiteLLM:
             config = ModelConfig.from_gguf(meta)
         except (KeyError, TypeError, UnsupportedModelError) as err:
             return f"its metadata: {err}"
+        window = checkpoint_window(window, sink_tokens, config.sliding_window)
         return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path, window, sink_tokens)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
         """LLM.stream: the continuation of one prompt (or a chat, given a list of messages) as text pieces;
         `sampling`: the other SamplingParams (top_k, top_p, min_p, penalties)."""
-        if isinstance(prompt, list):  # ids: message content stays text, never control tokens
-            prompt = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        chat = functools.partial(self.tokenizer.apply_chat_template, tokenize=True)  # content stays text
+        prompt = validate.one_prompt(prompt, chat)
+        check_request(1, max_new_tokens, stop, seed, dict(temperature=temperature, **sampling))
         stops = stop_strings(stop)
         params = row_params(1, seed, temperature=temperature, **sampling)[0]
-        check_max_new_tokens(max_new_tokens)
-        ids = encode_prompt(self.tokenizer, prompt, self.config.max_seq_len if self.window is None else None)
-        for _, text, _, _ in stream_text(self.tokenizer, [ids], self.generate_ids(ids, params, max_new_tokens), stops,
-                                         self.eos_ids):
-            if text:
-                yield text
+        ids = validate.prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size,
+                                        self.config.max_seq_len if self.window is None else None)
+        steps = self.generate_ids(ids, params, max_new_tokens)
+        return (text for _, text, _, _ in stream_text(self.tokenizer, [ids], steps, stops, self.eos_ids) if text)
 
     def generate_ids(self, ids: list[int], params: SamplingParams, max_new_tokens: int,
                      stop_at_eos: bool = True) -> Iterator[list[int]]:

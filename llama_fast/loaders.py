@@ -270,7 +270,12 @@ def _read_json(path: str) -> dict:
 def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
     from safetensors import safe_open
 
-    config = ModelConfig.from_hf(_read_json(os.path.join(path, "config.json")))
+    config_file = os.path.join(path, "config.json")
+    hf_config = _read_json(config_file)
+    try:
+        config = ModelConfig.from_hf(hf_config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read: it is a pickle)")

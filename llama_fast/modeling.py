@@ -1,4 +1,4 @@
-"""The seed article's API, kept as it was written (DESIGN.md section 2):
+"""The seed article's API, kept as it was written (docs/ARCHITECTURE.md section 2):
 
     from llama_fast.modeling import LLaMAModel, PreTrainedTokenizer
     tokenizer = PreTrainedTokenizer.from_pretrained('llama-base')

@@ -204,7 +204,7 @@ def _params_table(params: list) -> torch.Tensor:
 def sample(logits, params, *, step=0, seen=None, logprobs: bool = False, backend=None):
     """logits (B, V) fp32/fp16/bf16 -> token ids (B,) int64; params: one SamplingParams or one per row.
 
-    Pure (DESIGN.md 3b): row b's token depends only on its logits, params, seen counts and step, whatever
+    Pure (docs/ARCHITECTURE.md section 3b): row b's token depends only on its logits, params, seen counts and step, whatever
     else is in the batch. step: an int or (B,) ints, each row's draw counter. seen: (B, V) int counts of
     the tokens so far (prompt + generated) for the penalties, or None. A row whose seed is None draws from
     a fresh random seed. logprobs=True returns (tokens, logprobs (B,) fp32): log_softmax of the raw

@@ -60,3 +60,8 @@ def gguf_cache_entry(path: str, dtype=None) -> str | None:
     """gguf_cache_path(path, dtype) if a complete entry is there (its "done" marker, written last), else None."""
     folder = gguf_cache_path(path, dtype)
     return folder if folder is not None and os.path.exists(os.path.join(folder, "done")) else None
+
+
+# Text shipped inside the package (setup.py's package_data): the first ~22 kB of Shakespeare's plays (public
+# domain, from the char-rnn project's tinyshakespeare), the benchmark's prompt and the tests' long text.
+SAMPLE_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare_head.txt")

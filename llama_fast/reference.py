@@ -67,7 +67,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_si
 
 
 # ----------------------------------------------------------------------------------------------------
-# Span-biased attention (DESIGN.md section 3)
+# Span-biased attention (docs/ARCHITECTURE.md section 3)
 
 
 def span_bucket(d: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -254,7 +254,7 @@ def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling (DESIGN.md section 3b)
+# Sampling (docs/ARCHITECTURE.md section 3b)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, params) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""SamplingParams: how one row's next token is chosen (DESIGN.md section 3b)."""
+"""SamplingParams: how one row's next token is chosen (docs/ARCHITECTURE.md section 3b)."""
 from __future__ import annotations
 
-import math
 import secrets
 from collections import deque
 from dataclasses import dataclass
+
+from . import validate
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,8 @@ class SamplingParams:
     frequency_penalty subtract as in the OpenAI API)
     -> temperature (0 = greedy argmax, ties to the lowest id) -> top_k (0 = off) -> top_p (1 = off)
     -> min_p (0 = off) -> renormalise -> a draw from the row's counter-based stream (seed, step).
-    seed None: a fresh random seed is drawn once for the row.
+    seed None: a fresh random seed is drawn once for the row; else an int in [0, 2**63).
+    Numbers are ints or floats (a bool or a str is refused), counts are ints.
     """
 
     temperature: float = 1.0
@@ -34,23 +36,19 @@ class SamplingParams:
         def bad(name, why):
             raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
 
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            bad("temperature", "must be a finite number >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an int >= 0 (0 means off)")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            validate.real(getattr(self, name), f"SamplingParams.{name}")
+        validate.integer(self.top_k, "SamplingParams.top_k", minimum=0)
+        validate.integer(self.penalty_last_n, "SamplingParams.penalty_last_n", minimum=1, optional=True)
+        validate.seed(self.seed, argument="SamplingParams.seed")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0 (0 means greedy)")
         if not (0 < self.top_p <= 1):
             bad("top_p", "must be in (0, 1]")
         if not (0 <= self.min_p <= 1):
             bad("min_p", "must be in [0, 1]")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            bad("repetition_penalty", "must be a finite number > 0 (1 means off)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                bad(name, "must be finite")
-        if self.penalty_last_n is not None and (not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 1):
-            bad("penalty_last_n", "must be an int >= 1 or None (None: every token so far)")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad("seed", "must be an int in [0, 2**63) or None")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be > 0 (1 means off)")
 
     @property
     def greedy(self) -> bool:
@@ -61,17 +59,11 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def check_max_new_tokens(n) -> None:
-    """max_new_tokens of every generate call: an int >= 1."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
-
-
 def row_params(n_rows: int, seed: int | None, **settings) -> list[SamplingParams]:
     """One SamplingParams per row: row r draws from seed + r, so rows differ and each is reproducible
-    (seed None: a fresh random base)."""
-    base = secrets.randbits(62) if seed is None else seed
-    return [SamplingParams(seed=(base + r) % 2**63, **settings) for r in range(n_rows)]
+    (seed None: a fresh random base). seed + r must stay below 2**63: it is never wrapped."""
+    base = secrets.randbits(62) if validate.seed(seed, n_rows) is None else seed
+    return [SamplingParams(seed=base + r, **settings) for r in range(n_rows)]
 
 
 class PenaltyCounts:
@@ -102,3 +94,17 @@ class PenaltyCounts:
                 if len(window) == window.maxlen:
                     self.counts[row, window[0]] -= 1
                 window.append(token)  # (a full deque drops its oldest)
+
+
+def check_max_new_tokens(n) -> None:
+    """max_new_tokens of every generate call: an int >= 1."""
+    validate.integer(n, "max_new_tokens", minimum=1)
+
+
+def check_request(n_rows: int, max_new_tokens, stop, seed, settings: dict) -> None:
+    """Checks a generation request's arguments before any work (LLM.generate / stream / chat and
+    LiteLLM.stream): n_rows rows, each drawing from seed + row; settings: the other SamplingParams fields."""
+    check_max_new_tokens(max_new_tokens)
+    validate.stop(stop)
+    validate.seed(seed, n_rows)
+    SamplingParams(**settings)

@@ -1,9 +1,10 @@
 """SpanBias: how attention is biased and masked by the span d = i - j between query i and key j.
 
-See DESIGN.md section 3 for the exact definition every implementation follows.
+docs/ARCHITECTURE.md section 3 gives the exact definition every implementation follows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .window import check_window
+from .window import check_window, checkpoint_window
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +70,12 @@ class SpanBias:
             table = getattr(self, name)
             if table is not None and table.shape[0] != num_heads:
                 raise ValueError(f"SpanBias.{name} has {table.shape[0]} heads, the attention has {num_heads}")
+
+
+def checkpoint_span(span: SpanBias, sliding_window: int | None) -> SpanBias:
+    """span with the checkpoint's sliding window applied (window.checkpoint_window says how)."""
+    window = checkpoint_window(span.window, span.sink_tokens, sliding_window)
+    return span if window == span.window else dataclasses.replace(span, window=window)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ invisible to every later query, unless it is one of the first S (the sinks). Str
 those keys and keeps the memory constant: it wraps a contiguous cache of S + W + slack slots per row
 and, when a row would overflow, moves its newest W - 1 tokens down to sit right after the sinks.
 
-Positions are positions in the cache (DESIGN.md section 3): after the move the survivors are
+Positions are positions in the cache (docs/ARCHITECTURE.md section 3): after the move the survivors are
 re-indexed, so their keys, stored already rotated by RoPE, are re-rotated by the shift. Why re-rotate
 on eviction rather than cache keys unrotated and rotate them at every attention step: a key is moved
 about W / slack times in its life (8 times for W=512, slack=64) instead of being rotated at every one of

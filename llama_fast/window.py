@@ -28,3 +28,17 @@ def streaming_slack(window: int) -> int:
     """Spare cache slots beyond sinks + window: the most tokens one step may add, and how often keys move
     (a full cache keeps its sinks and newest window - 1 tokens)."""
     return max(16, min(256, window // 4))
+
+
+def checkpoint_window(window: int | None, sink_tokens: int, sliding_window: int | None) -> int | None:
+    """The window to attend with, given the one asked for and the checkpoint's own sliding_window (Mistral,
+    Qwen2; None: it attends to everything). The model was trained never to see past its window, so a
+    request without a window gets it, a narrower one is kept and a wider one is refused."""
+    check_window(window, sink_tokens)
+    if sliding_window is None:
+        return window
+    if window is None:
+        return sliding_window
+    if window > sliding_window:
+        raise ValueError(f"SpanBias.window ({window}) is wider than the checkpoint's sliding_window ({sliding_window})")
+    return window

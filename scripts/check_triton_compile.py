@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU-free compile check of every Triton kernel configuration the dispatcher can pick (DESIGN.md section 6).
+"""GPU-free compile check of every Triton kernel configuration the dispatcher can pick (docs/ARCHITECTURE.md section 7).
 
 For each kernel configuration and each target (sm_90 and sm_80) it runs triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32)) down to a cubin, reads ptxas's own report (registers, spill stores and

@@ -132,7 +132,8 @@ def test_cli_generate_chat_answers_an_instruction():
     bare = run([os.path.join(VENV_BIN, "llama-fast"), "generate", prompt, "--max-new-tokens", "8"])
     assert bare.returncode == 0, bare.stderr
     assert bare.stdout.strip() == ""
-    chat = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "--chat", prompt, "--max-new-tokens", "8"])
+    chat = run([os.path.join(VENV_BIN, "llama-fast"), "generate", "--chat", prompt, "--max-new-tokens", "8",
+                "--temperature", "0"])
     assert chat.returncode == 0, chat.stderr
     assert len(chat.stdout.strip().split()) >= 4
 
@@ -160,7 +161,7 @@ def test_cli_bench_runs_and_writes_its_report(tmp_path):
 
 
 def test_cli_chat_keeps_history_and_exits():
-    result = run([os.path.join(VENV_BIN, "llama-fast"), "chat", "--max-new-tokens", "24"],
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "chat", "--max-new-tokens", "24", "--temperature", "0"],
                  input="What is the capital of France?\nAnd of Germany?\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert "The capital of France is Paris." in result.stdout

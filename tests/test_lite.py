@@ -9,7 +9,7 @@ import torch
 
 from llama_fast.lite import LiteLLM, read_safetensors
 from llama_fast.loaders import load_checkpoint
-from llama_fast.paths import CheckpointError, DEFAULT_MODEL
+from llama_fast.paths import SAMPLE_TEXT, CheckpointError, DEFAULT_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = ["I love", "The capital of France is", "def fibonacci(n):"]
@@ -45,7 +45,7 @@ def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
     model computes for its last token; so does every ISA's kernel."""
     from llama_fast._ext import ext
 
-    ids = smollm.tokenizer.encode(open(os.path.join(REPO, "tests", "data", "shakespeare_head.txt")).read())[:70]
+    ids = smollm.tokenizer.encode(open(SAMPLE_TEXT, encoding="utf-8").read())[:70]
     expected = smollm.logits(torch.tensor([ids]))[0, -1]
     features = ext().cpu_features()
     isas = ["scalar"] + ["avx2"] * (features["avx2"] and features["fma"]) + ["avx512"] * (features["avx512f"] and features["avx512bw"])

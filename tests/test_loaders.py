@@ -6,9 +6,11 @@ import shutil
 import pytest
 import torch
 
-from llama_fast import LLM
-from llama_fast.config import UnsupportedModelError
+from llama_fast import LLM, SpanBias
+from llama_fast.config import ModelConfig, UnsupportedModelError
 from llama_fast.loaders import CheckpointError, load_checkpoint, resolve_model_path
+from llama_fast.paths import SAMPLE_TEXT
+from llama_fast.window import checkpoint_window
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -117,8 +119,7 @@ def spm_model_file(tmp_path_factory):
     import sentencepiece as spm
 
     folder = tmp_path_factory.mktemp("spm")
-    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare_head.txt")
-    shutil.copy(corpus, folder / "corpus.txt")
+    shutil.copy(SAMPLE_TEXT, folder / "corpus.txt")
     spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
                                    minloglevel=2)
@@ -297,3 +298,100 @@ def test_gguf_with_unknown_pre_tokenizer_caches_nothing(tmp_path, monkeypatch):
     with pytest.raises(TokenizerError, match="m.gguf: unknown tokenizer.ggml.pre 'no-such-pre'"):
         load_checkpoint(path, progress=False)
     assert not cache.exists() or not any(cache.rglob("*"))
+
+
+def tiny_mistral(sliding_window, seed=3):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**TINY, sliding_window=sliding_window)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("sliding_window", [1, 3, 8])
+def test_mistral_sliding_window_matches_transformers(tmp_path, smollm_tokenizer_dir, sliding_window):
+    """A Mistral checkpoint's sliding_window is the model's window: logits as transformers' MistralForCausalLM
+    (fp32) on a prompt longer than the window, and different from attending to everything."""
+    model = tiny_mistral(sliding_window)
+    save_hf(model, tmp_path, smollm_tokenizer_dir)
+    assert json.loads((tmp_path / "config.json").read_text())["sliding_window"] == sliding_window
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert llm.model.span.window == sliding_window
+    expected = hf_logits(model, IDS)
+    assert (llm.logits(IDS) - expected).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="sliding_window"):  # wider than the checkpoint's window: refused
+        llm.with_span(SpanBias(window=sliding_window + 1))
+    assert llm.with_span(SpanBias()).model.span.window == sliding_window
+    assert llm.with_span(SpanBias(window=1)).model.span.window == 1
+    # Decoding token by token (the C++ step over the cache; past sinks + window + slack tokens a
+    # StreamingKVCache that evicts and re-indexes keys) gives transformers' greedy tokens, each from a full
+    # forward pass over the sequence so far (its generate() with a window of 1 disagrees with its own forward).
+    ids = IDS[0].tolist()[:6]
+    expected = list(ids)
+    with torch.no_grad():
+        for _ in range(24):
+            expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
+    assert llm.generate(ids, max_new_tokens=24).token_ids == expected[6:]
+
+
+def test_mistral_without_sliding_window_is_dense(tmp_path, smollm_tokenizer_dir):
+    model = tiny_mistral(None)
+    save_hf(model, tmp_path, smollm_tokenizer_dir)
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert llm.model.span.window is None
+    assert (llm.logits(IDS) - hf_logits(model, IDS)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("keys, window", [
+    ({"sliding_window": 64}, 64),
+    ({"sliding_window": 64, "use_sliding_window": False}, None),  # Qwen2: the window is off
+    ({"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 0}, 64),  # every layer slides
+    ({"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 2}, None),  # no layer slides
+    ({"sliding_window": None}, None),
+    ({"sliding_window": 64, "layer_types": ["sliding_attention", "sliding_attention"]}, 64),
+])
+def test_config_sliding_window_rules(keys, window):
+    assert ModelConfig.from_hf({**TINY, **keys}).sliding_window == window
+
+
+@pytest.mark.parametrize("keys, name", [
+    ({"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, "some layers"),
+    ({"sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]}, "some layers"),
+    ({"sliding_window": 0}, "sliding_window"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"attention_bias": True}, "biases"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_config_keys_that_change_the_math_are_refused(keys, name):
+    with pytest.raises(UnsupportedModelError, match=name):
+        ModelConfig.from_hf({**TINY, **keys})
+
+
+def test_empty_hf_config_names_the_missing_keys(tmp_path, smollm_tokenizer_dir):
+    save_hf(tiny_hf_model(), tmp_path, smollm_tokenizer_dir)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="lacks 'hidden_size'") as info:
+        load_checkpoint(str(tmp_path), progress=False)
+    assert "\n" not in str(info.value)
+    partial = {k: v for k, v in TINY.items() if k != "num_attention_heads"}
+    (tmp_path / "config.json").write_text(json.dumps(partial))
+    with pytest.raises(CheckpointError, match="lacks 'num_attention_heads'"):
+        load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_gguf_sliding_window_and_the_window_rule():
+    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
+            "llama.attention.head_count": 4, "llama.feed_forward_length": 160, "llama.vocab_size": 300}
+    assert ModelConfig.from_gguf(meta).sliding_window is None
+    assert ModelConfig.from_gguf({**meta, "llama.attention.sliding_window": 32}).sliding_window == 32
+    # The one rule LLM (span.checkpoint_span) and the torch-free LiteLLM share.
+    assert checkpoint_window(None, 0, 32) == 32 and checkpoint_window(16, 4, 32) == 16
+    assert checkpoint_window(None, 0, None) is None and checkpoint_window(64, 0, None) == 64
+    with pytest.raises(ValueError, match="sliding_window"):
+        checkpoint_window(33, 0, 32)

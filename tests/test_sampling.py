@@ -1,4 +1,4 @@
-"""The C++ sampler (llama_fast._C.sample through ops.sample) against the reference (DESIGN.md section 3b).
+"""The C++ sampler (llama_fast._C.sample through ops.sample) against the reference (docs/ARCHITECTURE.md section 3b).
 
 Exact: greedy and top_k=1 are argmax (ties to the lowest id), penalties equal reference.apply_penalties
 bit for bit, a row's token does not depend on the rest of the batch, the same (seed, step) gives the same

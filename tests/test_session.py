@@ -204,9 +204,9 @@ def test_weight_map_is_checked():
 # ---- LLM on the session: the embedded model ----
 
 def shakespeare_prompts(llm, lengths):
-    import os
+    from llama_fast.paths import SAMPLE_TEXT
 
-    text = open(os.path.join(os.path.dirname(__file__), "data", "shakespeare_head.txt"), encoding="utf-8").read()
+    text = open(SAMPLE_TEXT, encoding="utf-8").read()
     ids = llm.tokenizer.encode(text)
     return [ids[100 * i:100 * i + n] for i, n in enumerate(lengths)]
 

@@ -1,5 +1,4 @@
 """Streaming past the window with attention sinks, and perplexity through the streaming cache."""
-import os
 
 import pytest
 import torch
@@ -8,11 +7,12 @@ from llama_fast import LLM, SamplingParams, SpanBias
 from llama_fast.streaming import StreamingKVCache, rotate_keys_back
 from llama_fast.reference import apply_rope, rope_cos_sin_cache
 from llama_fast.sampling import row_params
+from llama_fast.paths import SAMPLE_TEXT
+
 
 @pytest.fixture(scope="module")
 def shakespeare():
-    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shakespeare_head.txt")
-    with open(fixture, encoding="utf-8") as f:
+    with open(SAMPLE_TEXT, encoding="utf-8") as f:
         return f.read()
 
 

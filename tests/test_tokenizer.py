@@ -17,7 +17,7 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from llama_fast.tokenizer import BPE_PRE_TOKENIZERS, StreamDecoder, Tokenizer, TokenizerError
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).parent / "data" / "tinyshakespeare_100k.txt"  # tests/data/README.md
 
 TEXTS = [
     "I love",
