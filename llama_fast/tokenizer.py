@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 import tokenizers
 from tokenizers import AddedToken, decoders, pre_tokenizers
 
+from . import validate
+
 # GGUF token types; SentencePiece uses the same numbers for its piece types.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -269,21 +271,6 @@ def _token_str(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _check_messages(messages) -> None:
-    """Chat messages must be a list of dicts, each with a str "role" and a str "content"."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
-        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
-                        f"got {type(messages).__name__}")
-    for n, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise TypeError(f"messages[{n}] must be a dict with 'role' and 'content', got {type(message).__name__}")
-        for field in ("role", "content"):
-            if field not in message:
-                raise ValueError(f"messages[{n}] has no {field!r}")
-            if not isinstance(message[field], str):
-                raise TypeError(f"messages[{n}][{field!r}] must be a str, got {type(message[field]).__name__}")
-
-
 def _chat_pieces(text: str, messages: list[dict], render) -> list[tuple[str, bool]]:
     """The rendered chat ``text`` cut into (piece, is template markup): message contents are found by
     rendering again with a unique placeholder as each content, which shows the markup around them. A
@@ -384,7 +371,7 @@ class Tokenizer:
         such as "<|im_end|>" inside a message never becomes a control token and a user cannot forge a turn;
         ``allow_special_in_content=True`` parses control tokens in content too. BOS is prepended as
         ``encode`` does (when the checkpoint adds one and the template did not write it)."""
-        _check_messages(messages)
+        validate.messages(messages)
         if not self.chat_template:
             raise TokenizerError("this checkpoint has no chat template; encode a plain prompt instead")
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # (lazily: 40 ms of every cold start)

@@ -26,7 +26,7 @@ def test_generate_returns_completions(smollm):
     nested = smollm.generate(["I love", "Hello"], max_new_tokens=3, num_return_sequences=2, temperature=0.8, seed=1)
     assert [len(group) for group in nested] == [2, 2]
     for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        with pytest.raises(ValueError, match="max_new_tokens must be"):
             smollm.generate("I love", max_new_tokens=bad)
 
 

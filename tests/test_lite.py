@@ -147,8 +147,8 @@ def test_session_refuses_bad_tensors(lite):
         ({**tensors, "norm.weight": (tensors["norm.weight"][0], "F16", tensors["norm.weight"][2])}, "F16"),
         ({**tensors, "norm.weight": (tensors["norm.weight"][0][:8], "F32", tensors["norm.weight"][2])}, "bytes"),
         ({**tensors, "layers.0.attention.wq.weight": tensors["layers.0.attention.wk.weight"]}, "must have shape"),
-        ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0], "BF16",
-                                                         [576, 768])}, "is BF16, the embedding is F32"),
+        ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0][:576 * 1536 * 2],
+                                                         "BF16", [576, 1536])}, "is BF16, the embedding is F32"),
         ({**tensors, "norm.weight": ("not a buffer", "F32", [576])}, "must be an address or a buffer"),
     ]
     for bad, message in cases:
@@ -174,7 +174,7 @@ def test_session_and_sampler_refuse_bad_calls(lite):
         session.step([seq], [2], [1, 49152])
     with pytest.raises(ValueError, match="outside"):
         session.step([seq], [1], [-1])
-    with pytest.raises(ValueError, match="counts 2 tokens, got 3"):
+    with pytest.raises(ValueError, match="count 2 tokens, got 3"):
         session.step([seq], [2], [1, 2, 3])
     assert session.length(seq) == 0  # nothing of a refused call was run
     logits = feed(session, seq, [1, 2, 3, 4, 5]).numpy()

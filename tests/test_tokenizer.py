@@ -428,13 +428,13 @@ def test_chat_ids_match_text_encoding_without_specials(smollm, hf_smollm, gguf_m
 
 
 @pytest.mark.parametrize("messages, error, match", [
-    ([{"content": "hi"}], ValueError, r"messages\[0\] has no 'role'"),
-    ([{"role": "user"}], ValueError, r"messages\[0\] has no 'content'"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": ["hi"]}], TypeError,
+    ([{"content": "hi"}], ValueError, r"messages\[0\]\['role'\] must be a str, got NoneType"),
+    ([{"role": "user"}], ValueError, r"messages\[0\]\['content'\] must be a str, got NoneType"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": ["hi"]}], ValueError,
      r"messages\[1\]\['content'\] must be a str, got list"),
-    ([{"role": 1, "content": "hi"}], TypeError, r"messages\[0\]\['role'\] must be a str, got int"),
-    (["hi"], TypeError, r"messages\[0\] must be a dict"),
-    ("hi", TypeError, "messages must be a list"),
+    ([{"role": 1, "content": "hi"}], ValueError, r"messages\[0\]\['role'\] must be a str, got int"),
+    (["hi"], ValueError, r"messages\[0\] must be a dict"),
+    ("hi", ValueError, "messages must be a non-empty list"),
 ])
 def test_chat_messages_validated(smollm, messages, error, match):
     for tokenize in (False, True):
