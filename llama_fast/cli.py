@@ -71,7 +71,7 @@ def _load(args, fast_start: bool = False):
         lite = LiteLLM.open(args.model, args.dtype, window=args.window, sink_tokens=args.sinks)
         if lite is not None:
             return lite
-    from .engine import LLM
+    from .llm import LLM
     from .span import SpanBias
 
     span = SpanBias(window=args.window, sink_tokens=args.sinks) if args.window or args.sinks else None

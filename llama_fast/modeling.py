@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from .engine import LLM
+from .llm import LLM
 from .loaders import load_checkpoint
 from .tokenizer import Tokenizer
 
