@@ -1,5 +1,5 @@
 """Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py), the session's
-drivers (engine.py, lite.py) and the StreamingKVCache of the model's forward (streaming.py). Torch-free."""
+drivers (llm.py, lite.py) and the StreamingKVCache of the model's forward (streaming.py). Torch-free."""
 from __future__ import annotations
 
 

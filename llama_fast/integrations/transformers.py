@@ -212,7 +212,7 @@ def _llm_for(model):
     """The LLM generate() runs `model` on, built once per model (it shares the model's weights)."""
     llm = model.__dict__.get("_llama_fast_llm")
     if llm is None:
-        from ..engine import LLM
+        from ..llm import LLM
 
         llm = LLM.from_transformers(model)
         model.__dict__["_llama_fast_llm"] = llm
