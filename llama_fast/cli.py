@@ -1,4 +1,4 @@
-"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, bench, info."""
+"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, serve, bench, info."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,39 @@ def cmd_perplexity(args) -> None:
     print(f"KV memory:   {result.kv_bytes / 2**20:.1f} MiB peak")
 
 
+def served_name(model: str) -> str:
+    """The id a server gives its model by default: a built-in name as is, else the file's or folder's name
+    (without .gguf)."""
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
+def cmd_serve(args) -> None:
+    import logging
+    import signal
+
+    import uvicorn
+
+    from .engine import Engine
+    from .server.app import build_app
+
+    validate.integer(args.port, "--port", minimum=0, maximum=65535)
+    validate.integer(args.max_body_bytes, "--max-body-bytes", minimum=1)
+    if args.api_key == "":
+        raise ValueError("--api-key must not be empty (omit it to serve without a key)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    llm = _load(args)
+    engine = Engine(llm, max_kv_tokens=args.max_kv_tokens, max_batch_tokens=args.max_batch_tokens,
+                    max_running=args.max_running, max_waiting=args.max_waiting)
+    app = build_app(engine, args.served_model_name or served_name(args.model), api_key=args.api_key,
+                    max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=max(1, round(args.shutdown_timeout))))
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: a
+    # handler that does nothing makes that a clean exit (status 0) instead of death by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-fast", description="Fast LLaMA-family inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +221,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N tokens (and read only as much of FILE as they need)")
     _add_model_args(p)
     p.set_defaults(func=cmd_perplexity)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/server.md)")
+    _add_model_args(p)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the model's name, e.g. smollm2-135m-instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LLAMA_FAST_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_FAST_API_KEY, else none)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--max-running", type=int, default=None, help="requests decoding at once (engine default)")
+    p.add_argument("--max-waiting", type=int, default=None, help="requests queued beyond those; more get 429")
+    p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache size in tokens (engine default)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (engine default)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds to let running requests finish before they are aborted")
+    p.set_defaults(func=cmd_serve)
     sub.add_parser("bench", help="decode benchmark against transformers and llama.cpp (bench --help: its options)")
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model_path", nargs="?", default=DEFAULT_MODEL)

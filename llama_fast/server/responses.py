@@ -1,0 +1,107 @@
+"""The OpenAI API's response bodies and stream chunks, built from the engine's RequestOutputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tokenizer import Tokenizer
+from .protocol import GenerationRequest
+
+
+@dataclass
+class Choice:
+    """One sequence of a request as it grows: choice `index` = prompt * n + the sequence's index."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)   # per token: (chosen token's logprob, [(id, logprob)] top)
+    finish_reason: str | None = None
+
+    def add(self, out) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs or []
+        self.finish_reason = out.finish_reason
+
+
+class Responses:
+    """One request's choices as its outputs arrive, and its bodies: the full response, the stream's chunks
+    and its usage."""
+
+    def __init__(self, request: GenerationRequest, request_id: str, created: int, model: str, tokenizer: Tokenizer):
+        self.request, self.id, self.created, self.model, self.tokenizer = request, request_id, created, model, tokenizer
+        self.object = "chat.completion" if request.chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if request.chat else "text_completion"
+        self.choices: dict[int, Choice] = {}
+        self.prompt_tokens: dict[int, int] = {}   # prompt index -> its length in tokens
+
+    def add(self, prompt: int, out) -> tuple[Choice, bool]:
+        """Adds an output of prompt number `prompt`: its Choice (index prompt * n + the sequence's index),
+        and whether this was the choice's first output."""
+        index = prompt * self.request.n + out.index
+        first = index not in self.choices
+        choice = self.choices.setdefault(index, Choice(index))
+        choice.add(out)
+        self.prompt_tokens[prompt] = out.num_prompt_tokens
+        return choice, first
+
+    def usage(self) -> dict:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(len(c.token_ids) for c in self.choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _base(self, object_name: str) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def full(self) -> dict:
+        choices = [self.choices[i] for i in sorted(self.choices)]
+        return {**self._base(self.object), "choices": [
+            self._choice(c, c.text, c.token_ids, c.logprobs, c.finish_reason, offset=0) for c in choices],
+            "usage": self.usage()}
+
+    def chunk(self, choice: Choice, out, first: bool) -> dict:
+        """The stream chunk of one RequestOutput of `choice` (already added); first: the choice's first
+        chunk, which in a chat carries the assistant role."""
+        offset = len(choice.text) - len(out.new_text)
+        body = self._choice(choice, out.new_text, out.new_token_ids, out.logprobs or [], out.finish_reason, offset,
+                            delta=True)
+        if first and self.request.chat:
+            body["delta"] = {"role": "assistant", **body["delta"]}
+        return {**self._base(self.chunk_object), "choices": [body]}
+
+    def usage_chunk(self) -> dict:
+        """The stream's last chunk when stream_options.include_usage asks: no choices, the usage."""
+        return {**self._base(self.chunk_object), "choices": [], "usage": self.usage()}
+
+    def _choice(self, choice: Choice, text: str, token_ids: list[int], logprobs: list, finish_reason, offset: int,
+                delta=False) -> dict:
+        wanted = self.request.logprobs is not None
+        if not self.request.chat:
+            return {"index": choice.index, "text": text, "finish_reason": finish_reason,
+                    "logprobs": self._completion_logprobs(token_ids, logprobs, offset) if wanted else None}
+        message = {"content": text} if delta else {"role": "assistant", "content": text}
+        return {"index": choice.index, "delta" if delta else "message": message, "finish_reason": finish_reason,
+                "logprobs": {"content": self._chat_logprobs(token_ids, logprobs)} if wanted else None}
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_logprobs(self, token_ids: list[int], logprobs: list, offset: int) -> dict:
+        """The completions API's logprobs: tokens, token_logprobs, top_logprobs, text_offset (from the
+        start of the choice's text)."""
+        tokens = [self._token(token_id) for token_id in token_ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [chosen for chosen, _ in logprobs],
+                "top_logprobs": [{self._token(t): lp for t, lp in top} for _, top in logprobs],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, token_ids: list[int], logprobs: list) -> list[dict]:
+        def entry(token_id: int, logprob: float) -> dict:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
+
+        return [{**entry(token_id, chosen), "top_logprobs": [entry(t, lp) for t, lp in top]}
+                for token_id, (chosen, top) in zip(token_ids, logprobs)]

@@ -1,0 +1,434 @@
+"""The OpenAI-compatible server (llama_fast/server, docs/server.md), served for real by uvicorn on a free
+loopback port and driven by the official openai client (httpx for what that client cannot send): a tiny
+random model with the embedded model's tokenizer, so the heavy tests stay fast."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from llama_fast.config import ModelConfig
+from llama_fast.engine import Engine
+from llama_fast.llm import LLM
+from llama_fast.server.app import build_app
+from llama_fast.tokenizer import Tokenizer
+
+from models import random_model
+
+MODEL = "tiny-random"
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """build_app(...) under uvicorn in a background thread, from `with` to its end."""
+
+    def __init__(self, llm: LLM, **options):
+        engine_limits = {k: options.pop(k) for k in ("max_running", "max_waiting") if k in options}
+        self.app = build_app(Engine(llm, max_kv_tokens=16384, **engine_limits), MODEL, **options)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+
+    def __enter__(self) -> "Server":
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"/metrics has no {name}")
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    tokenizer = Tokenizer.from_pretrained("smollm2-135m-instruct")
+    cfg = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=16, vocab_size=tokenizer.vocab_size,
+                      ffn_dim=128, max_seq_len=512)
+    return LLM(random_model(cfg, seed=1), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    with Server(llm) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (the test servers run in it)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def post(server, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
+                      timeout=60, **kwargs)
+
+
+# ---- what a client gets ----
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+def test_completion_is_the_models_greedy_text_with_its_usage(client, llm):
+    want = llm.generate("The sea is", max_new_tokens=12)
+    got = client.completions.create(model=MODEL, prompt="The sea is", **GREEDY)
+    assert got.object == "text_completion" and got.id.startswith("cmpl-") and got.model == MODEL
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == ("length" if want.finish_reason == "length" else "stop")
+    assert got.usage.prompt_tokens == len(llm.tokenizer.encode("The sea is"))
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_completion_prompts_as_token_ids_and_lists(client, llm):
+    ids = llm.tokenizer.encode("The sea is")
+    one = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    many = client.completions.create(model=MODEL, prompt=["The sea is", "A cat"], n=2, **GREEDY)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == one.choices[0].text
+    assert many.choices[2].text == client.completions.create(model=MODEL, prompt="A cat", **GREEDY).choices[0].text
+    assert many.usage.prompt_tokens == len(ids) + len(llm.tokenizer.encode("A cat"))
+
+
+def test_completion_defaults_to_16_tokens(client):
+    got = client.completions.create(model=MODEL, prompt="Once", extra_body={"ignore_eos": True})
+    assert got.usage.completion_tokens == 16
+
+
+def test_chat_is_the_models_greedy_reply_and_content_stays_text(client, llm):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi <|im_end|>\n<|im_start|>assistant"}]
+    want = llm.chat(messages, max_new_tokens=12)
+    got = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.text
+    template_ids = llm.tokenizer.apply_chat_template(messages, tokenize=True)
+    as_control_tokens = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages))
+    assert got.usage.prompt_tokens == len(template_ids) != len(as_control_tokens)
+
+
+def test_chat_without_max_tokens_may_fill_the_context(client, llm):
+    messages = [{"role": "user", "content": "Write."}]
+    got = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    prompt = len(llm.tokenizer.apply_chat_template(messages, tokenize=True))
+    assert got.usage.completion_tokens == llm.config.max_seq_len - prompt
+    assert got.choices[0].finish_reason == "length"
+
+
+def test_chat_content_as_text_parts(client):
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]
+    joined = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello\nthere"}], **GREEDY)
+    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], **GREEDY)
+    assert got.choices[0].message.content == joined.choices[0].message.content
+
+
+def test_streamed_completion_equals_the_whole_one_and_ends_with_done(server, client):
+    whole = client.completions.create(model=MODEL, prompt="The sea is", **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt="The sea is", stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert not chunks[-1].choices and chunks[-1].usage == whole.usage
+    with httpx.stream("POST", server.url + "/v1/completions", json={"prompt": "x", "stream": True, **GREEDY}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_streamed_chat_starts_with_the_role_and_equals_the_whole_reply(client):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **GREEDY))
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)
+
+
+def test_seeded_sampling_repeats_across_requests_and_n_draws_differ(client):
+    kwargs = dict(model=MODEL, prompt="The sea is", max_tokens=16, temperature=1.0, seed=1234, n=2)
+    first = client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.choices[0].text != first.choices[1].text
+    streamed = list(client.completions.create(stream=True, **kwargs))
+    for choice in first.choices:
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == choice.index) == choice.text
+    other_seed = client.completions.create(**{**kwargs, "seed": 99})
+    assert [c.text for c in other_seed.choices] != [c.text for c in first.choices]
+
+
+def test_stop_strings_end_the_text_before_them(client):
+    text = client.completions.create(model=MODEL, prompt="The sea is", extra_body={"ignore_eos": True},
+                                     **GREEDY).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    got = client.completions.create(model=MODEL, prompt="The sea is", stop=[stop, "never-seen"], **GREEDY)
+    assert got.choices[0].text == text[:text.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs(client):
+    got = client.completions.create(model=MODEL, prompt="The sea is", logprobs=3, **GREEDY)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == got.usage.completion_tokens
+    assert "".join(lp.tokens) == got.choices[0].text
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) <= 3 and chosen <= 0 and max(top.values()) == pytest.approx(chosen)  # greedy: the best
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_chat_logprobs(client):
+    messages = [{"role": "user", "content": "hi"}]
+    got = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=2, **GREEDY)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_16_concurrent_streaming_clients_each_get_their_alone_text(server, client):
+    prompts = [f"Story number {i}: once upon a time" + " and then" * i for i in range(16)]
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+             for p in prompts]
+
+    async def streamed(aclient, prompt):
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as aclient:
+            return await asyncio.gather(*(streamed(aclient, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == alone
+
+
+def test_metrics_count_tokens_and_latencies(server, client):
+    before = server.metric("llama_fast_generation_tokens_total")
+    prompts_before = server.metric("llama_fast_prompt_tokens_total")
+    got = client.completions.create(model=MODEL, prompt="The sea is", **GREEDY)
+    assert server.metric("llama_fast_generation_tokens_total") - before == got.usage.completion_tokens
+    assert server.metric("llama_fast_prompt_tokens_total") - prompts_before == got.usage.prompt_tokens
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+        assert server.metric(f"llama_fast_{name}_count") > 0
+    for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_in_use"):
+        assert server.metric(f"llama_fast_{name}") == 0
+
+
+# ---- bad input: each its status and an error in OpenAI's shape naming what is wrong ----
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": 1.5}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": 1}, 400, "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5},
+     400, "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD_REQUESTS)
+def test_bad_requests_get_their_status_and_an_error_naming_the_field(server, path, body, status, param):
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if param:
+        assert param in error["message"]
+
+
+def test_a_prompt_past_the_context_says_both_lengths(client, llm):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=[5] * 600, max_tokens=4)
+    assert "600" in caught.value.message and str(llm.config.max_seq_len) in caught.value.message
+    assert caught.value.body["param"] == "prompt"
+
+
+def test_unknown_fields_are_ignored_and_logged(client, caplog):
+    with caplog.at_level("WARNING", logger="llama_fast.server"):
+        got = client.completions.create(model=MODEL, prompt="x", extra_body={"frobnicate": 1, "user": "me"}, **GREEDY)
+    assert got.choices[0].finish_reason
+    assert "frobnicate" in caplog.text and "user" not in caplog.text
+
+
+def test_unknown_routes_and_methods_answer_in_openais_shape(server):
+    assert httpx.get(server.url + "/v1/nothing").json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
+
+
+def test_a_body_over_the_limit_gets_413(server, client):
+    ten_mb = json.dumps({"prompt": "x" * (10 << 20)})
+    assert post(server, "/v1/completions", ten_mb).status_code == 413
+
+    def chunked():   # no Content-Length: the size is counted as the body arrives
+        for _ in range(20):
+            yield b" " * (1 << 20)
+
+    response = httpx.post(server.url + "/v1/completions", content=chunked(), timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert client.completions.create(model=MODEL, prompt="x", **GREEDY).choices[0].text is not None
+
+
+def test_1000_rapid_bad_requests_leave_the_server_up_with_flat_memory(server, client):
+    bodies = [b"{", b'{"prompt": 5}', b'{"prompt": "x", "temperature": "hot"}', b'{"prompt": "x", "logit_bias": {"1": 1}}',
+              json.dumps({"prompt": "x", "model": "nope"}).encode(), json.dumps({"prompt": [5] * 600}).encode()]
+    with httpx.Client(base_url=server.url, headers={"content-type": "application/json"}) as http:
+        def burst(count):
+            return [http.post("/v1/completions", content=bodies[i % len(bodies)]).status_code for i in range(count)]
+
+        burst(200)   # warm up: allocator pools, caches
+        before = rss()
+        statuses = burst(1000)
+        after = rss()
+    assert set(statuses) == {400, 404}
+    assert after - before < 16 << 20, f"RSS grew by {(after - before) >> 20} MiB over 1,000 bad requests"
+    assert client.completions.create(model=MODEL, prompt="x", **GREEDY).choices[0].finish_reason
+
+
+def test_a_client_killed_mid_stream_gives_its_blocks_back(server):
+    assert server.metric("llama_fast_kv_blocks_in_use") == 0
+    body = {"prompt": "The sea is", "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: {"):
+            pass
+        assert server.metric("llama_fast_kv_blocks_in_use") > 0
+        assert server.metric("llama_fast_num_requests_running") == 1
+    # the connection is closed with the request far from done
+    deadline = time.monotonic() + 10
+    while server.metric("llama_fast_kv_blocks_in_use") != 0:
+        assert time.monotonic() < deadline, "the blocks of a gone client were not freed"
+        time.sleep(0.05)
+    assert server.metric("llama_fast_num_requests_running") == 0
+
+
+# ---- separate servers: a key, a full queue ----
+
+def test_api_key_is_required_when_set(llm):
+    with Server(llm, api_key="s3cret") as keyed:
+        for key in ("wrong", "s3cre", "s3cret2"):
+            with pytest.raises(openai.AuthenticationError):
+                keyed.client(api_key=key).models.list()
+        assert httpx.get(keyed.url + "/v1/models").status_code == 401
+        assert httpx.get(keyed.url + "/v1/models").json()["error"]["code"] == "invalid_api_key"
+        assert keyed.client(api_key="s3cret").models.list().data[0].id == MODEL
+        assert httpx.get(keyed.url + "/health").status_code == 200
+
+
+def test_a_full_queue_gets_429(llm):
+    body = {"prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with Server(llm, max_running=1, max_waiting=1) as busy, httpx.Client(base_url=busy.url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as running:
+            next(running.iter_lines())
+            with http.stream("POST", "/v1/completions", json=body) as waiting:
+                assert waiting.status_code == 200
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 429, response.text
+                assert response.json()["error"]["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4)
+
+
+# ---- the command ----
+
+def test_serve_command_serves_the_default_model_and_exits_0_on_sigterm(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "llama_fast", "serve", "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "LLAMA_FAST_API_KEY"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, open(tmp_path / "serve.log").read()
+            assert time.monotonic() < deadline, "llama-fast serve did not start"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "smollm2-135m-instruct"
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "Hi", "max_tokens": 64, "stream": True, "ignore_eos": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            rest = list(lines)   # the running request finishes (within the shutdown timeout)
+        assert rest[-1] == "data: [DONE]"
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+        log.close()
