@@ -93,10 +93,10 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def post(server, path: str, body, **kwargs) -> httpx.Response:
+def post(server, path: str, body, timeout=60) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
-                      timeout=60, **kwargs)
+                      timeout=timeout)
 
 
 # ---- what a client gets ----
@@ -273,6 +273,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 129}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
@@ -358,9 +359,21 @@ def test_1000_rapid_bad_requests_leave_the_server_up_with_flat_memory(server, cl
     assert client.completions.create(model=MODEL, prompt="x", **GREEDY).choices[0].finish_reason
 
 
+def wait_for_blocks_back(server, generated_before: float, max_tokens: int) -> None:
+    """Waits for the KV blocks in use to return to 0, then checks the request was cut short: fewer than its
+    max_tokens tokens generated (a request left running would have made them all)."""
+    deadline = time.monotonic() + 10
+    while server.metric("llama_fast_kv_blocks_in_use") != 0:
+        assert time.monotonic() < deadline, "the blocks of a gone client were not freed"
+        time.sleep(0.05)
+    assert server.metric("llama_fast_num_requests_running") == 0
+    assert server.metric("llama_fast_generation_tokens_total") - generated_before < max_tokens
+
+
 def test_a_client_killed_mid_stream_gives_its_blocks_back(server):
     assert server.metric("llama_fast_kv_blocks_in_use") == 0
-    body = {"prompt": "The sea is", "max_tokens": 400, "stream": True, "ignore_eos": True, "temperature": 0}
+    generated = server.metric("llama_fast_generation_tokens_total")
+    body = {"prompt": "The sea is", "max_tokens": 480, "stream": True, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         while not next(lines).startswith("data: {"):
@@ -368,11 +381,15 @@ def test_a_client_killed_mid_stream_gives_its_blocks_back(server):
         assert server.metric("llama_fast_kv_blocks_in_use") > 0
         assert server.metric("llama_fast_num_requests_running") == 1
     # the connection is closed with the request far from done
-    deadline = time.monotonic() + 10
-    while server.metric("llama_fast_kv_blocks_in_use") != 0:
-        assert time.monotonic() < deadline, "the blocks of a gone client were not freed"
-        time.sleep(0.05)
-    assert server.metric("llama_fast_num_requests_running") == 0
+    wait_for_blocks_back(server, generated, 480)
+
+
+def test_a_client_that_stops_waiting_for_a_whole_response_gives_its_blocks_back(server):
+    generated = server.metric("llama_fast_generation_tokens_total")
+    body = {"prompt": "The sea is", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", body, timeout=httpx.Timeout(60, read=0.2))
+    wait_for_blocks_back(server, generated, 480)
 
 
 # ---- separate servers: a key, a full queue ----

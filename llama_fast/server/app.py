@@ -233,13 +233,18 @@ async def cancelled_on_disconnect(request: Request, work):
     notices a gone client only while it streams a response, not while a handler computes one."""
     task = asyncio.ensure_future(work)
 
-    async def watch():
+    async def watch() -> bool:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         task.cancel()
+        return True
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if watcher.done():   # the client left: nobody reads this answer (nginx's "client closed request")
+            return Response(status_code=499)
+        raise
     finally:
         watcher.cancel()

@@ -16,8 +16,10 @@ from ..sampling import SamplingParams
 
 log = logging.getLogger("llama_fast.server")
 
-# OpenAI caps top_logprobs at 20; the same bound holds for the completions API's logprobs here.
+# OpenAI's bounds: top_logprobs <= 20 (here the completions API's logprobs too), n <= 128 (a request's
+# choices are forked sequences, each taking KV blocks and a slot of the batch).
 MAX_LOGPROBS = 20
+MAX_N = 128
 
 # Fields that change the result and are not implemented: each is refused unless it holds its no-op value.
 UNIMPLEMENTED = {
@@ -101,7 +103,7 @@ def parse_chat(body: Any, render_chat: Callable[[list[dict]], list[int]]) -> Gen
 
 
 def _request(fields: "_Fields", *, chat, prompts, logprobs, max_tokens) -> GenerationRequest:
-    n = fields.get("n", lambda v, a: validate.integer(v, a, minimum=1), default=1)
+    n = fields.get("n", lambda v, a: validate.integer(v, a, minimum=1, maximum=MAX_N), default=1)
     stop = fields.get("stop", _stop, default=[])
     stream = fields.get("stream", _boolean, default=False)
     options = fields.get("stream_options", _stream_options)
