@@ -67,7 +67,10 @@ class Responses:
                             delta=True)
         if first and self.request.chat:
             body["delta"] = {"role": "assistant", **body["delta"]}
-        return {**self._base(self.chunk_object), "choices": [body]}
+        chunk = {**self._base(self.chunk_object), "choices": [body]}
+        if self.request.include_usage:   # OpenAI: then every chunk has a usage field, null but in the last
+            chunk["usage"] = None
+        return chunk
 
     def usage_chunk(self) -> dict:
         """The stream's last chunk when stream_options.include_usage asks: no choices, the usage."""
