@@ -6,6 +6,9 @@
 //     names of llama_fast.model.Transformer's state dict) and checked here;
 //   - the paged KV cache: one pool of blocks per layer, every sequence a table of blocks, fork with
 //     copy-on-write of a shared partial block, and eviction of blocks a window made invisible for good;
+//   - with prefix caching, an index of full blocks by content (a hash chain over the tokens, as vLLM's
+//     automatic prefix caching): a new sequence starts from the cached blocks of its longest cached
+//     prefix, and blocks nobody holds stay cached until the pool needs them (least recently used first);
 //   - each sequence's length, and the RoPE rows of its positions;
 // and step() runs one pass over the weights for a batch of entries, each some new tokens of one sequence
 // (one token of a decoding sequence, or a chunk of a prompt), and writes the logits of each entry's last
@@ -28,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -116,6 +120,7 @@ struct CacheParams {
   int64_t num_blocks = 0;
   int block_size = 16;
   DType kv_dtype = DType::F32;
+  bool prefix_caching = false;  // keep full blocks findable by content after their last holder frees them
 };
 
 // One entry of a step: `count` new tokens of sequence `seq` (tokens[offset, offset + count) of the step).
@@ -153,6 +158,7 @@ class Session {
       v_.push_back(pools_.get() + (2 * l + 1) * pool_bytes);
     }
     refcount_.assign(cache.num_blocks, 0);
+    if (cache.prefix_caching) cached_.resize(cache.num_blocks);
     for (int64_t b = cache.num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
   }
 
@@ -180,9 +186,37 @@ class Session {
   void free(int64_t id) {
     std::lock_guard<std::mutex> lock(mutex_);
     Seq& s = get(id, "free");
-    for (int32_t b : s.table)
-      if (b >= 0) release(b);
+    // Last block first: of one sequence's cached blocks, the tail is evicted before the prefix it extends.
+    for (auto it = s.table.rbegin(); it != s.table.rend(); ++it)
+      if (*it >= 0) release(*it);
     seqs_.erase(id);
+  }
+
+  // Starts the empty sequence `id` from the cached blocks of the longest cached prefix of tokens[0, n), in
+  // whole blocks and leaving at least one token to compute (its logits are what the caller wants). Returns
+  // the tokens it now holds (0 without prefix caching). A block matches only if its tokens and those of
+  // every block before it are equal: a hash chain, each entry checked against the tokens it stores.
+  int64_t match_prefix(int64_t id, const int64_t* tokens, int64_t n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Seq& s = get(id, "match_prefix");
+    SESSION_CHECK(s.length == 0, "Session.match_prefix: sequence ", id, " already holds ", s.length, " tokens");
+    if (!cache_.prefix_caching) return 0;
+    const int64_t bs = cache_.block_size;
+    std::vector<int32_t> block_tokens(bs);
+    for (int64_t i = 0; (i + 1) * bs < n; ++i) {
+      for (int64_t j = 0; j < bs; ++j) block_tokens[j] = static_cast<int32_t>(tokens[i * bs + j]);
+      const uint64_t h = chain_hash(s.chain, block_tokens);
+      auto it = by_hash_.find(h);
+      if (it == by_hash_.end() || cached_[it->second].parent != s.chain || cached_[it->second].tokens != block_tokens)
+        break;
+      const int32_t b = it->second;
+      if (refcount_[b]++ == 0) unused_.erase(cached_[b].last_use);
+      s.table.push_back(b);
+      s.chain = h;
+      s.length += bs;
+    }
+    hit_tokens_ += s.length;
+    return s.length;
   }
 
   int64_t length(int64_t id) const {
@@ -204,10 +238,22 @@ class Session {
     return static_cast<int64_t>(seqs_.size());
   }
   int64_t num_blocks() const { return cache_.num_blocks; }
+  // Blocks a step can take: never used, or cached but held by no sequence (evicted when taken).
   int64_t num_free_blocks() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(free_.size());
+    return static_cast<int64_t>(free_.size() + unused_.size());
   }
+  // Of those, the ones holding a findable prefix.
+  int64_t num_cached_blocks() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(unused_.size());
+  }
+  // Tokens sequences started from cached blocks (match_prefix), since the session began.
+  int64_t prefix_hit_tokens() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return hit_tokens_;
+  }
+  bool prefix_caching() const { return cache_.prefix_caching; }
   int block_size() const { return cache_.block_size; }
 
   int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens) const {
@@ -247,7 +293,23 @@ class Session {
                     " is outside [0, ", desc_.vocab, ")");
     reserve(entries);
     run(entries, tokens, static_cast<int>(rows), all_logits, logits);
-    for (const Entry& e : entries) seqs_.at(e.seq).length += e.count;
+    for (const Entry& e : entries) {
+      Seq& s = seqs_.at(e.seq);
+      if (cache_.prefix_caching) index_new_blocks(s, tokens, e.count);
+      s.length += e.count;
+      tokens += e.count;
+    }
+  }
+
+  // Blocks a step with these entries would take from the pool (the blocks a window made invisible are
+  // freed first, as the step itself would); changes no number, only frees invisible blocks.
+  int64_t blocks_needed(const std::vector<Entry>& entries) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const Entry& e : entries) {
+      get(e.seq, "blocks_needed");
+      SESSION_CHECK(e.count >= 0, "Session.blocks_needed: a negative token count");
+    }
+    return count_needed(entries);
   }
 
   // ---- settings ----
@@ -268,6 +330,15 @@ class Session {
     std::vector<int32_t> table;  // block of tokens [i * bs, (i + 1) * bs); -1: freed (invisible for good)
     int64_t length = 0;          // tokens written
     int64_t evict_from = 0;      // first table entry that may still become invisible
+    // With prefix caching: the hash chain up to the last full block, and the tokens of the partial one.
+    uint64_t chain = 0;
+    std::vector<int32_t> partial;
+  };
+  // A full block findable by content: its tokens and the chain hash of the blocks before it.
+  struct CachedBlock {
+    uint64_t hash = 0, parent = 0;
+    std::vector<int32_t> tokens;  // empty: not indexed
+    uint64_t last_use = 0;        // when its last holder let it go (the key in unused_)
   };
 
   const Seq& get(int64_t id, const char* op) const {
@@ -277,14 +348,63 @@ class Session {
   }
   Seq& get(int64_t id, const char* op) { return const_cast<Seq&>(static_cast<const Session*>(this)->get(id, op)); }
 
+  // A block for new tokens: a never-used one, else the least recently used cached one (dropped from the
+  // index).
   int32_t take() {
-    const int32_t b = free_.back();
-    free_.pop_back();
+    int32_t b;
+    if (!free_.empty()) {
+      b = free_.back();
+      free_.pop_back();
+    } else {
+      auto oldest = unused_.begin();
+      b = oldest->second;
+      unused_.erase(oldest);
+      by_hash_.erase(cached_[b].hash);
+      cached_[b].tokens.clear();
+    }
     refcount_[b] = 1;
     return b;
   }
   void release(int32_t b) {
-    if (--refcount_[b] == 0) free_.push_back(b);
+    if (--refcount_[b] != 0) return;
+    if (cache_.prefix_caching && !cached_[b].tokens.empty()) {
+      cached_[b].last_use = ++clock_;
+      unused_.emplace(clock_, b);
+    } else {
+      free_.push_back(b);
+    }
+  }
+
+  static uint64_t chain_hash(uint64_t parent, const std::vector<int32_t>& tokens) {
+    uint64_t h = parent ^ 0x9e3779b97f4a7c15ull;
+    for (int32_t t : tokens) {  // splitmix64 over (h, t): every token moves every bit
+      h += static_cast<uint64_t>(static_cast<uint32_t>(t)) + 0x9e3779b97f4a7c15ull;
+      h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+      h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+      h ^= h >> 31;
+    }
+    return h;
+  }
+
+  // Indexes the blocks that `count` new tokens of `s` fill (a block already indexed under the same content,
+  // a duplicate computed alongside, stays unindexed and is freed normally).
+  void index_new_blocks(Seq& s, const int64_t* tokens, int count) {
+    const int64_t bs = cache_.block_size;
+    for (int j = 0; j < count; ++j) {
+      s.partial.push_back(static_cast<int32_t>(tokens[j]));
+      if (static_cast<int64_t>(s.partial.size()) < bs) continue;
+      const int64_t index = (s.length + j) / bs;
+      const uint64_t h = chain_hash(s.chain, s.partial);
+      const int32_t b = s.table[index];
+      if (b >= 0 && cached_[b].tokens.empty() && !by_hash_.count(h)) {
+        cached_[b].hash = h;
+        cached_[b].parent = s.chain;
+        cached_[b].tokens = s.partial;
+        by_hash_.emplace(h, b);
+      }
+      s.chain = h;
+      s.partial.clear();
+    }
   }
 
   // Frees the blocks of `s` that no query from token `s.length` on can see: every token in them lies in
@@ -303,7 +423,7 @@ class Session {
 
   // Blocks for every entry's new tokens, the shared partial last block copied first; atomic: throws
   // CacheFull and changes nothing (but invisible blocks freed) when the pool is short.
-  void reserve(const std::vector<Entry>& entries) {
+  int64_t count_needed(const std::vector<Entry>& entries) {
     const int64_t bs = cache_.block_size;
     int64_t need = 0;
     std::unordered_map<int32_t, int> writers;  // shared partial block -> sequences of this step writing into it
@@ -311,13 +431,19 @@ class Session {
       Seq& s = seqs_.at(e.seq);
       evict_invisible(s);
       need += (s.length + e.count + bs - 1) / bs - static_cast<int64_t>(s.table.size());
-      if (shared_partial(s)) ++writers[s.table.back()];
+      if (e.count > 0 && shared_partial(s)) ++writers[s.table.back()];
     }
     // k of a block's r holders write into it: k copies, or k - 1 when all do (the last keeps the block).
     for (const auto& [block, k] : writers) need += std::min(k, refcount_[block] - 1);
-    if (need > static_cast<int64_t>(free_.size()))
+    return need;
+  }
+
+  void reserve(const std::vector<Entry>& entries) {
+    const int64_t bs = cache_.block_size, need = count_needed(entries);
+    const int64_t available = static_cast<int64_t>(free_.size() + unused_.size());
+    if (need > available)
       throw CacheFull(cat("KV cache out of blocks: this step needs ", need, " more blocks of ", bs, " tokens, ",
-                          free_.size(), " of ", cache_.num_blocks, " are free"));
+                          available, " of ", cache_.num_blocks, " are free"));
     for (const Entry& e : entries) {
       Seq& s = seqs_.at(e.seq);
       if (shared_partial(s)) {
@@ -638,7 +764,12 @@ class Session {
   std::unique_ptr<char[]> pools_;
   std::vector<char*> k_, v_;
   std::vector<int32_t> refcount_;
-  std::vector<int32_t> free_;
+  std::vector<int32_t> free_;                    // blocks holding nothing findable
+  std::vector<CachedBlock> cached_;              // per block: its index entry (prefix caching)
+  std::unordered_map<uint64_t, int32_t> by_hash_;
+  std::map<uint64_t, int32_t> unused_;           // cached blocks no sequence holds, by last use (oldest first)
+  uint64_t clock_ = 0;
+  int64_t hit_tokens_ = 0;
   std::unordered_map<int64_t, Seq> seqs_;
   int64_t next_id_ = 0;
 

@@ -24,7 +24,8 @@ class PySession {
   PySession(int n_layers, int n_heads, int n_kv_heads, int head_dim, double norm_eps, int64_t max_positions,
             const py::dict& weights, py::object owner, std::vector<float> inv_freq, std::vector<float> alibi_slopes,
             std::vector<float> bucket_table, int window, int sinks, double logit_softcap, double scale,
-            int64_t num_blocks, int block_size, const std::string& kv_dtype, int num_threads, const std::string& isa)
+            int64_t num_blocks, int block_size, const std::string& kv_dtype, int num_threads, const std::string& isa,
+            bool prefix_caching)
       : owner_(std::move(owner)) {
     ModelShape shape;
     shape.n_layers = n_layers;
@@ -67,6 +68,7 @@ class PySession {
     cache.num_blocks = num_blocks;
     cache.block_size = block_size;
     cache.kv_dtype = parse_dtype(kv_dtype, "Session: kv_dtype");
+    cache.prefix_caching = prefix_caching;
     std::string isa_error;
     const cd::Isa chosen = cd::parse_isa(isa, isa_error);
     SESSION_CHECK(isa_error.empty(), "Session: ", isa_error);
@@ -79,23 +81,32 @@ class PySession {
   // each one's last token, or (len(tokens), vocab) with all_logits.
   py::array_t<float> step(const std::vector<int64_t>& seqs, const std::vector<int>& counts,
                           const std::vector<int64_t>& tokens, bool all_logits) {
-    SESSION_CHECK(seqs.size() == counts.size(), "Session.step: one count per sequence, got ", seqs.size(),
-                  " sequences and ", counts.size(), " counts");
-    std::vector<Entry> entries(seqs.size());
-    for (size_t i = 0; i < seqs.size(); ++i) entries[i] = {seqs[i], counts[i]};
+    const std::vector<Entry> batch = entries(seqs, counts);
     const py::ssize_t rows = all_logits ? static_cast<py::ssize_t>(tokens.size()) : static_cast<py::ssize_t>(seqs.size());
     py::array_t<float> logits({rows, static_cast<py::ssize_t>(session_->vocab())});
     float* out = logits.mutable_data();
     {
       py::gil_scoped_release no_gil;
-      session_->step(entries, tokens.data(), static_cast<int64_t>(tokens.size()), all_logits, out);
+      session_->step(batch, tokens.data(), static_cast<int64_t>(tokens.size()), all_logits, out);
     }
     return logits;
+  }
+
+  int64_t blocks_needed(const std::vector<int64_t>& seqs, const std::vector<int>& counts) {
+    return session_->blocks_needed(entries(seqs, counts));
   }
 
   Session& get() { return *session_; }
 
  private:
+  static std::vector<Entry> entries(const std::vector<int64_t>& seqs, const std::vector<int>& counts) {
+    SESSION_CHECK(seqs.size() == counts.size(), "Session: one count per sequence, got ", seqs.size(),
+                  " sequences and ", counts.size(), " counts");
+    std::vector<Entry> out(seqs.size());
+    for (size_t i = 0; i < seqs.size(); ++i) out[i] = {seqs[i], counts[i]};
+    return out;
+  }
+
   py::object owner_;  // whatever holds the weights' memory
   std::vector<std::unique_ptr<py::buffer_info>> views_;
   std::unique_ptr<Session> session_;
@@ -166,11 +177,16 @@ inline void bind_session(py::module_& m) {
                         "(csrc/session.h).")
       .def(py::init<int, int, int, int, double, int64_t, const py::dict&, py::object, std::vector<float>,
                     std::vector<float>, std::vector<float>, int, int, double, double, int64_t, int, const std::string&,
-                    int, const std::string&>(),
+                    int, const std::string&, bool>(),
            "n_layers"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "norm_eps"_a, "max_positions"_a, "weights"_a,
            "owner"_a, "inv_freq"_a, "alibi_slopes"_a, "bucket_table"_a, "window"_a, "sinks"_a, "logit_softcap"_a,
-           "scale"_a, "num_blocks"_a, "block_size"_a, "kv_dtype"_a, "num_threads"_a, "isa"_a)
+           "scale"_a, "num_blocks"_a, "block_size"_a, "kv_dtype"_a, "num_threads"_a, "isa"_a,
+           "prefix_caching"_a = false)
       .def("step", &PySession::step, "seqs"_a, "counts"_a, "tokens"_a, "all_logits"_a = false)
+      .def("blocks_needed", &PySession::blocks_needed, "seqs"_a, "counts"_a)
+      .def("match_prefix", [](PySession& s, int64_t seq, const std::vector<int64_t>& tokens) {
+             return s.get().match_prefix(seq, tokens.data(), static_cast<int64_t>(tokens.size()));
+           }, "seq"_a, "tokens"_a)
       .def("add_sequence", [](PySession& s) { return s.get().add_sequence(); })
       .def("fork", [](PySession& s, int64_t seq) { return s.get().fork(seq); }, "seq"_a)
       .def("free", [](PySession& s, int64_t seq) { s.get().free(seq); }, "seq"_a)
@@ -184,6 +200,9 @@ inline void bind_session(py::module_& m) {
       .def_property_readonly("num_sequences", [](PySession& s) { return s.get().num_sequences(); })
       .def_property_readonly("num_blocks", [](PySession& s) { return s.get().num_blocks(); })
       .def_property_readonly("num_free_blocks", [](PySession& s) { return s.get().num_free_blocks(); })
+      .def_property_readonly("num_cached_blocks", [](PySession& s) { return s.get().num_cached_blocks(); })
+      .def_property_readonly("prefix_hit_tokens", [](PySession& s) { return s.get().prefix_hit_tokens(); })
+      .def_property_readonly("prefix_caching", [](PySession& s) { return s.get().prefix_caching(); })
       .def_property_readonly("block_size", [](PySession& s) { return s.get().block_size(); })
       .def_property_readonly("vocab", [](PySession& s) { return s.get().vocab(); })
       .def_property_readonly("isa", [](PySession& s) { return std::string(s.get().isa_name()); })

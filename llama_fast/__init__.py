@@ -10,7 +10,8 @@ llama_fast.lite) does not import torch until something needs it.
 import importlib
 
 _EXPORTS = {
-    "LLM": "llm", "Completion": "llm", "CacheFullError": "cache", "PagedKVCache": "cache",
+    "LLM": "llm", "Completion": "llm", "Engine": "engine", "AsyncEngine": "engine", "RequestOutput": "engine",
+    "QueueFullError": "errors", "CacheFullError": "cache", "PagedKVCache": "cache",
     "StaticKVCache": "cache", "ModelConfig": "config", "SamplingParams": "sampling", "SpanBias": "span",
     "Tokenizer": "tokenizer",
 }

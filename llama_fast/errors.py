@@ -3,3 +3,7 @@
 
 class CacheFullError(RuntimeError):
     """The KV cache has no room for the tokens of this step."""
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue holds max_waiting requests already: try again later (HTTP 429)."""

@@ -192,10 +192,10 @@ class LLM:
         """The decode loop: yields, per step, one new token per row (None for rows that produced none this
         step: finished, or not started yet).
 
-        On CPU every row runs through the C++ session (llama_fast.session): prompts in chunks, each distinct
-        prompt prefilled once and forked for the rows that repeat it, then one token per row per step, all
-        rows in one pass over the weights; rows start as KV blocks allow (max_kv_tokens) and free theirs
-        when done. Elsewhere (CUDA, decode="eager") the model's forward runs the batch (_generate_batch).
+        On CPU the rows run on an Engine (llama_fast.engine) over the C++ session: prompts in chunks, each
+        distinct prompt computed once and forked for the rows that repeat it, then one token per row per
+        step, all rows in one pass over the weights; rows start as KV blocks allow (max_kv_tokens) and free
+        theirs when done. Elsewhere (CUDA, decode="eager") the model's forward runs the batch (_generate_batch).
         on_cache, if given, is called with the KV cache (or the session) once it exists (to watch its
         memory). stop_at_eos=False runs every row for max_new_tokens steps whatever it samples (benchmarks).
         """
@@ -206,10 +206,14 @@ class LLM:
             if not ids:
                 raise ValueError("a prompt must contain at least one token")
             check_context(len(ids), self._context)
-        if self.decode == "eager" or self.device.type != "cpu" or not self._session_supported():
+        if self._runs_on_session():
+            yield from self._generate_session(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
+        else:
             yield from self._generate_batch(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
-            return
-        yield from self._generate_session(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
+
+    def _runs_on_session(self) -> bool:
+        """Whether generation runs through the C++ session (an Engine) or the model's forward."""
+        return self.decode != "eager" and self.device.type == "cpu" and self._session_supported()
 
     # The KV pool's budget in tokens (None: 2 GiB worth, at least one full context).
     max_kv_tokens: int | None = None
@@ -242,87 +246,45 @@ class LLM:
         token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.tok_embeddings.weight.element_size()
         return max(-(-c.max_seq_len // block_size), (2 << 30) // (token_bytes * block_size))
 
-    def _generate_session(self, prompt_ids, params, max_new_tokens, on_cache, stop_at_eos):
+    def _engine(self, prompt_ids: list[list[int]], max_new_tokens: int):
+        """The Engine of one generate call: a pool of the blocks its rows need at most (within
+        max_kv_tokens), every row running at once where the blocks allow."""
+        from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
         from .session import BLOCK_SIZE, blocks_for_sequence
 
-        B = len(prompt_ids)
+        span, rows = self.model.span, len(prompt_ids)
+        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, prefill_chunk(span.window), span.window or 0,
+                                       span.sink_tokens, BLOCK_SIZE) for ids in prompt_ids)
+        blocks = min(need, self._kv_budget_blocks(BLOCK_SIZE))
+        return Engine(self, max_kv_tokens=blocks * BLOCK_SIZE, max_running=rows,
+                      max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows))
+
+    def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache):
+        """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
+        rows that repeat it); yields each step's [(row, RequestOutput)]."""
+        engine = self._engine(prompt_ids, max_new_tokens)
+        if on_cache is not None:
+            on_cache(engine.runner)
         groups: dict[tuple[int, ...], list[int]] = {}  # each distinct prompt -> the rows that run it
         for row, ids in enumerate(prompt_ids):
             groups.setdefault(tuple(ids), []).append(row)
-        windowed = self.model.span.window is not None
-        chunk = prefill_chunk(self.model.span.window)
-        limit = [max_new_tokens if windowed else min(max_new_tokens, self.config.max_seq_len - len(p))
-                 for p in prompt_ids]
-        span = self.model.span
-        need = {g: len(rows) * blocks_for_sequence(len(g) + max(limit[r] for r in rows), chunk,
-                                                   span.window or 0, span.sink_tokens, BLOCK_SIZE)
-                for g, rows in groups.items()}
-        budget = self._kv_budget_blocks(BLOCK_SIZE)
-        for g, blocks in need.items():
-            if blocks > budget:
-                raise ValueError(
-                    f"a prompt of {len(g)} tokens with max_new_tokens={max_new_tokens} (x{len(groups[g])} sequences) "
-                    f"needs {blocks * BLOCK_SIZE} KV tokens, more than max_kv_tokens={budget * BLOCK_SIZE} holds")
-        runner = self.session_runner(min(sum(need.values()), budget))
-        if on_cache is not None:
-            on_cache(runner)
-        penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
-        eos = set(self.config.eos_token_ids) | self.tokenizer.eos_ids
-        waiting = list(groups)  # prompts not started, in order
-        prefilling: list[list] = []  # [prompt, its sequence, tokens fed]
-        seq_of: dict[int, int] = {}  # row -> its sequence, once its prompt is in
-        last: dict[int, int] = {}  # row -> the token to feed next
-        produced = [0] * B
-        reserved = 0
-        logits = torch.zeros(B, self.config.vocab_size)
+        rows_of = {engine.add_request(list(ids), [params[r] for r in rows], max_new_tokens=max_new_tokens,
+                                      stop=stops, n=len(rows), ignore_eos=not stop_at_eos): rows
+                   for ids, rows in groups.items()}
         try:
-            while waiting or prefilling or last:
-                while waiting and reserved + need[waiting[0]] <= runner.num_blocks:
-                    prompt = waiting.pop(0)
-                    reserved += need[prompt]
-                    prefilling.append([prompt, runner.add_sequence(), 0])
-                entries = [(seq_of[row], [token]) for row, token in last.items()]
-                for item in prefilling:
-                    prompt, seq, fed = item
-                    entries.append((seq, prompt[fed:fed + chunk]))
-                step_logits = runner.step(entries)
-                decoding = list(last)
-                ready = list(decoding)  # rows with fresh logits: the decoding ones, then prompts just done
-                for i, row in enumerate(decoding):
-                    logits[row] = step_logits[i]
-                for i, item in enumerate(list(prefilling)):
-                    prompt, seq, fed = item
-                    item[2] = fed + len(entries[len(decoding) + i][1])
-                    if item[2] < len(prompt):
-                        continue
-                    prefilling.remove(item)
-                    rows = groups[prompt]
-                    for k, row in enumerate(rows):  # the first row takes the prompt's sequence, the rest fork it
-                        seq_of[row] = seq if k == 0 else runner.fork(seq)
-                        logits[row] = step_logits[len(decoding) + i]
-                    ready += rows
-                if not ready:
-                    continue
-                seen = penalties.counts[ready] if penalties is not None else None
-                tokens = ops.sample(logits[ready], [params[r] for r in ready], step=[produced[r] for r in ready],
-                                    seen=seen).tolist()
-                out: list[int | None] = [None] * B
-                for row, token in zip(ready, tokens):
-                    out[row] = token
-                    produced[row] += 1
-                    last[row] = token
-                    if produced[row] >= limit[row] or (stop_at_eos and token in eos):
-                        del last[row]
-                        runner.free(seq_of.pop(row))
-                        group = groups[tuple(prompt_ids[row])]
-                        if all(r not in last and r not in seq_of and produced[r] > 0 for r in group):
-                            reserved -= need[tuple(prompt_ids[row])]
-                if penalties is not None:
-                    penalties.push(out)
-                yield out
+            while engine.has_unfinished():
+                yield [(rows_of[out.request_id][out.index], out) for out in engine.step()]
         finally:  # a consumer that stops early (or an error) leaves no blocks behind
-            for seq in list(seq_of.values()) + [item[1] for item in prefilling]:
-                runner.free(seq)
+            engine.abort_all()
+
+    def _generate_session(self, prompt_ids, params, max_new_tokens, on_cache, stop_at_eos):
+        B = len(prompt_ids)
+        for step in self._session_steps(prompt_ids, params, max_new_tokens, None, stop_at_eos, on_cache):
+            tokens: list[int | None] = [None] * B
+            for row, out in step:
+                tokens[row] = out.new_token_ids[0] if out.new_token_ids else None
+            if any(t is not None for t in tokens):
+                yield tokens
 
     def _generate_batch(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
                         on_cache, stop_at_eos: bool) -> Iterator[list[int | None]]:
@@ -406,6 +368,12 @@ class LLM:
         stops = stop_strings(stop)
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
+        if self._runs_on_session():
+            for step in self._session_steps(prompt_ids, params, max_new_tokens, stops, True, None):
+                for row, out in step:
+                    finish = "eos" if isinstance(out.stop_reason, int) else out.finish_reason
+                    yield row, out.new_text, out.new_token_ids[0] if out.new_token_ids else None, finish
+            return
         eos_ids = self.tokenizer.eos_ids | set(self.config.eos_token_ids)
         yield from stream_text(self.tokenizer, prompt_ids, self.generate_ids(prompt_ids, params, max_new_tokens),
                                stops, eos_ids)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from . import validate
 
 
+MAX_LOGPROBS = 20  # top tokens a row may ask log-probabilities of (OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-row sampling settings, applied in this order (as Hugging Face generate does):
@@ -19,6 +22,8 @@ class SamplingParams:
     -> temperature (0 = greedy argmax, ties to the lowest id) -> top_k (0 = off) -> top_p (1 = off)
     -> min_p (0 = off) -> renormalise -> a draw from the row's counter-based stream (seed, step).
     seed None: a fresh random seed is drawn once for the row; else an int in [0, 2**63).
+    logprobs (the Engine's outputs; None = off): report each new token's log-probability and the
+    `logprobs` most likely tokens' (0 to 20), from the raw logits.
     Numbers are ints or floats (a bool or a str is refused), counts are ints.
     """
 
@@ -31,6 +36,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int | None = None
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         def bad(name, why):
@@ -41,6 +47,7 @@ class SamplingParams:
         validate.integer(self.top_k, "SamplingParams.top_k", minimum=0)
         validate.integer(self.penalty_last_n, "SamplingParams.penalty_last_n", minimum=1, optional=True)
         validate.seed(self.seed, argument="SamplingParams.seed")
+        validate.integer(self.logprobs, "SamplingParams.logprobs", minimum=0, maximum=MAX_LOGPROBS, optional=True)
         if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 means greedy)")
         if not (0 < self.top_p <= 1):
@@ -66,34 +73,46 @@ def row_params(n_rows: int, seed: int | None, **settings) -> list[SamplingParams
     return [SamplingParams(seed=base + r, **settings) for r in range(n_rows)]
 
 
-class PenaltyCounts:
-    """The sampler's `seen` (B, V) int32: row b counts the tokens of its history that its penalties see
-    (the last params[b].penalty_last_n of them, or all). A penalty over a bounded window is what keeps a
-    long stream from being pushed off every common token into a loop of rare ones."""
+class PenaltyWindow:
+    """One row's counts of the tokens its penalties see (the last params.penalty_last_n of its history, or
+    all), kept in `counts`, a (V,) int32 tensor (a row of a batch's (B, V) `seen`, or its own). A penalty
+    over a bounded window is what keeps a long stream from being pushed off every common token into a loop
+    of rare ones."""
 
-    def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
+    def __init__(self, history: list[int], params: SamplingParams, counts):
         import torch  # here, not at the top: SamplingParams is used without torch (llama_fast.lite)
 
-        # Only bounded rows keep their window (to uncount what leaves it); unbounded rows never uncount.
-        self.windows = [None if p.penalty_last_n is None else deque(h[-p.penalty_last_n:], maxlen=p.penalty_last_n)
-                        for h, p in zip(histories, params)]
+        n = params.penalty_last_n
+        # Only a bounded row keeps its window (to uncount what leaves it); an unbounded one never uncounts.
+        self.window = None if n is None else deque(history[-n:], maxlen=n)
+        self.counts = counts
+        counted = list(history if self.window is None else self.window)
+        if counted:
+            counts.index_add_(0, torch.tensor(counted), torch.ones(len(counted), dtype=counts.dtype))
+
+    def push(self, token: int) -> None:
+        """Counts a new token; the one that leaves the window stops counting."""
+        self.counts[token] += 1
+        if self.window is not None:
+            if len(self.window) == self.window.maxlen:
+                self.counts[self.window[0]] -= 1
+            self.window.append(token)  # (a full deque drops its oldest)
+
+
+class PenaltyCounts:
+    """The sampler's `seen` (B, V) int32 for a batch: row b a PenaltyWindow over histories[b]."""
+
+    def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
+        import torch
+
         self.counts = torch.zeros(len(histories), vocab_size, dtype=torch.int32)
-        for row, (history, window) in enumerate(zip(histories, self.windows)):
-            counted = list(history if window is None else window)
-            if counted:
-                self.counts[row].index_add_(0, torch.tensor(counted), torch.ones(len(counted), dtype=torch.int32))
+        self.rows = [PenaltyWindow(h, p, self.counts[b]) for b, (h, p) in enumerate(zip(histories, params))]
 
     def push(self, tokens: list[int | None]) -> None:
-        """Appends one new token per row (None: the row has none this step); tokens that leave a row's
-        window stop counting."""
-        for row, (token, window) in enumerate(zip(tokens, self.windows)):
-            if token is None:
-                continue
-            self.counts[row, token] += 1
-            if window is not None:
-                if len(window) == window.maxlen:
-                    self.counts[row, window[0]] -= 1
-                window.append(token)  # (a full deque drops its oldest)
+        """Appends one new token per row (None: the row has none this step)."""
+        for row, token in zip(self.rows, tokens):
+            if token is not None:
+                row.push(token)
 
 
 def check_max_new_tokens(n) -> None:

@@ -84,9 +84,10 @@ def weight_map(model) -> tuple[dict, list[torch.Tensor]]:
 
 class SessionRunner:
     """A C++ session (llama_fast._lite.Session, the session's one binding: it needs no torch) over `model`'s weights and SpanBias, with a KV pool of
-    num_blocks blocks of BLOCK_SIZE tokens. num_threads 0: torch's thread count."""
+    num_blocks blocks of BLOCK_SIZE tokens. num_threads 0: torch's thread count. prefix_caching: full blocks
+    stay findable by content (match_prefix) until the pool needs them."""
 
-    def __init__(self, model, *, num_blocks: int, num_threads: int = 0, isa: str = "auto"):
+    def __init__(self, model, *, num_blocks: int, num_threads: int = 0, isa: str = "auto", prefix_caching: bool = False):
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"the C++ session cannot run this model: {reason}")
@@ -102,7 +103,7 @@ class SessionRunner:
             window=span.window or 0, sinks=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
             scale=0.0, num_blocks=num_blocks, block_size=BLOCK_SIZE,
             kv_dtype="BF16" if model.tok_embeddings.weight.dtype == torch.bfloat16 else "F32",
-            num_threads=num_threads or torch.get_num_threads(), isa=isa)
+            num_threads=num_threads or torch.get_num_threads(), isa=isa, prefix_caching=prefix_caching)
         self.vocab = self._session.vocab
         esz = 2 if model.tok_embeddings.weight.dtype == torch.bfloat16 else 4
         self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * c.n_kv_heads * c.head_dim * esz  # the pool's
@@ -125,7 +126,26 @@ class SessionRunner:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks a step can take (cached ones no sequence holds included)."""
         return self._session.num_free_blocks
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self._session.prefix_caching
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Free blocks that still hold a findable prefix."""
+        return self._session.num_cached_blocks
+
+    def match_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Starts the empty sequence seq from the cached blocks of tokens' longest cached prefix (whole
+        blocks, at least one token left to compute); returns the tokens it now holds."""
+        return self._session.match_prefix(seq, [int(t) for t in tokens])
+
+    def blocks_needed(self, entries: Sequence[tuple[int, int]]) -> int:
+        """Blocks a step of (sequence, new token count) entries would take from the pool."""
+        return self._session.blocks_needed([seq for seq, _ in entries], [count for _, count in entries])
 
     def add_sequence(self) -> int:
         return self._session.add_sequence()

@@ -613,39 +613,56 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
+class TextStream:
+    """One row's generated text as its tokens arrive: decoded incrementally (StreamDecoder), stop strings
+    cut from it, and text that might begin a stop string held back until it cannot."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stops: list[str]):
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""  # decoded text not yet released (may hold a stop string's prefix)
+
+    def push(self, token: int) -> tuple[str, str | None]:
+        """-> (the text now safe to release, the stop string that ended the row or None: the text stops
+        before it)."""
+        self.pending += self.decoder.push(token)
+        found = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if found:
+            cut, stop = min(found)
+            text, self.pending = self.pending[:cut], ""
+            return text, stop
+        safe = max(len(self.pending) - self.hold, 0)
+        text, self.pending = self.pending[:safe], self.pending[safe:]
+        return text, None
+
+    def flush(self) -> str:
+        """Everything still held back: the row has ended without a stop string."""
+        text, self.pending = self.pending + self.decoder.flush(), ""
+        return text
+
+
 def stream_text(tokenizer: Tokenizer, prompt_ids: list[list[int]], steps: Iterable[list[int | None]],
                 stops: list[str], eos_ids: set[int]) -> Iterator[tuple[int, str, int | None, str | None]]:
     """Turns a decode loop's steps (one new token per row, None for rows already done) into
-    (row, new text, new token id or None, finish reason or None) as rows produce text; each row's last
-    event carries its finish reason ("eos", "stop" or "length").
-
-    Stop strings end a row and are cut from its text; text that might begin a stop string is held back
-    until it cannot.
-    """
-    decoders = [StreamDecoder(tokenizer, ids) for ids in prompt_ids]
-    pending = [""] * len(prompt_ids)  # decoded text not yet yielded (may hold a stop string's prefix)
+    (row, new text, new token id or None, finish reason or None) as rows produce text (a TextStream each);
+    each row's last event carries its finish reason ("eos", "stop" or "length")."""
+    streams = [TextStream(tokenizer, ids, stops) for ids in prompt_ids]
     finished = [False] * len(prompt_ids)
-    hold = max((len(s) for s in stops), default=1) - 1
     for new_tokens in steps:
         for row, token in enumerate(new_tokens):
             if token is None or finished[row]:
                 continue
             if token in eos_ids:
                 finished[row] = True
-                yield row, pending[row] + decoders[row].flush(), token, "eos"
+                yield row, streams[row].flush(), token, "eos"
                 continue
-            pending[row] += decoders[row].push(token)
-            cut = min((pending[row].find(s) for s in stops if s in pending[row]), default=-1)
-            if cut >= 0:
-                finished[row] = True
-                yield row, pending[row][:cut], token, "stop"
-                continue
-            safe = max(len(pending[row]) - hold, 0)
-            yield row, pending[row][:safe], token, None
-            pending[row] = pending[row][safe:]
+            text, stop = streams[row].push(token)
+            finished[row] = stop is not None
+            yield row, text, token, "stop" if finished[row] else None
         if all(finished):
             return
     for row in range(len(prompt_ids)):
         if not finished[row]:
-            yield row, pending[row] + decoders[row].flush(), None, "length"
+            yield row, streams[row].flush(), None, "length"
 

@@ -1,0 +1,366 @@
+"""Engine: continuous batching over the C++ session. Requests arrive and finish at any step; each step runs
+every running sequence's next token and prompt chunks in one pass over the weights (scheduler.py decides
+which), samples, detokenizes and reports what each sequence produced.
+
+    engine = Engine.from_pretrained("smollm2-135m-instruct")
+    engine.add_request("The sea is", SamplingParams(temperature=0.8, seed=1), max_new_tokens=32)
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(out.request_id, out.new_text, out.finish_reason)
+
+AsyncEngine wraps it for asyncio (the server): the engine steps in its own thread, each request's outputs
+come through an async iterator. LLM.generate with many prompts runs on an Engine too.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence as Seq
+
+import torch
+
+from . import ops, validate
+from .errors import QueueFullError
+from .sampling import PenaltyWindow, SamplingParams, check_max_new_tokens, row_params
+from .scheduler import Request, Scheduler, Sequence
+from .session import BLOCK_SIZE, SessionRunner
+from .span import SpanBias
+from .tokenizer import TextStream, stop_strings
+from .window import prefill_chunk
+
+DEFAULT_MAX_BATCH_TOKENS = 512  # tokens per step: bounds a step's time, so what a running stream waits
+DEFAULT_MAX_RUNNING = 64  # sequences decoding together
+
+
+@dataclass
+class RequestOutput:
+    """What one sequence of a request produced in one step."""
+
+    request_id: str
+    index: int  # which of the request's n sequences
+    new_token_ids: list[int]
+    new_text: str  # text now safe to show (a possible stop string's start is held back)
+    finish_reason: str | None  # None while running, then "stop" (EOS or a stop string), "length" or "abort"
+    num_prompt_tokens: int
+    stop_reason: str | int | None = None  # with "stop": the stop string, or the end-of-sequence token id
+    # With SamplingParams(logprobs=k): per new token, (its log-probability, [(token id, log-probability)] of
+    # the k most likely tokens), from the raw logits.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+class Engine:
+    def __init__(self, llm, *, max_kv_tokens: int | None = None, max_batch_tokens: int | None = None,
+                 max_running: int | None = None, max_waiting: int | None = None, prefix_caching: bool = True):
+        """An engine over `llm` (an LLM on CPU whose weights the C++ session runs: fp32 or bf16).
+
+        max_kv_tokens: the KV pool, in tokens (default: 2 GiB worth, at least one full context).
+        max_batch_tokens: tokens one step feeds (default 512). max_running: sequences running at once
+        (default 64, at most max_batch_tokens). max_waiting: requests that may wait (None: no limit; past
+        it add_request raises QueueFullError). prefix_caching: reuse the KV blocks of prompt prefixes
+        already computed."""
+        validate.integer(max_kv_tokens, "max_kv_tokens", minimum=1, optional=True)
+        max_batch_tokens = validate.integer(max_batch_tokens, "max_batch_tokens", minimum=1, optional=True) or DEFAULT_MAX_BATCH_TOKENS
+        max_running = validate.integer(max_running, "max_running", minimum=1, optional=True) or min(DEFAULT_MAX_RUNNING, max_batch_tokens)
+        if max_running > max_batch_tokens:
+            raise ValueError(f"max_running ({max_running}) must be <= max_batch_tokens ({max_batch_tokens}): "
+                             "every running sequence feeds a token each step")
+        self.max_waiting = validate.integer(max_waiting, "max_waiting", minimum=0, optional=True)
+        if not isinstance(prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be a bool, got {prefix_caching!r}")
+        if llm.device.type != "cpu" or llm.decode == "eager" or not llm._session_supported():
+            raise ValueError(f"Engine runs on the C++ session (CPU, fp32 or bf16 weights, decode 'auto' or 'cpp'); "
+                             f"this LLM {llm._session_reason or 'is on ' + llm.device.type + ' / decode=' + llm.decode}")
+        self.llm = llm
+        num_blocks = -(-max_kv_tokens // BLOCK_SIZE) if max_kv_tokens is not None else llm._kv_budget_blocks(BLOCK_SIZE)
+        self.runner = SessionRunner(llm.model, num_blocks=num_blocks, prefix_caching=prefix_caching)
+        span = llm.model.span
+        self.scheduler = Scheduler(self.runner, max_batch_tokens=max_batch_tokens, max_running=max_running,
+                                   chunk=prefill_chunk(span.window), block_size=BLOCK_SIZE)
+        self._eos = set(llm.config.eos_token_ids) | llm.tokenizer.eos_ids
+        self._requests: dict[str, Request] = {}  # unfinished, by id
+        self._reported: list[RequestOutput] = []  # aborts, reported by the next step
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._prompt_tokens_computed = 0
+        self._generated_tokens = 0
+        self._lock = threading.RLock()  # add_request / abort from other threads while one steps
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype=None, device=None, span: SpanBias | None = None,
+                        **limits) -> "Engine":
+        """An engine over LLM.from_pretrained(name_or_path, dtype=..., device=..., span=...); limits: the
+        constructor's keywords."""
+        from .llm import LLM
+
+        return cls(LLM.from_pretrained(name_or_path, dtype=dtype, device=device, span=span, progress=False), **limits)
+
+    # ---- requests ----
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | Seq[SamplingParams] | None = None, *,
+                    max_new_tokens: int = 128, stop: str | list[str] | None = None, n: int = 1,
+                    request_id: str | None = None, ignore_eos: bool = False, min_tokens: int = 0) -> str:
+        """Queues a request; returns its id. prompt: text or token ids. params: greedy when None; one
+        SamplingParams (sequence i of the n draws from seed + i) or one per sequence. n > 1: the prompt is
+        computed once and forked. stop: strings that end a sequence (cut from its text). ignore_eos: run
+        to max_new_tokens whatever is sampled. min_tokens: no end-of-sequence token before that many.
+        Everything is checked here, before any work; nothing in flight is disturbed by a bad request."""
+        with self._lock:
+            request = self._new_request(prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens)
+            self._requests[request.request_id] = request
+            self.scheduler.add(request)
+            return request.request_id
+
+    def _new_request(self, prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens) -> Request:
+        llm = self.llm
+        context = llm._context
+        ids = validate.prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, context)
+        check_max_new_tokens(max_new_tokens)
+        validate.integer(n, "n", minimum=1)
+        validate.stop(stop)
+        stops = stop_strings(stop)
+        validate.integer(min_tokens, "min_tokens", minimum=0)
+        if not isinstance(ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {ignore_eos!r}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty str or None, got {request_id!r}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        per_sequence = self._sequence_params(params, n)
+        limit = max_new_tokens if context is None else min(max_new_tokens, context - len(ids))
+        if limit < 1:
+            raise ValueError(f"the prompt has {len(ids)} tokens, the whole model context ({context}): "
+                             "no room for a new token")
+        blocks = n * self.runner.blocks_for_sequence(len(ids) + limit, self.scheduler.chunk)
+        if blocks > self.runner.num_blocks:
+            raise ValueError(f"a prompt of {len(ids)} tokens with max_new_tokens={max_new_tokens} (x{n} sequences) "
+                             f"needs {blocks * BLOCK_SIZE} KV tokens, more than max_kv_tokens="
+                             f"{self.runner.num_blocks * BLOCK_SIZE} holds")
+        if self.max_waiting is not None and self.scheduler.waiting_requests() >= self.max_waiting:
+            raise QueueFullError(f"{self.max_waiting} requests are waiting already (max_waiting); try again later")
+        request = Request(request_id, ids, limit, next(self._arrivals), stops, ignore_eos, min_tokens)
+        vocab = llm.config.vocab_size
+        for i, p in enumerate(per_sequence):
+            penalties = PenaltyWindow(ids, p, torch.zeros(vocab, dtype=torch.int32)) if p.has_penalties else None
+            request.sequences.append(Sequence(request, i, p, list(ids), TextStream(llm.tokenizer, ids, stops), penalties))
+        return request
+
+    @staticmethod
+    def _sequence_params(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams(temperature=0.0)
+        if isinstance(params, SamplingParams):
+            fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(SamplingParams) if f.name != "seed"}
+            return row_params(n, params.seed, **fields)
+        params = list(params)
+        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"params must be a SamplingParams or a list of n={n} of them")
+        return [p if p.seed is not None or p.greedy else dataclasses.replace(p, seed=ops.fresh_seed()) for p in params]
+
+    def abort(self, request_id: str) -> None:
+        """Ends an unfinished request now: its blocks are freed at once; the next step reports each of its
+        sequences still running with finish_reason "abort"."""
+        with self._lock:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                raise ValueError(f"abort: no unfinished request with id {request_id!r}")
+            for seq in request.sequences:
+                if seq.finish is None:
+                    self.scheduler.finish(seq)
+                    seq.finish = "abort"
+                    self._reported.append(RequestOutput(request_id, seq.index, [], seq.text.flush(), "abort",
+                                                        len(request.prompt)))
+
+    def abort_all(self) -> None:
+        """Aborts every unfinished request."""
+        with self._lock:
+            for request_id in list(self._requests):
+                self.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._requests or self._reported)
+
+    def stats(self) -> dict:
+        with self._lock:
+            r = self.runner
+            return {
+                "running": self.scheduler.running_requests(), "waiting": self.scheduler.waiting_requests(),
+                "running_sequences": len(self.scheduler.running),
+                "blocks_in_use": r.num_blocks - r.num_free_blocks, "blocks_cached": r.num_cached_blocks,
+                "blocks_total": r.num_blocks, "prompt_tokens_computed": self._prompt_tokens_computed,
+                "prompt_tokens_cached": self.scheduler.prompt_tokens_cached,
+                "generated_tokens": self._generated_tokens, "preemptions": self.scheduler.preemptions,
+            }
+
+    # ---- one step ----
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step: every running sequence's next token, prompt chunks as the budget allows, requests
+        started as blocks allow. Returns what each sequence produced (and the aborts since the last step)."""
+        with self._lock:
+            outputs, self._reported = self._reported, []
+            plan = self.scheduler.schedule()
+            if not plan:
+                return outputs
+            logits = self.runner.step([(s.slot, s.tokens[s.computed:s.computed + n]) for s, n in plan])
+            ready: list[tuple[Sequence, int]] = []  # sequences whose next token is due, and their logits row
+            for row, (seq, n) in enumerate(plan):
+                prompt = len(seq.request.prompt)
+                self._prompt_tokens_computed += max(0, min(seq.computed + n, prompt) - seq.computed)
+                seq.computed += n
+                if seq.pending == 0:
+                    ready.append((seq, row))
+                    if not seq.request.forked and len(seq.request.sequences) > 1:
+                        ready += [(child, row) for child in self.scheduler.fork(seq)]
+            if ready:
+                tokens, logprobs = self._sample(logits, ready)
+                outputs += [self._append(seq, t, lp) for (seq, _), t, lp in zip(ready, tokens, logprobs)]
+            return outputs
+
+    def _sample(self, logits: torch.Tensor, ready: list[tuple[Sequence, int]]):
+        """The next token of each ready sequence (as LLM.generate samples: the row's params, its draw
+        counter = tokens it has generated, its penalty counts), and the logprobs they asked for."""
+        seqs = [seq for seq, _ in ready]
+        rows = logits[[row for _, row in ready]]  # a copy: masking below touches no other row
+        eos = sorted(self._eos)
+        for i, seq in enumerate(seqs):
+            if seq.generated < seq.request.min_tokens and eos:
+                rows[i, eos] = -math.inf
+        seen = None
+        if any(seq.penalties is not None for seq in seqs):
+            zeros = torch.zeros(rows.shape[1], dtype=torch.int32)
+            seen = torch.stack([zeros if seq.penalties is None else seq.penalties.counts for seq in seqs])
+        tokens = ops.sample(rows, [seq.params for seq in seqs], step=[seq.generated for seq in seqs], seen=seen).tolist()
+        logprobs = [None] * len(seqs)
+        for i, seq in enumerate(seqs):
+            k = seq.params.logprobs
+            if k is not None:
+                lp = torch.log_softmax(logits[ready[i][1]], dim=-1)
+                top = lp.topk(k) if k else None
+                logprobs[i] = (float(lp[tokens[i]]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
+        return tokens, logprobs
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
+        """Appends a sampled token to seq; finishes it on EOS, a stop string or its length."""
+        request = seq.request
+        seq.tokens.append(token)
+        self._generated_tokens += 1
+        if seq.penalties is not None:
+            seq.penalties.push(token)
+        stop_reason = None
+        if token in self._eos and not request.ignore_eos:
+            seq.finish, text, stop_reason = "eos", seq.text.flush(), token
+        else:
+            text, stop_reason = seq.text.push(token)
+            if stop_reason is not None:
+                seq.finish = "stop"
+            elif seq.generated >= request.max_new_tokens:
+                seq.finish, text = "length", text + seq.text.flush()
+        if seq.finish is not None:
+            self.scheduler.finish(seq)
+            if all(s.finish is not None for s in request.sequences):
+                del self._requests[request.request_id]
+        reason = {"eos": "stop"}.get(seq.finish, seq.finish)
+        return RequestOutput(request.request_id, seq.index, [token], text, reason, len(request.prompt), stop_reason,
+                             None if logprobs is None else [logprobs])
+
+
+class AsyncEngine:
+    """An Engine for asyncio code: the engine steps in its own thread while requests are unfinished; each
+    request's outputs arrive through the async iterator generate() returns. Closing or cancelling that
+    iterator before the request finished aborts it (its blocks are freed within one step)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> AsyncIterator[RequestOutput]:
+        """Queues a request (Engine.add_request's arguments; errors raise here, at once) and returns the
+        async iterator of its outputs, which ends once each of its sequences has finished."""
+        if self._closing:
+            raise RuntimeError("the engine is shutting down")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self.engine._lock:  # registered before the stepping thread can report on it
+            request_id = self.engine.add_request(prompt, params, **kwargs)
+            self._streams[request_id] = (loop, queue)
+        self._start()
+        return self._outputs(request_id, queue, kwargs.get("n", 1))
+
+    async def _outputs(self, request_id: str, queue: asyncio.Queue, n: int) -> AsyncIterator[RequestOutput]:
+        finished = 0
+        try:
+            while finished < n:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished += out.finish_reason is not None
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if finished < n:
+                try:
+                    self.engine.abort(request_id)
+                except ValueError:
+                    pass  # it finished meanwhile
+
+    def _start(self) -> None:
+        with self._wake:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llama_fast-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self.engine.has_unfinished() and not self._closing:
+                    self._wake.wait()
+                if self._closing and not self.engine.has_unfinished():
+                    return
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a bug: every waiting caller hears of it, the thread goes on
+                for request_id in list(self._streams):
+                    self._deliver(request_id, err)
+                    try:
+                        self.engine.abort(request_id)
+                    except ValueError:
+                        pass
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # its event loop has closed
+                pass
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops taking requests, lets the running ones finish for up to `timeout` seconds, aborts the rest
+        and stops the stepping thread."""
+        self._closing = True
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.engine.has_unfinished() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.engine.abort_all()
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
