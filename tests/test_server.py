@@ -406,17 +406,21 @@ def test_api_key_is_required_when_set(llm):
 
 
 def test_a_full_queue_gets_429(llm):
-    body = {"prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with Server(llm, max_running=1, max_waiting=1) as busy, httpx.Client(base_url=busy.url, timeout=60) as http:
-        with http.stream("POST", "/v1/completions", json=body) as running:
-            next(running.iter_lines())
-            with http.stream("POST", "/v1/completions", json=body) as waiting:
-                assert waiting.status_code == 200
-                response = http.post("/v1/completions", json=body)
-                assert response.status_code == 429, response.text
-                assert response.json()["error"]["type"] == "rate_limit_error"
-                with pytest.raises(openai.RateLimitError):
-                    busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4)
+    with Server(llm, max_waiting=1) as busy, httpx.Client(base_url=busy.url, timeout=60) as http:
+        engine = busy.app.state.engine.engine
+        gate = threading.Event()   # the engine steps only once the gate opens: the first request stays queued
+        engine.step = lambda step=engine.step: gate.wait() and step()
+        body = {"prompt": "x", "max_tokens": 4, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as queued:
+            assert queued.status_code == 200
+            response = http.post("/v1/completions", json=body)
+            assert response.status_code == 429, response.text
+            assert response.json()["error"]["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4)
+            gate.set()
+            assert list(queued.iter_lines())[-2] == "data: [DONE]"
+        assert busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4).choices[0].text is not None
 
 
 # ---- the command ----
@@ -443,8 +447,8 @@ def test_serve_command_serves_the_default_model_and_exits_0_on_sigterm(tmp_path)
             lines = response.iter_lines()
             next(lines)
             process.send_signal(signal.SIGTERM)
-            rest = list(lines)   # the running request finishes (within the shutdown timeout)
-        assert rest[-1] == "data: [DONE]"
+            rest = [line for line in lines if line]   # the running request finishes (within the shutdown timeout)
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert process.wait(60) == 0
     finally:
         process.kill()

@@ -150,19 +150,17 @@ async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id
 
 
 def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
-    """The engine's refusal of a request as an API error naming the request's field."""
+    """The engine's refusal of a request (its messages name its own arguments) as an API error naming the
+    request's field."""
     if isinstance(err, QueueFullError):
-        return APIError(429, f"the server is busy ({err}); retry later", code="queue_full")
-    message = str(err)
+        return APIError(429, f"the server is busy: {err}", code="queue_full")
+    message = str(err).replace("max_new_tokens", "max_tokens")
+    name = message.split()[0]
+    if name in ("max_tokens", "stop", "n", "seed", "min_tokens"):
+        return APIError(400, message, name)
     prompt_field = "messages" if parsed.chat else "prompt"
-    if "max_new_tokens" in message:
-        return APIError(400, message.replace("max_new_tokens", "max_tokens"), "max_tokens")
-    for name in ("stop", "n", "seed", "min_tokens"):
-        if message.startswith(name + " "):
-            return APIError(400, message, name)
-    if "context" in message:
-        return APIError(400, message, prompt_field, "context_length_exceeded")
-    return APIError(400, message, prompt_field)
+    # the prompt past the context, or with its max_tokens past the KV cache
+    return APIError(400, message, prompt_field, "context_length_exceeded" if "context" in message else None)
 
 
 async def merged(streams: list):

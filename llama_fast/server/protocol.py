@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .. import validate
-from ..sampling import SamplingParams
+from ..sampling import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger("llama_fast.server")
 
-# OpenAI's bounds: top_logprobs <= 20 (here the completions API's logprobs too), n <= 128 (a request's
-# choices are forked sequences, each taking KV blocks and a slot of the batch).
-MAX_LOGPROBS = 20
+# OpenAI's bound on n: a request's choices are forked sequences, each taking KV blocks and a batch slot.
 MAX_N = 128
 
 # Fields that change the result and are not implemented: each is refused unless it holds its no-op value.
