@@ -245,6 +245,7 @@ def plot(report: dict, path: str) -> None:
             ax.plot(levels, [closed[c][key] * scale for c in levels], "-o", label=server)
     for ax, title in zip(axes, ("output tokens/s", "TTFT p99 (ms)", "ITL p50 (ms)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title)
         ax.grid(alpha=0.3)
