@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import math
 import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence as Seq
@@ -34,6 +33,7 @@ from .window import prefill_chunk
 
 DEFAULT_MAX_BATCH_TOKENS = 512  # tokens per step: bounds a step's time, so what a running stream waits
 DEFAULT_MAX_RUNNING = 64  # sequences decoding together
+NEVER = -1e30  # a logit no sampler picks (finite: the sampler refuses inf, penalties may scale it)
 
 
 @dataclass
@@ -54,14 +54,16 @@ class RequestOutput:
 
 class Engine:
     def __init__(self, llm, *, max_kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 max_running: int | None = None, max_waiting: int | None = None, prefix_caching: bool = True):
+                 max_running: int | None = None, max_waiting: int | None = None, prefix_caching: bool = True,
+                 chunked_prefill: bool = True):
         """An engine over `llm` (an LLM on CPU whose weights the C++ session runs: fp32 or bf16).
 
         max_kv_tokens: the KV pool, in tokens (default: 2 GiB worth, at least one full context).
         max_batch_tokens: tokens one step feeds (default 512). max_running: sequences running at once
         (default 64, at most max_batch_tokens). max_waiting: requests that may wait (None: no limit; past
         it add_request raises QueueFullError). prefix_caching: reuse the KV blocks of prompt prefixes
-        already computed."""
+        already computed. chunked_prefill=False feeds each prompt whole in one step (without a window),
+        however long it makes the step: what chunking is measured against."""
         validate.integer(max_kv_tokens, "max_kv_tokens", minimum=1, optional=True)
         max_batch_tokens = validate.integer(max_batch_tokens, "max_batch_tokens", minimum=1, optional=True) or DEFAULT_MAX_BATCH_TOKENS
         max_running = validate.integer(max_running, "max_running", minimum=1, optional=True) or min(DEFAULT_MAX_RUNNING, max_batch_tokens)
@@ -69,8 +71,9 @@ class Engine:
             raise ValueError(f"max_running ({max_running}) must be <= max_batch_tokens ({max_batch_tokens}): "
                              "every running sequence feeds a token each step")
         self.max_waiting = validate.integer(max_waiting, "max_waiting", minimum=0, optional=True)
-        if not isinstance(prefix_caching, bool):
-            raise ValueError(f"prefix_caching must be a bool, got {prefix_caching!r}")
+        for name, flag in (("prefix_caching", prefix_caching), ("chunked_prefill", chunked_prefill)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
         if llm.device.type != "cpu" or llm.decode == "eager" or not llm._session_supported():
             raise ValueError(f"Engine runs on the C++ session (CPU, fp32 or bf16 weights, decode 'auto' or 'cpp'); "
                              f"this LLM {llm._session_reason or 'is on ' + llm.device.type + ' / decode=' + llm.decode}")
@@ -78,8 +81,9 @@ class Engine:
         num_blocks = -(-max_kv_tokens // BLOCK_SIZE) if max_kv_tokens is not None else llm._kv_budget_blocks(BLOCK_SIZE)
         self.runner = SessionRunner(llm.model, num_blocks=num_blocks, prefix_caching=prefix_caching)
         span = llm.model.span
+        chunk = prefill_chunk(span.window) if chunked_prefill or span.window else llm.config.max_seq_len
         self.scheduler = Scheduler(self.runner, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                                   chunk=prefill_chunk(span.window), block_size=BLOCK_SIZE)
+                                   chunk=chunk, block_size=BLOCK_SIZE, chunked=chunked_prefill)
         self._eos = set(llm.config.eos_token_ids) | llm.tokenizer.eos_ids
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._reported: list[RequestOutput] = []  # aborts, reported by the next step
@@ -102,19 +106,23 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | Seq[SamplingParams] | None = None, *,
                     max_new_tokens: int = 128, stop: str | list[str] | None = None, n: int = 1,
-                    request_id: str | None = None, ignore_eos: bool = False, min_tokens: int = 0) -> str:
+                    request_id: str | None = None, ignore_eos: bool = False, min_tokens: int = 0,
+                    detokenize: bool = True) -> str:
         """Queues a request; returns its id. prompt: text or token ids. params: greedy when None; one
         SamplingParams (sequence i of the n draws from seed + i) or one per sequence. n > 1: the prompt is
         computed once and forked. stop: strings that end a sequence (cut from its text). ignore_eos: run
         to max_new_tokens whatever is sampled. min_tokens: no end-of-sequence token before that many.
+        detokenize=False: token ids only (new_text stays empty; no stop strings).
         Everything is checked here, before any work; nothing in flight is disturbed by a bad request."""
         with self._lock:
-            request = self._new_request(prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens)
+            request = self._new_request(prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
+                                        detokenize)
             self._requests[request.request_id] = request
             self.scheduler.add(request)
             return request.request_id
 
-    def _new_request(self, prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens) -> Request:
+    def _new_request(self, prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
+                     detokenize) -> Request:
         llm = self.llm
         context = llm._context
         ids = validate.prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, context)
@@ -123,8 +131,11 @@ class Engine:
         validate.stop(stop)
         stops = stop_strings(stop)
         validate.integer(min_tokens, "min_tokens", minimum=0)
-        if not isinstance(ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {ignore_eos!r}")
+        for name, flag in (("ignore_eos", ignore_eos), ("detokenize", detokenize)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if stops and not detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -147,7 +158,8 @@ class Engine:
         vocab = llm.config.vocab_size
         for i, p in enumerate(per_sequence):
             penalties = PenaltyWindow(ids, p, torch.zeros(vocab, dtype=torch.int32)) if p.has_penalties else None
-            request.sequences.append(Sequence(request, i, p, list(ids), TextStream(llm.tokenizer, ids, stops), penalties))
+            text = TextStream(llm.tokenizer, ids, stops) if detokenize else None
+            request.sequences.append(Sequence(request, i, p, list(ids), text, penalties))
         return request
 
     @staticmethod
@@ -173,8 +185,8 @@ class Engine:
                 if seq.finish is None:
                     self.scheduler.finish(seq)
                     seq.finish = "abort"
-                    self._reported.append(RequestOutput(request_id, seq.index, [], seq.text.flush(), "abort",
-                                                        len(request.prompt)))
+                    text = seq.text.flush() if seq.text is not None else ""
+                    self._reported.append(RequestOutput(request_id, seq.index, [], text, "abort", len(request.prompt)))
 
     def abort_all(self) -> None:
         """Aborts every unfinished request."""
@@ -231,7 +243,7 @@ class Engine:
         eos = sorted(self._eos)
         for i, seq in enumerate(seqs):
             if seq.generated < seq.request.min_tokens and eos:
-                rows[i, eos] = -math.inf
+                rows[i, eos] = NEVER
         seen = None
         if any(seq.penalties is not None for seq in seqs):
             zeros = torch.zeros(rows.shape[1], dtype=torch.int32)
@@ -253,15 +265,15 @@ class Engine:
         self._generated_tokens += 1
         if seq.penalties is not None:
             seq.penalties.push(token)
-        stop_reason = None
+        stream = seq.text
         if token in self._eos and not request.ignore_eos:
-            seq.finish, text, stop_reason = "eos", seq.text.flush(), token
+            seq.finish, text, stop_reason = "eos", stream.flush() if stream else "", token
         else:
-            text, stop_reason = seq.text.push(token)
+            text, stop_reason = stream.push(token) if stream else ("", None)
             if stop_reason is not None:
                 seq.finish = "stop"
             elif seq.generated >= request.max_new_tokens:
-                seq.finish, text = "length", text + seq.text.flush()
+                seq.finish, text = "length", text + (stream.flush() if stream else "")
         if seq.finish is not None:
             self.scheduler.finish(seq)
             if all(s.finish is not None for s in request.sequences):

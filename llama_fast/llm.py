@@ -259,9 +259,9 @@ class LLM:
         return Engine(self, max_kv_tokens=blocks * BLOCK_SIZE, max_running=rows,
                       max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows))
 
-    def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache):
+    def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
         """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
-        rows that repeat it); yields each step's [(row, RequestOutput)]."""
+        rows that repeat it); yields each step's [(row, RequestOutput)] (with their text where `text`)."""
         engine = self._engine(prompt_ids, max_new_tokens)
         if on_cache is not None:
             on_cache(engine.runner)
@@ -269,7 +269,7 @@ class LLM:
         for row, ids in enumerate(prompt_ids):
             groups.setdefault(tuple(ids), []).append(row)
         rows_of = {engine.add_request(list(ids), [params[r] for r in rows], max_new_tokens=max_new_tokens,
-                                      stop=stops, n=len(rows), ignore_eos=not stop_at_eos): rows
+                                      stop=stops, n=len(rows), ignore_eos=not stop_at_eos, detokenize=text): rows
                    for ids, rows in groups.items()}
         try:
             while engine.has_unfinished():
@@ -279,7 +279,7 @@ class LLM:
 
     def _generate_session(self, prompt_ids, params, max_new_tokens, on_cache, stop_at_eos):
         B = len(prompt_ids)
-        for step in self._session_steps(prompt_ids, params, max_new_tokens, None, stop_at_eos, on_cache):
+        for step in self._session_steps(prompt_ids, params, max_new_tokens, None, stop_at_eos, on_cache, False):
             tokens: list[int | None] = [None] * B
             for row, out in step:
                 tokens[row] = out.new_token_ids[0] if out.new_token_ids else None
@@ -369,7 +369,7 @@ class LLM:
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
         if self._runs_on_session():
-            for step in self._session_steps(prompt_ids, params, max_new_tokens, stops, True, None):
+            for step in self._session_steps(prompt_ids, params, max_new_tokens, stops, True, None, True):
                 for row, out in step:
                     finish = "eos" if isinstance(out.stop_reason, int) else out.finish_reason
                     yield row, out.new_text, out.new_token_ids[0] if out.new_token_ids else None, finish

@@ -5,7 +5,8 @@ the block manager (the C++ session's paged cache, behind session.SessionRunner) 
 
 A step feeds at most max_batch_tokens tokens: one token of every decoding sequence first, then prompt
 chunks (at most `chunk` tokens of one sequence) in what is left, so a long prompt never holds the running
-streams up for more than one chunk. Waiting sequences start first come, first served while max_running
+streams up for more than one chunk. With chunked=False (the benchmark's comparison) a prompt goes in whole
+(up to `chunk` tokens, the context) whatever the budget, which it only uses up. Waiting sequences start first come, first served while max_running
 allows, the step has tokens to spare and the pool has the blocks (plus one spare block per running
 sequence, so that a start is not undone by the next decode step). A sequence whose prompt shares whole
 blocks with a prompt still being computed waits until those blocks are cached instead of computing them a
@@ -34,7 +35,7 @@ class Sequence:
     index: int  # which of the request's n
     params: SamplingParams  # its seed fixed
     tokens: list[int]  # prompt + generated; the KV cache holds tokens[:computed]
-    text: "TextStream"
+    text: "TextStream | None"  # None: token ids only (detokenize=False)
     penalties: PenaltyWindow | None = None  # None: its params have no penalties
     computed: int = 0
     slot: int | None = None  # its sequence in the runner while it holds blocks
@@ -65,8 +66,8 @@ class Request:
 
 class Scheduler:
     def __init__(self, runner: "SessionRunner", *, max_batch_tokens: int, max_running: int, chunk: int,
-                 block_size: int):
-        self.runner = runner
+                 block_size: int, chunked: bool = True):
+        self.runner, self.chunked = runner, chunked
         self.max_batch_tokens, self.max_running, self.chunk, self.block_size = max_batch_tokens, max_running, chunk, block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in the order they started
@@ -122,10 +123,13 @@ class Scheduler:
         budget -= len(plan)
         for s in self.running:
             if s.pending > 1 and budget > 0:  # a prompt (or a preempted sequence's tokens) in chunks
-                n = min(s.pending, self.chunk, budget)
+                n = self._chunk(s.pending, budget)
                 plan.append((s, n))
                 budget -= n
         return plan, budget
+
+    def _chunk(self, pending: int, budget: int) -> int:
+        return min(pending, self.chunk, budget) if self.chunked else min(pending, self.chunk)
 
     def _preempt_newest(self) -> None:
         if not self.running:
@@ -151,7 +155,7 @@ class Scheduler:
                 continue  # its blocks will be cached within a few steps: later sequences may go first
             slot = self.runner.add_sequence()
             matched = self.runner.match_prefix(slot, seq.tokens) if self.runner.prefix_caching else 0
-            n = min(len(seq.tokens) - matched, self.chunk, budget)
+            n = self._chunk(len(seq.tokens) - matched, budget)
             need = self.runner.blocks_needed([(s.slot, k) for s, k in plan + started] + [(slot, n)])
             if need + len(self.running) > self.runner.num_free_blocks and self.running:
                 self.runner.free(slot)

@@ -125,6 +125,10 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, contex
 
     if isinstance(prompt, str):
         return encode_prompt(tokenizer, prompt, context)
+    if not isinstance(prompt, (list, tuple)) or not all(_is_token(t) for t in prompt):
+        raise ValueError(f"a prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError("a prompt must contain at least one token")
     bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")

@@ -317,14 +317,13 @@ def _decode(llm, prompts: list[list[int]], params: list[SamplingParams], max_new
     done = [False] * len(prompts)
     for step in llm.generate_ids(prompts, params, max_new, stop_at_eos=False):
         for r, token in enumerate(step):
-            if done[r]:  # (pad is None only without EOS ids, when no row is ever done)
-                out[r].append(pad)
-            else:
+            if token is not None and not done[r]:  # (None: the row has no token this step)
                 out[r].append(token)
-                done[r] = token in eos
+                done[r] = token in eos or len(out[r]) == max_new
         if all(done):
             break
-    return out
+    longest = max(len(row) for row in out)
+    return [row + [pad] * (longest - len(row)) for row in out]  # (pad is None only when no row ends early)
 
 
 def accelerate(model):

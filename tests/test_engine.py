@@ -1,0 +1,317 @@
+"""The continuous-batching Engine: scheduling (chunked prefill, preemption), prefix caching, aborts, the
+asyncio wrapper and bad input. Load tests run on tiny random models; every text is checked against the
+same request run alone."""
+import asyncio
+import random
+import resource
+
+import pytest
+import torch
+
+from llama_fast import LLM, AsyncEngine, Engine, QueueFullError, SamplingParams, SpanBias
+from llama_fast import _ext
+from llama_fast.config import ModelConfig
+
+from models import random_model
+
+pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="the C++ extensions are not built")
+
+VOCAB = 300
+
+
+def tiny_llm(smollm, span=SpanBias(), max_seq_len=4096, seed=0):
+    """A random 2-layer model (token ids only; the embedded model's tokenizer turns ids < VOCAB into text)."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, ffn_dim=96,
+                      max_seq_len=max_seq_len, head_dim=16)
+    return LLM(random_model(cfg, span, seed=seed, qk_gain=3.0), smollm.tokenizer)
+
+
+def ids(n, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]  # ids 0-2 are the tokenizer's control tokens
+
+
+def run(engine, until_empty=True):
+    """Steps the engine until nothing is unfinished -> {request id: {index: tokens}}, finish reasons."""
+    tokens, reasons = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, {}).setdefault(out.index, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                reasons[(out.request_id, out.index)] = out.finish_reason
+    return tokens, reasons
+
+
+def alone(llm, prompt, max_new_tokens, params=None, **kwargs):
+    engine = Engine(llm, prefix_caching=False)
+    rid = engine.add_request(prompt, params, max_new_tokens=max_new_tokens, **kwargs)
+    return run(engine)[0][rid]
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    return tiny_llm(smollm)
+
+
+def test_requests_arriving_while_others_run_get_their_text_alone(tiny):
+    """A replayed arrival trace: 12 requests of 5 to 300 prompt tokens arrive at fixed steps while others
+    run; each gets the tokens it gets alone, and no block is left held."""
+    rng = random.Random(1)
+    trace = [(step, ids(rng.randrange(5, 300), seed), rng.randrange(5, 40)) for seed, step in
+             enumerate(sorted(rng.randrange(0, 60) for _ in range(12)))]
+    engine = Engine(tiny, max_batch_tokens=96, max_kv_tokens=4096)
+    got, step = {}, 0
+    pending = list(trace)
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, prompt, new = pending.pop(0)
+            got[engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)] = (prompt, new, [])
+        for out in engine.step():
+            got[out.request_id][2].extend(out.new_token_ids)
+        step += 1
+    for prompt, new, tokens in got.values():
+        assert len(tokens) == new
+        assert tokens == alone(tiny, prompt, new, ignore_eos=True)[0]
+    assert engine.stats()["blocks_in_use"] == 0
+
+
+def test_a_long_prompt_never_stalls_running_streams(tiny):
+    """4 streams decoding, a 2,000-token prompt arrives: no step feeds more than max_batch_tokens tokens and
+    every running stream gets a token at every step until the prompt is in (counted, not timed)."""
+    engine = Engine(tiny, max_batch_tokens=64, max_kv_tokens=8192)
+    fed = []
+    step = engine.runner.step
+
+    def counting_step(entries, **kwargs):
+        fed.append(sum(len(tokens) for _, tokens in entries))
+        return step(entries, **kwargs)
+
+    engine.runner.step = counting_step
+    streams = {engine.add_request(ids(20, s), max_new_tokens=200, ignore_eos=True) for s in range(4)}
+    produced = set()
+    while not produced >= streams:  # until all four decode
+        produced |= {out.request_id for out in engine.step()}
+    long = engine.add_request(ids(2000, 9), max_new_tokens=4, ignore_eos=True)
+    steps = 0
+    while True:
+        produced = {out.request_id for out in engine.step()}
+        steps += 1
+        assert produced >= streams  # each running stream got its token in this step
+        if long in produced:
+            break
+    assert steps >= 2000 / 60 and max(fed) <= 64
+    engine.abort_all()
+    assert engine.stats()["blocks_in_use"] == 0
+
+
+def test_prefix_caching_reuses_a_shared_system_prompt(tiny):
+    """8 requests sharing a 500-token system prompt, one after another and then all at once: requests 2-8
+    compute at most 10% of the prompt tokens the first computed, with the same tokens as without caching."""
+    system = ids(500, 42)
+    prompts = [system + ids(8, 100 + i) for i in range(8)]
+    plain = Engine(tiny, prefix_caching=False)
+    want = [run_one(plain, p) for p in prompts]
+
+    cached = Engine(tiny)
+    computed = []
+    for p, w in zip(prompts, want):
+        before = cached.stats()["prompt_tokens_computed"]
+        assert run_one(cached, p) == w
+        computed.append(cached.stats()["prompt_tokens_computed"] - before)
+    assert computed[0] == len(prompts[0])
+    assert all(c <= 0.1 * computed[0] for c in computed[1:]), computed
+
+    together = Engine(tiny)
+    rids = [together.add_request(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+    tokens, _ = run(together)
+    assert [tokens[r][0] for r in rids] == want
+    stats = together.stats()
+    assert stats["prompt_tokens_computed"] <= len(prompts[0]) + 7 * 0.1 * len(prompts[0])
+    assert stats["prompt_tokens_cached"] >= 7 * 496 and stats["blocks_in_use"] == 0 and stats["blocks_cached"] > 0
+
+
+def run_one(engine, prompt, new=12):
+    rid = engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)
+    return run(engine)[0][rid][0]
+
+
+def test_prefix_caching_under_a_window_gives_the_uncached_text(smollm):
+    llm = tiny_llm(smollm, span=SpanBias(window=40, sink_tokens=4))
+    system = ids(200, 5)
+    prompts = [system + ids(10, 200 + i) for i in range(4)]
+    want = [run_one(Engine(llm, prefix_caching=False), p, 60) for p in prompts]
+    cached = Engine(llm)
+    assert [run_one(cached, p, 60) for p in prompts] == want
+    assert cached.stats()["prompt_tokens_cached"] > 0
+
+
+def test_more_requests_than_the_pool_holds_all_finish_by_preemption(tiny):
+    """A pool of 40 blocks for 16 requests that each need up to 12: all finish, some by being preempted and
+    computed again, each with its text alone."""
+    rng = random.Random(3)
+    requests = [(ids(rng.randrange(20, 120), 50 + i), rng.randrange(30, 70)) for i in range(16)]
+    engine = Engine(tiny, max_kv_tokens=40 * 16, max_batch_tokens=128, prefix_caching=False)
+    rids = [engine.add_request(p, max_new_tokens=n, ignore_eos=True) for p, n in requests]
+    tokens, reasons = run(engine)
+    assert engine.stats()["preemptions"] > 0
+    for rid, (p, n) in zip(rids, requests):
+        assert tokens[rid][0] == alone(tiny, p, n, ignore_eos=True)[0]
+        assert reasons[(rid, 0)] == "length"
+    assert engine.stats()["blocks_in_use"] == 0
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def test_two_thousand_requests_with_aborts_leave_no_block_and_no_memory_behind(tiny):
+    """2,000 requests of random lengths, some aborted at random steps, through a small pool (preemptions):
+    blocks in use return to zero, RSS stays flat, and the ones that finish get their text alone."""
+    rng = random.Random(7)
+    engine = Engine(tiny, max_kv_tokens=64 * 16, max_batch_tokens=128, max_running=32)
+    live, finished, aborted, checked = {}, {}, 0, 0
+    rss = []
+    for i in range(2000):
+        prompt, new = ids(rng.randrange(1, 60), 1000 + i), rng.randrange(1, 24)
+        live[engine.add_request(prompt, SamplingParams(temperature=0.0), max_new_tokens=new, ignore_eos=True)] = (prompt, new, [])
+        if i % 4 == 3:
+            for out in engine.step():
+                if out.finish_reason == "abort":
+                    continue
+                live[out.request_id][2].extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished[out.request_id] = live.pop(out.request_id)
+            if rng.random() < 0.2 and live:
+                rid = rng.choice(list(live))
+                engine.abort(rid)
+                del live[rid]
+                aborted += 1
+        if i in (400, 1999):
+            rss.append(rss_mib())
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id in live:
+                live[out.request_id][2].extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finished[out.request_id] = live.pop(out.request_id)
+    assert not live and aborted > 50 and len(finished) + aborted == 2000
+    stats = engine.stats()
+    assert stats["blocks_in_use"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert rss[1] - rss[0] < 64, rss
+    for prompt, new, tokens in rng.sample(list(finished.values()), 12):
+        assert tokens == alone(tiny, prompt, new, ignore_eos=True)[0]
+
+
+def test_n_forks_compute_the_prompt_once_and_draw_from_seed_plus_index(tiny):
+    prompt = ids(70, 11)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
+    engine = Engine(tiny)
+    rid = engine.add_request(prompt, params, max_new_tokens=20, n=3, ignore_eos=True)
+    tokens, _ = run(engine)
+    assert engine.stats()["prompt_tokens_computed"] == len(prompt)
+    for i in range(3):
+        one = SamplingParams(temperature=0.9, top_p=0.95, seed=5 + i)
+        assert tokens[rid][i] == alone(tiny, prompt, 20, one, ignore_eos=True)[0]
+    assert len({tuple(t) for t in tokens[rid].values()}) == 3
+
+
+def test_stop_strings_min_tokens_and_logprobs(smollm):
+    engine = Engine(smollm)
+    bare = "Write a short poem about the sea."  # the instruct model's greedy continuation is its end token
+    rid = engine.add_request(bare, max_new_tokens=10)
+    tokens, reasons = run(engine)
+    assert len(tokens[rid][0]) == 1 and reasons[(rid, 0)] == "stop"
+    rid = engine.add_request(bare, max_new_tokens=10, min_tokens=4)
+    tokens, _ = run(engine)
+    assert len(tokens[rid][0]) >= 4 and not set(tokens[rid][0][:4]) & engine._eos
+
+    want = smollm.generate("The capital of France is", max_new_tokens=30).text
+    stop = want.split()[3]
+    rid = engine.add_request("The capital of France is", max_new_tokens=30, stop=stop)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert "".join(o.new_text for o in outs) == want[:want.index(stop)]
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop
+
+    rid = engine.add_request("The capital of France is", SamplingParams(temperature=0.0, logprobs=3), max_new_tokens=5)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    for out in outs:
+        (chosen, top), = out.logprobs
+        assert len(top) == 3 and top[0][0] == out.new_token_ids[0] and chosen == pytest.approx(top[0][1])
+        assert top[0][1] >= top[1][1] >= top[2][1] and chosen <= 0
+
+
+def test_bad_requests_raise_naming_the_argument_and_disturb_nothing(tiny):
+    engine = Engine(tiny, max_kv_tokens=512, max_waiting=3)
+    prompt = ids(40, 1)
+    want = alone(tiny, prompt, 30, ignore_eos=True)[0]
+    rid = engine.add_request(prompt, max_new_tokens=30, ignore_eos=True, request_id="mine")
+    first = [t for out in engine.step() for t in out.new_token_ids]
+    with pytest.raises(ValueError, match="abort: no unfinished request with id 'nope'"):
+        engine.abort("nope")
+    with pytest.raises(ValueError, match="request_id 'mine' is already in use"):
+        engine.add_request(prompt, request_id="mine")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.add_request(prompt, max_new_tokens=0)
+    with pytest.raises(ValueError, match="5000 tokens; the model's context is 4096"):
+        engine.add_request(ids(5000, 2))
+    with pytest.raises(ValueError, match="more than max_kv_tokens=512"):
+        engine.add_request(ids(400, 2), max_new_tokens=200)
+    with pytest.raises(ValueError, match="a prompt must contain at least one token"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        engine.add_request(prompt, n=0)
+    with pytest.raises(ValueError, match="list of n=2"):
+        engine.add_request(prompt, [SamplingParams()], n=2)
+    with pytest.raises(ValueError, match="max_running"):
+        Engine(tiny, max_running=100, max_batch_tokens=50)
+    for _ in range(3):
+        engine.add_request(ids(10, 3), max_new_tokens=2)
+    with pytest.raises(QueueFullError, match="3 requests are waiting"):
+        engine.add_request(ids(10, 3))
+    tokens, _ = run(engine)
+    assert first + tokens[rid][0] == want and engine.stats()["blocks_in_use"] == 0
+
+
+def test_engine_refuses_what_the_session_cannot_run(smollm):
+    with pytest.raises(ValueError, match=r"Engine runs on the C\+\+ session .* decode=eager"):
+        Engine(LLM(smollm.model, smollm.tokenizer, decode="eager"))
+
+
+def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):
+    prompts = [ids(30 + 10 * i, 70 + i) for i in range(4)]
+    want = [alone(tiny, p, 25, ignore_eos=True)[0] for p in prompts]
+
+    async def main():
+        aengine = AsyncEngine(Engine(tiny))
+
+        async def collect(prompt):
+            tokens = []
+            async for out in aengine.generate(prompt, max_new_tokens=25, ignore_eos=True):
+                tokens += out.new_token_ids
+            return tokens
+
+        got = await asyncio.gather(*(collect(p) for p in prompts))
+        stream = aengine.generate(prompts[0], max_new_tokens=200, ignore_eos=True)
+        async for _ in stream:
+            break
+        await stream.aclose()  # the client went away: aborted, blocks freed within a step
+        for _ in range(100):
+            if aengine.stats()["blocks_in_use"] == 0 and not aengine.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        stats = aengine.stats()
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            aengine.generate(prompts[0], max_new_tokens=-1)
+        await aengine.shutdown(timeout=5)
+        with pytest.raises(RuntimeError, match="shutting down"):
+            aengine.generate(prompts[0])
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    assert got == want
+    assert stats["blocks_in_use"] == 0 and stats["running"] == 0
