@@ -68,24 +68,37 @@ class LLM:
         self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
+        if getattr(model, "tp", None) is not None and self.decode == "eager":
+            raise ValueError("a tensor-parallel shard runs only through the C++ session: decode='eager' is not available")
         self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
         self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
-                        progress: bool = True, decode: str | None = None) -> "LLM":
+                        progress: bool = True, decode: str | None = None, tensor_parallel: int = 1,
+                        tp_timeout_s: float = 60.0) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
         Hugging Face or Meta directory. device: "cpu" (default), "cuda", "cuda:N" or N. dtype: a name of
         validate.DTYPE_NAMES ("float32" (default) / "fp32", "bfloat16" / "bf16", "float16" / "fp16") or that
-        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__."""
+        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__.
+        tensor_parallel=N > 1: this process is one rank of a torchrun job of N; it keeps only its shard of the
+        model (llama_fast.tensor_parallel) and every rank must make the same calls; a collective that waits
+        for a peer longer than tp_timeout_s seconds raises."""
         name_or_path = validate.path_or_name(name_or_path)
         device = torch.device(validate.device_name(device))
         dtype = getattr(torch, validate.dtype_name(dtype or "float32"))
         if span is not None and not isinstance(span, SpanBias):
             raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
+        validate.integer(tensor_parallel, "tensor_parallel", minimum=1)
+        if validate.real(tp_timeout_s, "tp_timeout_s") <= 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {tp_timeout_s!r}")
         ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
         span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span)
+        if tensor_parallel > 1:
+            from .tensor_parallel import shard_model
+
+            shard_model(model, tensor_parallel, timeout_s=tp_timeout_s)
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
     @classmethod
@@ -366,6 +379,8 @@ class LLM:
         """Yields (row, new text, new token id or None, finish reason or None): tokenizer.stream_text over
         the decode loop."""
         stops = stop_strings(stop)
+        if getattr(self.model, "tp", None) is not None and seed is None and settings["temperature"] > 0:
+            raise ValueError("seed: a tensor-parallel run that samples needs a seed (every rank must draw alike)")
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
         if self._runs_on_session():
