@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llama_fast")
 
+MAX_GENERATE_STEP_TOKENS = 4096  # tokens one step of a generate call may feed (its activations' memory)
+
 
 @dataclass
 class PerplexityResult:
@@ -265,12 +267,14 @@ class LLM:
         from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
         from .session import BLOCK_SIZE, blocks_for_sequence
 
-        span, rows = self.model.span, len(prompt_ids)
-        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, prefill_chunk(span.window), span.window or 0,
-                                       span.sink_tokens, BLOCK_SIZE) for ids in prompt_ids)
+        span, rows, chunk = self.model.span, len(prompt_ids), prefill_chunk(self.model.span.window)
+        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, chunk, span.window or 0, span.sink_tokens,
+                                       BLOCK_SIZE) for ids in prompt_ids)
         blocks = min(need, self._kv_budget_blocks(BLOCK_SIZE))
+        # A batch job, not a server: every prompt's first chunk in one step where it is not huge.
+        first_chunks = sum(min(len(ids), chunk) for ids in prompt_ids)
         return Engine(self, max_kv_tokens=blocks * BLOCK_SIZE, max_running=rows,
-                      max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows))
+                      max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows, min(first_chunks, MAX_GENERATE_STEP_TOKENS)))
 
     def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
         """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
