@@ -678,7 +678,7 @@ class Session {
     for (int r = 0; r < R; ++r) {
       cd::load_row(m.embedding, m.w_bf16, tokens[r], dim, x + static_cast<size_t>(r) * dim);
       rope_row(row_pos_[r], cs + static_cast<size_t>(r) * rot);
-      rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
+      if (two_queries) rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
     }
 
     const cd::Kernels kern = kern_;
