@@ -1,7 +1,8 @@
 """The Engine's scheduler: which sequences run in the next step, and how many tokens each feeds.
 
 Split as vLLM splits it: the engine (engine.py) samples, detokenizes and reports; the scheduler decides;
-the block manager (the C++ session's paged cache, behind session.SessionRunner) holds the KV blocks.
+the block manager (the C++ session's paged cache, behind session.SessionRunner: a session.Runner) holds the
+KV blocks.
 
 A step feeds at most max_batch_tokens tokens: one token of every decoding sequence first, then prompt
 chunks (at most `chunk` tokens of one sequence) in what is left, so a long prompt never holds the running
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 from .sampling import PenaltyWindow, SamplingParams
 
 if TYPE_CHECKING:
-    from .session import SessionRunner
+    from .session import Runner
     from .tokenizer import TextStream
 
 
@@ -65,7 +66,7 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, runner: "SessionRunner", *, max_batch_tokens: int, max_running: int, chunk: int,
+    def __init__(self, runner: "Runner", *, max_batch_tokens: int, max_running: int, chunk: int,
                  block_size: int, chunked: bool = True, windowed: bool = False):
         self.runner, self.chunked, self.windowed = runner, chunked, windowed
         self.max_batch_tokens, self.max_running, self.chunk, self.block_size = max_batch_tokens, max_running, chunk, block_size
