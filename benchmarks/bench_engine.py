@@ -10,7 +10,7 @@ token and inter-token latency percentiles (p50, p99), end-to-end latency, prompt
 from the cache, preemptions.
 
     .venv/bin/python benchmarks/bench_engine.py [--requests 48] [--rate 1.5] [--threads 2]
-        [--dtype float32] [--max-batch-tokens 256] [--out benchmarks/out]
+        [--dtype float32] [--max-batch-tokens 256] [--churn 2000] [--out benchmarks/out]
 
 Writes bench_engine.json into --out; paste the printed table into RESULTS.md.
 """
@@ -97,6 +97,39 @@ def replay(engine: Engine, requests: list[tuple[float, list[int], int]]) -> dict
     }
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def churn(llm: LLM, requests: int, seed: int = 1) -> dict:
+    """Many short requests through a 64-block pool, a fifth aborted at a random later step."""
+    rng = random.Random(seed)
+    with open(SAMPLE_TEXT, encoding="utf-8") as f:
+        text = llm.tokenizer.encode(f.read())
+    engine = Engine(llm, max_kv_tokens=64 * 16, max_batch_tokens=128, max_running=32)
+    live, aborted, rss = set(), 0, []
+    start = time.perf_counter()
+    for i in range(requests):
+        n = rng.randrange(1, 60)
+        at = rng.randrange(0, len(text) - n)
+        live.add(engine.add_request(text[at:at + n], max_new_tokens=rng.randrange(1, 24), ignore_eos=True))
+        if i % 4 == 3:
+            live -= {out.request_id for out in engine.step() if out.finish_reason is not None}
+            if rng.random() < 0.2 and live:
+                engine.abort(rng.choice(sorted(live)))
+                aborted += 1
+        if i == requests // 5:
+            rss.append(rss_mib())
+    while engine.has_unfinished():
+        engine.step()
+    rss.append(rss_mib())
+    stats = engine.stats()
+    return {"requests": requests, "aborted": aborted, "seconds": time.perf_counter() - start,
+            "blocks_in_use_after": stats["blocks_in_use"], "preemptions": stats["preemptions"],
+            "rss_growth_mib": rss[1] - rss[0]}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=48)
@@ -104,6 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--max-batch-tokens", type=int, default=256)
+    ap.add_argument("--churn", type=int, default=2000, help="requests of the churn run (0: skip it)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -118,9 +152,11 @@ def main(argv=None) -> None:
         engine = Engine(llm, max_batch_tokens=args.max_batch_tokens, prefix_caching=cached, chunked_prefill=chunked)
         results[name] = replay(engine, requests)
         print(f"{name}: {json.dumps({k: round(v, 3) for k, v in results[name].items()})}", flush=True)
+    churned = churn(llm, args.churn) if args.churn else None
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
               "isa": warm.runner.isa, "threads": args.threads, "dtype": args.dtype, "requests": args.requests,
-              "rate": args.rate, "max_batch_tokens": args.max_batch_tokens, "results": results}
+              "rate": args.rate, "max_batch_tokens": args.max_batch_tokens, "results": results,
+              "churn": churned}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_engine.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -132,6 +168,11 @@ def main(argv=None) -> None:
         print(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
               f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['e2e_p50_s']:.2f} / "
               f"{r['e2e_p99_s']:.2f} | {r['prompt_tokens_computed']} / {r['prompt_tokens_cached']} | {r['preemptions']} |")
+
+    if churned:
+        print(f"\nchurn: {churned['requests']} requests ({churned['aborted']} aborted) in {churned['seconds']:.0f} s, "
+              f"{churned['preemptions']} preemptions; blocks in use after: {churned['blocks_in_use_after']}, "
+              f"RSS growth {churned['rss_growth_mib']:.1f} MiB")
 
 
 if __name__ == "__main__":

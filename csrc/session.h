@@ -30,7 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -289,8 +292,8 @@ class Session {
     SESSION_CHECK(rows == num_tokens, "Session.step: the entries count ", rows, " tokens, got ", num_tokens);
     SESSION_CHECK(rows < (int64_t{1} << 24), "Session.step: too many tokens in one step (", rows, ")");
     for (int64_t i = 0; i < rows; ++i)
-      SESSION_CHECK(tokens[i] >= 0 && tokens[i] < desc_.vocab, "Session.step: token id ", tokens[i], " at ", i,
-                    " is outside [0, ", desc_.vocab, ")");
+      SESSION_CHECK(tokens[i] >= 0 && tokens[i] < embed_vocab_, "Session.step: token id ", tokens[i], " at ", i,
+                    " is outside [0, ", embed_vocab_, ")");
     reserve(entries);
     run(entries, tokens, static_cast<int>(rows), all_logits, logits);
     for (const Entry& e : entries) {
@@ -314,7 +317,17 @@ class Session {
 
   // ---- settings ----
 
+  // Logits per row: the output matrix's rows (the vocabulary, or a tensor-parallel rank's slice of it).
   int vocab() const { return desc_.vocab; }
+
+  // Tensor parallelism: called with the (rows, dim) partial sums of each layer's two output projections,
+  // which it must replace in place by their sum over the ranks (an all-reduce). It runs on the calling
+  // thread while the step's other threads wait; an exception from it ends the step and is rethrown.
+  using AllReduce = std::function<void(float* data, int64_t count)>;
+  void set_all_reduce(AllReduce reduce) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    all_reduce_ = std::move(reduce);
+  }
   int num_threads() const { return num_threads_; }
   void set_num_threads(int n) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -524,6 +537,7 @@ class Session {
                   "Session: tok_embeddings.weight must be (vocab, dim), got ", shape_str(emb.shape));
     wdtype_ = emb.dtype;
     const int64_t vocab = emb.shape[0], dim = emb.shape[1];
+    embed_vocab_ = static_cast<int>(vocab);
     const int64_t nq = int64_t{m.n_heads} * m.head_dim, nkv = int64_t{m.n_kv_heads} * m.head_dim;
     const TensorRef& w1 = find(w, "layers.0.feed_forward.w1.weight");
     SESSION_CHECK(w1.shape.size() == 2 && w1.shape[0] >= 1 && w1.shape[0] < (1 << 24),
@@ -535,11 +549,18 @@ class Session {
     desc_.n_kv_heads = m.n_kv_heads;
     desc_.head_dim = m.head_dim;
     desc_.ffn_dim = static_cast<int>(ffn);
-    desc_.vocab = static_cast<int>(vocab);
+    int64_t out_rows = vocab;  // a tensor-parallel rank's output holds its slice of the vocabulary
+    if (w.count("output.weight")) {
+      const TensorRef& out = find(w, "output.weight");
+      SESSION_CHECK(out.shape.size() == 2 && out.shape[0] >= 1 && out.shape[0] <= vocab,
+                    "Session: output.weight must be (rows <= vocab, dim), got ", shape_str(out.shape));
+      out_rows = out.shape[0];
+    }
+    desc_.vocab = static_cast<int>(out_rows);
     desc_.eps = static_cast<float>(m.norm_eps);
     desc_.w_bf16 = wdtype_ == DType::BF16;
     desc_.embedding = emb.data;
-    desc_.output = w.count("output.weight") ? matrix(w, "output.weight", vocab, dim) : emb.data;
+    desc_.output = w.count("output.weight") ? matrix(w, "output.weight", out_rows, dim) : emb.data;
     desc_.final_norm = vector(w, "norm.weight", dim);
     layers_.resize(m.n_layers);
     for (int l = 0; l < m.n_layers; ++l) {
@@ -657,11 +678,13 @@ class Session {
     for (int r = 0; r < R; ++r) {
       cd::load_row(m.embedding, m.w_bf16, tokens[r], dim, x + static_cast<size_t>(r) * dim);
       rope_row(row_pos_[r], cs + static_cast<size_t>(r) * rot);
-      rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
+      if (two_queries) rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
     }
 
     const cd::Kernels kern = kern_;
     cd::SpinBarrier barrier;
+    std::exception_ptr error;  // from all_reduce_: the step stops at the next layer boundary
+    std::atomic<bool> failed{false};
 #pragma omp parallel num_threads(num_threads_)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -720,10 +743,24 @@ class Session {
                             m.span + h, scores, att + static_cast<size_t>(r) * nq + h * D);
         }
         barrier.wait();
-        // x += w . in, for this thread's columns of x (the output projections, then the residual add).
+        // x += w . in, for this thread's columns of x (the output projections, then the residual add); under
+        // tensor parallelism the partial products are summed over the ranks first.
         auto project_add = [&](const void* wm, const float* in, int k) {
           cd::split(dim, 16, t, nt, lo, hi);
           kern.dot_rows(wm, m.w_bf16, k, lo, hi, in, k, R, tmp, dim);
+          if (all_reduce_) {
+            barrier.wait();
+            if (t == 0 && !failed) {
+              try {
+                all_reduce_(tmp, static_cast<int64_t>(R) * dim);
+              } catch (...) {
+                error = std::current_exception();
+                failed = true;
+              }
+            }
+            barrier.wait();
+          }
+          cd::split(dim, 16, t, nt, lo, hi);
           for (int r = 0; r < R; ++r)
             for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
           barrier.wait();
@@ -736,13 +773,18 @@ class Session {
         for (int r = 0; r < R; ++r) kern.silu_mul(gate + r * F + lo, up + r * F + lo, gate + r * F + lo, hi - lo);
         barrier.wait();
         project_add(w.w2, gate, F);
+        if (failed) break;  // every thread sees it after the same barrier
       }
-      cd::split(n_out, 1, t, nt, lo, hi);
-      for (int i = lo; i < hi; ++i) cd::rms_norm(x + static_cast<size_t>(out_rows_[i]) * dim, m.final_norm, dim, m.eps, xo + static_cast<size_t>(i) * dim);
-      barrier.wait();
-      cd::split(m.vocab, 16, t, nt, lo, hi);
-      kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xo, dim, n_out, logits, m.vocab);
+      if (!failed) {
+        cd::split(n_out, 1, t, nt, lo, hi);
+        for (int i = lo; i < hi; ++i)
+          cd::rms_norm(x + static_cast<size_t>(out_rows_[i]) * dim, m.final_norm, dim, m.eps, xo + static_cast<size_t>(i) * dim);
+        barrier.wait();
+        cd::split(m.vocab, 16, t, nt, lo, hi);
+        kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xo, dim, n_out, logits, m.vocab);
+      }
     }
+    if (error) std::rethrow_exception(error);
   }
 
   ModelShape shape_;
@@ -758,6 +800,8 @@ class Session {
   std::vector<cd::HeadSpan> spans_;
   int window_ = 0, sinks_ = 0;
   int num_threads_ = 1;
+  int embed_vocab_ = 0;
+  AllReduce all_reduce_;
 
   CacheParams cache_;
   size_t block_elems_ = 0;  // elements of one block in one layer's pool: block_size * n_kv_heads * head_dim

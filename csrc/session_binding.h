@@ -96,6 +96,20 @@ class PySession {
     return session_->blocks_needed(entries(seqs, counts));
   }
 
+  // reduce(array): sums a float32 numpy array over the ranks in place (None: no tensor parallelism).
+  void set_all_reduce(py::object reduce) {
+    if (reduce.is_none()) {
+      session_->set_all_reduce(nullptr);
+      return;
+    }
+    session_->set_all_reduce([reduce](float* data, int64_t count) {
+      py::gil_scoped_acquire gil;
+      // A view of the session's buffer, not a copy: the base object only marks it as borrowed.
+      reduce(py::array_t<float>({static_cast<py::ssize_t>(count)}, {static_cast<py::ssize_t>(sizeof(float))}, data,
+                                py::none()));
+    });
+  }
+
   Session& get() { return *session_; }
 
  private:
@@ -184,6 +198,7 @@ inline void bind_session(py::module_& m) {
            "prefix_caching"_a = false)
       .def("step", &PySession::step, "seqs"_a, "counts"_a, "tokens"_a, "all_logits"_a = false)
       .def("blocks_needed", &PySession::blocks_needed, "seqs"_a, "counts"_a)
+      .def("set_all_reduce", &PySession::set_all_reduce, "reduce"_a)
       .def("match_prefix", [](PySession& s, int64_t seq, const std::vector<int64_t>& tokens) {
              return s.get().match_prefix(seq, tokens.data(), static_cast<int64_t>(tokens.size()));
            }, "seq"_a, "tokens"_a)

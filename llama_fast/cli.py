@@ -76,18 +76,37 @@ def _load(args, fast_start: bool = False):
 
     span = SpanBias(window=args.window, sink_tokens=args.sinks) if args.window or args.sinks else None
     return LLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, span=span,
-                               progress=sys.stderr.isatty())
+                               progress=sys.stderr.isatty(), tensor_parallel=getattr(args, "tp", 1))
 
 
 def cmd_generate(args) -> None:
     text = _utf8(sys.stdin.buffer.read(), "the prompt read from stdin") if args.prompt == "-" else \
         _utf8(args.prompt, "the prompt")
-    settings = _sampling(args, chat=args.chat)
-    llm = _load(args, fast_start=True)
+    validate.integer(args.tp, "--tp", minimum=1)
+    if args.tp > 1:  # every rank must draw the same tokens: rank 0's seed for all, rank 0 prints
+        llm = _load(args)
+        args.seed = _rank0_seed(args.seed)
+        settings = _sampling(args, chat=args.chat)
+        show = os.environ.get("RANK", "0") == "0"
+    else:
+        settings = _sampling(args, chat=args.chat)
+        llm, show = _load(args, fast_start=True), True
     prompt = [{"role": "user", "content": text}] if args.chat else text
     for piece in llm.stream(prompt, **settings):
-        print(piece, end="", flush=True)
-    print()
+        if show:
+            print(piece, end="", flush=True)
+    if show:
+        print()
+
+
+def _rank0_seed(seed: int | None) -> int:
+    """The seed of a tensor-parallel run: the one given, else a fresh one drawn by rank 0 and broadcast."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([secrets.randbits(62) if seed is None else seed], dtype=torch.int64)
+    dist.broadcast(value, src=0)
+    return int(value)
 
 
 def cmd_chat(args) -> None:
@@ -202,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-fast", description="Fast LLaMA-family inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", help="stream a continuation of PROMPT")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: run as torchrun --nproc-per-node N -m llama_fast generate ... --tp N")
     p.add_argument("prompt", help="the prompt; - reads it from stdin")
     p.add_argument("--chat", action="store_true",
                    help="send PROMPT as one user message through the model's chat template (an instruct "

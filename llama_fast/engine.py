@@ -83,7 +83,8 @@ class Engine:
         span = llm.model.span
         chunk = prefill_chunk(span.window) if chunked_prefill or span.window else llm.config.max_seq_len
         self.scheduler = Scheduler(self.runner, max_batch_tokens=max_batch_tokens, max_running=max_running,
-                                   chunk=chunk, block_size=BLOCK_SIZE, chunked=chunked_prefill)
+                                   chunk=chunk, block_size=BLOCK_SIZE, chunked=chunked_prefill,
+                                   windowed=span.window is not None)
         self._eos = set(llm.config.eos_token_ids) | llm.tokenizer.eos_ids
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._reported: list[RequestOutput] = []  # aborts, reported by the next step
@@ -127,7 +128,7 @@ class Engine:
         context = llm._context
         ids = validate.prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, context)
         check_max_new_tokens(max_new_tokens)
-        validate.integer(n, "n", minimum=1)
+        validate.integer(n, "n", minimum=1, maximum=self.scheduler.max_running)
         validate.stop(stop)
         stops = stop_strings(stop)
         validate.integer(min_tokens, "min_tokens", minimum=0)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llama_fast")
 
+MAX_GENERATE_STEP_TOKENS = 4096  # tokens one step of a generate call may feed (its activations' memory)
+
 
 @dataclass
 class PerplexityResult:
@@ -68,24 +70,37 @@ class LLM:
         self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
+        if getattr(model, "tp", None) is not None and self.decode == "eager":
+            raise ValueError("a tensor-parallel shard runs only through the C++ session: decode='eager' is not available")
         self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
         self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, device=None, dtype=None, span: SpanBias | None = None,
-                        progress: bool = True, decode: str | None = None) -> "LLM":
+                        progress: bool = True, decode: str | None = None, tensor_parallel: int = 1,
+                        tp_timeout_s: float = 60.0) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
         Hugging Face or Meta directory. device: "cpu" (default), "cuda", "cuda:N" or N. dtype: a name of
         validate.DTYPE_NAMES ("float32" (default) / "fp32", "bfloat16" / "bf16", "float16" / "fp16") or that
-        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__."""
+        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__.
+        tensor_parallel=N > 1: this process is one rank of a torchrun job of N; it keeps only its shard of the
+        model (llama_fast.tensor_parallel) and every rank must make the same calls; a collective that waits
+        for a peer longer than tp_timeout_s seconds raises."""
         name_or_path = validate.path_or_name(name_or_path)
         device = torch.device(validate.device_name(device))
         dtype = getattr(torch, validate.dtype_name(dtype or "float32"))
         if span is not None and not isinstance(span, SpanBias):
             raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
+        validate.integer(tensor_parallel, "tensor_parallel", minimum=1)
+        if validate.real(tp_timeout_s, "tp_timeout_s") <= 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {tp_timeout_s!r}")
         ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
         span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
         model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span)
+        if tensor_parallel > 1:
+            from .tensor_parallel import shard_model
+
+            shard_model(model, tensor_parallel, timeout_s=tp_timeout_s)
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
 
     @classmethod
@@ -252,12 +267,14 @@ class LLM:
         from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
         from .session import BLOCK_SIZE, blocks_for_sequence
 
-        span, rows = self.model.span, len(prompt_ids)
-        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, prefill_chunk(span.window), span.window or 0,
-                                       span.sink_tokens, BLOCK_SIZE) for ids in prompt_ids)
+        span, rows, chunk = self.model.span, len(prompt_ids), prefill_chunk(self.model.span.window)
+        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, chunk, span.window or 0, span.sink_tokens,
+                                       BLOCK_SIZE) for ids in prompt_ids)
         blocks = min(need, self._kv_budget_blocks(BLOCK_SIZE))
+        # A batch job, not a server: every prompt's first chunk in one step where it is not huge.
+        first_chunks = sum(min(len(ids), chunk) for ids in prompt_ids)
         return Engine(self, max_kv_tokens=blocks * BLOCK_SIZE, max_running=rows,
-                      max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows))
+                      max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows, min(first_chunks, MAX_GENERATE_STEP_TOKENS)))
 
     def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
         """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
@@ -366,6 +383,8 @@ class LLM:
         """Yields (row, new text, new token id or None, finish reason or None): tokenizer.stream_text over
         the decode loop."""
         stops = stop_strings(stop)
+        if getattr(self.model, "tp", None) is not None and seed is None and settings["temperature"] > 0:
+            raise ValueError("seed: a tensor-parallel run that samples needs a seed (every rank must draw alike)")
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
         if self._runs_on_session():

@@ -1,14 +1,15 @@
 """The Engine's scheduler: which sequences run in the next step, and how many tokens each feeds.
 
 Split as vLLM splits it: the engine (engine.py) samples, detokenizes and reports; the scheduler decides;
-the block manager (the C++ session's paged cache, behind session.SessionRunner) holds the KV blocks.
+the block manager (the C++ session's paged cache, behind session.SessionRunner: a session.Runner) holds the
+KV blocks.
 
 A step feeds at most max_batch_tokens tokens: one token of every decoding sequence first, then prompt
 chunks (at most `chunk` tokens of one sequence) in what is left, so a long prompt never holds the running
 streams up for more than one chunk. With chunked=False (the benchmark's comparison) a prompt goes in whole
 (up to `chunk` tokens, the context) whatever the budget, which it only uses up. Waiting sequences start first come, first served while max_running
-allows, the step has tokens to spare and the pool has the blocks (plus one spare block per running
-sequence, so that a start is not undone by the next decode step). A sequence whose prompt shares whole
+allows, the step has tokens to spare and the pool has the blocks of their whole prompt (plus one spare
+block per running sequence, so that a start is not undone by the next decode steps). A sequence whose prompt shares whole
 blocks with a prompt still being computed waits until those blocks are cached instead of computing them a
 second time. When a step needs more blocks than are free, the newest request is preempted: its blocks
 are freed and it is computed again later from its tokens (prompt and generated). The KV it gets back is
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 from .sampling import PenaltyWindow, SamplingParams
 
 if TYPE_CHECKING:
-    from .session import SessionRunner
+    from .session import Runner
     from .tokenizer import TextStream
 
 
@@ -65,9 +66,9 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, runner: "SessionRunner", *, max_batch_tokens: int, max_running: int, chunk: int,
-                 block_size: int, chunked: bool = True):
-        self.runner, self.chunked = runner, chunked
+    def __init__(self, runner: "Runner", *, max_batch_tokens: int, max_running: int, chunk: int,
+                 block_size: int, chunked: bool = True, windowed: bool = False):
+        self.runner, self.chunked, self.windowed = runner, chunked, windowed
         self.max_batch_tokens, self.max_running, self.chunk, self.block_size = max_batch_tokens, max_running, chunk, block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in the order they started
@@ -156,7 +157,10 @@ class Scheduler:
             slot = self.runner.add_sequence()
             matched = self.runner.match_prefix(slot, seq.tokens) if self.runner.prefix_caching else 0
             n = self._chunk(len(seq.tokens) - matched, budget)
-            need = self.runner.blocks_needed([(s.slot, k) for s, k in plan + started] + [(slot, n)])
+            # Blocks for all its tokens, not just this chunk: one started now must not be preempted by
+            # its own next chunk (under a window the blocks it will hold are bounded anyway: its chunk's).
+            reserve = n if self.windowed else len(seq.tokens) - matched
+            need = self.runner.blocks_needed([(s.slot, k) for s, k in plan + started] + [(slot, reserve)])
             if need + len(self.running) > self.runner.num_free_blocks and self.running:
                 self.runner.free(slot)
                 break  # first come, first served: nothing behind it starts either

@@ -26,17 +26,23 @@ BLOCK_SIZE = 16  # tokens per KV block
 
 
 class Runner(Protocol):
-    """What the generation loop needs of a route from token ids to logits."""
+    """What the Engine and its scheduler need of a route from token ids to logits over a paged KV cache
+    (SessionRunner on CPU)."""
 
     num_blocks: int
+    prefix_caching: bool
 
     def add_sequence(self) -> int: ...
     def fork(self, seq: int) -> int: ...
     def free(self, seq: int) -> None: ...
-    def length(self, seq: int) -> int: ...
+    def match_prefix(self, seq: int, tokens: Sequence[int]) -> int: ...
+    def blocks_needed(self, entries: Sequence[tuple[int, int]]) -> int: ...
+    def blocks_for_sequence(self, tokens: int, step_tokens: int) -> int: ...
     def step(self, entries: Sequence[tuple[int, Sequence[int]]], all_logits: bool = False) -> torch.Tensor: ...
     @property
     def num_free_blocks(self) -> int: ...
+    @property
+    def num_cached_blocks(self) -> int: ...
 
 
 def supports(model) -> str | None:
@@ -46,7 +52,7 @@ def supports(model) -> str | None:
         return f"the model is on {weight.device.type}"
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return f"weights are {weight.dtype} (float32 and bfloat16 are supported)"
-    dtypes = {p.dtype for p in model.parameters() if p.dim() == 2}
+    dtypes = {w.dtype for w in _state(model).values() if w.dim() == 2}
     if len(dtypes) != 1:
         return f"the matrices mix dtypes {sorted(map(str, dtypes))}"
     try:
@@ -66,12 +72,18 @@ def blocks_for_sequence(tokens: int, step_tokens: int, window: int, sinks: int, 
     return _lite().blocks_for_sequence(tokens, step_tokens, window, sinks, block_size)
 
 
+def _state(model) -> dict[str, torch.Tensor]:
+    """The weights the session runs: the model's, or its tensor-parallel shard (model.tp)."""
+    tp = getattr(model, "tp", None)
+    return model.state_dict() if tp is None else tp.weights
+
+
 def weight_map(model) -> tuple[dict, list[torch.Tensor]]:
     """name -> (address, dtype, shape) of every weight (contiguous, as stored: nothing copied), and the
     tensors that own that memory."""
     names = {torch.float32: "F32", torch.bfloat16: "BF16"}
     weights, owners = {}, []
-    for name, t in model.state_dict().items():
+    for name, t in _state(model).items():
         t = t.detach()
         if not t.is_contiguous():
             t = t.contiguous()
@@ -92,11 +104,15 @@ class SessionRunner:
         if reason is not None:
             raise ValueError(f"the C++ session cannot run this model: {reason}")
         c, span = model.config, model.span
+        self.tp = getattr(model, "tp", None)  # a tensor-parallel shard: local heads, collectives
+        n_heads, n_kv_heads = (c.n_heads, c.n_kv_heads) if self.tp is None else (self.tp.n_heads, self.tp.n_kv_heads)
+        local = (lambda table: table) if self.tp is None else self.tp.local_heads
         weights, self._owners = weight_map(model)
-        slopes = [] if span.alibi_slopes is None else span.alibi_slopes.detach().float().cpu().tolist()
-        table = bucket_table(span)
+        slopes = local(span.alibi_slopes)
+        slopes = [] if slopes is None else slopes.detach().float().cpu().tolist()
+        table = local(bucket_table(span))
         self._session = _lite().Session(
-            n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+            n_layers=c.n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=c.head_dim,
             norm_eps=c.norm_eps, max_positions=c.max_seq_len, weights=weights, owner=self._owners,
             inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=slopes,
             bucket_table=[] if table is None else table.float().flatten().tolist(),
@@ -104,9 +120,11 @@ class SessionRunner:
             scale=0.0, num_blocks=num_blocks, block_size=BLOCK_SIZE,
             kv_dtype="BF16" if model.tok_embeddings.weight.dtype == torch.bfloat16 else "F32",
             num_threads=num_threads or torch.get_num_threads(), isa=isa, prefix_caching=prefix_caching)
-        self.vocab = self._session.vocab
+        if self.tp is not None:
+            self._session.set_all_reduce(self.tp.all_reduce)
+        self.vocab = c.vocab_size
         esz = 2 if model.tok_embeddings.weight.dtype == torch.bfloat16 else 4
-        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * c.n_kv_heads * c.head_dim * esz  # the pool's
+        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * n_kv_heads * c.head_dim * esz  # the pool's
 
     @property
     def isa(self) -> str:
@@ -172,4 +190,5 @@ class SessionRunner:
         seqs = [seq for seq, _ in entries]
         counts = [len(ids) for _, ids in entries]
         tokens = [int(t) for _, ids in entries for t in ids]
-        return torch.from_numpy(self._session.step(seqs, counts, tokens, all_logits))
+        logits = torch.from_numpy(self._session.step(seqs, counts, tokens, all_logits))
+        return logits if self.tp is None else self.tp.gather_vocab(logits)

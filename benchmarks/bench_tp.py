@@ -1,0 +1,149 @@
+"""Tensor-parallel decode: the all-reduces of a decode step and their share of its time, at tp=N on this
+machine (gloo, one process per rank, each running the C++ session on its shard), beside one process running
+the whole model; then the speed-up N GPUs would give, projected from the bytes each step moves.
+
+A random-weight model of the given shape (default: 16 layers, dim 1024, 16/4 heads, FFN 4096, bf16) decodes
+--steps tokens at batch 1 after a 128-token prompt. Reported: ms per decode step alone and at tp=N,
+all-reduces per step (2 per layer; the logits' gather apart), the time inside them, and the projection:
+a decode step on one GPU reads every weight once (bytes / HBM bandwidth); at tp=N each GPU reads 1/N of the
+sharded weights and the step adds 2 x layers all-reduces of batch x dim activations, each costing a
+latency plus 2 (N - 1) / N of its bytes over the link (a ring). The GPU figures are options, not measured.
+
+    .venv/bin/python benchmarks/bench_tp.py [--tp 2] [--threads 1] [--steps 64] [--dtype bfloat16]
+        [--layers 16 --dim 1024 --heads 16 --kv-heads 4 --ffn 4096]
+        [--gpu-hbm-gbs 4800 --gpu-link-gbs 450 --allreduce-latency-us 8] [--project-shape 8b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from llama_fast.config import ModelConfig
+from llama_fast.session import SessionRunner
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import models  # noqa: E402  (the tests' random-weight models)
+
+PROMPT_TOKENS = 128
+LLAMA_8B = dict(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256)
+
+
+def random_model(args):
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                      vocab_size=args.vocab, ffn_dim=args.ffn, max_seq_len=4096)
+    return models.random_model(cfg, dtype=getattr(torch, args.dtype))
+
+
+def decode_steps(runner: SessionRunner, steps: int) -> list[float]:
+    seq = runner.add_sequence()
+    runner.step([(seq, list(range(1, PROMPT_TOKENS + 1)))])
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        runner.step([(seq, [7 + i % 100])])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rank_main(args) -> None:
+    """One rank: its shard, the session, the all-reduce timed."""
+    from llama_fast.tensor_parallel import shard_model
+
+    model = random_model(args)
+    shard_model(model, args.tp, timeout_s=120)
+    tp = model.tp
+    spent, calls = [0.0], [0]
+    reduce = tp.all_reduce
+
+    def timed(partial):
+        start = time.perf_counter()
+        reduce(partial)
+        spent[0] += time.perf_counter() - start
+        calls[0] += 1
+
+    tp.all_reduce = timed
+    runner = SessionRunner(model, num_blocks=64, num_threads=args.threads)
+    decode_steps(runner, 4)  # warm-up
+    spent[0], calls[0] = 0.0, 0
+    times = decode_steps(runner, args.steps)
+    if tp.plan.rank == 0:
+        with open(args.result, "w") as f:
+            json.dump({"step_ms": 1000 * sorted(times)[len(times) // 2], "allreduce_ms_per_step": 1000 * spent[0] / args.steps,
+                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": tp.weight_bytes()}, f)
+
+
+def projection(shape: dict, tp: int, args, bytes_per_weight: int = 2) -> dict:
+    """Decode step time at batch 1 on one GPU and on tp GPUs, from bytes moved (not measured)."""
+    d, f, L, V = shape["dim"], shape["ffn"], shape["layers"], shape["vocab"]
+    head_dim = d // shape["heads"]
+    per_layer = d * head_dim * (2 * shape["heads"] + 2 * shape["kv_heads"]) + 3 * d * f
+    weights = (L * per_layer + 2 * V * d) * bytes_per_weight
+    one = weights / (args.gpu_hbm_gbs * 1e9)
+    sharded = (L * per_layer + V * d) * bytes_per_weight / tp + V * d * bytes_per_weight  # embedding replicated
+    activations = d * bytes_per_weight
+    allreduce = 2 * L * (args.allreduce_latency_us * 1e-6 + 2 * (tp - 1) / tp * activations / (args.gpu_link_gbs * 1e9))
+    many = sharded / (args.gpu_hbm_gbs * 1e9) + allreduce
+    return {"weight_gb": weights / 1e9, "one_gpu_ms": 1000 * one, "tp_ms": 1000 * many,
+            "allreduce_ms": 1000 * allreduce, "speedup": one / many}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads per rank (one process gets tp x this)")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--gpu-hbm-gbs", type=float, default=4800.0, help="GPU memory bandwidth, GB/s (H200: 4800)")
+    ap.add_argument("--gpu-link-gbs", type=float, default=450.0, help="GPU-GPU bandwidth per direction, GB/s (NVLink 4)")
+    ap.add_argument("--allreduce-latency-us", type=float, default=8.0, help="one small all-reduce inside a CUDA graph")
+    ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rank:
+        return rank_main(args)
+
+    torch.set_num_threads(args.tp * args.threads)
+    alone = decode_steps(SessionRunner(random_model(args), num_blocks=64), args.steps + 4)[4:]
+    alone_ms = 1000 * sorted(alone)[len(alone) // 2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "rank0.json")
+        procs = [subprocess.Popen([sys.executable, __file__, "--rank", "--result", result_path, *(argv or sys.argv[1:])],
+                                  env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.tp), MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads)))
+                 for r in range(args.tp)]
+        if any(p.wait() for p in procs):
+            raise SystemExit("a rank failed")
+        ranks = json.load(open(result_path))
+    share = ranks["allreduce_ms_per_step"] / ranks["step_ms"]
+    shape = dict(layers=args.layers, dim=args.dim, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab)
+    print(f"model {shape} {args.dtype}; one process x {args.tp * args.threads} threads vs {args.tp} ranks x "
+          f"{args.threads} threads (gloo)")
+    print(f"decode step, batch 1: alone {alone_ms:.2f} ms, tp={args.tp} {ranks['step_ms']:.2f} ms "
+          f"({alone_ms / ranks['step_ms']:.2f}x)")
+    print(f"all-reduces per step: {ranks['allreduces_per_step']:.0f} (+1 gather of the logits), "
+          f"{ranks['allreduce_ms_per_step']:.2f} ms inside them = {100 * share:.0f}% of the step")
+    for name, sh in (("this shape", shape), ("Llama-3.1-8B", LLAMA_8B)):
+        p = projection(sh, args.tp, args)
+        print(f"projected on {args.tp} GPUs ({name}, bf16, {p['weight_gb']:.1f} GB): one GPU {p['one_gpu_ms']:.3f} ms/step, "
+              f"tp={args.tp} {p['tp_ms']:.3f} ms ({p['allreduce_ms']:.3f} ms all-reduce) -> {p['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Tensor parallelism on torch.distributed (gloo): real processes, one per rank (tests/tp_worker.py), started
+as torchrun starts them; each rank's logits and greedy tokens against the single-process session."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_fast import _ext
+from llama_fast.session import SessionRunner
+from llama_fast.tensor_parallel import plan_shard
+
+from models import random_model
+from tp_cases import PROMPT, tiny_config
+
+pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="the C++ extensions are not built")
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py")
+
+
+def launch(world: int, args: list[str], out, timeout: float = 300) -> list[dict]:
+    """Runs tp_worker.py as `world` ranks -> what each rank wrote (ranks that wrote nothing are absent)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, WORKER, *args, str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    results = []
+    for rank in range(world):
+        path = out / f"rank{rank}.json"
+        if path.exists():
+            results.append(json.loads(path.read_text()))
+        elif args[0] != "die":
+            pytest.fail(f"rank {rank} wrote nothing:\n{logs[rank][-3000:]}")
+    return results
+
+
+def single_process(model):
+    runner = SessionRunner(model, num_blocks=64, num_threads=1)
+    seq = runner.add_sequence()
+    return runner.step([(seq, PROMPT)], all_logits=True)
+
+
+def test_plan_splits_heads_and_replicates_kv_heads_that_do_not_divide():
+    split = plan_shard(tiny_config(8, 4), world=2, rank=1)
+    assert split.q_heads == range(4, 8) and split.kv_heads == (2, 3)
+    replicated = [plan_shard(tiny_config(6, 2), world=3, rank=r).kv_heads for r in range(3)]
+    assert replicated == [(0,), (0, 1), (1,)]  # query heads 2 and 3 read KV heads 0 and 1
+    uneven = plan_shard(tiny_config(12, 4), world=3, rank=0)  # query heads 0-3: three read KV 0, one KV 1
+    assert uneven.kv_heads == (0, 0, 0, 1)  # one copy per query head
+    assert plan_shard(tiny_config(12, 4), world=3, rank=0).ffn == range(0, 53)
+    with pytest.raises(ValueError, match="tensor_parallel=4 must divide the model's 6 query heads"):
+        plan_shard(tiny_config(6, 2), world=4, rank=0)
+
+
+@pytest.mark.parametrize("heads, kv_heads, world", [(8, 4, 2), (6, 2, 3), (12, 4, 3), (6, 6, 2)])
+def test_ranks_match_the_single_process_logits_and_text(tmp_path, heads, kv_heads, world):
+    """Each rank's logits equal the single-process ones within 1e-4 (fp32), greedy tokens identical, and each
+    rank holds about 1/world of the sharded weights plus the replicated ones."""
+    results = launch(world, ["tiny", str(heads), str(kv_heads)], tmp_path)
+    model = random_model(tiny_config(heads, kv_heads), seed=heads)
+    want = single_process(model)
+    from llama_fast import LLM, SamplingParams, Tokenizer
+
+    llm = LLM(model, Tokenizer.from_pretrained("smollm2-135m-instruct"))
+    tokens = [t for (t,) in llm.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
+    state = model.state_dict()
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    replicated = sum(t.numel() * t.element_size() for n, t in state.items() if t.dim() == 1 or n == "tok_embeddings.weight")
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
+        assert result["tokens"] == tokens
+        # Its share of the rest (an output slice included; KV heads copied where they do not divide).
+        assert result["weight_bytes"] <= replicated + 1.4 * (total - replicated + state["tok_embeddings.weight"].numel() * 4) / world
+
+
+def test_embedded_model_at_tp3_matches_one_process(tmp_path, smollm):
+    results = launch(3, ["smollm"], tmp_path)
+    want = single_process(smollm.model)
+    from llama_fast import SamplingParams
+
+    tokens = [t for (t,) in smollm.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
+    total = sum(t.numel() * t.element_size() for t in smollm.model.state_dict().values())
+    print(f"\nembedded model at tp=3: weight bytes per rank {[r['weight_bytes'] >> 20 for r in results]} MiB "
+          f"of {total >> 20} MiB; peak RSS per rank {[round(r['peak_rss_mib']) for r in results]} MiB")
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
+        assert result["tokens"] == tokens
+
+
+def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    results = launch(2, ["die"], tmp_path, timeout=120)
+    assert len(results) == 1  # rank 1 died without writing
+    error = results[0]["error"]
+    assert error is not None and results[0]["seconds"] < 30, results[0]
+
+
+def test_torchrun_generate_prints_the_single_process_text_once():
+    """`torchrun --nproc-per-node 3 -m llama_fast generate ... --tp 3`: rank 0 prints the text one process
+    prints (greedy), the others nothing."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["generate", "The capital of France is", "--max-new-tokens", "12"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "llama_fast", *args], capture_output=True, text=True, env=env, timeout=300)
+    three = subprocess.run([torchrun, "--nproc-per-node", "3", "-m", "llama_fast", *args, "--tp", "3"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert one.stdout.strip() and three.stdout == one.stdout
