@@ -80,6 +80,12 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: list[int], ma
             "tokens": tokens if tokens is not None else len(arrivals)}
 
 
+def fresh_connections(most: int | None) -> httpx.Limits:
+    """A new connection per request: llama-server closes idle keep-alive connections, and a request sent on
+    one it just closed fails ("Server disconnected without sending a response")."""
+    return httpx.Limits(max_connections=most, max_keepalive_connections=0)
+
+
 async def closed_loop(url: str, model: str, requests, concurrency: int) -> tuple[list[dict], float]:
     """`concurrency` clients, each sending its next request as soon as its last one ended."""
     pending = list(reversed(requests))
@@ -90,7 +96,7 @@ async def closed_loop(url: str, model: str, requests, concurrency: int) -> tuple
             prompt, output = pending.pop()
             results.append(await one_request(http, model, prompt, output))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh_connections(concurrency)) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         return results, time.perf_counter() - start
@@ -99,7 +105,7 @@ async def closed_loop(url: str, model: str, requests, concurrency: int) -> tuple
 async def open_loop(url: str, model: str, requests, rate: float, seed: int = 1) -> tuple[list[dict], float]:
     """Requests arriving as a Poisson process of `rate` per second, whatever is still running."""
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=None)) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=fresh_connections(None)) as http:
         start = time.perf_counter()
         tasks = []
         for prompt, output in requests:
