@@ -15,7 +15,7 @@ import torch
 
 from llama_fast import LLM, SamplingParams, Tokenizer
 from llama_fast.session import SessionRunner
-from llama_fast.tensor_parallel import shard_model
+from llama_fast.tensor_parallel import shard_bytes, shard_model
 
 from models import random_model
 from tp_cases import PROMPT, tiny_config
@@ -55,7 +55,9 @@ def main():
     else:
         logits, tokens = logits_and_tokens(llm)
         torch.save(logits, os.path.join(out, f"logits{rank}.pt"))
-        result = {"tokens": tokens, "weight_bytes": llm.model.tp.weight_bytes(),
+        eager = LLM(llm.model, llm.tokenizer, decode="eager")  # the model's forward, hooks and all
+        torch.save(eager.logits(torch.tensor([PROMPT]))[0], os.path.join(out, f"eager{rank}.pt"))
+        result = {"tokens": tokens, "weight_bytes": shard_bytes(llm.model),
                   "kv_heads": list(llm.model.tp.plan.kv_heads),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
