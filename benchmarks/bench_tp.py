@@ -55,7 +55,7 @@ def decode_steps(runner: SessionRunner, steps: int) -> list[float]:
 
 def rank_main(args) -> None:
     """One rank: its shard, the session, the all-reduce timed."""
-    from llama_fast.tensor_parallel import shard_model
+    from llama_fast.tensor_parallel import shard_bytes, shard_model
 
     model = random_model(args)
     shard_model(model, args.tp, timeout_s=120)
@@ -77,7 +77,7 @@ def rank_main(args) -> None:
     if tp.plan.rank == 0:
         with open(args.result, "w") as f:
             json.dump({"step_ms": 1000 * sorted(times)[len(times) // 2], "allreduce_ms_per_step": 1000 * spent[0] / args.steps,
-                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": tp.weight_bytes()}, f)
+                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": shard_bytes(model)}, f)
 
 
 def projection(shape: dict, tp: int, args, bytes_per_weight: int = 2) -> dict:
