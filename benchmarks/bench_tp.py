@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     print(f"decode step, batch 1: alone {alone_ms:.2f} ms, tp={args.tp} {ranks['step_ms']:.2f} ms "
           f"({alone_ms / ranks['step_ms']:.2f}x)")
     print(f"all-reduces per step: {ranks['allreduces_per_step']:.0f} (+1 gather of the logits), "
-          f"{ranks["allreduce_ms_per_step"]:.2f} ms inside them (waiting for the slower rank included) = {100 * share:.0f}% of the step")
+          f"{ranks['allreduce_ms_per_step']:.2f} ms inside them (waiting for the slower rank included) = {100 * share:.0f}% of the step")
     for name, sh in (("this shape", shape), ("Llama-3.1-8B", LLAMA_8B)):
         p = projection(sh, args.tp, args)
         print(f"projected on {args.tp} GPUs ({name}, bf16, {p['weight_gb']:.1f} GB): one GPU {p['one_gpu_ms']:.3f} ms/step, "
