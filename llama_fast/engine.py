@@ -240,7 +240,9 @@ class Engine:
         """The next token of each ready sequence (as LLM.generate samples: the row's params, its draw
         counter = tokens it has generated, its penalty counts), and the logprobs they asked for."""
         seqs = [seq for seq, _ in ready]
-        rows = logits[[row for _, row in ready]]  # a copy: masking below touches no other row
+        # A copy (masking below touches no other row), made by numpy: a small torch op may wake torch's
+        # thread pool, which costs milliseconds on a busy machine.
+        rows = torch.from_numpy(logits.numpy()[[row for _, row in ready]])
         eos = sorted(self._eos)
         for i, seq in enumerate(seqs):
             if seq.generated < seq.request.min_tokens and eos:
