@@ -224,6 +224,7 @@ class Engine:
         step's computation, only for its bookkeeping."""
         with self._stepping:
             with self._lock:
+                self._before_schedule()
                 outputs, self._reported = self._reported, []
                 plan = self.scheduler.schedule()
                 if not plan:
@@ -240,6 +241,10 @@ class Engine:
                             self.scheduler.finish(seq)
             with self._lock:
                 return outputs + self._finish_step(plan, logits)
+
+    def _before_schedule(self) -> None:
+        """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its
+        changes to the other ranks here)."""
 
     def _finish_step(self, plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[RequestOutput]:
         ready: list[tuple[Sequence, int]] = []  # sequences whose next token is due, and their logits row

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .engine import Engine
+
 DEFAULT_TIMEOUT_S = 60.0  # a dead peer surfaces as an error after this, not after gloo's 30 minutes
 
 
@@ -166,3 +168,85 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> N
 def shard_bytes(model) -> int:
     """Bytes of the weights this rank holds."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# ---- serving: rank 0 runs the engine behind the server, the others repeat its steps ----
+
+def control_group():
+    """A gloo group for the engine's changes, without the collective timeout: the other ranks may wait for
+    rank 0's next step as long as the server is idle. Every rank creates it, at the same point."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+
+
+def _broadcast(ops, group):
+    import torch.distributed as dist
+
+    box = [ops]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class LeaderEngine(Engine):
+    """Rank 0's Engine in a tensor-parallel server. Every change, a request added or aborted, reaches the
+    other ranks (follow) before the step that first sees it, and aborts are applied at the start of a step
+    on every rank alike: all engines hold the same state at every step, so they schedule the same batches
+    (their collectives must match) and sample the same tokens. An abort frees its blocks at the next step."""
+
+    def __init__(self, llm, **limits):
+        super().__init__(llm, **limits)
+        self._control = control_group()
+        self._ops: list[tuple[str, object]] = []  # changes since the last step, for the other ranks
+        self._aborting: set[str] = set()
+
+    def add_request(self, *args, **kwargs) -> str:
+        with self._lock:
+            request_id = super().add_request(*args, **kwargs)
+            r = self._requests[request_id]
+            self._ops.append(("add", dict(
+                prompt=r.prompt, params=[s.params for s in r.sequences], max_new_tokens=r.max_new_tokens,
+                stop=r.stops, n=len(r.sequences), request_id=request_id, ignore_eos=r.ignore_eos,
+                min_tokens=r.min_tokens, detokenize=r.sequences[0].text is not None)))
+            return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self._requests:
+                raise ValueError(f"abort: no unfinished request with id {request_id!r}")
+            if request_id not in self._aborting:
+                self._aborting.add(request_id)
+                self._ops.append(("abort", request_id))
+
+    def _before_schedule(self) -> None:
+        ops, self._ops = self._ops, []
+        _broadcast(ops, self._control)
+        _apply_aborts(lambda request_id: Engine.abort(self, request_id), ops)
+        self._aborting.clear()
+
+    def stop_followers(self) -> None:
+        """Ends the other ranks' follow() loops (after the last step)."""
+        with self._lock:
+            _broadcast(None, self._control)
+
+
+def _apply_aborts(abort, ops) -> None:
+    for kind, request_id in ops:
+        if kind == "abort":
+            try:
+                abort(request_id)
+            except ValueError:
+                pass  # it finished first: on every rank alike
+
+
+def follow(llm, **limits) -> None:
+    """The loop of a rank > 0 in a tensor-parallel server: its own Engine over its shard takes rank 0's
+    changes and steps with it, until rank 0 says stop."""
+    engine = Engine(llm, **{**limits, "max_waiting": None})
+    control = control_group()
+    while (ops := _broadcast(None, control)) is not None:
+        for kind, arg in ops:
+            if kind == "add":
+                engine.add_request(**arg)
+        _apply_aborts(engine.abort, ops)
+        engine.step()

@@ -116,3 +116,28 @@ def test_torchrun_generate_prints_the_single_process_text_once():
                            capture_output=True, text=True, env=env, timeout=300)
     assert three.returncode == 0, three.stderr[-3000:]
     assert one.stdout.strip() and three.stdout == one.stdout
+
+
+def test_followers_repeat_the_leaders_steps_with_requests_arriving_and_aborted(tmp_path):
+    """A tensor-parallel server's engines: rank 0's takes requests from another thread and aborts some,
+    rank 1 follows its steps; the finished requests get the tokens they get alone in one process."""
+    from llama_fast import Engine, LLM, Tokenizer
+    from tp_cases import lockstep_requests
+
+    results = launch(2, ["lockstep"], tmp_path)
+    leader, follower = results
+    assert follower == {"followed": True} and leader["blocks_in_use"] == 0
+    llm = LLM(random_model(tiny_config(4, 2), seed=4), Tokenizer.from_pretrained("smollm2-135m-instruct"))
+    finished = 0
+    for i, (prompt, new) in enumerate(lockstep_requests()):
+        got = leader["tokens"].get(f"r{i}")
+        if got is None:
+            continue  # aborted
+        engine = Engine(llm)
+        rid = engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)
+        want = []
+        while engine.has_unfinished():
+            want += [t for out in engine.step() for t in out.new_token_ids]
+        assert got == want, i
+        finished += 1
+    assert finished >= 10
