@@ -22,6 +22,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 from typing import Iterator
 
 from gguf import GGMLQuantizationType, quants
@@ -186,7 +187,7 @@ def _gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str
     if matrices != {want}:
         return f"{gguf.path} holds {'/'.join(sorted(matrices))} matrices, not {want}"
     tensors = {}
-    for name, (array, kind) in float_weights(gguf, config.n_heads, config.n_kv_heads, progress=True).items():
+    for name, (array, kind) in float_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
         if kind != want and (kind, want) != ("F32", "BF16"):
             return f"{gguf.path}: {name} is {kind}, the matrices are {want}"
         shape = list(array.shape)
