@@ -81,7 +81,7 @@ class LiteEngine:
             raise RuntimeError("the fast start does not apply (no cache entry, or LLAMA_FAST_* set)")
 
     def weight_bytes(self) -> int:
-        return sum(len(data) for data, _, _ in self.llm.tensors.values())
+        return sum(memoryview(data).nbytes for data, _, _ in self.llm.tensors.values())
 
     def run(self, prompt_ids: list[int], new_tokens: int):
         return clocked(self.llm.generate_ids(prompt_ids, row_params(1, 0, temperature=0.0)[0], new_tokens,
