@@ -293,6 +293,8 @@ def print_table(report: dict) -> None:
 def plot(report: dict, path: str) -> None:
     import matplotlib
 
+    from llama_fast.bench import save_chart
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -309,14 +311,8 @@ def plot(report: dict, path: str) -> None:
                 label=f"bandwidth floor {kind}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("weights (GiB)")
-    ax.set_ylabel("decode tokens/s, batch 1")
-    ax.set_title(f"Decode against model size, {report['threads']} threads")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_chart(fig, ax, path, f"Decode against model size, {report['threads']} threads", "weights (GiB)",
+               "decode tokens/s, batch 1")
 
 
 if __name__ == "__main__":

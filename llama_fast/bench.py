@@ -403,6 +403,16 @@ def print_table(report):
                   f"same greedy tokens: {lite['tokens'] == ours['tokens']}")
 
 
+def save_chart(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> None:
+    """A benchmark's chart finished (labels, grid, legend, tight layout) and written to `path`."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def plot(report, path):
     import matplotlib
 
