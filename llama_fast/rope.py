@@ -41,3 +41,13 @@ def inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> list[fl
             raise ValueError(f"rope scaling has {len(factors)} frequency factors, the head needs {len(freqs)}")
         freqs = [f / d for f, d in zip(freqs, factors)]
     return [_fp32(f) for f in freqs]
+
+
+def describe(scaling: dict | None) -> str:
+    """A one-line summary of a rope_scaling (per-frequency factors counted, not listed)."""
+    if scaling is None:
+        return "none"
+    if scaling.get("rope_type") == "freq_factors":
+        factors = scaling["factors"]
+        return f"freq_factors ({len(factors)} divisors, {min(factors):g} to {max(factors):g})"
+    return str(scaling)

@@ -63,6 +63,7 @@ def test_llama3_rope_scaling_survives_the_file(tiny):
     got = rope.inv_freq(TINY.head_dim, TINY.rope_theta, config.rope_scaling)
     want = rope.inv_freq(TINY.head_dim, TINY.rope_theta, TINY.rope_scaling)
     assert got == pytest.approx(want, rel=1e-6) and got != rope.inv_freq(TINY.head_dim, TINY.rope_theta)
+    assert rope.describe(config.rope_scaling) == "freq_factors (8 divisors, 1 to 32)"
 
 
 def test_written_file_generates_as_the_weights_in_memory(tiny):
