@@ -34,8 +34,8 @@ SHAPES = {
                       vocab_size=128256, rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
                       max_seq_len=131072, tie_embeddings=False),
 }
-FILE_TYPES = {"F32": GGMLQuantizationType.F32, "BF16": GGMLQuantizationType.BF16}
-_FILE_TYPE_IDS = {"F32": 0, "BF16": 32}  # general.file_type (llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_BF16)
+FILE_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16}
+_FILE_TYPE_IDS = {"F32": 0, "F16": 1, "BF16": 32}  # general.file_type (llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / _BF16)
 _MODEL_TO_GGUF = {model: gguf for gguf, model in GGUF_NAMES.items()}
 
 
@@ -118,7 +118,7 @@ def _rope_factors(c: ModelConfig) -> np.ndarray | None:
 def write_gguf(path: str, config: ModelConfig, weight: Callable[[str], np.ndarray], file_type: str) -> None:
     """Writes a GGUF of `config`'s shape: weight(model name) -> its fp32 values (rotate-half Q/K rows),
     called once per tensor, in file order, so no more than one tensor is in memory. Matrices are stored
-    in file_type ("F32" or "BF16"), vectors in F32 (as llama.cpp's converter does); Q/K rows in GGUF's
+    in file_type ("F32", "F16" or "BF16"), vectors in F32 (as llama.cpp's converter does); Q/K rows in GGUF's
     interleaved order. Written to path + ".part" first: an interrupted write leaves no file at `path`."""
     shapes = weight_shapes(config)
     factors = _rope_factors(config)
@@ -129,7 +129,7 @@ def write_gguf(path: str, config: ModelConfig, weight: Callable[[str], np.ndarra
         writer.add_tensor_info(ROPE_FACTORS, factors.shape, np.dtype(np.float32), factors.nbytes)
     for name, shape in shapes.items():
         kind = file_type if len(shape) == 2 else "F32"
-        item = 2 if kind == "BF16" else 4
+        item = 4 if kind == "F32" else 2
         byte_shape = (*shape[:-1], shape[-1] * item)
         writer.add_tensor_info(gguf_tensor_name(name), byte_shape, np.dtype(np.uint8), int(np.prod(shape)) * item,
                                raw_dtype=FILE_TYPES[kind])
@@ -153,6 +153,8 @@ def _encode(values: np.ndarray, kind: str) -> np.ndarray:
     few temporaries of the input's size: a whole 8B embedding at once would need gigabytes more)."""
     if kind == "F32":
         return values
+    if kind == "F16":
+        return values.astype(np.float16)
     out = np.empty(values.shape, np.uint16)
     rows = max(1, (1 << 22) // values.shape[-1])
     for r in range(0, values.shape[0], rows):

@@ -40,12 +40,12 @@ def empty_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(the model built in memory (fp32), the same weights written as F32 and BF16 GGUFs)."""
+    """(the model built in memory (fp32), the same weights written as F32, F16 and BF16 GGUFs)."""
     model = random_model(TINY, seed=4)
     weights = {name: t.numpy() for name, t in model.state_dict().items()}
     folder = tmp_path_factory.mktemp("gguf")
     paths = {}
-    for kind in ("F32", "BF16"):
+    for kind in ("F32", "F16", "BF16"):
         paths[kind] = str(folder / f"tiny.{kind}.gguf")
         gguf_models.write_gguf(paths[kind], TINY, weights.__getitem__, kind)
     return model, paths
@@ -72,6 +72,7 @@ def test_written_file_generates_as_the_weights_in_memory(tiny):
     in_memory = LLM(model, tokenizer)
     mapped = LLM.from_pretrained(paths["F32"], dtype="float32", progress=False)
     ids = torch.tensor([tokenizer.encode(PROMPT)])
+    # (not bitwise: the file's RoPE divisors are fp32, so an inverse frequency may differ in its last bit)
     assert torch.allclose(mapped.logits(ids), in_memory.logits(ids), atol=1e-4)
     text = in_memory.generate(PROMPT, max_new_tokens=12).text
     assert mapped.generate(PROMPT, max_new_tokens=12).text == text
@@ -84,6 +85,21 @@ def test_bf16_file_streams_the_engines_text(tiny):
     lite = LiteLLM.open(path, "bfloat16")
     assert "".join(lite.stream(PROMPT, max_new_tokens=12)) == engine.generate(PROMPT, max_new_tokens=12).text
     assert LiteLLM.open(path, "float32") is None  # (its matrices are BF16: the engine casts them)
+
+
+def test_f16_file_is_cast_once_in_memory(tiny):
+    """No F16 kernels: LLM casts an F16 file's tensors to the dtype asked for; the fast start declines it."""
+    model, paths = tiny
+    rounded = random_model(TINY, seed=4)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(paths["F16"]).metadata, paths["F16"])
+    mapped = LLM.from_pretrained(paths["F16"], dtype="float32", progress=False)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    assert torch.allclose(mapped.logits(ids), LLM(rounded, tokenizer).logits(ids), atol=1e-4)
+    assert LiteLLM.open(paths["F16"], "float32") is None
 
 
 def _mapping(address: int) -> str:
