@@ -44,7 +44,7 @@ GGUF_NAMES = {
     "ffn_down": "feed_forward.w2",
     "ffn_up": "feed_forward.w3",
 }
-_QK = ("attn_q.weight", "attn_k.weight")  # the tensors whose rows llama.cpp's converter reorders
+QK_TENSORS = ("attn_q.weight", "attn_k.weight")  # (name endings) the tensors llama.cpp's converter reorders
 ROPE_FACTORS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as llama.cpp's converter writes it
 
 _MAGIC = b"GGUF"
@@ -221,9 +221,9 @@ def float_weights(gguf: GGUFFile, n_heads: int, n_kv_heads: int, progress: bool)
     from tqdm import tqdm
 
     weights = {}
-    qk = [t for t in gguf.tensors.values() if t.name.endswith(_QK)]
+    qk = [t for t in gguf.tensors.values() if t.name.endswith(QK_TENSORS)]
     for t in gguf.tensors.values():
-        if t.name != ROPE_FACTORS and not t.name.endswith(_QK):
+        if t.name != ROPE_FACTORS and not t.name.endswith(QK_TENSORS):
             weights[model_tensor_name(t.name, gguf.path)] = (t.array(), t.type)
     for t in tqdm(qk, desc="reordering Q/K rows for RoPE", unit="tensor", leave=False, disable=not progress):
         heads = n_heads if t.name.endswith("attn_q.weight") else n_kv_heads

@@ -76,8 +76,9 @@ class LiteLLM:
     def open(cls, name_or_path: str, dtype: str | None = None, window: int | None = None,
              sink_tokens: int = 0) -> "LiteLLM | None":
         """The model, or None where it needs the torch engine (LLM): not a GGUF, a GGUF whose matrices are in
-        another dtype (or a quantised one not in the cache in this dtype yet), a dtype other than float32 / bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 /
-        $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
+        another dtype (or a quantised one not in the cache in this dtype yet), a dtype other than float32 /
+        bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE
+        set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
         dtype = validate.dtype_name(dtype or "float32")
         found = _unsupported(dtype) or cls._from_gguf(resolve_model_path(name_or_path), dtype, window, sink_tokens)

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .gguf_file import (FLOAT_TYPES, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights, gguf_config,
-                        interleaved_to_half, model_tensor_name)
+from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights,
+                        gguf_config, interleaved_to_half, model_tensor_name)
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
@@ -135,7 +135,7 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
             if t.name == ROPE_FACTORS:
                 continue
             name, tensor = model_tensor_name(t.name, path), _dequantised(t)
-            if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            if t.name.endswith(QK_TENSORS):
                 tensor = interleaved_to_half(tensor, config.n_heads if ".attn_q." in t.name else config.n_kv_heads)
             weights[name] = tensor
         _write_gguf_cache(path, weights, None)
