@@ -25,7 +25,7 @@ import time
 import torch
 
 from llama_fast import LLM
-from llama_fast.bench import gguf_copy
+from llama_fast.bench import gguf_copy, save_chart
 from llama_fast.paths import SAMPLE_TEXT
 from llama_fast.sampling import SamplingParams
 
@@ -151,14 +151,8 @@ def plot(report: dict, path: str) -> None:
             if engine in rows[batches[0]]:
                 ax.plot(batches, [rows[B][engine]["tg_tps"] for B in batches], style, label=f"{engine} {dtype}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequences decoding at once (B)")
-    ax.set_ylabel("aggregate decode tokens/s")
-    ax.set_title(f"Batched decode, SmolLM2-135M, {report['threads']} threads ({report['isa']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_chart(fig, ax, path, f"Batched decode, SmolLM2-135M, {report['threads']} threads ({report['isa']})",
+               "sequences decoding at once (B)", "aggregate decode tokens/s")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def rss_mib() -> float:
 
 
 def churn(llm: LLM, requests: int, seed: int = 1) -> dict:
-    """Many short requests through a 64-block pool, a fifth aborted at a random later step."""
+    """Many short requests through a 64-block pool, one in twenty aborted at a random later step."""
     rng = random.Random(seed)
     with open(SAMPLE_TEXT, encoding="utf-8") as f:
         text = llm.tokenizer.encode(f.read())

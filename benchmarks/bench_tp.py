@@ -55,7 +55,7 @@ def decode_steps(runner: SessionRunner, steps: int) -> list[float]:
 
 def rank_main(args) -> None:
     """One rank: its shard, the session, the all-reduce timed."""
-    from llama_fast.tensor_parallel import shard_model
+    from llama_fast.tensor_parallel import shard_bytes, shard_model
 
     model = random_model(args)
     shard_model(model, args.tp, timeout_s=120)
@@ -77,7 +77,7 @@ def rank_main(args) -> None:
     if tp.plan.rank == 0:
         with open(args.result, "w") as f:
             json.dump({"step_ms": 1000 * sorted(times)[len(times) // 2], "allreduce_ms_per_step": 1000 * spent[0] / args.steps,
-                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": tp.weight_bytes()}, f)
+                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": shard_bytes(model)}, f)
 
 
 def projection(shape: dict, tp: int, args, bytes_per_weight: int = 2) -> dict:
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     print(f"decode step, batch 1: alone {alone_ms:.2f} ms, tp={args.tp} {ranks['step_ms']:.2f} ms "
           f"({alone_ms / ranks['step_ms']:.2f}x)")
     print(f"all-reduces per step: {ranks['allreduces_per_step']:.0f} (+1 gather of the logits), "
-          f"{ranks['allreduce_ms_per_step']:.2f} ms inside them = {100 * share:.0f}% of the step")
+          f"{ranks['allreduce_ms_per_step']:.2f} ms inside them (waiting for the slower rank included) = {100 * share:.0f}% of the step")
     for name, sh in (("this shape", shape), ("Llama-3.1-8B", LLAMA_8B)):
         p = projection(sh, args.tp, args)
         print(f"projected on {args.tp} GPUs ({name}, bf16, {p['weight_gb']:.1f} GB): one GPU {p['one_gpu_ms']:.3f} ms/step, "

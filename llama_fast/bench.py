@@ -81,7 +81,7 @@ class LiteEngine:
             raise RuntimeError("the fast start does not apply (no cache entry, or LLAMA_FAST_* set)")
 
     def weight_bytes(self) -> int:
-        return sum(len(data) for data, _, _ in self.llm.tensors.values())
+        return sum(memoryview(data).nbytes for data, _, _ in self.llm.tensors.values())
 
     def run(self, prompt_ids: list[int], new_tokens: int):
         return clocked(self.llm.generate_ids(prompt_ids, row_params(1, 0, temperature=0.0)[0], new_tokens,
@@ -401,6 +401,16 @@ def print_table(report):
         if ours and lite:
             print(f"{dtype}: llama_fast lite / llama_fast decode = {lite['decode_tok_s'] / ours['decode_tok_s']:.2f}x; "
                   f"same greedy tokens: {lite['tokens'] == ours['tokens']}")
+
+
+def save_chart(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> None:
+    """A benchmark's chart finished (labels, grid, legend, tight layout) and written to `path`."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def plot(report, path):

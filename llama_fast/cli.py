@@ -133,6 +133,7 @@ def cmd_chat(args) -> None:
 
 
 def cmd_info(args) -> None:
+    from . import rope
     from .loaders import load_checkpoint
 
     ckpt = load_checkpoint(args.model_path, progress=False)
@@ -143,7 +144,7 @@ def cmd_info(args) -> None:
     print(f"layers:      {c.n_layers}   hidden: {c.dim}   ffn: {c.ffn_dim}")
     print(f"heads:       {c.n_heads} (kv {c.n_kv_heads}), head_dim {c.head_dim}")
     print(f"vocab:       {c.vocab_size}   context: {c.max_seq_len}   rope theta: {c.rope_theta}"
-          f"{'   rope scaling: ' + str(c.rope_scaling) if c.rope_scaling else ''}")
+          f"{'   rope scaling: ' + rope.describe(c.rope_scaling) if c.rope_scaling else ''}")
     print(f"embeddings:  {'tied' if c.tie_embeddings else 'untied'}")
     print(f"tensors:     " + ", ".join(f"{n} x {k}" for k, n in sorted(ckpt.tensor_types.items())))
     t = ckpt.tokenizer

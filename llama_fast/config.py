@@ -23,7 +23,8 @@ class ModelConfig:
     head_dim: int = 0  # 0: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # HF-style: {"rope_type": "llama3" | "linear", ...}
+    # HF-style: {"rope_type": "llama3" | "linear", ...}, or {"rope_type": "freq_factors", "factors": [...]} (GGUF)
+    rope_scaling: dict[str, Any] | None = None
     max_seq_len: int = 2048  # the context length the model was trained for
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2)
@@ -49,8 +50,9 @@ class ModelConfig:
             raise UnsupportedModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in ("default", "linear", "llama3"):
-                raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+            if kind not in ("default", "linear", "llama3", "freq_factors"):
+                raise UnsupportedModelError(
+                    f"rope_scaling type {kind!r} is not supported (default, linear, llama3, freq_factors)")
 
     @property
     def num_params(self) -> int:

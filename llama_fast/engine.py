@@ -92,7 +92,9 @@ class Engine:
         self._arrivals = itertools.count()
         self._prompt_tokens_computed = 0
         self._generated_tokens = 0
-        self._lock = threading.RLock()  # add_request / abort from other threads while one steps
+        self._lock = threading.RLock()  # the engine's state: add_request / abort from other threads
+        self._stepping = threading.Lock()  # one step at a time
+        self._in_flight: set[Sequence] = set()  # the sequences of the step computing now
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype=None, device=None, span: SpanBias | None = None,
@@ -176,16 +178,18 @@ class Engine:
         return [p if p.seed is not None or p.greedy else dataclasses.replace(p, seed=ops.fresh_seed()) for p in params]
 
     def abort(self, request_id: str) -> None:
-        """Ends an unfinished request now: its blocks are freed at once; the next step reports each of its
-        sequences still running with finish_reason "abort"."""
+        """Ends an unfinished request now: its blocks are freed at once (or, for a sequence in the step
+        running right now, as that step ends); the next step reports each of its sequences still running
+        with finish_reason "abort"."""
         with self._lock:
             request = self._requests.pop(request_id, None)
             if request is None:
                 raise ValueError(f"abort: no unfinished request with id {request_id!r}")
             for seq in request.sequences:
                 if seq.finish is None:
-                    self.scheduler.finish(seq)
                     seq.finish = "abort"
+                    if seq not in self._in_flight:
+                        self.scheduler.finish(seq)
                     text = seq.text.flush() if seq.text is not None else ""
                     self._reported.append(RequestOutput(request_id, seq.index, [], text, "abort", len(request.prompt)))
 
@@ -215,32 +219,57 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one step: every running sequence's next token, prompt chunks as the budget allows, requests
-        started as blocks allow. Returns what each sequence produced (and the aborts since the last step)."""
-        with self._lock:
-            outputs, self._reported = self._reported, []
-            plan = self.scheduler.schedule()
-            if not plan:
-                return outputs
-            logits = self.runner.step([(s.slot, s.tokens[s.computed:s.computed + n]) for s, n in plan])
-            ready: list[tuple[Sequence, int]] = []  # sequences whose next token is due, and their logits row
-            for row, (seq, n) in enumerate(plan):
-                prompt = len(seq.request.prompt)
-                self._prompt_tokens_computed += max(0, min(seq.computed + n, prompt) - seq.computed)
-                seq.computed += n
-                if seq.pending == 0:
-                    ready.append((seq, row))
-                    if not seq.request.forked and len(seq.request.sequences) > 1:
-                        ready += [(child, row) for child in self.scheduler.fork(seq)]
-            if ready:
-                tokens, logprobs = self._sample(logits, ready)
-                outputs += [self._append(seq, t, lp) for (seq, _), t, lp in zip(ready, tokens, logprobs)]
-            return outputs
+        started as blocks allow. Returns what each sequence produced (and the aborts since the last step).
+        Steps run one at a time; add_request, abort and stats from other threads do not wait for the
+        step's computation, only for its bookkeeping."""
+        with self._stepping:
+            with self._lock:
+                self._before_schedule()
+                outputs, self._reported = self._reported, []
+                plan = self.scheduler.schedule()
+                if not plan:
+                    return outputs
+                entries = [(s.slot, s.tokens[s.computed:s.computed + n]) for s, n in plan]
+                self._in_flight = {s for s, _ in plan}
+            try:
+                logits = self.runner.step(entries)
+            finally:
+                with self._lock:
+                    self._in_flight = set()
+                    for seq, _ in plan:
+                        if seq.finish == "abort":  # aborted while the step ran: its blocks go now
+                            self.scheduler.finish(seq)
+            with self._lock:
+                return outputs + self._finish_step(plan, logits)
+
+    def _before_schedule(self) -> None:
+        """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its
+        changes to the other ranks here)."""
+
+    def _finish_step(self, plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[RequestOutput]:
+        ready: list[tuple[Sequence, int]] = []  # sequences whose next token is due, and their logits row
+        for row, (seq, n) in enumerate(plan):
+            if seq.finish is not None:
+                continue
+            prompt = len(seq.request.prompt)
+            self._prompt_tokens_computed += max(0, min(seq.computed + n, prompt) - seq.computed)
+            seq.computed += n
+            if seq.pending == 0:
+                ready.append((seq, row))
+                if not seq.request.forked and len(seq.request.sequences) > 1:
+                    ready += [(child, row) for child in self.scheduler.fork(seq)]
+        if not ready:
+            return []
+        tokens, logprobs = self._sample(logits, ready)
+        return [self._append(seq, t, lp) for (seq, _), t, lp in zip(ready, tokens, logprobs)]
 
     def _sample(self, logits: torch.Tensor, ready: list[tuple[Sequence, int]]):
         """The next token of each ready sequence (as LLM.generate samples: the row's params, its draw
         counter = tokens it has generated, its penalty counts), and the logprobs they asked for."""
         seqs = [seq for seq, _ in ready]
-        rows = logits[[row for _, row in ready]]  # a copy: masking below touches no other row
+        # A copy (masking below touches no other row), made by numpy: a small torch op may wake torch's
+        # thread pool, which costs milliseconds on a busy machine.
+        rows = torch.from_numpy(logits.numpy()[[row for _, row in ready]])
         eos = sorted(self._eos)
         for i, seq in enumerate(seqs):
             if seq.generated < seq.request.min_tokens and eos:

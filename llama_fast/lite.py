@@ -2,8 +2,9 @@
 
 `import torch` alone takes 2-4 s on a small machine, longer than everything else before the first token.
 So where a command needs nothing but the C++ decode step, `llama-fast generate` and `llama-fast chat` run
-here: the checkpoint is a GGUF already converted into the cache (paths.gguf_cache_path) in the dtype asked
-for (float32 or bfloat16), memory-mapped from its safetensors file; the tokenizer is built from the cached
+here: the checkpoint is a GGUF whose matrices are in the dtype asked for (float32 or bfloat16), mapped in
+place as the engine's loader maps it (gguf_file.py), or a quantised GGUF the engine has already
+dequantised into the cache (paths.gguf_cache_path) in that dtype; the tokenizer is built from the file's
 metadata; llama_fast._lite (csrc/lite_module.cpp: the engine's C++ session and sampler, bound without
 libtorch) runs the prompt in chunks and then one step per token, dense or with a window and sinks, with
 the engine's sampler and penalties: the engine's text. For anything else LiteLLM.open returns None (and
@@ -21,10 +22,14 @@ import json
 import logging
 import mmap
 import os
+import sys
 from typing import Iterator
+
+from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
+from .gguf_file import FLOAT_TYPES, GGUFFile, float_weights, gguf_config
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import SamplingParams, check_request, row_params
 from .threads import ThreadTuner
@@ -70,30 +75,33 @@ class LiteLLM:
     @classmethod
     def open(cls, name_or_path: str, dtype: str | None = None, window: int | None = None,
              sink_tokens: int = 0) -> "LiteLLM | None":
-        """The model, or None where it needs the torch engine (LLM): not a converted GGUF in the cache yet,
-        a dtype other than float32 / bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 /
-        $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE set. window / sink_tokens: as SpanBias's (None: dense)."""
+        """The model, or None where it needs the torch engine (LLM): not a GGUF, a GGUF whose matrices are in
+        another dtype (or a quantised one not in the cache in this dtype yet), a dtype other than float32 /
+        bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE
+        set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
         dtype = validate.dtype_name(dtype or "float32")
-        found = _unsupported(dtype) or cls._from_cache(resolve_model_path(name_or_path), dtype, window, sink_tokens)
+        found = _unsupported(dtype) or cls._from_gguf(resolve_model_path(name_or_path), dtype, window, sink_tokens)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
             return None
         return found
 
     @classmethod
-    def _from_cache(cls, path: str, dtype: str, window: int | None, sink_tokens: int) -> "LiteLLM | str":
-        """The model from its cache entry, or why not."""
-        found = _cached_gguf(path, dtype) if os.path.isfile(path) else None
-        if found is None:
-            return f"{path} is not a GGUF converted into the cache in {dtype} yet"
-        meta, tensors = found
+    def _from_gguf(cls, path: str, dtype: str, window: int | None, sink_tokens: int) -> "LiteLLM | str":
+        """The model from a GGUF file, or why not."""
+        if not os.path.isfile(path):
+            return f"{path} is not a GGUF file"
+        gguf = GGUFFile(path)
         try:
-            config = ModelConfig.from_gguf(meta)
-        except (KeyError, TypeError, UnsupportedModelError) as err:
-            return f"its metadata: {err}"
+            config = gguf_config(gguf)
+        except UnsupportedModelError as err:
+            return str(err)
+        tensors = _gguf_tensors(gguf, config, dtype)
+        if isinstance(tensors, str):
+            return tensors
         window = checkpoint_window(window, sink_tokens, config.sliding_window)
-        return cls(config, Tokenizer.from_gguf_metadata(meta, path), tensors, path, window, sink_tokens)
+        return cls(config, Tokenizer.from_gguf_metadata(gguf.metadata, path), tensors, path, window, sink_tokens)
 
     def stream(self, prompt: str | list[dict], *, max_new_tokens: int = 256, seed: int | None = None,
                stop: str | list[str] | None = None, temperature: float = 0.0, **sampling) -> Iterator[str]:
@@ -120,14 +128,13 @@ class LiteLLM:
             return
         lite = _lite()
         window, sinks, chunk = self.window or 0, self.sink_tokens, prefill_chunk(self.window)
-        dtypes = {dtype for _, dtype, _ in self.tensors.values()}
         session = lite.Session(
             n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, norm_eps=c.norm_eps,
             max_positions=c.max_seq_len, weights=self.tensors, owner=self.tensors,
             inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=[], bucket_table=[],
             window=window, sinks=sinks, logit_softcap=0.0, scale=0.0,
             num_blocks=lite.blocks_for_sequence(len(ids) + steps, chunk, window, sinks, BLOCK_SIZE),
-            block_size=BLOCK_SIZE, kv_dtype="BF16" if dtypes == {"BF16"} else "F32", num_threads=0, isa="auto")
+            block_size=BLOCK_SIZE, kv_dtype=self.tensors["tok_embeddings.weight"][1], num_threads=0, isa="auto")
         seq = session.add_sequence()
         for start in range(0, len(ids), chunk):
             piece = ids[start:start + chunk]
@@ -169,21 +176,41 @@ def _unsupported(dtype: str) -> str | None:
     return None
 
 
-def _cached_gguf(path: str, dtype: str) -> tuple[dict, dict] | None:
-    """(GGUF metadata, tensors) of the cache entry holding `path` converted to `dtype`, or None. As
-    loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already."""
+def _gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str:
+    """name -> (buffer, dtype, shape) of the file's weights in `dtype`, or why not. A float file whose
+    matrices are in `dtype` is mapped in place (loaders.load_gguf's way; its other vectors are rounded to
+    `dtype` as build_model rounds them, so the text is the engine's); a quantised file is read from the
+    engine's cache entry."""
+    want = _SAFETENSORS_DTYPE[dtype]
+    if any(t.type not in FLOAT_TYPES for t in gguf.tensors.values()):
+        return _cached_gguf(gguf.path, dtype) or f"{gguf.path} is quantised and not in the cache in {dtype} yet"
+    matrices = {t.type for t in gguf.tensors.values() if len(t.shape) == 2}
+    if matrices != {want}:
+        return f"{gguf.path} holds {'/'.join(sorted(matrices))} matrices, not {want}"
+    tensors = {}
+    for name, (array, kind) in float_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
+        if kind != want and (kind, want) != ("F32", "BF16"):
+            return f"{gguf.path}: {name} is {kind}, the matrices are {want}"
+        shape = list(array.shape)
+        if kind != want:  # an F32 norm in a BF16 file (quantize gives its bytes)
+            array = quants.quantize(array, GGMLQuantizationType.BF16)
+        tensors[name] = (array, want, shape)
+    return tensors
+
+
+def _cached_gguf(path: str, dtype: str) -> dict | None:
+    """The tensors of the cache entry holding the quantised GGUF at `path` dequantised to `dtype`, or None.
+    As loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already."""
     want = _SAFETENSORS_DTYPE[dtype]
     for key in (f"torch.{dtype}", None):
         folder = gguf_cache_entry(path, key)
         if folder is None:
             continue
         try:
-            with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-                meta = json.load(f)["meta"]
             tensors = read_safetensors(os.path.join(folder, "weights.safetensors"))
-        except (OSError, ValueError, KeyError) as err:  # a damaged entry: the engine rebuilds it
+        except CheckpointError as err:  # a damaged entry: the engine rebuilds it
             log.info("llama_fast: cache entry %s unreadable (%s)", folder, err)
             return None
         if all(dtype_name == want for _, dtype_name, _ in tensors.values()):
-            return meta, tensors
+            return tensors
     return None

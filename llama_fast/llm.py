@@ -70,8 +70,6 @@ class LLM:
         self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
-        if getattr(model, "tp", None) is not None and self.decode == "eager":
-            raise ValueError("a tensor-parallel shard runs only through the C++ session: decode='eager' is not available")
         self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
         self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 

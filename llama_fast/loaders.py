@@ -10,14 +10,15 @@ import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig, UnsupportedModelError
+from .config import ModelConfig
+from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights,
+                        gguf_config, interleaved_to_half, model_tensor_name)
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
@@ -45,12 +46,6 @@ def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype
     if os.path.exists(os.path.join(path, "params.json")):
         return load_meta_dir(path, progress)
     raise CheckpointError(f"{path}: not a .gguf file, nor a directory with config.json (HF) or params.json (Meta)")
-
-
-def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Q/K rows from interleaved rotary pairs (Meta, GGUF) to rotate-half order (HF). w: (n_heads*hd, in)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -87,75 +82,39 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: ModelConfig, path: s
 
 
 # ----------------------------------------------------------------------------------------------------
-# GGUF
-
-_GGUF_NAMES = {
-    "token_embd": "tok_embeddings",
-    "output_norm": "norm",
-    "output": "output",
-    "attn_norm": "attention_norm",
-    "ffn_norm": "ffn_norm",
-    "attn_q": "attention.wq",
-    "attn_k": "attention.wk",
-    "attn_v": "attention.wv",
-    "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1",
-    "ffn_down": "feed_forward.w2",
-    "ffn_up": "feed_forward.w3",
-}
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# GGUF (gguf_file.py reads the file). F32/F16/BF16 files are used in place: their tensors are views of
+# the mapped file (Q/K reordered once). Quantised files are dequantised once and the result cached.
 
 
-def read_gguf_metadata(path: str):
-    """-> (GGUFReader, metadata dict key -> python value). Raises CheckpointError on a bad file."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-        meta = {key: field.contents() for key, field in reader.fields.items()}
-    except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from err
-    return reader, meta
+def _as_torch(array: np.ndarray, kind: str) -> torch.Tensor:
+    """A torch view of a tensor's numpy array (BF16 arrays hold the bits as uint16)."""
+    if kind == "BF16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
-def _gguf_tensor(t, path: str) -> torch.Tensor:
+def _dequantised(t: GGUFTensor) -> torch.Tensor:
+    """A tensor of a quantised file as torch: float ones as views of the map, quantised ones dequantised."""
     from gguf import GGMLQuantizationType, quants
 
-    kind = t.tensor_type.name
-    if kind not in GGUF_TYPES:
-        raise CheckpointError(f"{path}: tensor {t.name} has type {kind}, supported: {', '.join(GGUF_TYPES)}")
-    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dims innermost first
-    if t.tensor_type == GGMLQuantizationType.F32 or t.tensor_type == GGMLQuantizationType.F16:
-        data = np.asarray(t.data)  # memory-mapped: no copy
-    elif t.tensor_type == GGMLQuantizationType.BF16:
-        return torch.from_numpy(np.array(t.data).view(np.int16)).view(torch.bfloat16).reshape(shape)
-    else:
-        data = quants.dequantize(t.data, t.tensor_type)
-    if data.size != int(np.prod(shape)):
-        raise CheckpointError(f"{path}: tensor {t.name} holds {data.size} values, its shape {shape} needs more")
-    with warnings.catch_warnings():  # read-only memory map: the model never writes its weights
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(data).reshape(shape)
+    if t.type in FLOAT_TYPES:
+        return _as_torch(t.array(), t.type)
+    raw = np.frombuffer(t.data, dtype=np.uint8).reshape(*t.shape[:-1], -1)
+    return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[t.type]).reshape(t.shape))
 
 
 def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
-    cached = _read_gguf_cache(path, dtype) if dtype is not None else None
-    cached = cached or _read_gguf_cache(path, None)
-    if cached is not None:
-        meta, weights, types = cached
-        config = _gguf_config(meta, path)
-        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
+    gguf = GGUFFile(path)
+    config = gguf_config(gguf)
+    types = {}
+    for t in gguf.tensors.values():
+        types[t.type] = types.get(t.type, 0) + 1
+    if all(t.type in FLOAT_TYPES for t in gguf.tensors.values()):
+        mapped = float_weights(gguf, config.n_heads, config.n_kv_heads, progress)
+        weights = {name: _as_torch(array, kind) for name, (array, kind) in mapped.items()}
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     else:
-        reader, meta = read_gguf_metadata(path)
-        config = _gguf_config(meta, path)
-        weights, types = _gguf_weights(reader, config, path, progress)
-        # Before caching: a vocabulary that cannot be read (e.g. an unknown pre-tokenizer) caches nothing.
-        tokenizer = Tokenizer.from_gguf_metadata(meta, path)
-        _write_gguf_cache(path, meta, weights, types, None)
-    if dtype is not None and any(w.dtype != dtype for w in weights.values()):
-        # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
-        weights = {name: w.to(dtype) for name, w in weights.items()}
-        _write_gguf_cache(path, meta, weights, types, dtype)
+        weights, tokenizer = _quantised_gguf(gguf, config, progress, dtype)
     config.tie_embeddings = "output.weight" not in weights
     _check_shapes(weights, config, path)
     if not config.eos_token_ids:
@@ -163,53 +122,47 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None
     return Checkpoint(config, weights, tokenizer, path, types)
 
 
-def _gguf_config(meta: dict, path: str) -> ModelConfig:
-    try:
-        return ModelConfig.from_gguf(meta)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path}: GGUF metadata is incomplete ({err})") from err
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"{path}: {err}") from err
-
-
-def _gguf_weights(reader, config: ModelConfig, path: str, progress: bool):
-    """-> (model name -> tensor, storage type name -> count); Q/K rows converted to rotate-half order."""
-    weights, types = {}, {}
-    for t in _progress(reader.tensors, "loading GGUF", progress):
-        match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", t.name)
-        if t.name == "rope_freqs.weight":
-            raise UnsupportedModelError(f"{path}: per-frequency rope factors (rope_freqs) are not supported")
-        if match is None or match.group(2) not in _GGUF_NAMES:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name}")
-        layer, base = match.groups()
-        name = (f"layers.{layer}." if layer is not None else "") + _GGUF_NAMES[base] + ".weight"
-        tensor = _gguf_tensor(t, path)
-        if base in ("attn_q", "attn_k"):
-            tensor = interleaved_to_half(tensor, config.n_heads if base == "attn_q" else config.n_kv_heads)
-        weights[name] = tensor
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return weights, types
+def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: torch.dtype | None):
+    """-> (weights, tokenizer) of a file with quantised tensors: from the cache entry in `dtype` (or as
+    dequantised), else dequantised now and cached."""
+    path = gguf.path
+    weights = (_read_gguf_cache(path, dtype) if dtype is not None else None) or _read_gguf_cache(path, None)
+    # The tokenizer before caching: a vocabulary that cannot be read (an unknown pre-tokenizer) caches nothing.
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
+    if weights is None:
+        weights = {}
+        for t in _progress(gguf.tensors.values(), "dequantising GGUF", progress):
+            if t.name == ROPE_FACTORS:
+                continue
+            name, tensor = model_tensor_name(t.name, path), _dequantised(t)
+            if t.name.endswith(QK_TENSORS):
+                tensor = interleaved_to_half(tensor, config.n_heads if ".attn_q." in t.name else config.n_kv_heads)
+            weights[name] = tensor
+        _write_gguf_cache(path, weights, None)
+    if dtype is not None and any(w.dtype != dtype for w in weights.values()):
+        # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
+        weights = {name: w.to(dtype) for name, w in weights.items()}
+        _write_gguf_cache(path, weights, dtype)
+    return weights, tokenizer
 
 
 # A parsed GGUF is cached (paths.gguf_cache_path says where and why).
 
 
-def _read_gguf_cache(path: str, dtype: torch.dtype | None):
+def _read_gguf_cache(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
     folder = gguf_cache_entry(path, dtype)
     if folder is None:
         return None
     from safetensors.torch import load_file
 
     try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        return saved["meta"], load_file(os.path.join(folder, "weights.safetensors")), saved["types"]
+        return load_file(os.path.join(folder, "weights.safetensors"))
     except Exception as err:  # a damaged cache entry is rebuilt from the GGUF itself
         log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
         return None
 
 
-def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict, dtype: torch.dtype | None) -> None:
+def _write_gguf_cache(path: str, weights: dict, dtype: torch.dtype | None) -> None:
     folder = gguf_cache_path(path, dtype)
     if folder is None:
         return
@@ -217,8 +170,6 @@ def _write_gguf_cache(path: str, meta: dict, weights: dict, types: dict, dtype: 
 
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "types": types}, f)
         save_file({k: w.contiguous() for k, w in weights.items()}, os.path.join(folder, "weights.safetensors"))
         open(os.path.join(folder, "done"), "w").close()  # written last: an interrupted write is not an entry
     except OSError as err:

@@ -2,7 +2,8 @@
 session, the torch-free fast start), computed in double precision and rounded to fp32 once. Torch-free.
 
 HF's rope_scaling kinds "linear" (positions divided by factor) and "llama3" (Llama 3.1's low frequencies
-divided by factor, high ones kept, a smooth blend between) are applied here."""
+divided by factor, high ones kept, a smooth blend between) are applied here, and "freq_factors": one divisor
+per frequency, as GGUF files carry Llama 3.1's scaling (llama.cpp's rope_freqs tensor)."""
 from __future__ import annotations
 
 import math
@@ -34,4 +35,19 @@ def inv_freq(rot_dim: int, theta: float, scaling: dict | None = None) -> list[fl
                 smooth = (old_len / wavelen - low) / (high - low)
                 scaled.append((1 - smooth) * f / factor + smooth * f)
         freqs = scaled
+    elif kind == "freq_factors":
+        factors = scaling["factors"]
+        if len(factors) != len(freqs):
+            raise ValueError(f"rope scaling has {len(factors)} frequency factors, the head needs {len(freqs)}")
+        freqs = [f / d for f, d in zip(freqs, factors)]
     return [_fp32(f) for f in freqs]
+
+
+def describe(scaling: dict | None) -> str:
+    """A one-line summary of a rope_scaling (per-frequency factors counted, not listed)."""
+    if scaling is None:
+        return "none"
+    if scaling.get("rope_type") == "freq_factors":
+        factors = scaling["factors"]
+        return f"freq_factors ({len(factors)} divisors, {min(factors):g} to {max(factors):g})"
+    return str(scaling)

@@ -52,7 +52,7 @@ def supports(model) -> str | None:
         return f"the model is on {weight.device.type}"
     if weight.dtype not in (torch.float32, torch.bfloat16):
         return f"weights are {weight.dtype} (float32 and bfloat16 are supported)"
-    dtypes = {w.dtype for w in _state(model).values() if w.dim() == 2}
+    dtypes = {p.dtype for p in model.parameters() if p.dim() == 2}
     if len(dtypes) != 1:
         return f"the matrices mix dtypes {sorted(map(str, dtypes))}"
     try:
@@ -72,18 +72,12 @@ def blocks_for_sequence(tokens: int, step_tokens: int, window: int, sinks: int, 
     return _lite().blocks_for_sequence(tokens, step_tokens, window, sinks, block_size)
 
 
-def _state(model) -> dict[str, torch.Tensor]:
-    """The weights the session runs: the model's, or its tensor-parallel shard (model.tp)."""
-    tp = getattr(model, "tp", None)
-    return model.state_dict() if tp is None else tp.weights
-
-
 def weight_map(model) -> tuple[dict, list[torch.Tensor]]:
     """name -> (address, dtype, shape) of every weight (contiguous, as stored: nothing copied), and the
     tensors that own that memory."""
     names = {torch.float32: "F32", torch.bfloat16: "BF16"}
     weights, owners = {}, []
-    for name, t in _state(model).items():
+    for name, t in model.state_dict().items():
         t = t.detach()
         if not t.is_contiguous():
             t = t.contiguous()
@@ -103,16 +97,13 @@ class SessionRunner:
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"the C++ session cannot run this model: {reason}")
-        c, span = model.config, model.span
-        self.tp = getattr(model, "tp", None)  # a tensor-parallel shard: local heads, collectives
-        n_heads, n_kv_heads = (c.n_heads, c.n_kv_heads) if self.tp is None else (self.tp.n_heads, self.tp.n_kv_heads)
-        local = (lambda table: table) if self.tp is None else self.tp.local_heads
+        c, span = model.config, model.span  # (a tensor-parallel shard's: its heads, its FFN slice)
+        self.tp = getattr(model, "tp", None)
         weights, self._owners = weight_map(model)
-        slopes = local(span.alibi_slopes)
-        slopes = [] if slopes is None else slopes.detach().float().cpu().tolist()
-        table = local(bucket_table(span))
+        slopes = [] if span.alibi_slopes is None else span.alibi_slopes.detach().float().cpu().tolist()
+        table = bucket_table(span)
         self._session = _lite().Session(
-            n_layers=c.n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=c.head_dim,
+            n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
             norm_eps=c.norm_eps, max_positions=c.max_seq_len, weights=weights, owner=self._owners,
             inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=slopes,
             bucket_table=[] if table is None else table.float().flatten().tolist(),
@@ -124,7 +115,7 @@ class SessionRunner:
             self._session.set_all_reduce(self.tp.all_reduce)
         self.vocab = c.vocab_size
         esz = 2 if model.tok_embeddings.weight.dtype == torch.bfloat16 else 4
-        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * n_kv_heads * c.head_dim * esz  # the pool's
+        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * c.n_kv_heads * c.head_dim * esz  # the pool's
 
     @property
     def isa(self) -> str:

@@ -16,12 +16,15 @@ gloo). CUDA (NCCL, CUDA graphs) is not wired yet: a model on CUDA is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .engine import Engine
 
 DEFAULT_TIMEOUT_S = 60.0  # a dead peer surfaces as an error after this, not after gloo's 30 minutes
 
@@ -72,6 +75,8 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> di
     out = {}
     for name, w in state.items():
         w = w.detach()
+        if name == "output.weight":
+            continue  # its vocabulary slice, below
         if name.endswith(("attention.wq.weight", "attention.wq.bias")):
             w = w[q_rows]
         elif name.endswith(("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")):
@@ -82,7 +87,7 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> di
             w = w[ffn]
         elif name.endswith("feed_forward.w2.weight"):
             w = w[:, ffn]
-        out[name] = w.contiguous().clone() if w.is_contiguous() else w.contiguous()
+        out[name] = w.clone() if w.is_contiguous() else w.contiguous()
     output = state.get("output.weight", state["tok_embeddings.weight"])  # tied: the embedding's rows
     out["output.weight"] = output.detach()[plan.vocab.start:plan.vocab.stop].clone()
     return out
@@ -105,55 +110,143 @@ def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, backend
 
 
 class TensorParallel:
-    """One rank's shard of a model and the collectives its session step calls (set as model.tp)."""
+    """One rank's place in the group and the collectives its steps call (model.tp of a sharded model)."""
 
-    def __init__(self, model, world: int, rank: int):
+    def __init__(self, plan: ShardPlan, vocab_size: int):
         import torch.distributed as dist
 
         self.dist = dist
-        self.config = model.config
-        self.plan = plan_shard(model.config, world, rank)
-        self.weights = shard_weights(model.state_dict(), model.config, self.plan)
-        sizes = [len(_even(model.config.vocab_size, world, r)) for r in range(world)]
-        self._vocab_sizes = sizes
+        self.plan = plan
+        self._vocab_sizes = [len(_even(vocab_size, plan.world, r)) for r in range(plan.world)]
 
-    @property
-    def n_heads(self) -> int:
-        return len(self.plan.q_heads)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return len(self.plan.kv_heads)
-
-    def local_heads(self, per_head: torch.Tensor | None) -> torch.Tensor | None:
-        """A per-head table (alibi slopes, bucket biases) cut to this rank's query heads."""
-        return None if per_head is None else per_head[self.plan.q_heads.start:self.plan.q_heads.stop]
-
-    def all_reduce(self, partial: np.ndarray) -> None:
-        """Sums a float32 array over the ranks, in place (the session's hook)."""
-        self.dist.all_reduce(torch.from_numpy(partial))
+    def all_reduce(self, partial) -> None:
+        """Sums a float32 array or tensor over the ranks, in place (the session's hook takes numpy)."""
+        self.dist.all_reduce(torch.from_numpy(partial) if isinstance(partial, np.ndarray) else partial)
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """(rows, this rank's vocab slice) -> (rows, vocab): every rank's slices side by side."""
-        widest = max(self._vocab_sizes)
-        padded = torch.zeros(logits.shape[0], widest, dtype=logits.dtype)
-        padded[:, :logits.shape[1]] = logits
+        """(..., this rank's vocab slice) -> (..., vocab): every rank's slices side by side."""
+        lead, width = logits.shape[:-1], logits.shape[-1]
+        flat = logits.reshape(-1, width)
+        padded = flat.new_zeros(flat.shape[0], max(self._vocab_sizes))
+        padded[:, :width] = flat
         parts = [torch.empty_like(padded) for _ in self._vocab_sizes]
         self.dist.all_gather(parts, padded)
-        return torch.cat([p[:, :n] for p, n in zip(parts, self._vocab_sizes)], dim=1)
-
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
+        return torch.cat([p[:, :n] for p, n in zip(parts, self._vocab_sizes)], dim=1).reshape(*lead, -1)
 
 
 def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Makes `model` this rank's shard of a tensor-parallel group of `world` ranks (joining the process
-    group): model.tp holds the shard, the full matrices are dropped (the model then runs only through the
-    C++ session)."""
+    """Turns `model` into this rank's shard of a tensor-parallel group of `world` ranks (joining the process
+    group): its modules keep only their slices (the full matrices are freed), model.config describes the
+    local heads and FFN (the vocabulary stays whole: the logits are gathered), model.span its query heads'
+    part, model.tp the collectives. Both routes run it: the C++ session (which calls the all-reduce from its
+    step) and the model's forward (hooks after each wo and w2, and on the logits)."""
     if model.tok_embeddings.weight.device.type != "cpu":
         raise ValueError("tensor parallelism runs on CPU (the C++ session over gloo); CUDA is not wired yet")
     rank = init_process_group(world, timeout_s)
-    model.tp = TensorParallel(model, world, rank)
-    for name, param in model.named_parameters():
-        if name != "tok_embeddings.weight" and param.dim() == 2:
-            param.data = torch.empty(0, dtype=param.dtype)  # the shard has its part; free the rest
+    config = model.config
+    plan = plan_shard(config, world, rank)
+    weights = shard_weights(model.state_dict(), config, plan)
+    q = slice(plan.q_heads.start, plan.q_heads.stop)
+    model.config = dataclasses.replace(config, n_heads=len(plan.q_heads), n_kv_heads=len(plan.kv_heads),
+                                       ffn_dim=len(plan.ffn), tie_embeddings=False)
+    model.span = dataclasses.replace(
+        model.span, alibi_slopes=None if model.span.alibi_slopes is None else model.span.alibi_slopes[q].clone(),
+        bucket_bias=None if model.span.bucket_bias is None else model.span.bucket_bias[q].clone())
+    model.output = torch.nn.Linear(config.dim, len(plan.vocab), bias=False, device="meta")
+    for name, w in weights.items():  # (load_state_dict would insist on the full shapes)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
+    for layer in model.layers:
+        layer.attention.n_heads, layer.attention.n_kv_heads = model.config.n_heads, model.config.n_kv_heads
+    model.tp = tp = TensorParallel(plan, config.vocab_size)
+    for layer in model.layers:  # the model's forward: the partial sums of wo and w2 summed over the ranks
+        for module in (layer.attention, layer.feed_forward):
+            module.register_forward_hook(lambda _m, _i, out: tp.all_reduce(out) or out)
+    model.register_forward_hook(lambda _m, _i, logits: tp.gather_vocab(logits))
+
+
+def shard_bytes(model) -> int:
+    """Bytes of the weights this rank holds."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+# ---- serving: rank 0 runs the engine behind the server, the others repeat its steps ----
+
+def control_group():
+    """A gloo group for the engine's changes, without the collective timeout: the other ranks may wait for
+    rank 0's next step as long as the server is idle. Every rank creates it, at the same point."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+
+
+def _broadcast(ops, group):
+    import torch.distributed as dist
+
+    box = [ops]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+class LeaderEngine(Engine):
+    """Rank 0's Engine in a tensor-parallel server. Every change, a request added or aborted, reaches the
+    other ranks (follow) before the step that first sees it, and aborts are applied at the start of a step
+    on every rank alike: all engines hold the same state at every step, so they schedule the same batches
+    (their collectives must match) and sample the same tokens. An abort frees its blocks at the next step."""
+
+    def __init__(self, llm, **limits):
+        super().__init__(llm, **limits)
+        self._control = control_group()
+        self._ops: list[tuple[str, object]] = []  # changes since the last step, for the other ranks
+        self._aborting: set[str] = set()
+
+    def add_request(self, *args, **kwargs) -> str:
+        with self._lock:
+            request_id = super().add_request(*args, **kwargs)
+            r = self._requests[request_id]
+            self._ops.append(("add", dict(
+                prompt=r.prompt, params=[s.params for s in r.sequences], max_new_tokens=r.max_new_tokens,
+                stop=r.stops, n=len(r.sequences), request_id=request_id, ignore_eos=r.ignore_eos,
+                min_tokens=r.min_tokens, detokenize=r.sequences[0].text is not None)))
+            return request_id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self._requests:
+                raise ValueError(f"abort: no unfinished request with id {request_id!r}")
+            if request_id not in self._aborting:
+                self._aborting.add(request_id)
+                self._ops.append(("abort", request_id))
+
+    def _before_schedule(self) -> None:
+        ops, self._ops = self._ops, []
+        _broadcast(ops, self._control)
+        _apply_aborts(lambda request_id: Engine.abort(self, request_id), ops)
+        self._aborting.clear()
+
+    def stop_followers(self) -> None:
+        """Ends the other ranks' follow() loops (after the last step)."""
+        with self._lock:
+            _broadcast(None, self._control)
+
+
+def _apply_aborts(abort, ops) -> None:
+    for kind, request_id in ops:
+        if kind == "abort":
+            try:
+                abort(request_id)
+            except ValueError:
+                pass  # it finished first: on every rank alike
+
+
+def follow(llm, **limits) -> None:
+    """The loop of a rank > 0 in a tensor-parallel server: its own Engine over its shard takes rank 0's
+    changes and steps with it, until rank 0 says stop."""
+    engine = Engine(llm, **{**limits, "max_waiting": None})
+    control = control_group()
+    while (ops := _broadcast(None, control)) is not None:
+        for kind, arg in ops:
+            if kind == "add":
+                engine.add_request(**arg)
+        _apply_aborts(engine.abort, ops)
+        engine.step()

@@ -63,8 +63,9 @@ def test_plan_splits_heads_and_replicates_kv_heads_that_do_not_divide():
 
 @pytest.mark.parametrize("heads, kv_heads, world", [(8, 4, 2), (6, 2, 3), (12, 4, 3), (6, 6, 2)])
 def test_ranks_match_the_single_process_logits_and_text(tmp_path, heads, kv_heads, world):
-    """Each rank's logits equal the single-process ones within 1e-4 (fp32), greedy tokens identical, and each
-    rank holds about 1/world of the sharded weights plus the replicated ones."""
+    """Each rank's logits, through the C++ session and through the model's forward, equal the single-process
+    ones within 1e-4 (fp32), greedy tokens identical, and each rank holds about 1/world of the sharded
+    weights plus the replicated ones."""
     results = launch(world, ["tiny", str(heads), str(kv_heads)], tmp_path)
     model = random_model(tiny_config(heads, kv_heads), seed=heads)
     want = single_process(model)
@@ -77,6 +78,7 @@ def test_ranks_match_the_single_process_logits_and_text(tmp_path, heads, kv_head
     replicated = sum(t.numel() * t.element_size() for n, t in state.items() if t.dim() == 1 or n == "tok_embeddings.weight")
     for rank, result in enumerate(results):
         torch.testing.assert_close(torch.load(tmp_path / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.load(tmp_path / f"eager{rank}.pt"), want, atol=1e-4, rtol=1e-4)
         assert result["tokens"] == tokens
         # Its share of the rest (an output slice included; KV heads copied where they do not divide).
         assert result["weight_bytes"] <= replicated + 1.4 * (total - replicated + state["tok_embeddings.weight"].numel() * 4) / world
@@ -114,3 +116,28 @@ def test_torchrun_generate_prints_the_single_process_text_once():
                            capture_output=True, text=True, env=env, timeout=300)
     assert three.returncode == 0, three.stderr[-3000:]
     assert one.stdout.strip() and three.stdout == one.stdout
+
+
+def test_followers_repeat_the_leaders_steps_with_requests_arriving_and_aborted(tmp_path):
+    """A tensor-parallel server's engines: rank 0's takes requests from another thread and aborts some,
+    rank 1 follows its steps; the finished requests get the tokens they get alone in one process."""
+    from llama_fast import Engine, LLM, Tokenizer
+    from tp_cases import lockstep_requests
+
+    results = launch(2, ["lockstep"], tmp_path)
+    leader, follower = results
+    assert follower == {"followed": True} and leader["blocks_in_use"] == 0
+    llm = LLM(random_model(tiny_config(4, 2), seed=4), Tokenizer.from_pretrained("smollm2-135m-instruct"))
+    finished = 0
+    for i, (prompt, new) in enumerate(lockstep_requests()):
+        got = leader["tokens"].get(f"r{i}")
+        if got is None:
+            continue  # aborted
+        engine = Engine(llm)
+        rid = engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)
+        want = []
+        while engine.has_unfinished():
+            want += [t for out in engine.step() for t in out.new_token_ids]
+        assert got == want, i
+        finished += 1
+    assert finished >= 10

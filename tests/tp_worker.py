@@ -4,6 +4,8 @@ RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would, and reads 
     tp_worker.py tiny HEADS KV_HEADS OUT_DIR   a tiny random model: logits of a prompt, greedy tokens
     tp_worker.py smollm OUT_DIR                the embedded model
     tp_worker.py die OUT_DIR                   rank 1 exits during generation; the others must raise
+    tp_worker.py lockstep OUT_DIR              rank 0 a LeaderEngine taking requests from another thread
+                                               (some aborted), the others follow() its steps
 """
 import json
 import os
@@ -15,10 +17,10 @@ import torch
 
 from llama_fast import LLM, SamplingParams, Tokenizer
 from llama_fast.session import SessionRunner
-from llama_fast.tensor_parallel import shard_model
+from llama_fast.tensor_parallel import LeaderEngine, follow, shard_bytes, shard_model
 
 from models import random_model
-from tp_cases import PROMPT, tiny_config
+from tp_cases import PROMPT, lockstep_requests, tiny_config
 
 torch.set_num_threads(1)
 
@@ -29,6 +31,37 @@ def logits_and_tokens(llm):
     logits = runner.step([(seq, PROMPT)], all_logits=True)
     tokens = [t for (t,) in llm.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
     return logits, tokens
+
+
+def lockstep(llm, rank):
+    """Rank 0: requests arrive from another thread while the engine steps, every third aborted soon after;
+    -> each request's tokens. The others: follow until rank 0 stops them."""
+    import threading
+
+    if rank != 0:
+        follow(llm, max_kv_tokens=1024)
+        return {"followed": True}
+    engine = LeaderEngine(llm, max_kv_tokens=1024)
+    tokens, done = {}, threading.Event()
+
+    def client():
+        for i, (prompt, new) in enumerate(lockstep_requests()):
+            rid = engine.add_request(prompt, max_new_tokens=new, ignore_eos=True, request_id=f"r{i}")
+            time.sleep(0.01 * (i % 3))
+            if i % 3 == 2:
+                engine.abort(rid)
+        done.set()
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    while not done.is_set() or engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finish_reason == "abort":
+                tokens[out.request_id] = None
+    thread.join()
+    engine.stop_followers()
+    return {"tokens": tokens, "blocks_in_use": engine.stats()["blocks_in_use"]}
 
 
 def main():
@@ -42,7 +75,9 @@ def main():
         model = random_model(tiny_config(heads, kv_heads), seed=heads)
         shard_model(model, world, timeout_s=5 if mode == "die" else 60)
         llm = LLM(model, tokenizer)
-    if mode == "die":
+    if mode == "lockstep":
+        result = lockstep(llm, rank)
+    elif mode == "die":
         start = time.monotonic()
         try:
             for step, _ in enumerate(llm.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 200,
@@ -55,7 +90,9 @@ def main():
     else:
         logits, tokens = logits_and_tokens(llm)
         torch.save(logits, os.path.join(out, f"logits{rank}.pt"))
-        result = {"tokens": tokens, "weight_bytes": llm.model.tp.weight_bytes(),
+        eager = LLM(llm.model, llm.tokenizer, decode="eager")  # the model's forward, hooks and all
+        torch.save(eager.logits(torch.tensor([PROMPT]))[0], os.path.join(out, f"eager{rank}.pt"))
+        result = {"tokens": tokens, "weight_bytes": shard_bytes(llm.model),
                   "kv_heads": list(llm.model.tp.plan.kv_heads),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:

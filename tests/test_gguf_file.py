@@ -1,0 +1,167 @@
+"""GGUF files read in place (llama_fast/gguf_file.py): the scale benchmark's writer (benchmarks/gguf_models.py)
+gives files that load and generate as the same weights built in memory, mapped without a cache entry,
+and bad files raise errors naming the file, the tensor and its type."""
+import dataclasses
+import importlib.util
+import os
+import struct
+
+import pytest
+import torch
+
+from llama_fast import LLM, rope
+from llama_fast.gguf_file import GGUFFile, half_to_interleaved, interleaved_to_half
+from llama_fast.lite import LiteLLM
+from llama_fast.loaders import load_checkpoint
+from llama_fast.paths import CheckpointError
+from llama_fast.tokenizer import Tokenizer
+
+from models import random_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Loaded by path: benchmarks/ is on sys.path for the benchmark scripts, not for the tests.
+_spec = importlib.util.spec_from_file_location("gguf_models", os.path.join(ROOT, "benchmarks", "gguf_models.py"))
+gguf_models = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gguf_models)
+
+# Llama-3.2-1B's shape, shrunk; the vocabulary is the writer's smallest (the embedded tokenizer's).
+TINY = dataclasses.replace(gguf_models.SHAPES["1b"], name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           head_dim=16, ffn_dim=96, vocab_size=49152, max_seq_len=256)
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(tmp_path, monkeypatch):
+    """A cache folder of the test's own: mapped loads must leave it empty."""
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    yield
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(the model built in memory (fp32), the same weights written as F32, F16 and BF16 GGUFs)."""
+    model = random_model(TINY, seed=4)
+    weights = {name: t.numpy() for name, t in model.state_dict().items()}
+    folder = tmp_path_factory.mktemp("gguf")
+    paths = {}
+    for kind in ("F32", "F16", "BF16"):
+        paths[kind] = str(folder / f"tiny.{kind}.gguf")
+        gguf_models.write_gguf(paths[kind], TINY, weights.__getitem__, kind)
+    return model, paths
+
+
+def test_qk_reorder_round_trips():
+    w = torch.arange(4 * 8 * 3).reshape(32, 3)
+    assert torch.equal(interleaved_to_half(half_to_interleaved(w, 4), 4), w)
+    assert not torch.equal(half_to_interleaved(w, 4), w)
+
+
+def test_llama3_rope_scaling_survives_the_file(tiny):
+    config = load_checkpoint(tiny[1]["F32"], progress=False).config
+    assert config.rope_scaling["rope_type"] == "freq_factors"
+    got = rope.inv_freq(TINY.head_dim, TINY.rope_theta, config.rope_scaling)
+    want = rope.inv_freq(TINY.head_dim, TINY.rope_theta, TINY.rope_scaling)
+    assert got == pytest.approx(want, rel=1e-6) and got != rope.inv_freq(TINY.head_dim, TINY.rope_theta)
+    assert rope.describe(config.rope_scaling) == "freq_factors (8 divisors, 1 to 32)"
+
+
+def test_written_file_generates_as_the_weights_in_memory(tiny):
+    model, paths = tiny
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(paths["F32"]).metadata, paths["F32"])
+    in_memory = LLM(model, tokenizer)
+    mapped = LLM.from_pretrained(paths["F32"], dtype="float32", progress=False)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    # (not bitwise: the file's RoPE divisors are fp32, so an inverse frequency may differ in its last bit)
+    assert torch.allclose(mapped.logits(ids), in_memory.logits(ids), atol=1e-4)
+    text = in_memory.generate(PROMPT, max_new_tokens=12).text
+    assert mapped.generate(PROMPT, max_new_tokens=12).text == text
+    assert "".join(LiteLLM.open(paths["F32"], "float32").stream(PROMPT, max_new_tokens=12)) == text
+
+
+def test_bf16_file_streams_the_engines_text(tiny):
+    path = tiny[1]["BF16"]
+    engine = LLM.from_pretrained(path, dtype="bfloat16", progress=False)
+    lite = LiteLLM.open(path, "bfloat16")
+    assert "".join(lite.stream(PROMPT, max_new_tokens=12)) == engine.generate(PROMPT, max_new_tokens=12).text
+    assert LiteLLM.open(path, "float32") is None  # (its matrices are BF16: the engine casts them)
+
+
+def test_f16_file_is_cast_once_in_memory(tiny):
+    """No F16 kernels: LLM casts an F16 file's tensors to the dtype asked for; the fast start declines it."""
+    model, paths = tiny
+    rounded = random_model(TINY, seed=4)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(paths["F16"]).metadata, paths["F16"])
+    mapped = LLM.from_pretrained(paths["F16"], dtype="float32", progress=False)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    assert torch.allclose(mapped.logits(ids), LLM(rounded, tokenizer).logits(ids), atol=1e-4)
+    assert LiteLLM.open(paths["F16"], "float32") is None
+
+
+def _mapping(address: int) -> str:
+    """The file whose mapping holds `address` in this process ("" for anonymous memory)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return rest[-1].strip() if len(rest) == 5 else ""
+    return ""
+
+
+def test_tensors_are_views_of_the_mapped_file(tiny):
+    path = tiny[1]["BF16"]
+    weights = load_checkpoint(path, progress=False).weights
+    assert _mapping(weights["layers.1.feed_forward.w2.weight"].data_ptr()) == os.path.abspath(path)
+    assert _mapping(weights["tok_embeddings.weight"].data_ptr()) == os.path.abspath(path)
+    # Q/K rows were reordered: private memory.
+    assert _mapping(weights["layers.0.attention.wq.weight"].data_ptr()) != os.path.abspath(path)
+    model = LLM.from_pretrained(path, dtype="bfloat16", progress=False).model
+    assert _mapping(model.layers[0].feed_forward.w1.weight.data_ptr()) == os.path.abspath(path)
+
+
+# ---- bad files ----
+
+def _header_field(data: bytes, tensor: str) -> int:
+    """The byte offset of `tensor`'s n_dims in the header's tensor infos."""
+    name = tensor.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name)
+    return at + 8 + len(name)
+
+
+def test_truncated_file_names_the_tensor_and_type(tiny, tmp_path):
+    data = open(tiny[1]["BF16"], "rb").read()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"cut.gguf: tensor output_norm.weight of type F32 .* the end of the file"):
+        load_checkpoint(str(cut), progress=False)
+    cut.write_bytes(data[:2000])  # inside the vocabulary
+    with pytest.raises(CheckpointError, match="cut.gguf: not a readable GGUF file"):
+        load_checkpoint(str(cut), progress=False)
+
+
+def test_tensor_larger_than_its_bytes_names_it(tiny, tmp_path):
+    data = bytearray(open(tiny[1]["BF16"], "rb").read())
+    at = _header_field(data, "blk.0.attn_q.weight")
+    struct.pack_into("<Q", data, at + 4 + 8, TINY.n_heads * TINY.head_dim * 2)  # twice the rows
+    bad = tmp_path / "big.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"big.gguf: tensor blk.0.attn_q.weight of type BF16 and shape "
+                                              r"\(128, 64\) needs 16384 bytes, 8192 are there before the next"):
+        load_checkpoint(str(bad), progress=False)
+
+
+def test_unknown_type_id_names_it(tiny, tmp_path):
+    data = bytearray(open(tiny[1]["F32"], "rb").read())
+    at = _header_field(data, "blk.1.ffn_up.weight")
+    struct.pack_into("<I", data, at + 4 + 2 * 8, 99)
+    bad = tmp_path / "odd.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match="odd.gguf: tensor blk.1.ffn_up.weight has unknown type id 99"):
+        load_checkpoint(str(bad), progress=False)
+    with pytest.raises(CheckpointError, match="odd.gguf: tensor blk.1.ffn_up.weight has unknown type id 99"):
+        LiteLLM.open(str(bad), "float32")
