@@ -204,10 +204,21 @@ def cmd_serve(args) -> None:
     validate.integer(args.max_body_bytes, "--max-body-bytes", minimum=1)
     if args.api_key == "":
         raise ValueError("--api-key must not be empty (omit it to serve without a key)")
+    validate.integer(args.tp, "--tp", minimum=1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     llm = _load(args)
-    engine = Engine(llm, max_kv_tokens=args.max_kv_tokens, max_batch_tokens=args.max_batch_tokens,
-                    max_running=args.max_running, max_waiting=args.max_waiting)
+    limits = dict(max_kv_tokens=args.max_kv_tokens, max_batch_tokens=args.max_batch_tokens,
+                  max_running=args.max_running, max_waiting=args.max_waiting)
+    if args.tp > 1:  # rank 0 serves; the others repeat its engine's steps on their shards
+        from .tensor_parallel import LeaderEngine, follow
+
+        if os.environ.get("RANK", "0") != "0":
+            # A SIGTERM (torchrun passes it to every rank) waits: rank 0 ends the loop once it has shut down.
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            return follow(llm, **limits)
+        engine = LeaderEngine(llm, **limits)
+    else:
+        engine = Engine(llm, **limits)
     app = build_app(engine, args.served_model_name or served_name(args.model), api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -215,7 +226,11 @@ def cmd_serve(args) -> None:
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: a
     # handler that does nothing makes that a clean exit (status 0) instead of death by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if args.tp > 1:
+            engine.stop_followers()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_perplexity)
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (docs/server.md)")
     _add_model_args(p)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: torchrun --nproc-per-node N -m llama_fast serve ... --tp N")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the model's name, e.g. smollm2-135m-instruct)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Sequence as Seq
 import torch
 
 from . import ops, validate
-from .errors import QueueFullError
+from .errors import EngineClosedError, QueueFullError
 from .sampling import PenaltyWindow, SamplingParams, check_max_new_tokens, row_params
 from .scheduler import Request, Scheduler, Sequence
 from .session import BLOCK_SIZE, SessionRunner
@@ -60,8 +60,8 @@ class Engine:
 
         max_kv_tokens: the KV pool, in tokens (default: 2 GiB worth, at least one full context).
         max_batch_tokens: tokens one step feeds (default 512). max_running: sequences running at once
-        (default 64, at most max_batch_tokens). max_waiting: requests that may wait (None: no limit; past
-        it add_request raises QueueFullError). prefix_caching: reuse the KV blocks of prompt prefixes
+        (default 64, at most max_batch_tokens). max_waiting: requests that may wait, >= 1 (every request
+        waits until the next step starts it; None: no limit; past it add_request raises QueueFullError). prefix_caching: reuse the KV blocks of prompt prefixes
         already computed. chunked_prefill=False feeds each prompt whole in one step (without a window),
         however long it makes the step: what chunking is measured against."""
         validate.integer(max_kv_tokens, "max_kv_tokens", minimum=1, optional=True)
@@ -70,7 +70,7 @@ class Engine:
         if max_running > max_batch_tokens:
             raise ValueError(f"max_running ({max_running}) must be <= max_batch_tokens ({max_batch_tokens}): "
                              "every running sequence feeds a token each step")
-        self.max_waiting = validate.integer(max_waiting, "max_waiting", minimum=0, optional=True)
+        self.max_waiting = validate.integer(max_waiting, "max_waiting", minimum=1, optional=True)
         for name, flag in (("prefix_caching", prefix_caching), ("chunked_prefill", chunked_prefill)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -329,7 +329,7 @@ class AsyncEngine:
         """Queues a request (Engine.add_request's arguments; errors raise here, at once) and returns the
         async iterator of its outputs, which ends once each of its sequences has finished."""
         if self._closing:
-            raise RuntimeError("the engine is shutting down")
+            raise EngineClosedError("the engine is shutting down: it takes no new requests")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self.engine._lock:  # registered before the stepping thread can report on it

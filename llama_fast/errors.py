@@ -7,3 +7,7 @@ class CacheFullError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """The engine's waiting queue holds max_waiting requests already: try again later (HTTP 429)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llama_fast import LLM, AsyncEngine, Engine, QueueFullError, SamplingParams, SpanBias
+from llama_fast.errors import EngineClosedError
 from llama_fast import _ext
 from llama_fast.config import ModelConfig
 
@@ -308,7 +309,7 @@ def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):
         with pytest.raises(ValueError, match="max_new_tokens"):
             aengine.generate(prompts[0], max_new_tokens=-1)
         await aengine.shutdown(timeout=5)
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(EngineClosedError, match="shutting down"):
             aengine.generate(prompts[0])
         return got, stats
 

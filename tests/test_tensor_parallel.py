@@ -141,3 +141,43 @@ def test_followers_repeat_the_leaders_steps_with_requests_arriving_and_aborted(t
         assert got == want, i
         finished += 1
     assert finished >= 10
+
+
+def test_serve_at_tp3_answers_as_one_process_and_stops_on_sigterm(smollm):
+    """`llama-fast serve --tp 3` as three ranks: rank 0 answers a greedy completion with the text of one
+    process; SIGTERM to every rank (as torchrun passes it on) ends all three cleanly."""
+    import signal
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        rdzv = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "llama_fast", "serve", "--tp", "3", "--port", str(port)],
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rdzv), OMP_NUM_THREADS="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(3)]
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.5)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120, json={
+            "model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 12,
+            "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == smollm.generate("The capital of France is", max_new_tokens=12).text
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0, 0], [p.stderr.read()[-2000:] for p in procs]

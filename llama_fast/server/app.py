@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from ..engine import AsyncEngine, Engine
-from ..errors import QueueFullError
+from ..errors import EngineClosedError, QueueFullError
 from .metrics import Metrics
 from .protocol import APIError, GenerationRequest, parse_chat, parse_completion
 from .responses import Responses
@@ -142,7 +142,7 @@ async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id
             streams.append(async_engine.generate(
                 prompt, parsed.params, max_new_tokens=max_tokens, stop=parsed.stop or None, n=parsed.n,
                 request_id=f"{request_id}-{i}", ignore_eos=parsed.ignore_eos, min_tokens=parsed.min_tokens))
-    except (ValueError, QueueFullError) as err:
+    except (ValueError, QueueFullError, EngineClosedError) as err:
         for stream in streams:
             await stream.aclose()
         raise engine_error(err, parsed) from None
@@ -154,6 +154,8 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     request's field."""
     if isinstance(err, QueueFullError):
         return APIError(429, f"the server is busy: {err}", code="queue_full")
+    if isinstance(err, EngineClosedError):
+        return APIError(503, f"the server is shutting down: {err}", code="shutting_down")
     message = str(err).replace("max_new_tokens", "max_tokens")
     name = message.split()[0]
     if name in ("max_tokens", "stop", "n", "seed", "min_tokens"):
