@@ -27,6 +27,7 @@ import time
 import torch
 
 from llama_fast import LLM, Engine
+from llama_fast.bench import rss_bytes
 from llama_fast.paths import SAMPLE_TEXT
 
 PROMPT_MIX = [(32, 0.3), (128, 0.3), (512, 0.3), (1024, 0.1)]  # (prompt tokens, share of requests)
@@ -97,11 +98,6 @@ def replay(engine: Engine, requests: list[tuple[float, list[int], int]]) -> dict
     }
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def churn(llm: LLM, requests: int, seed: int = 1) -> dict:
     """Many short requests through a 64-block pool, one in twenty aborted at a random later step."""
     rng = random.Random(seed)
@@ -120,10 +116,10 @@ def churn(llm: LLM, requests: int, seed: int = 1) -> dict:
                 engine.abort(rng.choice(sorted(live)))
                 aborted += 1
         if i == requests // 5:
-            rss.append(rss_mib())
+            rss.append(rss_bytes() / 2**20)
     while engine.has_unfinished():
         engine.step()
-    rss.append(rss_mib())
+    rss.append(rss_bytes() / 2**20)
     stats = engine.stats()
     return {"requests": requests, "aborted": aborted, "seconds": time.perf_counter() - start,
             "blocks_in_use_after": stats["blocks_in_use"], "preemptions": stats["preemptions"],

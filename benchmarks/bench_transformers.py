@@ -18,15 +18,7 @@ import time
 
 import torch
 
-from llama_fast.bench import PROMPT_FILE, TransformersEngine, clocked, interleaved_times
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+from llama_fast.bench import PROMPT_FILE, TransformersEngine, clocked, interleaved_times, rss_bytes
 
 
 def decode_rate(stamps: list[float]) -> float:

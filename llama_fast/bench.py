@@ -34,6 +34,12 @@ from .sampling import row_params
 
 from .paths import SAMPLE_TEXT as PROMPT_FILE  # package data: found in a checkout and when installed
 
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -3,7 +3,6 @@ asyncio wrapper and bad input. Load tests run on tiny random models; every text 
 same request run alone."""
 import asyncio
 import random
-import resource
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 from llama_fast import LLM, AsyncEngine, Engine, QueueFullError, SamplingParams, SpanBias
 from llama_fast.errors import EngineClosedError
 from llama_fast import _ext
+from llama_fast.bench import rss_bytes
 from llama_fast.config import ModelConfig
 
 from models import random_model
@@ -161,11 +161,6 @@ def test_more_requests_than_the_pool_holds_all_finish_by_preemption(tiny):
     assert engine.stats()["blocks_in_use"] == 0
 
 
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def test_two_thousand_requests_with_aborts_leave_no_block_and_no_memory_behind(tiny):
     """2,000 requests of random lengths, some aborted at random steps, through a small pool (preemptions):
     blocks in use return to zero, RSS stays flat, and the ones that finish get their text alone."""
@@ -189,7 +184,7 @@ def test_two_thousand_requests_with_aborts_leave_no_block_and_no_memory_behind(t
                 del live[rid]
                 aborted += 1
         if i in (400, 1999):
-            rss.append(rss_mib())
+            rss.append(rss_bytes() / 2**20)
     while engine.has_unfinished():
         for out in engine.step():
             if out.request_id in live:

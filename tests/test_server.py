@@ -15,6 +15,7 @@ import openai
 import pytest
 import uvicorn
 
+from llama_fast.bench import rss_bytes
 from llama_fast.config import ModelConfig
 from llama_fast.engine import Engine
 from llama_fast.llm import LLM
@@ -85,12 +86,6 @@ def server(llm):
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return server.client()
-
-
-def rss() -> int:
-    """This process's resident memory in bytes (the test servers run in it)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def post(server, path: str, body, timeout=60) -> httpx.Response:
@@ -351,9 +346,9 @@ def test_1000_rapid_bad_requests_leave_the_server_up_with_flat_memory(server, cl
             return [http.post("/v1/completions", content=bodies[i % len(bodies)]).status_code for i in range(count)]
 
         burst(200)   # warm up: allocator pools, caches
-        before = rss()
+        before = rss_bytes()  # (the test servers run in this process)
         statuses = burst(1000)
-        after = rss()
+        after = rss_bytes()
     assert set(statuses) == {400, 404}
     assert after - before < 16 << 20, f"RSS grew by {(after - before) >> 20} MiB over 1,000 bad requests"
     assert client.completions.create(model=MODEL, prompt="x", **GREEDY).choices[0].finish_reason

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import llama_fast.integrations.transformers as lf_hf  # noqa: E402
 from llama_fast import LLM, SamplingParams, SpanBias  # noqa: E402
+from llama_fast.bench import rss_bytes  # noqa: E402
 from llama_fast.span import alibi_slopes  # noqa: E402
 
 PROMPTS = ["I love", "The quick brown fox jumps over the lazy dog. Then", "def fibonacci(n):\n    if n < 2:"]
@@ -241,20 +242,12 @@ def test_qwen2_biases_match_sdpa_and_from_transformers():
 # LLM.from_transformers
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def test_from_transformers_shares_weights_and_greedy_matches(hf_smollm):
     hf, tok = hf_smollm
     LLM.from_transformers(tiny("llama"))  # imports and first-use set-up outside the measurement
-    before = _rss_bytes()
+    before = rss_bytes()
     llm = LLM.from_transformers(hf, tok)
-    grown = _rss_bytes() - before
+    grown = rss_bytes() - before
     assert grown < 50 * 2**20, f"wrapping grew RSS by {grown / 2**20:.1f} MiB"
     hf_ptrs = {p.data_ptr() for p in hf.parameters()}
     assert all(p.data_ptr() in hf_ptrs for p in llm.model.parameters())
