@@ -1,12 +1,17 @@
 """Builds llama_fast and its extensions llama_fast._C and llama_fast._lite.
 
-The C++ sources (csrc/*.cpp, OpenMP) are built everywhere. The CUDA sources (csrc/*.cu) are added only
-where torch itself was built with CUDA and a CUDA toolkit is present; on CPU-only torch they are checked
+csrc/ has four folders: core/ (torch-free C++: the decode session, its ISA kernels, the KV block manager,
+the sampler), torch/ (llama_fast._C: checked host code over the core for torch tensors, one binding file),
+cuda/ (the .cu sources of llama_fast._C) and lite/ (llama_fast._lite's binding). Each source includes the
+others by their path relative to it (no csrc include folder: csrc/torch would shadow torch's <torch/...>).
+
+The C++ sources (csrc/torch/*.cpp, OpenMP) are built everywhere. The CUDA sources (csrc/cuda/*.cu) are added
+only where torch itself was built with CUDA and a CUDA toolkit is present; on CPU-only torch they are checked
 separately with nvcc (scripts/check_cuda_compile.sh). No -march=native: the extension must run on any
 x86-64 machine it is copied to, so ISA-specific code paths are chosen at run time.
 
-llama_fast._lite (csrc/lite_module.cpp) binds the C++ decode session (csrc/session.h) and its sampler with
-pybind11, not linked to libtorch: the CPU route of LLM (llama_fast/session.py) and the command line's
+llama_fast._lite (csrc/lite/lite_module.cpp) binds the C++ decode session (csrc/core/session.h) and its
+sampler with pybind11, not linked to libtorch: the CPU route of LLM (llama_fast/session.py) and the command line's
 torch-free fast start (llama_fast/lite.py) both run on it.
 """
 import glob
@@ -17,20 +22,17 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-LITE_SOURCE = "csrc/lite_module.cpp"
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
 
 
 def extension():
-    cpp_sources = sorted(s for s in glob.glob("csrc/*.cpp") if s != LITE_SOURCE)
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cpp_sources = sorted(glob.glob("csrc/torch/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     cxx_flags = CXX_FLAGS
-    include_dirs = [os.path.join(ROOT, "csrc")]
     if torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
         return CUDAExtension(
             "llama_fast._C",
             cpp_sources + cuda_sources,
-            include_dirs=include_dirs,
             define_macros=[("LLAMA_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             extra_link_args=["-fopenmp"],
@@ -38,7 +40,6 @@ def extension():
     return CppExtension(
         "llama_fast._C",
         cpp_sources,
-        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
@@ -54,8 +55,8 @@ def lite_extension():
     # pybind11's headers are the ones torch ships (torch is a build dependency already); nothing links libtorch.
     return Extension(
         "llama_fast._lite",
-        [LITE_SOURCE],
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(os.path.dirname(torch.__file__), "include")],
+        ["csrc/lite/lite_module.cpp"],
+        include_dirs=[os.path.join(os.path.dirname(torch.__file__), "include")],
         language="c++",
         extra_compile_args=CXX_FLAGS + ["-fvisibility=hidden"],  # as pybind11 asks of its modules
         extra_link_args=["-fopenmp"],

@@ -5,7 +5,7 @@ So where a command needs nothing but the C++ decode step, `llama-fast generate` 
 here: the checkpoint is a GGUF whose matrices are in the dtype asked for (float32 or bfloat16), mapped in
 place as the engine's loader maps it (gguf_file.py), or a quantised GGUF the engine has already
 dequantised into the cache (paths.gguf_cache_path) in that dtype; the tokenizer is built from the file's
-metadata; llama_fast._lite (csrc/lite_module.cpp: the engine's C++ session and sampler, bound without
+metadata; llama_fast._lite (csrc/lite/lite_module.cpp: the engine's C++ session and sampler, bound without
 libtorch) runs the prompt in chunks and then one step per token, dense or with a window and sinks, with
 the engine's sampler and penalties: the engine's text. For anything else LiteLLM.open returns None (and
 logs why) and the caller uses LLM.
@@ -121,7 +121,7 @@ class LiteLLM:
                      stop_at_eos: bool = True) -> Iterator[list[int]]:
         """The decode loop, LLM.generate_ids for one row: yields [new token] per step (stop_at_eos=False runs
         max_new_tokens steps whatever it samples: benchmarks). The same C++ session as the engine's
-        (csrc/session.h), so the same text, window and sinks included."""
+        (csrc/core/session.h), so the same text, window and sinks included."""
         c = self.config
         steps = max_new_tokens if self.window is not None else min(max_new_tokens, c.max_seq_len - len(ids))
         if steps <= 0:

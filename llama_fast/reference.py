@@ -206,7 +206,7 @@ def sink_position(t: torch.Tensor, span: SpanBias) -> torch.Tensor:
 
 def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
     """(N, vocab) fp32 logits after each of a sequence's N tokens, from the model's weights in plain PyTorch:
-    the reference of the C++ session (csrc/session.h), window and sinks included. Query t scores the keys of
+    the reference of the C++ session (csrc/core/session.h), window and sinks included. Query t scores the keys of
     its window at their own positions (true distances) and the sinks from sink_position(t), in RoPE and in
     the span bias alike. O(N^2) memory: for tests."""
     c, span = model.config, model.span

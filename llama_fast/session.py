@@ -1,4 +1,4 @@
-"""The CPU runner: a C++ decode session (csrc/session.h) over a model's weights, used in place.
+"""The CPU runner: a C++ decode session (csrc/core/session.h) over a model's weights, used in place.
 
 One step runs any mix of prompt chunks and decode tokens of many sequences in one pass over the weights,
 on a paged KV cache the session owns (fork shares a prompt's blocks; a window frees the blocks it made

@@ -51,7 +51,7 @@ fi
 # The extensions are built once, in place (llama_fast/_C*.so, _lite*.so), by build_ext with its build/
 # folder kept, so a change to one source recompiles that file only; redone only when the C++ sources or
 # setup.py change. (An editable install would build them again in a temporary folder: it is told not to.)
-src_hash=$(cat setup.py csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
+src_hash=$(find setup.py csrc -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ ! -f .venv/.llama_fast_build ] || [ "$(cat .venv/.llama_fast_build)" != "$src_hash" ] \
         || ! ls llama_fast/_C*.so llama_fast/_lite*.so >/dev/null 2>&1; then
     step "building the C++ extension (llama_fast._C, llama_fast._lite) in place: minutes on 2 cores, once"

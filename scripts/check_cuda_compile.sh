@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA sources without a GPU (CI runs it from scripts/test.sh): every csrc/*.cu is
+# Compile check of the CUDA sources without a GPU (CI runs it from scripts/test.sh): every csrc/cuda/*.cu is
 # built with nvcc for sm_80 and sm_90 against the venv's torch headers, with the flags torch's
 # CUDAExtension uses, and the kernels' register spills are reported (a spill fails the check).
 # Skips (exit 0, with a note) only where no nvcc is installed.
@@ -20,7 +20,7 @@ trap 'rm -rf "$out"' EXIT
 mkdir -p "$out/shim/c10/cuda/impl"
 printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/shim/c10/cuda/impl/cuda_cmake_macros.h"
 status=0
-for src in csrc/*.cu; do
+for src in csrc/cuda/*.cu; do
     name=$(basename "$src" .cu)
     log="$out/$name.log"
     if ! "$NVCC" -c "$src" -o "$out/$name.o" -std=c++17 -O3 --expt-relaxed-constexpr --use_fast_math \
@@ -28,7 +28,7 @@ for src in csrc/*.cu; do
             -DLLAMA_FAST_WITH_CUDA=1 -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H \
             -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
             -D__CUDA_NO_HALF2_OPERATORS__ --compiler-options -fPIC -Xptxas -v -diag-suppress 3306 \
-            -Icsrc -I"$TORCH_INC" -I"$out/shim" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC" >"$log" 2>&1; then
+            -I"$TORCH_INC" -I"$out/shim" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC" >"$log" 2>&1; then
         echo "check_cuda_compile: $src FAILED to compile:" >&2
         grep -v "ptxas info" "$log" | tail -40 >&2
         status=1

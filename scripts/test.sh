@@ -9,7 +9,7 @@ bash scripts/bootstrap.sh --dev
 # cached per kernel source in .cache/, so an unchanged kernel set costs seconds.
 echo "[test] compile check of the Triton kernels (sm_90, sm_80; cached per kernel source)" >&2
 .venv/bin/python scripts/check_triton_compile.py
-# The CUDA sources (csrc/*.cu) must compile with nvcc for sm_80 and sm_90 (no GPU needed).
+# The CUDA sources (csrc/cuda/*.cu) must compile with nvcc for sm_80 and sm_90 (no GPU needed).
 echo "[test] compile check of the CUDA sources with nvcc (where nvcc is installed)" >&2
 bash scripts/check_cuda_compile.sh
 # llama.cpp's tokenizer test vectors (tests/test_tokenizer.py): downloaded once into the cache, then a no-op.

@@ -1,4 +1,4 @@
-"""Batch invariance of the CPU decode step's matrix kernels (csrc/cpu_decode_isa.inc, through
+"""Batch invariance of the CPU decode step's matrix kernels (csrc/core/cpu_decode_isa.inc, through
 llama_fast._C.cpu_matvec): for one ISA and weight dtype, an output W[r] . x[j] is bitwise the same whatever
 the number of vectors in the call (one vector, a decode batch, a prompt chunk), the vector's place among
 them, the other vectors, the thread count and the rows a thread is given; and it is within a tight

@@ -1,4 +1,4 @@
-"""llama_fast.lite: the command line's torch-free fast start (llama_fast._lite, csrc/lite_module.cpp) against
+"""llama_fast.lite: the command line's torch-free fast start (llama_fast._lite, csrc/lite/lite_module.cpp) against
 the engine on the embedded model: logits, greedy and sampled tokens, prompt chunks, bad input, fallbacks."""
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The C++ decode session (csrc/session.h, llama_fast.session) against the plain-PyTorch reference
+"""The C++ decode session (csrc/core/session.h, llama_fast.session) against the plain-PyTorch reference
 (reference.sequence_logits), and its promises: a sequence's logits are bitwise the same alone, in any
 batch and however its prompt is chunked; forks share blocks; a window frees blocks without changing a
 number; bad input raises before any work, and nothing leaks a block."""

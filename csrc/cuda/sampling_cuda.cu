@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "ext.h"
+#include "../torch/ext.h"
 #include "sampling_cuda.cuh"
 
 namespace llama_fast {

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "ext.h"
-#include "kv_cache.h"
+#include "../core/kv_cache.h"
 
 namespace llama_fast {
 namespace {

@@ -15,8 +15,8 @@
 #include <climits>
 #include <cstdint>
 
-#include "philox.h"
-#include "sampling.h"  // SampleParams (plain data)
+#include "../core/philox.h"
+#include "../core/sampling.h"  // SampleParams (plain data)
 
 namespace llama_fast {
 namespace cuda {

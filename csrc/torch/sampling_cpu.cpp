@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "ext.h"
-#include "sampling.h"
+#include "../core/sampling.h"
 
 namespace llama_fast {
 namespace {

@@ -5,7 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "ext.h"
+#include "../torch/ext.h"
 #include "kv_cache_cuda.cuh"
 
 namespace llama_fast {

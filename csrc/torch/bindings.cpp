@@ -2,10 +2,10 @@
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 
-#include "cpu_features.h"
+#include "../core/cpu_features.h"
 #include "decode_cpu.h"
 #include "ext.h"
-#include "kv_cache.h"
+#include "../core/kv_cache.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;

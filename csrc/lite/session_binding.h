@@ -11,8 +11,8 @@
 
 #include <omp.h>
 
-#include "sampling.h"
-#include "session.h"
+#include "../core/sampling.h"
+#include "../core/session.h"
 
 namespace llama_fast {
 namespace session {
@@ -188,7 +188,7 @@ inline void bind_session(py::module_& m) {
   // module_local: _C and _lite both bind this type, and a process may load both.
   py::class_<PySession>(m, "Session", py::module_local(),
                         "The CPU decode session: the model's weights, a paged KV cache and a step over many sequences "
-                        "(csrc/session.h).")
+                        "(csrc/core/session.h).")
       .def(py::init<int, int, int, int, double, int64_t, const py::dict&, py::object, std::vector<float>,
                     std::vector<float>, std::vector<float>, int, int, double, double, int64_t, int, const std::string&,
                     int, const std::string&, bool>(),

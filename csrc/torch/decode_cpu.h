@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu_decode.h"
+#include "../core/cpu_decode.h"
 
 namespace llama_fast {
 
