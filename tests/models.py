@@ -11,13 +11,7 @@ def supported_isas():
     """The kernel variants this CPU runs (scalar only where the extension is not built: the tests skip)."""
     if not _ext.has_ext():
         return ["scalar"]
-    f = _ext.ext().cpu_features()
-    isas = ["scalar"]
-    if f["avx2"] and f["fma"]:
-        isas.append("avx2")
-    if f["avx512f"] and f["avx512bw"]:
-        isas.append("avx512")
-    return isas
+    return _ext.ext().cpu_isas()
 
 
 def random_model(cfg: ModelConfig, span: SpanBias = SpanBias(), *, seed=0, dtype=torch.float32, qk_gain=1.0):

@@ -77,7 +77,7 @@ def test_error_within_the_bound_of_the_order(isa, dtype):
     (2 chains of K / (2 W) FMAs per lane, a 4-level tree over W lanes (lanes of a 16-wide vector are first
     paired), the tail's FMAs): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
     constant so that sums cancel."""
-    width = {"avx512": 16, "avx2": 8, "scalar": 1}[isa]
+    width = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
     block = 2 * width
     gen = torch.Generator().manual_seed(23 + len(isa) + dtype.itemsize)
     for K in (7, 64, 1000, 1536):

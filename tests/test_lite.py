@@ -43,12 +43,11 @@ def feed(session, seq, tokens) -> torch.Tensor:
 def test_prompt_logits_match_the_model_in_every_chunking(lite, smollm):
     """A 70-token prompt in one step, token by token, and split unevenly: each leaves the logits the PyTorch
     model computes for its last token; so does every ISA's kernel."""
-    from llama_fast._ext import ext
+    from models import supported_isas
 
     ids = smollm.tokenizer.encode(open(SAMPLE_TEXT, encoding="utf-8").read())[:70]
     expected = smollm.logits(torch.tensor([ids]))[0, -1]
-    features = ext().cpu_features()
-    isas = ["scalar"] + ["avx2"] * (features["avx2"] and features["fma"]) + ["avx512"] * (features["avx512f"] and features["avx512bw"])
+    isas = supported_isas()
     runs = [("auto", [ids]), ("auto", [[t] for t in ids]), ("auto", [ids[:5], ids[5:40], ids[40:]])]
     for isa, pieces in runs + [(isa, [ids]) for isa in isas]:
         session = new_session(lite, isa=isa)

@@ -60,38 +60,64 @@ struct HeadSpan {
 // The most query heads one attention call takes (heads of one KV group; larger groups go in parts).
 constexpr int kMaxGroupHeads = 16;
 
+// LF_NATIVE: the ISA multiplies low-precision operands natively (AVX512-BF16 vdpbf16ps, AVX512-VNNI
+// vpdpbusd), so its kernels may use those instructions; 0 elsewhere.
+#define LF_NS isa_avx512bf16
+#define LF_W 16
+#define LF_NATIVE 1
+#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+#include "cpu_decode_isa.inc"
+#undef LF_NS
+#undef LF_W
+#undef LF_NATIVE
+#undef LF_FN
+
 #define LF_NS isa_avx512
 #define LF_W 16
+#define LF_NATIVE 0
 #define LF_FN __attribute__((target("avx512f,avx512bw")))
 #include "cpu_decode_isa.inc"
 #undef LF_NS
 #undef LF_W
+#undef LF_NATIVE
 #undef LF_FN
 
 #define LF_NS isa_avx2
 #define LF_W 8
+#define LF_NATIVE 0
 #define LF_FN __attribute__((target("avx2,fma")))
 #include "cpu_decode_isa.inc"
 #undef LF_NS
 #undef LF_W
+#undef LF_NATIVE
 #undef LF_FN
 
 #define LF_NS isa_scalar
 #define LF_W 1
+#define LF_NATIVE 0
 #define LF_FN
 #include "cpu_decode_isa.inc"
 #undef LF_NS
 #undef LF_W
+#undef LF_NATIVE
 #undef LF_FN
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids) adds the
+// native bf16 and int8 dot products (AVX512-BF16, AVX512-VNNI) to Avx512 (AVX-512 F/BW).
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
-  return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "scalar";
+  switch (isa) {
+    case Isa::Avx512Bf16: return "avx512bf16";
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
 }
 
 inline Isa best_isa() {
   const CpuFeatures f = detect_cpu_features();
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.avx512bf16) return Isa::Avx512Bf16;
   if (f.avx512f && f.avx512bw) return Isa::Avx512;
   if (f.avx2 && f.fma) return Isa::Avx2;
   return Isa::Scalar;
@@ -99,7 +125,7 @@ inline Isa best_isa() {
 
 inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(best_isa()); }
 
-// The ISA called `name`: "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or "auto" read
+// The ISA called `name`: "avx512bf16", "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or "auto" read
 // $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
 inline Isa parse_isa(const std::string& name, std::string& error) {
   std::string want = name;
@@ -108,9 +134,11 @@ inline Isa parse_isa(const std::string& name, std::string& error) {
     want = env != nullptr && *env != '\0' ? env : "auto";
   }
   if (want == "auto") return best_isa();
-  const Isa isa = want == "avx512" ? Isa::Avx512 : want == "avx2" ? Isa::Avx2 : Isa::Scalar;
-  if (want != "avx512" && want != "avx2" && want != "scalar")
-    error = "unknown isa '" + want + "' (auto, avx512, avx2, scalar)";
+  Isa isa = Isa::Scalar;
+  for (Isa i : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar})
+    if (want == isa_name(i)) isa = i;
+  if (want != isa_name(isa))
+    error = "unknown isa '" + want + "' (auto, avx512bf16, avx512, avx2, scalar)";
   else if (!isa_supported(isa))
     error = "this CPU does not support isa '" + want + "'; it supports up to '" + isa_name(best_isa()) + "'";
   return error.empty() ? isa : best_isa();
@@ -126,6 +154,8 @@ struct Kernels {
 
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
+    case Isa::Avx512Bf16:
+      return {isa_avx512bf16::dot_rows, isa_avx512bf16::attend, isa_avx512bf16::silu_mul, isa_avx512bf16::attend_paged};
     case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend, isa_avx512::silu_mul, isa_avx512::attend_paged};
     case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend, isa_avx2::silu_mul, isa_avx2::attend_paged};
     default: return {isa_scalar::dot_rows, isa_scalar::attend, isa_scalar::silu_mul, isa_scalar::attend_paged};

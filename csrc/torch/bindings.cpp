@@ -19,6 +19,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           pybind11::arg("avx512bf16") = f.avx512bf16);
   }, "The x86-64 ISA extensions this CPU supports (detected at run time).");
 
+  m.def("cpu_isas", [] {
+    std::vector<std::string> names;
+    for (int i = 0; i <= static_cast<int>(llama_fast::cpu_decode::best_isa()); ++i)
+      names.push_back(llama_fast::cpu_decode::isa_name(static_cast<llama_fast::cpu_decode::Isa>(i)));
+    return names;
+  }, "The kernel variants (isa= names) this CPU runs, lowest first.");
+
   m.attr("with_cuda") =
 #ifdef LLAMA_FAST_WITH_CUDA
       true;
