@@ -4,7 +4,8 @@
 //
 // Decode is memory-bound (every weight is read once per token), so the matrix-vector products stream the
 // weights (fp32, or bf16 widened to fp32 in registers) with the widest vectors the CPU has, chosen at run
-// time (the build has no -march flags): AVX-512, AVX2+FMA, or plain C++. All activations are fp32.
+// time (the build has no -march flags): AVX-512 (with BF16 and VNNI where the CPU has them), AVX2+FMA, or
+// plain C++. All activations are fp32.
 // One OpenMP parallel region per step: threads split each product by output rows (and attention by
 // heads) and meet at a barrier only where the next op needs every row (5 per layer; SpinBarrier).
 #pragma once
@@ -67,40 +68,24 @@ constexpr int kMaxGroupHeads = 16;
 #define LF_NATIVE 1
 #define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
 #include "cpu_decode_isa.inc"
-#undef LF_NS
-#undef LF_W
-#undef LF_NATIVE
-#undef LF_FN
 
 #define LF_NS isa_avx512
 #define LF_W 16
 #define LF_NATIVE 0
 #define LF_FN __attribute__((target("avx512f,avx512bw")))
 #include "cpu_decode_isa.inc"
-#undef LF_NS
-#undef LF_W
-#undef LF_NATIVE
-#undef LF_FN
 
 #define LF_NS isa_avx2
 #define LF_W 8
 #define LF_NATIVE 0
 #define LF_FN __attribute__((target("avx2,fma")))
 #include "cpu_decode_isa.inc"
-#undef LF_NS
-#undef LF_W
-#undef LF_NATIVE
-#undef LF_FN
 
 #define LF_NS isa_scalar
 #define LF_W 1
 #define LF_NATIVE 0
 #define LF_FN
 #include "cpu_decode_isa.inc"
-#undef LF_NS
-#undef LF_W
-#undef LF_NATIVE
-#undef LF_FN
 
 // Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids) adds the
 // native bf16 and int8 dot products (AVX512-BF16, AVX512-VNNI) to Avx512 (AVX-512 F/BW).
@@ -125,8 +110,8 @@ inline Isa best_isa() {
 
 inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(best_isa()); }
 
-// The ISA called `name`: "avx512bf16", "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or "auto" read
-// $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
+// The ISA called `name`: "avx512bf16", "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or
+// "auto" read $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
 inline Isa parse_isa(const std::string& name, std::string& error) {
   std::string want = name;
   if (want.empty() || want == "auto") {
