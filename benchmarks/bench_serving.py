@@ -31,7 +31,7 @@ import time
 
 import httpx
 
-from llama_fast.bench import gguf_copy
+from llama_fast.bench import free_port, gguf_copy
 from llama_fast.paths import SAMPLE_TEXT
 from llama_fast.tokenizer import Tokenizer
 
@@ -131,7 +131,7 @@ def summary(results: list[dict], seconds: float) -> dict:
 @contextlib.contextmanager
 def llama_fast_server(gguf: str, dtype: str, max_running: int):
     """`llama-fast serve` on a free loopback port, its base URL; stopped (SIGTERM) at the end."""
-    port = llama_cpp_bin.free_port()
+    port = free_port()
     command = [sys.executable, "-m", "llama_fast", "serve", "--model", gguf, "--dtype", dtype, "--port", str(port),
                "--max-running", str(max_running)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import time
 
 import torch
 
+from llama_fast.bench import free_port
 from llama_fast.config import ModelConfig
 from llama_fast.session import SessionRunner
 
@@ -119,9 +119,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.tp * args.threads)
     alone = decode_steps(SessionRunner(random_model(args), num_blocks=64), args.steps + 4)[4:]
     alone_ms = 1000 * sorted(alone)[len(alone) // 2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "rank0.json")
         procs = [subprocess.Popen([sys.executable, __file__, "--rank", "--result", result_path, *(argv or sys.argv[1:])],

@@ -17,13 +17,14 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+
+from llama_fast.bench import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_SCRIPT = os.path.join(REPO, "scripts", "build_llama_cpp.sh")
@@ -139,13 +140,6 @@ def batched_bench(gguf_path: str, batch_sizes, prompt_tokens: int, new_tokens: i
 
 # ----------------------------------------------------------------------------------------------------
 # llama-server
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: on Linux, SIGTERM it when the process that started it dies, so even

@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,14 @@ def rss_bytes() -> int:
     """This process's resident memory now, in bytes (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")

@@ -15,7 +15,7 @@ import openai
 import pytest
 import uvicorn
 
-from llama_fast.bench import rss_bytes
+from llama_fast.bench import free_port, rss_bytes
 from llama_fast.config import ModelConfig
 from llama_fast.engine import Engine
 from llama_fast.llm import LLM
@@ -26,14 +26,6 @@ from models import random_model
 
 MODEL = "tiny-random"
 GREEDY = dict(temperature=0, max_tokens=12)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

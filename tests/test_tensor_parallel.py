@@ -2,7 +2,6 @@
 as torchrun starts them; each rank's logits and greedy tokens against the single-process session."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from llama_fast import _ext
+from llama_fast.bench import free_port
 from llama_fast.session import SessionRunner
 from llama_fast.tensor_parallel import plan_shard
 
@@ -23,9 +23,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tp_worker.py"
 
 def launch(world: int, args: list[str], out, timeout: float = 300) -> list[dict]:
     """Runs tp_worker.py as `world` ranks -> what each rank wrote (ranks that wrote nothing are absent)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -151,12 +149,7 @@ def test_serve_at_tp3_answers_as_one_process_and_stops_on_sigterm(smollm):
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        rdzv = s.getsockname()[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    rdzv, port = free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "llama_fast", "serve", "--tp", "3", "--port", str(port)],
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rdzv), OMP_NUM_THREADS="1"),
