@@ -63,33 +63,28 @@ struct SampleSmem {
   int chosen;
 };
 
+// Thread 0's value of a block-wide reduction, given to every thread through the shared `slot`.
+template <typename T>
+__device__ T from_thread0(T v, T& slot) {
+  if (threadIdx.x == 0) slot = v;
+  __syncthreads();
+  const T out = slot;
+  __syncthreads();
+  return out;
+}
+
 // Block-wide sum / count / max, broadcast to every thread.
 template <int BLOCK>
 __device__ double block_sum(double v, SampleSmem<BLOCK>& s) {
-  const double total = cub::BlockReduce<double, BLOCK>(s.tmp.reduce_d).Sum(v);
-  if (threadIdx.x == 0) s.d = total;
-  __syncthreads();
-  const double out = s.d;
-  __syncthreads();
-  return out;
+  return from_thread0(cub::BlockReduce<double, BLOCK>(s.tmp.reduce_d).Sum(v), s.d);
 }
 template <int BLOCK>
 __device__ int block_count(int v, SampleSmem<BLOCK>& s) {
-  const int total = cub::BlockReduce<int, BLOCK>(s.tmp.reduce_i).Sum(v);
-  if (threadIdx.x == 0) s.i = total;
-  __syncthreads();
-  const int out = s.i;
-  __syncthreads();
-  return out;
+  return from_thread0(cub::BlockReduce<int, BLOCK>(s.tmp.reduce_i).Sum(v), s.i);
 }
 template <int BLOCK>
 __device__ float block_max(float v, SampleSmem<BLOCK>& s) {
-  const float m = cub::BlockReduce<float, BLOCK>(s.tmp.reduce_f).Reduce(v, MaxOp());
-  if (threadIdx.x == 0) s.f = m;
-  __syncthreads();
-  const float out = s.f;
-  __syncthreads();
-  return out;
+  return from_thread0(cub::BlockReduce<float, BLOCK>(s.tmp.reduce_f).Reduce(v, MaxOp()), s.f);
 }
 template <int BLOCK>
 __device__ int block_exclusive_count(int v, SampleSmem<BLOCK>& s) {
@@ -164,13 +159,7 @@ __global__ void __launch_bounds__(BLOCK) sample_kernel(const T* __restrict__ log
     }
     return;
   }
-  {
-    const ArgMax r = cub::BlockReduce<ArgMax, BLOCK>(s.tmp.reduce_arg).Reduce(best, ArgMaxOp());
-    if (tid == 0) s.arg = r;
-    __syncthreads();
-    best = s.arg;
-    __syncthreads();
-  }
+  best = from_thread0(cub::BlockReduce<ArgMax, BLOCK>(s.tmp.reduce_arg).Reduce(best, ArgMaxOp()), s.arg);
   raw_max = block_max<BLOCK>(raw_max, s);
   int64_t token = best.index;
 
