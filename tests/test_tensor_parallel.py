@@ -59,6 +59,22 @@ def test_plan_splits_heads_and_replicates_kv_heads_that_do_not_divide():
         plan_shard(tiny_config(6, 2), world=4, rank=0)
 
 
+def test_bad_tensor_parallel_arguments_are_refused_before_any_work(monkeypatch):
+    """Refused before a checkpoint is read (the path does not exist) or a process group is joined."""
+    from llama_fast.llm import LLM
+    from llama_fast.tensor_parallel import shard_model
+
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        LLM.from_pretrained("/nonexistent/model.gguf", tensor_parallel=0)
+    for timeout in (0, -5.0):
+        with pytest.raises(ValueError, match="tp_timeout_s must be > 0"):
+            LLM.from_pretrained("/nonexistent/model.gguf", tensor_parallel=2, tp_timeout_s=timeout)
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel=2 needs a torchrun job .*torchrun --nproc-per-node 2"):
+        shard_model(random_model(tiny_config(8, 4)), 2)
+
+
 @pytest.mark.parametrize("heads, kv_heads, world", [(8, 4, 2), (6, 2, 3), (12, 4, 3), (6, 6, 2)])
 def test_ranks_match_the_single_process_logits_and_text(tmp_path, heads, kv_heads, world):
     """Each rank's logits, through the C++ session and through the model's forward, equal the single-process
