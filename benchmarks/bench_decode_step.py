@@ -10,6 +10,7 @@ streaming 256 MiB as fp32 and as bf16 against a plain read of it; and the bandwi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -53,21 +54,25 @@ def stream_gbps(nbytes=256 << 20, cols=576, repeats=9):
     return {name: w32.numel() * 4 / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
-def matvec_sweep(rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), copies=24, repeats=5):
-    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels (cpu_matvec: one weight row after another for all
-    vectors up to 8 (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles of rows; one
-    summation order in every path) against torch's F.linear, on `copies` weight matrices in turn (more than
-    the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved."""
+def matvec_sweep(isas=("auto",), rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), copies=24,
+                 repeats=5):
+    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels at each ISA level in `isas` (cpu_matvec: one weight row
+    after another for all vectors up to 8 (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles
+    of rows; one summation order in every path) against torch's F.linear, on `copies` weight matrices in turn
+    (more than the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved. Every call
+    takes the next copy, whoever makes it: a call never finds its weights in cache from the call before it."""
     c = ext()
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         weights = [torch.randn(shape).to(dtype) for _ in range(copies)]
+        calls = itertools.count()
         for n in rows:
             x = torch.randn(n, shape[1])
             xw = x.to(dtype)
-            times = interleaved_times({"cpp": lambda i: c.cpu_matvec(weights[i % copies], x),
-                                       "torch": lambda i: torch.nn.functional.linear(xw, weights[i % copies])},
-                                      repeats * copies)
+            runs = {f"cpp {isa}": lambda i, isa=isa: c.cpu_matvec(weights[next(calls) % copies], x, isa=isa)
+                    for isa in isas}
+            runs["torch"] = lambda i: torch.nn.functional.linear(xw, weights[next(calls) % copies])
+            times = interleaved_times(runs, repeats * copies)
             flops = 2 * n * shape[0] * shape[1]
             out[f"{str(dtype).replace('torch.', '')} {n}"] = {k: flops / statistics.median(v) / 1e9 for k, v in times.items()}
     return out
@@ -110,11 +115,14 @@ def main():
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--json", default=None)
     ap.add_argument("--matvec", action="store_true", help="only the sweep of the C++ matrix kernels over row counts")
+    ap.add_argument("--isas", nargs="+", default=["auto"],
+                    help="the sweep's kernel levels, side by side (e.g. avx512 avx512bf16; default: the best)")
     args = ap.parse_args()
     if args.matvec:
-        print(f"(1536, 576) weights, {torch.get_num_threads()} threads: GFLOPS, C++ cpu_matvec / torch F.linear")
-        for name, r in matvec_sweep().items():
-            print(f"{name:>14} rows: {r['cpp']:6.1f} / {r['torch']:6.1f}")
+        print(f"(1536, 576) weights, {torch.get_num_threads()} threads: GFLOPS of C++ cpu_matvec at "
+              f"{' / '.join(args.isas)} / torch F.linear")
+        for name, r in matvec_sweep(args.isas).items():
+            print(f"{name:>14} rows: " + " / ".join(f"{v:6.1f}" for v in r.values()))
         return
     ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
     measured = memory_bandwidth(torch.get_num_threads())

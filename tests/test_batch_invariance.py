@@ -22,6 +22,11 @@ def matvec(weight, x, isa, threads=1):
     return _ext.ext().cpu_matvec(weight, x.contiguous(), num_threads=threads, isa=isa)
 
 
+def operand(x, isa, dtype):
+    """x (fp64) as the kernels multiply it: rounded to bf16 where bf16 weights meet native bf16 dot products."""
+    return x.bfloat16().double() if isa == "avx512bf16" and dtype == torch.bfloat16 else x.double()
+
+
 def assert_bitwise(got, want, msg):
     if not torch.equal(got, want):
         diff = (got != want).nonzero()
@@ -41,7 +46,7 @@ def test_every_batch_size_gives_the_one_vector_result(isa, dtype):
             weight = torch.randn(N, K, generator=gen).to(dtype)
             pool = torch.randn(MAX_VECTORS, K, generator=gen)
             alone = torch.cat([matvec(weight, pool[j:j + 1], isa) for j in range(MAX_VECTORS)])
-            expected = (pool.double() @ weight.double().T)
+            expected = operand(pool, isa, dtype) @ weight.double().T
             torch.testing.assert_close(alone.double(), expected, rtol=1e-5, atol=1e-5 * K ** 0.5,
                                        msg=f"K={K} N={N} against fp64")
             for nb in range(1, MAX_VECTORS + 1):
@@ -73,9 +78,10 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", supported_isas())
 def test_error_within_the_bound_of_the_order(isa, dtype):
-    """Every path against fp64 math on the same values, within the rigorous error bound of the kernels' order
-    (2 chains of K / (2 W) FMAs per lane, a 4-level tree over W lanes (lanes of a 16-wide vector are first
-    paired), the tail's FMAs): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
+    """Every path against fp64 math on the same values (x rounded to bf16 where the kernels round it), within
+    the rigorous error bound of the kernels' order (2 chains of K / (2 W) roundings per lane: an FMA each, or
+    with native bf16 an even or odd block's two exact products added one by one; a 4-level tree over W lanes
+    (lanes of a 16-wide vector are first paired); the tail's FMAs): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
     constant so that sums cancel."""
     width = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
     block = 2 * width
@@ -86,6 +92,6 @@ def test_error_within_the_bound_of_the_order(isa, dtype):
         for nb in (1, 4, 8, 12, 31, 64):
             x = torch.randn(nb, K, generator=gen) + 3.0
             got = matvec(weight, x, isa, threads=2).double()
-            expected = x.double() @ weight.double().T
-            bound = depth * 2.0 ** -24 * (x.double().abs() @ weight.double().abs().T)
+            expected = operand(x, isa, dtype) @ weight.double().T
+            bound = depth * 2.0 ** -24 * (operand(x, isa, dtype).abs() @ weight.double().abs().T)
             assert ((got - expected).abs() <= bound).all(), f"K={K} nb={nb}"
