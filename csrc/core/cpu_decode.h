@@ -4,7 +4,7 @@
 //
 // Decode is memory-bound (every weight is read once per token), so the matrix-vector products stream the
 // weights (fp32, or bf16 widened to fp32 in registers) with the widest vectors the CPU has, chosen at run
-// time (the build has no -march flags): AVX-512 (with BF16 and VNNI where the CPU has them), AVX2+FMA, or
+// time (the build has no -march flags): AVX-512 (with BF16 where the CPU has it), AVX2+FMA, or
 // plain C++. All activations are fp32.
 // One OpenMP parallel region per step: threads split each product by output rows (and attention by
 // heads) and meet at a barrier only where the next op needs every row (5 per layer; SpinBarrier).
@@ -61,12 +61,11 @@ struct HeadSpan {
 // The most query heads one attention call takes (heads of one KV group; larger groups go in parts).
 constexpr int kMaxGroupHeads = 16;
 
-// LF_NATIVE: the ISA multiplies low-precision operands natively (AVX512-BF16 vdpbf16ps, AVX512-VNNI
-// vpdpbusd), so its kernels may use those instructions; 0 elsewhere.
+// LF_NATIVE: the ISA multiplies bf16 natively (AVX512-BF16 vdpbf16ps), so bf16 weights use it; 0 elsewhere.
 #define LF_NS isa_avx512bf16
 #define LF_W 16
 #define LF_NATIVE 1
-#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16")))
+#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #include "cpu_decode_isa.inc"
 
 #define LF_NS isa_avx512
@@ -87,8 +86,8 @@ constexpr int kMaxGroupHeads = 16;
 #define LF_FN
 #include "cpu_decode_isa.inc"
 
-// Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids) adds the
-// native bf16 and int8 dot products (AVX512-BF16, AVX512-VNNI) to Avx512 (AVX-512 F/BW).
+// Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) adds
+// the native bf16 dot product (AVX512-BF16, with AVX512-VL) to Avx512 (AVX-512 F/BW).
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
@@ -102,7 +101,7 @@ inline const char* isa_name(Isa isa) {
 
 inline Isa best_isa() {
   const CpuFeatures f = detect_cpu_features();
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni && f.avx512bf16) return Isa::Avx512Bf16;
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16) return Isa::Avx512Bf16;
   if (f.avx512f && f.avx512bw) return Isa::Avx512;
   if (f.avx2 && f.fma) return Isa::Avx2;
   return Isa::Scalar;
