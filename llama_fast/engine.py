@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence as Seq
 
+import numpy as np
 import torch
 
 from . import ops, validate
@@ -160,7 +161,7 @@ class Engine:
         request = Request(request_id, ids, limit, next(self._arrivals), stops, ignore_eos, min_tokens)
         vocab = llm.config.vocab_size
         for i, p in enumerate(per_sequence):
-            penalties = PenaltyWindow(ids, p, torch.zeros(vocab, dtype=torch.int32)) if p.has_penalties else None
+            penalties = PenaltyWindow(ids, p, np.zeros(vocab, dtype=np.int32)) if p.has_penalties else None
             text = TextStream(llm.tokenizer, ids, stops) if detokenize else None
             request.sequences.append(Sequence(request, i, p, list(ids), text, penalties))
         return request
@@ -276,8 +277,8 @@ class Engine:
                 rows[i, eos] = NEVER
         seen = None
         if any(seq.penalties is not None for seq in seqs):
-            zeros = torch.zeros(rows.shape[1], dtype=torch.int32)
-            seen = torch.stack([zeros if seq.penalties is None else seq.penalties.counts for seq in seqs])
+            zeros = np.zeros(rows.shape[1], dtype=np.int32)
+            seen = torch.from_numpy(np.stack([zeros if seq.penalties is None else seq.penalties.counts for seq in seqs]))
         tokens = ops.sample(rows, [seq.params for seq in seqs], step=[seq.generated for seq in seqs], seen=seen).tolist()
         logprobs = [None] * len(seqs)
         for i, seq in enumerate(seqs):

@@ -25,13 +25,14 @@ import os
 import sys
 from typing import Iterator
 
+import numpy as np
 from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
 from .gguf_file import FLOAT_TYPES, GGUFFile, float_weights, gguf_config
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
-from .sampling import SamplingParams, check_request, row_params
+from .sampling import PenaltyWindow, SamplingParams, check_request, row_params
 from .threads import ThreadTuner
 from .tokenizer import Tokenizer, stop_strings, stream_text
 from .window import check_window, checkpoint_window, prefill_chunk
@@ -141,15 +142,16 @@ class LiteLLM:
             logits = session.step([seq], [len(piece)], piece)
         threads = session.num_threads
         tuner = ThreadTuner([threads, 1]) if threads > 1 else None
-        history = list(ids)
+        penalties = PenaltyWindow(ids, params, np.zeros(session.vocab, dtype=np.int32)) if params.has_penalties else None
         for step in range(steps):
-            token = lite.sample_row(logits[0], history, params.temperature, params.top_k, params.top_p, params.min_p,
-                                    params.seed, step, params.repetition_penalty, params.presence_penalty,
-                                    params.frequency_penalty, params.penalty_last_n or 0)
+            token = lite.sample_row(logits[0], None if penalties is None else penalties.counts, params.temperature,
+                                    params.top_k, params.top_p, params.min_p, params.seed, step,
+                                    params.repetition_penalty, params.presence_penalty, params.frequency_penalty)
             yield [token]
             if (stop_at_eos and token in self.eos_ids) or step == steps - 1:
                 return
-            history.append(token)
+            if penalties is not None:
+                penalties.push(token)
             if tuner is None:
                 logits = session.step([seq], [1], [token])
             else:

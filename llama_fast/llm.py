@@ -330,7 +330,7 @@ class LLM:
         done = torch.zeros(B, dtype=torch.bool)
         fast = None  # CUDA graphs, looked up after the first token is out
         for step in range(steps):
-            seen = penalties.counts if penalties is not None else None
+            seen = torch.from_numpy(penalties.counts) if penalties is not None else None
             next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
             yield [None if d else int(t) for t, d in zip(next_tokens, done)]
             if stop_at_eos:

@@ -5,6 +5,8 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from . import validate
 
 
@@ -75,20 +77,17 @@ def row_params(n_rows: int, seed: int | None, **settings) -> list[SamplingParams
 
 class PenaltyWindow:
     """One row's counts of the tokens its penalties see (the last params.penalty_last_n of its history, or
-    all), kept in `counts`, a (V,) int32 tensor (a row of a batch's (B, V) `seen`, or its own). A penalty
-    over a bounded window is what keeps a long stream from being pushed off every common token into a loop
-    of rare ones."""
+    all), kept in `counts`, a (V,) int32 numpy array (a row of a batch's (B, V) `seen`, or its own): what every
+    sampler takes as `seen` (ops.sample through torch.from_numpy, the torch-free _lite.sample_row as it is). A
+    penalty over a bounded window is what keeps a long stream from being pushed off every common token into a
+    loop of rare ones."""
 
-    def __init__(self, history: list[int], params: SamplingParams, counts):
-        import torch  # here, not at the top: SamplingParams is used without torch (llama_fast.lite)
-
+    def __init__(self, history: list[int], params: SamplingParams, counts: np.ndarray):
         n = params.penalty_last_n
         # Only a bounded row keeps its window (to uncount what leaves it); an unbounded one never uncounts.
         self.window = None if n is None else deque(history[-n:], maxlen=n)
         self.counts = counts
-        counted = list(history if self.window is None else self.window)
-        if counted:
-            counts.index_add_(0, torch.tensor(counted), torch.ones(len(counted), dtype=counts.dtype))
+        np.add.at(counts, list(history if self.window is None else self.window), 1)
 
     def push(self, token: int) -> None:
         """Counts a new token; the one that leaves the window stops counting."""
@@ -100,12 +99,10 @@ class PenaltyWindow:
 
 
 class PenaltyCounts:
-    """The sampler's `seen` (B, V) int32 for a batch: row b a PenaltyWindow over histories[b]."""
+    """The sampler's `seen` (B, V) int32 numpy array for a batch: row b a PenaltyWindow over histories[b]."""
 
     def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
-        import torch
-
-        self.counts = torch.zeros(len(histories), vocab_size, dtype=torch.int32)
+        self.counts = np.zeros((len(histories), vocab_size), dtype=np.int32)
         self.rows = [PenaltyWindow(h, p, self.counts[b]) for b, (h, p) in enumerate(zip(histories, params))]
 
     def push(self, tokens: list[int | None]) -> None:

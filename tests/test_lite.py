@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,16 +184,18 @@ def test_session_and_sampler_refuse_bad_calls(lite):
     for args in [(-1.0, 0, 1.0, 0.0), (float("nan"), 0, 1.0, 0.0), (1.0, -1, 1.0, 0.0), (1.0, 0, 0.0, 0.0),
                  (1.0, 0, 1.0, 2.0)]:
         with pytest.raises(ValueError):
-            _lite.sample_row(logits, [], *args, 0, 0, 1.0, 0.0, 0.0, 0)
-    for penalties in [(0.0, 0.0, 0.0, 0), (float("inf"), 0.0, 0.0, 0), (1.0, float("nan"), 0.0, 0),
-                      (1.0, 0.0, float("inf"), 0), (1.2, 0.0, 0.0, -1)]:
+            _lite.sample_row(logits, None, *args, 0, 0, 1.0, 0.0, 0.0)
+    seen = np.zeros(session.vocab, dtype=np.int32)
+    seen[[1, 2]] = 1
+    for penalties in [(0.0, 0.0, 0.0), (float("inf"), 0.0, 0.0), (1.0, float("nan"), 0.0), (1.0, 0.0, float("inf"))]:
         with pytest.raises(ValueError, match="penalt"):
-            _lite.sample_row(logits, [1], 0.0, 0, 1.0, 0.0, 0, 0, *penalties)
-    with pytest.raises(ValueError, match="history token 49152"):
-        _lite.sample_row(logits, [49152], 0.0, 0, 1.0, 0.0, 0, 0, 1.2, 0.0, 0.0, 0)
+            _lite.sample_row(logits, seen, 0.0, 0, 1.0, 0.0, 0, 0, *penalties)
+    for bad in (seen[:-1], np.zeros((2, session.vocab), dtype=np.int32)):
+        with pytest.raises(ValueError, match=r"seen must be \(vocab,\)"):
+            _lite.sample_row(logits, bad, 0.0, 0, 1.0, 0.0, 0, 0, 1.2, 0.0, 0.0)
     with pytest.raises(ValueError, match="num_threads"):
         session.num_threads = 0
-    assert 0 <= _lite.sample_row(logits, [1, 2], 0.7, 5, 0.9, 0.0, 1, 0, 1.0, 0.0, 0.0, 0) < session.vocab
+    assert 0 <= _lite.sample_row(logits, seen, 0.7, 5, 0.9, 0.0, 1, 0, 1.3, 0.0, 0.0) < session.vocab
 
 
 def test_stream_refuses_bad_requests(lite):

@@ -11,6 +11,8 @@
 
 #include <omp.h>
 
+#include <optional>
+
 #include "../core/sampling.h"
 #include "../core/session.h"
 
@@ -126,22 +128,24 @@ class PySession {
   std::unique_ptr<Session> session_;
 };
 
-// The next token from one row of logits (sampling.h: penalties over the last penalty_last_n tokens of
-// `history` (0: all of them), temperature 0 greedy, Philox(seed, step) draws): the torch-free sampler of
-// the fast start, the same arithmetic as llama_fast._C.sample.
-inline int64_t sample_row(const py::array_t<float, py::array::c_style>& logits, const std::vector<int64_t>& history,
-                          double temperature, int64_t top_k, double top_p, double min_p, uint64_t seed, uint64_t step,
-                          double repetition_penalty, double presence_penalty, double frequency_penalty,
-                          int64_t penalty_last_n) {
+// The next token from one row of logits (sampling.h: penalties from `seen`, the counts of the tokens they see
+// (vocab,) int32, or None; temperature 0 greedy, Philox(seed, step) draws): the torch-free sampler of the fast
+// start, the same arithmetic as llama_fast._C.sample. The counts come from sampling.PenaltyWindow, as the
+// engine's do.
+inline int64_t sample_row(const py::array_t<float, py::array::c_style>& logits,
+                          const std::optional<py::array_t<int32_t, py::array::c_style>>& seen, double temperature,
+                          int64_t top_k, double top_p, double min_p, uint64_t seed, uint64_t step,
+                          double repetition_penalty, double presence_penalty, double frequency_penalty) {
   SESSION_CHECK(logits.ndim() == 1 && logits.shape(0) >= 1, "sample_row: logits must be one row (vocab,)");
   const int64_t V = logits.shape(0);
   SESSION_CHECK(std::isfinite(temperature) && temperature >= 0, "sample_row: temperature must be >= 0");
   SESSION_CHECK(top_k >= 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p <= 1,
                 "sample_row: need top_k >= 0, top_p in (0, 1], min_p in [0, 1]");
   SESSION_CHECK(std::isfinite(repetition_penalty) && repetition_penalty > 0 && std::isfinite(presence_penalty) &&
-                    std::isfinite(frequency_penalty) && penalty_last_n >= 0,
-                "sample_row: need repetition_penalty > 0, finite presence and frequency penalties, penalty_last_n >= 0");
-  for (int64_t t : history) SESSION_CHECK(t >= 0 && t < V, "sample_row: history token ", t, " outside [0, ", V, ")");
+                    std::isfinite(frequency_penalty),
+                "sample_row: need repetition_penalty > 0, finite presence and frequency penalties");
+  SESSION_CHECK(!seen || (seen->ndim() == 1 && seen->shape(0) == V), "sample_row: seen must be (vocab,) = (", V,
+                ",) int32 counts");
   SampleParams p;
   p.temperature = static_cast<float>(temperature);
   p.top_k = top_k >= V ? 0 : top_k;
@@ -153,19 +157,10 @@ inline int64_t sample_row(const py::array_t<float, py::array::c_style>& logits, 
   p.seed = seed;
   p.step = step;
   thread_local SampleWorkspace ws;
-  thread_local std::vector<int32_t> seen;  // (V,) all 0 between calls
   ws.resize(V);
   std::copy(logits.data(), logits.data() + V, ws.x.begin());
   SESSION_CHECK(all_finite(ws.x.data(), V), "sample_row: the logits contain NaN or inf");
-  if (p.has_penalties()) {
-    // Counts of the window's tokens, set and cleared again here: O(window) per call, not O(vocab).
-    const size_t n = history.size();
-    const size_t from = penalty_last_n > 0 && static_cast<size_t>(penalty_last_n) < n ? n - penalty_last_n : 0;
-    seen.resize(V);
-    for (size_t i = from; i < n; ++i) ++seen[history[i]];
-    apply_penalties_row(ws.x.data(), seen.data(), V, p);
-    for (size_t i = from; i < n; ++i) seen[history[i]] = 0;
-  }
+  if (p.has_penalties() && seen) apply_penalties_row(ws.x.data(), seen->data(), V, p);
   return sample_filtered_row(ws, V, p);
 }
 
@@ -183,8 +178,8 @@ inline void bind_session(py::module_& m) {
   });
   m.def("blocks_for_sequence", &blocks_for_sequence, "tokens"_a, "step_tokens"_a, "window"_a, "sinks"_a,
         "block_size"_a);
-  m.def("sample_row", &sample_row, "logits"_a, "history"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
-        "seed"_a, "step"_a, "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a, "penalty_last_n"_a);
+  m.def("sample_row", &sample_row, "logits"_a, "seen"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
+        "seed"_a, "step"_a, "repetition_penalty"_a, "presence_penalty"_a, "frequency_penalty"_a);
   // module_local: _C and _lite both bind this type, and a process may load both.
   py::class_<PySession>(m, "Session", py::module_local(),
                         "The CPU decode session: the model's weights, a paged KV cache and a step over many sequences "
