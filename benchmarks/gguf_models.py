@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from llama_fast import rope
 from llama_fast.config import ModelConfig
-from llama_fast.gguf_file import GGUF_NAMES, ROPE_FACTORS, GGUFFile, half_to_interleaved
+from llama_fast.gguf_file import ROPE_FACTORS, GGUFFile, gguf_tensor_name, half_to_interleaved
+from llama_fast.loaders import quantize_gguf
 from llama_fast.paths import DEFAULT_MODEL, cache_dir, resolve_model_path
 
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -36,7 +37,6 @@ SHAPES = {
 }
 FILE_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16}
 _FILE_TYPE_IDS = {"F32": 0, "F16": 1, "BF16": 32}  # general.file_type (llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / _BF16)
-_MODEL_TO_GGUF = {model: gguf for gguf, model in GGUF_NAMES.items()}
 
 
 def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -59,14 +59,6 @@ def weight_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.vocab_size, c.dim)
     return shapes
-
-
-def gguf_tensor_name(name: str) -> str:
-    """layers.3.attention.wq.weight -> blk.3.attn_q.weight (the inverse of gguf_file.model_tensor_name)."""
-    parts = name.removesuffix(".weight").split(".")
-    if parts[0] == "layers":
-        return f"blk.{parts[1]}.{_MODEL_TO_GGUF['.'.join(parts[2:])]}.weight"
-    return _MODEL_TO_GGUF[".".join(parts)] + ".weight"
 
 
 def _tokenizer_metadata(vocab_size: int) -> dict:
@@ -184,12 +176,15 @@ class RandomWeights:
 
 
 def model_file(shape: str, file_type: str, folder: str | None = None) -> str:
-    """The random-weight GGUF of SHAPES[shape] in file_type, written into `folder` (default: the cache's
-    "scale" folder) unless it is there already."""
+    """The random-weight GGUF of SHAPES[shape] in file_type (F32, F16, BF16, or a block format: Q8_0, Q4_0, ...,
+    every matrix of the BF16 file quantized by `llama-fast quantize`), written into `folder` (default: the
+    cache's "scale" folder) unless it is there already."""
     folder = folder or os.path.join(cache_dir() or os.path.expanduser("~/.cache/llama_fast"), "scale")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{SHAPES[shape].name}-random.{file_type}.gguf")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and file_type not in FILE_TYPES:  # a block format: the BF16 file quantized
+        quantize_gguf(model_file(shape, "BF16", folder), path, file_type.lower(), progress=False)
+    elif not os.path.exists(path):
         config = SHAPES[shape]
         write_gguf(path, config, RandomWeights(weight_shapes(config)), file_type)
     return path

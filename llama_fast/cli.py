@@ -1,4 +1,5 @@
-"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, serve, bench, info."""
+"""The llama-fast command (also `python -m llama_fast`): generate, chat, perplexity, serve, quantize, bench,
+info."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +186,15 @@ def cmd_perplexity(args) -> None:
     print(f"KV memory:   {result.kv_bytes / 2**20:.1f} MiB peak")
 
 
+def cmd_quantize(args) -> None:
+    from .loaders import quantize_gguf
+
+    want = validate.dtype_name(args.type, "--type")
+    counts = quantize_gguf(args.input, args.output, want, progress=sys.stderr.isatty())
+    mix = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 2**20:.1f} MiB): tensors {mix}")
+
+
 def served_name(model: str) -> str:
     """The id a server gives its model by default: a built-in name as is, else the file's or folder's name
     (without .gguf)."""
@@ -276,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGTERM, seconds to let running requests finish before they are aborted")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("quantize", help="write a GGUF with every matrix in a block format (llama.cpp loads it)")
+    p.add_argument("input", help="a .gguf file or built-in model name")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--type", required=True, choices=["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"],
+                   help="block format; rows that are not whole super-blocks take llama.cpp's fallback "
+                        "(q4_k: q5_0, q6_k: q8_0)")
+    p.set_defaults(func=cmd_quantize)
     sub.add_parser("bench", help="decode benchmark against transformers and llama.cpp (bench --help: its options)")
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("model_path", nargs="?", default=DEFAULT_MODEL)

@@ -23,10 +23,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .config import ModelConfig, UnsupportedModelError
 from .paths import CheckpointError
+from .quant import QUANT_TYPES
 
-# Storage types the loaders read; the float ones are mapped as they are, the others dequantised.
+# Storage types the loaders read: floats, and the block formats the C++ kernels multiply as stored
+# (llama_fast.quant; with a float dtype they are dequantised).
 FLOAT_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES
 _NUMPY_DTYPE = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # (BF16: its bits)
 
 # GGUF tensor names (without blk.N. and .weight) -> the model's (Meta-style) names.
@@ -44,6 +46,7 @@ GGUF_NAMES = {
     "ffn_down": "feed_forward.w2",
     "ffn_up": "feed_forward.w3",
 }
+_MODEL_TO_GGUF = {model: gguf for gguf, model in GGUF_NAMES.items()}
 QK_TENSORS = ("attn_q.weight", "attn_k.weight")  # (name endings) the tensors llama.cpp's converter reorders
 ROPE_FACTORS = "rope_freqs.weight"  # Llama 3.1's rope scaling, as llama.cpp's converter writes it
 
@@ -66,12 +69,22 @@ def half_to_interleaved(w, n_heads: int):
 
 
 def model_tensor_name(gguf_name: str, path: str) -> str:
-    """blk.3.attn_q.weight -> layers.3.attention.wq.weight; CheckpointError for a name the model lacks."""
-    match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
+    """blk.3.attn_q.weight -> layers.3.attention.wq.weight (and .bias alike); CheckpointError for a name the
+    model lacks."""
+    match = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)", gguf_name)
     if match is None or match.group(2) not in GGUF_NAMES:
         raise CheckpointError(f"{path}: unexpected tensor {gguf_name}")
-    layer, base = match.groups()
-    return (f"layers.{layer}." if layer is not None else "") + GGUF_NAMES[base] + ".weight"
+    layer, base, kind = match.groups()
+    return (f"layers.{layer}." if layer is not None else "") + GGUF_NAMES[base] + "." + kind
+
+
+def gguf_tensor_name(name: str) -> str:
+    """layers.3.attention.wq.weight -> blk.3.attn_q.weight (and .bias alike: the inverse of model_tensor_name)."""
+    base, _, kind = name.rpartition(".")
+    parts = base.split(".")
+    if parts[0] == "layers":
+        return f"blk.{parts[1]}.{_MODEL_TO_GGUF['.'.join(parts[2:])]}.{kind}"
+    return f"{_MODEL_TO_GGUF['.'.join(parts)]}.{kind}"
 
 
 @dataclass
@@ -85,9 +98,15 @@ class GGUFTensor:
         """A float tensor's values as a numpy view of the mapped bytes (BF16: as uint16 bits)."""
         return np.frombuffer(self.data, dtype=_NUMPY_DTYPE[self.type]).reshape(self.shape)
 
+    def blocks(self) -> np.ndarray:
+        """A matrix's bytes as a uint8 numpy view, one row of blocks per row: (rows, bytes per row)."""
+        return np.frombuffer(self.data, dtype=np.uint8).reshape(self.shape[0], -1)
+
 
 class GGUFFile:
-    """metadata: key -> python value (arrays as lists); tensors: file name -> GGUFTensor, in file order."""
+    """metadata: key -> python value (arrays as lists); metadata_types: key -> (GGUF value type, item type of
+    an array or None), for writing the metadata back as it was; tensors: file name -> GGUFTensor, in file
+    order."""
 
     def __init__(self, path: str):
         self.path = path
@@ -98,7 +117,7 @@ class GGUFFile:
             raise CheckpointError(f"{path}: cannot map the file ({err})") from err
         self._pos = 0
         try:
-            self.metadata, infos, data_start = self._parse_header()
+            self.metadata, self.metadata_types, infos, data_start = self._parse_header()
         except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as err:
             raise CheckpointError(f"{path}: not a readable GGUF file (header cut short or corrupt: {err})") from err
         self.tensors = self._check_tensors(infos, data_start)
@@ -139,17 +158,19 @@ class GGUFFile:
         version, n_tensors, n_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
         if version not in (2, 3):
             raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (2, 3)")
-        metadata = {}
+        metadata, types = {}, {}
         for _ in range(n_kv):
             key = self._string()
-            metadata[key] = self._value(self._read("<I"))
+            kind = self._read("<I")
+            types[key] = (kind, struct.unpack_from("<I", self._map, self._pos)[0] if kind == _ARRAY else None)
+            metadata[key] = self._value(kind)
         infos = []
         for _ in range(n_tensors):
             name = self._string()
             dims = [self._read("<Q") for _ in range(self._read("<I"))]
             infos.append((name, dims, self._read("<I"), self._read("<Q")))
         alignment = metadata.get("general.alignment", 32)
-        return metadata, infos, -(-self._pos // alignment) * alignment
+        return metadata, types, infos, -(-self._pos // alignment) * alignment
 
     # ---- tensors ----
     def _check_tensors(self, infos, data_start: int) -> dict[str, GGUFTensor]:
@@ -163,7 +184,7 @@ class GGUFFile:
             if kind not in SUPPORTED_TYPES:
                 raise CheckpointError(f"{self.path}: tensor {name} has type {kind}, supported: {', '.join(SUPPORTED_TYPES)}")
             block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-            if not dims or dims[0] % block:
+            if not dims or dims[0] % block:  # (a K-quant's block is its super-block of 256)
                 raise CheckpointError(f"{self.path}: tensor {name} of type {kind} has rows of {dims[:1]} values, "
                                       f"not a multiple of its block of {block}")
             nbytes = int(np.prod(dims, dtype=np.uint64)) // block * block_bytes

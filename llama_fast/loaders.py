@@ -17,8 +17,10 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights,
-                        gguf_config, interleaved_to_half, model_tensor_name)
+from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights, gguf_tensor_name,
+                        gguf_config, half_to_interleaved, interleaved_to_half, model_tensor_name)
+from .gguf_write import TensorSpec, write_gguf
+from .quant import QUANT_TYPES, QuantizedWeight, dequantize, quantize, storage_type
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
@@ -29,23 +31,30 @@ log = logging.getLogger("llama_fast")
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # model names -> tensors (fp32, bf16 or f16 as stored/dequantised)
+    weights: dict[str, torch.Tensor | QuantizedWeight]  # model names -> tensors (fp32, bf16 or f16 as
+    # stored / dequantised), or matrices in a GGUF block format (a block-format or "native" dtype)
     tokenizer: Tokenizer
     path: str
     tensor_types: dict[str, int]  # storage type name -> tensor count, for `llama-fast info`
 
 
-def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype | str | None = None) -> Checkpoint:
     """dtype: the floating dtype the weights will be used in, if known: a GGUF's converted copy is then
-    cached in it, so loading maps the file and copies nothing (None: as stored / dequantised)."""
+    cached in it, so loading maps the file and copies nothing (None: as stored / dequantised); or a GGUF
+    block format ("q4_0", ...: every matrix in it, quantised once and cached where the file holds another
+    type) or "native" (a GGUF's tensors as stored)."""
     path = resolve_model_path(name_or_path)
     if os.path.isfile(path):
         return load_gguf(path, progress, dtype)
     if os.path.exists(os.path.join(path, "config.json")):
-        return load_hf_dir(path, progress)
-    if os.path.exists(os.path.join(path, "params.json")):
-        return load_meta_dir(path, progress)
-    raise CheckpointError(f"{path}: not a .gguf file, nor a directory with config.json (HF) or params.json (Meta)")
+        ckpt = load_hf_dir(path, progress)
+    elif os.path.exists(os.path.join(path, "params.json")):
+        ckpt = load_meta_dir(path, progress)
+    else:
+        raise CheckpointError(f"{path}: not a .gguf file, nor a directory with config.json (HF) or params.json (Meta)")
+    if isinstance(dtype, str) and dtype != "native":
+        ckpt.weights, ckpt.tensor_types = _blocks_of_floats(path, ckpt.weights, ckpt.config, dtype, progress)
+    return ckpt
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -103,13 +112,14 @@ def _dequantised(t: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[t.type]).reshape(t.shape))
 
 
-def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | str | None = None) -> Checkpoint:
     gguf = GGUFFile(path)
     config = gguf_config(gguf)
-    types = {}
-    for t in gguf.tensors.values():
-        types[t.type] = types.get(t.type, 0) + 1
-    if all(t.type in FLOAT_TYPES for t in gguf.tensors.values()):
+    types = _type_counts(t.type for t in gguf.tensors.values())
+    if isinstance(dtype, str):
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
+        weights, types = _gguf_in_blocks(gguf, config, dtype, progress)
+    elif all(t.type in FLOAT_TYPES for t in gguf.tensors.values()):
         mapped = float_weights(gguf, config.n_heads, config.n_kv_heads, progress)
         weights = {name: _as_torch(array, kind) for name, (array, kind) in mapped.items()}
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
@@ -146,7 +156,161 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
     return weights, tokenizer
 
 
-# A parsed GGUF is cached (paths.gguf_cache_path says where and why).
+def _type_counts(kinds) -> dict[str, int]:
+    counts = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF block formats (llama_fast.quant): with dtype "native" every tensor keeps its stored type; with a
+# block format every matrix is in it (the K-quants' fallback where rows are not whole super-blocks). Tensors
+# already in their type are mapped (Q/K rows reordered once, as float_weights does); a file that needs
+# conversion is converted once into a GGUF in the cache (paths.gguf_cache_path), laid out as llama.cpp's
+# converter lays it out (it is what `llama-fast quantize` writes), and that file is mapped instead.
+
+
+def target_type(shape: tuple[int, ...], stored: str, want: str) -> str:
+    """The storage type of a tensor of `shape` stored as `stored`, loaded with dtype `want` ("native" or a
+    block format name): vectors in F32; matrices as stored (F16 widened to F32) or in the block format."""
+    if len(shape) == 1:
+        return "F32"
+    if want == "native":
+        return "F32" if stored == "F16" else stored
+    return storage_type(want.upper(), shape[-1])
+
+
+def block_tensors(gguf: GGUFFile, want: str) -> list[TensorSpec]:
+    """The tensors of `gguf` with dtype `want`, in its names and layout, each as a TensorSpec whose bytes are
+    the stored ones where the type is kept, else converted (dequantised, requantised) when asked for."""
+    specs = []
+    for t in gguf.tensors.values():
+        kind = t.type if t.name == ROPE_FACTORS else target_type(t.shape, t.type, want)
+        if kind == t.type:
+            specs.append((t.name, t.shape, kind, lambda t=t: np.frombuffer(t.data, np.uint8)))
+        else:
+            specs.append((t.name, t.shape, kind, lambda t=t, kind=kind: _encode(_values(t), kind)))
+    return specs
+
+
+# general.file_type of a file quantised to each block format (llama.cpp's llama_ftype: MOSTLY_Q8_0, ...;
+# Q4_K as its "S" mix, every matrix Q4_K, and Q6_K, which llama.cpp names by its main type alone).
+_FILE_TYPE = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 14, "q6_k": 18}
+
+
+def quantize_gguf(src: str, dst: str, want: str, progress: bool = True) -> dict[str, int]:
+    """Writes the GGUF at `src` with every matrix in block format `want` ("q4_0", ...) to `dst`, metadata kept
+    (general.file_type updated): a file llama.cpp loads. Returns the count of tensors per stored type."""
+    if want not in _FILE_TYPE:
+        raise ValueError(f"--type must be one of {', '.join(_FILE_TYPE)}, got {want!r}")
+    src = resolve_model_path(src)
+    if not os.path.isfile(src):
+        raise CheckpointError(f"{src}: quantize reads a .gguf file (LLM.from_pretrained(dir, dtype={want!r}) "
+                              "quantises a Hugging Face or Meta directory for llama_fast itself)")
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: the output must not be the input file")
+    gguf = GGUFFile(src)
+    gguf_config(gguf)  # a model llama_fast can read, or CheckpointError / UnsupportedModelError now
+    metadata = {key: (value, *gguf.metadata_types[key]) for key, value in gguf.metadata.items()}
+    metadata["general.file_type"] = (_FILE_TYPE[want], 4, None)  # (4: GGUF's uint32)
+    specs = block_tensors(gguf, want)
+    write_gguf(dst, gguf.metadata.get("general.architecture", "llama"), metadata,
+               _progress(specs, f"quantising to {want}", progress))
+    return _type_counts(kind for _, _, kind, _ in specs)
+
+
+def _values(t: GGUFTensor) -> np.ndarray:
+    """A tensor's values as fp32 numpy."""
+    if t.type in FLOAT_TYPES:
+        return _as_torch(t.array(), t.type).float().numpy()
+    return dequantize(t.blocks(), t.type, t.shape)
+
+
+def _encode(values: np.ndarray, kind: str) -> np.ndarray:
+    """fp32 values as the bytes of storage type `kind` (F32, BF16 or a block format)."""
+    if kind == "F32":
+        return np.ascontiguousarray(values, np.float32)
+    if kind == "BF16":
+        return torch.from_numpy(np.ascontiguousarray(values, np.float32)).bfloat16().view(torch.int16).numpy()
+    return quantize(values.reshape(values.shape[0], -1), kind)
+
+
+def _gguf_in_blocks(gguf: GGUFFile, config: ModelConfig, want: str, progress: bool):
+    """-> (weights, type counts) of `gguf` with dtype `want`: its own tensors mapped where every matrix is in
+    its target type already, else those of its converted copy in the cache (written now if missing)."""
+    specs = block_tensors(gguf, want)
+    if any(kind != gguf.tensors[name].type for name, _, kind, _ in specs):
+        folder = gguf_cache_path(gguf.path, f"blocks:{want}")
+        if folder is None:  # caching off: converted in memory
+            return _mapped_blocks(_converted_in_memory(gguf, specs, progress), config), _type_counts(s[2] for s in specs)
+        entry = os.path.join(folder, "weights.gguf")
+        if gguf_cache_entry(gguf.path, f"blocks:{want}") is None:
+            os.makedirs(folder, exist_ok=True)
+            write_gguf(entry, "llama", {}, _progress(specs, f"converting to {want}", progress))
+            open(os.path.join(folder, "done"), "w").close()
+        gguf = GGUFFile(entry)
+    return _mapped_blocks(gguf, config), _type_counts(t.type for t in gguf.tensors.values())
+
+
+def _converted_in_memory(gguf: GGUFFile, specs: list[TensorSpec], progress: bool) -> GGUFFile:
+    """`gguf` with each tensor's bytes replaced by its spec's (no cache to write the conversion into)."""
+    for name, shape, kind, data in _progress(specs, "converting", progress):
+        gguf.tensors[name] = GGUFTensor(name, kind, shape, memoryview(np.ascontiguousarray(data()).view(np.uint8).reshape(-1)))
+    return gguf
+
+
+def _mapped_blocks(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Model name -> weight of a GGUF whose tensors are in their target types: views of the file (Q/K rows
+    reordered into a private copy, their mapped pages released)."""
+    weights = {}
+    for t in gguf.tensors.values():
+        if t.name == ROPE_FACTORS:
+            continue
+        data = t.blocks() if t.type in QUANT_TYPES else t.array()
+        if t.name.endswith(QK_TENSORS):
+            data = np.ascontiguousarray(interleaved_to_half(data, config.n_heads if ".attn_q." in t.name else config.n_kv_heads))
+            gguf.release(t)
+        if t.type in QUANT_TYPES:
+            weight = QuantizedWeight(torch.from_numpy(data), t.type, t.shape)
+        else:
+            weight = _as_torch(data, t.type)
+            weight = weight.float() if t.type == "F16" else weight
+        weights[model_tensor_name(t.name, gguf.path)] = weight
+    return weights
+
+
+def _blocks_of_floats(path: str, weights: dict[str, torch.Tensor], config: ModelConfig, want: str, progress: bool):
+    """-> (weights, type counts): a float checkpoint's (HF, Meta) matrices in block format `want`, quantised
+    once into a GGUF in the cache and mapped from there (in memory when caching is off)."""
+    specs = []
+    for name, w in weights.items():
+        values = w.detach().float().numpy()
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):  # GGUF's layout (interleaved pairs)
+            values = half_to_interleaved(values, config.n_heads if ".wq." in name else config.n_kv_heads)
+        kind = target_type(tuple(w.shape), "F32", want)
+        specs.append((gguf_tensor_name(name), tuple(w.shape), kind, lambda v=values, kind=kind: _encode(v, kind)))
+    folder = gguf_cache_path(path, f"blocks:{want}")
+    if folder is None:
+        gguf = _converted_in_memory(_EmptyGGUF(path), specs, progress)
+    else:
+        entry = os.path.join(folder, "weights.gguf")
+        if gguf_cache_entry(path, f"blocks:{want}") is None:
+            os.makedirs(folder, exist_ok=True)
+            write_gguf(entry, "llama", {}, _progress(specs, f"quantising to {want}", progress))
+            open(os.path.join(folder, "done"), "w").close()
+        gguf = GGUFFile(entry)
+    return _mapped_blocks(gguf, config), _type_counts(kind for _, _, kind, _ in specs)
+
+
+class _EmptyGGUF:
+    """What _converted_in_memory fills when there is no file (a float checkpoint, caching off)."""
+
+    def __init__(self, path: str):
+        self.path, self.tensors = path, {}
+
+    def release(self, tensor) -> None:
+        pass
 
 
 def _read_gguf_cache(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:

@@ -9,12 +9,19 @@ import os
 from typing import Any
 
 # Weight dtype names the API (LLM.from_pretrained(dtype=...)) and the CLI (--dtype) accept: name or alias
-# -> canonical name (a torch dtype's name). A quantized format joins by adding its names here.
+# -> canonical name. Floats are torch dtypes' names; q8_0 ... q6_k are GGUF's block formats (llama_fast.quant),
+# kept as stored on CPU; "native" keeps every tensor of a file in its stored type; int8 / int4 are CUDA's
+# weight-only formats (kernels/quant_matmul.py).
 DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16",
+    "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "q4_k": "q4_k", "q6_k": "q6_k",
+    "native": "native",
+    "int8": "int8", "int4": "int4",
 }
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+CUDA_ONLY_DTYPES = {"int8": "q8_0", "int4": "q4_0"}  # -> the CPU's nearest block format, for the error
 
 # Seeds are drawn in [0, 2**63): the samplers hash them as signed 64-bit integers.
 SEED_LIMIT = 2**63
@@ -25,9 +32,23 @@ def dtype_name(dtype: Any, argument: str = "dtype") -> str:
     name = dtype
     if not isinstance(dtype, str) and type(dtype).__name__ == "dtype":  # a torch.dtype: "torch.float32"
         name = str(dtype).removeprefix("torch.")
+        name = name if name in FLOAT_DTYPES else f"torch.{name}"  # (torch.int8 is not the int8 format)
     if isinstance(name, str) and name.lower() in DTYPE_NAMES:
         return DTYPE_NAMES[name.lower()]
     raise ValueError(f"{argument} must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+
+
+def weight_dtype(dtype: Any, device_type: str, argument: str = "dtype") -> str:
+    """dtype_name(dtype) where it can run on a device of `device_type` ("cpu", "cuda"): int8 / int4 are
+    CUDA's, the GGUF block formats and "native" (which may keep them) the CPU's."""
+    name = dtype_name(dtype, argument)
+    if device_type != "cuda" and name in CUDA_ONLY_DTYPES:
+        raise ValueError(f"{argument} {name} is a CUDA weight format; on the CPU use {CUDA_ONLY_DTYPES[name]} "
+                         f"(GGUF's block format of the same width)")
+    if device_type == "cuda" and name not in FLOAT_DTYPES and name not in CUDA_ONLY_DTYPES:
+        raise ValueError(f"{argument} {name} runs on the CPU; on CUDA use one of "
+                         f"{', '.join(FLOAT_DTYPES + tuple(CUDA_ONLY_DTYPES))}")
+    return name
 
 
 def device_name(device: Any, argument: str = "device") -> str:

@@ -207,14 +207,14 @@ def test_unsupported_tensor_type_and_architecture(tmp_path):
     import numpy as np
     from gguf import GGMLQuantizationType as Q, GGUFWriter, quants
 
-    path = str(tmp_path / "q5.gguf")
+    path = str(tmp_path / "q5_1.gguf")
     writer = GGUFWriter(path, "llama")
     for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
                        ("attention.head_count", 2), ("context_length", 64), ("vocab_size", 16)]:
         writer.add_uint32(f"llama.{key}", value)
-    writer.add_tensor("token_embd.weight", quants.quantize(np.ones((16, 32), np.float32), Q.Q5_0), raw_dtype=Q.Q5_0)
+    writer.add_tensor("token_embd.weight", quants.quantize(np.ones((16, 32), np.float32), Q.Q5_1), raw_dtype=Q.Q5_1)
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
-    with pytest.raises(CheckpointError, match="Q5_0"):
+    with pytest.raises(CheckpointError, match="type Q5_1, supported: F32, F16, BF16, Q8_0"):
         load_checkpoint(path, progress=False)
 
     path = str(tmp_path / "gpt2.gguf")

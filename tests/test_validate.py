@@ -36,14 +36,15 @@ def run_cli(*args, input=None, env=None, timeout=300):
 
 # ---- dtype names: one table for the API and the CLI ----
 
-@pytest.mark.parametrize("alias, name", [("fp32", "float32"), ("float32", "float32"), ("bf16", "bfloat16"),
+@pytest.mark.parametrize("alias, name", [("fp32", "float32"), ("float32", "float32"), ("bf16", "bfloat16"), ("Q4_K", "q4_k"),
+                                         ("native", "native"), ("int4", "int4"),
                                          ("BF16", "bfloat16"), ("fp16", "float16"), ("float16", "float16"),
                                          (torch.bfloat16, "bfloat16"), (torch.float32, "float32")])
 def test_dtype_aliases(alias, name):
     assert dtype_name(alias) == name
 
 
-@pytest.mark.parametrize("bad", ["garbage", "int4", "int8", "float8_e4m3fn", "q4_0", torch.int8, 32, None, True])
+@pytest.mark.parametrize("bad", ["garbage", "float8_e4m3fn", "q5_k", "Q4_K_M", torch.int8, 32, None, True])
 def test_refused_dtype_names_it_and_writes_nothing(bad, tmp_path, monkeypatch):
     one_line_error(lambda: dtype_name(bad), "dtype", *DTYPE_NAMES)
     if bad is None:
@@ -63,8 +64,10 @@ def test_dtype_alias_loads_that_dtype(smollm, tmp_path, monkeypatch):
 def test_cli_dtype_aliases_and_garbage():
     result = run_cli("generate", "I love", "--max-new-tokens", "3", "--dtype", "fp32")
     assert result.returncode == 0, result.stderr
-    result = run_cli("generate", "I love", "--dtype", "int4")
+    result = run_cli("generate", "I love", "--dtype", "int5")
     assert result.returncode == 2 and b"--dtype" in result.stderr and b"Traceback" not in result.stderr
+    result = run_cli("generate", "I love", "--dtype", "int4")  # CUDA's format: the CPU's nearest is named
+    assert result.returncode == 2 and b"use q4_0" in result.stderr and b"Traceback" not in result.stderr
 
 
 # ---- devices ----
