@@ -2,10 +2,11 @@
 """GPU correctness of the Triton kernels (needs CUDA): fp16, bf16 and fp32 against the fp64 reference.
 
 The interpreter tests (tests/test_kernels_*.py) cover fp32/fp16 on CPU; this covers what only a GPU can:
-bf16, the compiled kernels themselves, and larger shapes (T, S up to 2048, decode over 8192 keys). The bar
-is the tests' one: error vs the fp64 reference <= 2x the reference's own error at the kernel's dtype, plus
-a floor at fp32 rounding. Outputs are NaN-poisoned before each call. Prints one line per case and a
-summary; exits 1 on any failure. Run: python benchmarks/gpu_correctness.py [--quick]
+bf16, the compiled kernels themselves, and larger shapes (T, S up to 2048, decode over 8192 keys, int8 /
+int4 weight-only matmuls up to 4096 x 4096). The bar is the tests' one: error vs the fp64 reference <= 2x
+the reference's own error at the kernel's dtype, plus a floor at fp32 rounding. Outputs are NaN-poisoned
+before each call. Prints one line per case and a summary; exits 1 on any failure.
+Run: python benchmarks/gpu_correctness.py [--quick]
 """
 from __future__ import annotations
 
@@ -43,6 +44,46 @@ def compare(out, ref_fn, inputs):
     ref_err = (ref_lo.double() - ref64).abs().max().item()
     floor = 1e-6 * max(1.0, ref64.abs().max().item())
     return err <= 2 * ref_err + floor, err, ref_err
+
+
+def compare_linear(out, x, w64):
+    """out against x @ w64.T in fp64; the bar is compare()'s, the reference here being F.linear at x's dtype
+    with the (dequantized) weights rounded to that dtype, as a model holding them dequantized would run."""
+    if torch.isnan(out).any():
+        return False, float("nan"), float("nan")
+    ref64 = x.double() @ w64.T
+    ref_lo = torch.nn.functional.linear(x, w64.to(x.dtype))
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref_lo.double() - ref64).abs().max().item()
+    floor = 1e-6 * max(1.0, ref64.abs().max().item())
+    return err <= 2 * ref_err + floor, err, ref_err
+
+
+def quant_cases(dtype, dev, quick, smoke):
+    """int8 and int4 (groups of 32 and 128) weight-only matmuls: decode (M = 1) and the GEMM tiles, an odd N
+    whose matrix-vector launch splits K, outputs NaN-poisoned."""
+    import importlib
+
+    from llama_fast.kernels import (dequantize_int4, dequantize_int8, int4_matmul, int8_matmul, quantize_int4,
+                                    quantize_int8)
+
+    importlib.import_module("llama_fast.kernels.quant_matmul").POISON = True
+    shapes = [(33, 256)] if smoke else [(1001, 4096)] if quick else [(4096, 4096), (1001, 4096)]  # (N, K)
+    results = []
+    for N, K in shapes:
+        w = torch.randn(N, K, device=dev) * 0.02
+        q8 = quantize_int8(w)
+        kinds = {"int8": (lambda x: int8_matmul(x, *q8), dequantize_int8(*q8, dtype=torch.float64))}
+        for g in (32, 128):
+            q4 = quantize_int4(w, g)
+            kinds[f"int4 g{g}"] = (lambda x, q4=q4, g=g: int4_matmul(x, *q4, g),
+                                   dequantize_int4(*q4, g, dtype=torch.float64))
+        for M in (1, 7, 300) if not smoke else (1, 7, 70):
+            x = torch.randn(M, K, device=dev, dtype=dtype)
+            for name, (fn, w64) in kinds.items():
+                ok, err, rerr = compare_linear(fn(x), x, w64)
+                results.append((f"{name} {str(dtype)[6:]} M{M} N{N} K{K}", ok, err, rerr))
+    return results
 
 
 def main() -> int:
@@ -148,6 +189,7 @@ def main() -> int:
         e = max((q - q2).abs().max().item(), (k - k2).abs().max().item())
         tol = torch.finfo(dtype).eps * 2 * q2.abs().max().item()
         results.append((f"rope {str(dtype)[6:]}", e <= tol, e, tol))
+        results += quant_cases(dtype, dev, args.quick, args.smoke)
     failures = [r for r in results if not r[1]]
     for name, ok, err, rerr in results:
         print(f"{'ok  ' if ok else 'FAIL'} {name:50} err {err:.3g} (bar from {rerr:.3g})")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU suite: on a machine with an NVIDIA GPU, build everything, check the Triton kernels on the GPU
 # (fp16, bf16 and fp32 against the fp64 reference), time them against SDPA / FlexAttention / the
-# reference, and print a short table. Target: under 8 minutes on one H100/H200.
+# reference (the quantized matmuls against bf16 F.linear), and print a short table. Target: under 8
+# minutes on one H100/H200.
 #
 # Uses the machine's own python3 with CUDA PyTorch and Triton (no downloads: GPU machines here are
 # offline); PYTHON=... picks another. Everything it writes goes to benchmarks/out/ (and $OUT when set).
@@ -53,7 +54,7 @@ from llama_fast._ext import has_ext; print('extension built:', has_ext())"
 step compile_check "$PY" "$ROOT/scripts/check_triton_compile.py" --jobs 8 --no-cache
 
 # 4. correctness on the GPU: fp16, bf16, fp32 vs the fp64 reference (prefill, varlen, decode
-#    contiguous/paged, Tq 1/4/200, rms_norm, rope, swiglu)
+#    contiguous/paged, Tq 1/4/200, rms_norm, rope, swiglu, int8 / int4 weight-only matmuls)
 step correctness "$PY" "$ROOT/benchmarks/gpu_correctness.py" ${QUICK:+--quick}
 
 # 4b. the extension's CUDA code (sampler, KV cache writes/copies) vs CPU and reference, and its speed
@@ -67,6 +68,8 @@ step bench_bf16 "$PY" "$ROOT/benchmarks/bench_attention.py" --dtype bf16 ${QUICK
 cp "$ROOT/$OUTDIR/bench_attention.json" "$ROOT/$OUTDIR/bench_attention_bf16.json" 2>/dev/null || true
 step bench_fp16 "$PY" "$ROOT/benchmarks/bench_attention.py" --dtype fp16 --quick
 cp "$ROOT/$OUTDIR/bench_attention.json" "$ROOT/$OUTDIR/bench_attention_fp16.json" 2>/dev/null || true
+# 5b. weight-only int8 / int4 matmuls against bf16 F.linear, Llama-7B shapes at M = 1 and 128 (about a minute)
+step bench_qmatmul "$PY" "$ROOT/benchmarks/bench_quant_matmul.py" ${QUICK:+--quick}
 cd "$ROOT"
 rm -rf "$STAGE"
 
@@ -74,13 +77,15 @@ rm -rf "$STAGE"
 {
     echo
     echo "=== gpu_suite summary ($(( $(date +%s) - start )) s)"
-    for name in env build import compile_check correctness ext_cuda decode_graphs bench_bf16 bench_fp16; do
+    for name in env build import compile_check correctness ext_cuda decode_graphs bench_bf16 bench_fp16 bench_qmatmul; do
         printf '  %-14s %s\n' "$name" "${STATUS[$name]:-not run}"
     done
-    echo "  tables: the bench_* steps above; JSON in $OUTDIR/bench_attention_{bf16,fp16}.json"
+    echo "  tables: the bench_* steps above; JSON in $OUTDIR/bench_attention_{bf16,fp16}.json and" \
+        "$OUTDIR/bench_quant_matmul.json"
 } | tee -a "$LOG"
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-    cp "$LOG" "$OUTDIR"/bench_attention_*.json "$OUTDIR"/gpu_decode.json "$OUT"/ 2>/dev/null || true
+    cp "$LOG" "$OUTDIR"/bench_attention_*.json "$OUTDIR"/gpu_decode.json "$OUTDIR"/bench_quant_matmul.json "$OUT"/ \
+        2>/dev/null || true
 fi
 for name in env import compile_check correctness; do
     case "${STATUS[$name]:-}" in ok*) ;; *) exit 1 ;; esac

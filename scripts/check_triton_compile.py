@@ -5,15 +5,19 @@ For each kernel configuration and each target (sm_90 and sm_80) it runs triton.c
 target=GPUTarget("cuda", cc, 32)) down to a cubin, reads ptxas's own report (registers, spill stores and
 loads), Triton's shared memory use, and the tensor-core instructions in the SASS (the cuobjdump bundled in
 Triton's wheel). Prints one table; exits 1 on a compile error, a register spill, shared memory above the
-chip's limit (sm_90: 232448 B, sm_80: 166912 B), or an attention kernel without HGMMA/HMMA.
+chip's limit (sm_90: 232448 B, sm_80: 166912 B), or an attention or quantized GEMM kernel without HGMMA/HMMA.
 
 Configurations (the dispatcher's own config functions decide block sizes and warps):
   attention kernels: dtype {fp16, bf16} x head-dim tile {64 (D=64), 128 (D=80, 96, 128)} x span variants
   {none, alibi, buckets, window (+sinks: same code), softcap, all} x layouts (prefill: batched, varlen,
   contiguous cache, paged cache; decode: contiguous, paged x query-row tiles 16/32/64 x one/many splits).
   The default (CI) set takes every value of every dimension in the combinations that bound registers and
-  shared memory (see configs()); --full compiles the complete product (about 4x as many builds). Results are cached per kernel source and configuration in
-  .cache/triton_compile_check.json, so an unchanged kernel is not rebuilt.
+  shared memory (see configs()); --full compiles the complete product (about 4x as many builds).
+  quantized matmuls (quant_matmul.py): dtype {fp16, bf16} x {int8, int4 with groups of 32 and 128} x
+  {matrix-vector kernel, each GEMM tile}, with the split-K epilogue on fp16, and the fp32 matrix-vector
+  kernels (fp32 takes them at every M; see _quant_configs()).
+  Results are cached per kernel source and configuration in .cache/triton_compile_check.json, so an
+  unchanged kernel is not rebuilt.
 
 Run: .venv/bin/python scripts/check_triton_compile.py [--full] [--jobs N] [--no-cache]
 """
@@ -128,6 +132,41 @@ def configs(full: bool):
             out.append((f"rope {dname} half<={bhalf}", "rope", dict(BLOCK_H=bh, BLOCK_HALF=bhalf), dict(num_warps=4),
                         dname))
         out.append((f"swiglu {dname}", "swiglu", dict(BLOCK=1024), dict(num_warps=4), dname))
+        out += _quant_configs(dname, full)
+    return out + _quant_configs("fp32", full)
+
+
+def _quant_configs(dname: str, full: bool):
+    """int8 / int4 weight-only matmuls: the matrix-vector kernel (M = 1, and fp32 at any M) and each GEMM tile
+    (M > 1, fp16 / bf16), each int4 group size. The split-K epilogue (SPLIT) only changes the final store: CI
+    builds it for fp16."""
+    from llama_fast.kernels.quant_matmul import GEMV_INT4, GEMV_INT8, GROUP_SIZES, gemm_config
+
+    out = []
+    # int4: the scales and zeros from quantize_int4 have N fastest, a unit stride the JIT specialises to 1
+    unit_n = dict(stride_sn=1, stride_zn=1)
+    for split in (False, True):
+        if split and not full and dname != "fp16":
+            continue
+        tag = " split" if split else ""
+        g = GEMV_INT8
+        out.append((f"int8 gemv {dname}{tag}", "int8_gemv",
+                    dict(BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], STAGES=g["STAGES"], SPLIT=split),
+                    dict(num_warps=g["num_warps"]), dname))
+        for group in GROUP_SIZES:
+            g = GEMV_INT4
+            out.append((f"int4 gemv {dname} g{group}{tag}", "int4_gemv",
+                        dict(GROUP=group, BLOCK_N=g["BLOCK_N"], BLOCK_G=g["BLOCK_K"] // group, STAGES=g["STAGES"],
+                             SPLIT=split, **unit_n), dict(num_warps=g["num_warps"]), dname))
+        for rows in (16, 64, 128) if dname != "fp32" else ():  # one M per gemm_config tile
+            cfg = gemm_config(rows)
+            opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            tile = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT=split)
+            out.append((f"int8 gemm {dname} M{cfg['BLOCK_M']}{tag}", "int8_gemm",
+                        dict(BLOCK_K=cfg["BLOCK_K"], **tile), opts, dname))
+            for group in GROUP_SIZES:
+                out.append((f"int4 gemm {dname} g{group} M{cfg['BLOCK_M']}{tag}", "int4_gemm",
+                            dict(GROUP=group, **tile, **unit_n), opts, dname))
     return out
 
 
@@ -141,12 +180,21 @@ POINTERS = {
     "rms_norm": {"X": "T", "R": "T", "W": "T", "Y": "T", "NEW_R": "T"},
     "rope": {"Q": "T", "K": "T", "P": "i64", "CS": "fp32"},
     "swiglu": {"G": "T", "U": "T", "Y": "T"},
+    "int8_gemv": {"X": "T", "W": "i8", "S": "fp32", "Y": "T", "P": "fp32"},
+    "int4_gemv": {"X": "T", "W": "i32", "S": "fp16", "Z": "fp16", "Y": "T", "P": "fp32"},
+    "int8_gemm": {"X": "T", "W": "i8", "S": "fp32", "Y": "T", "P": "fp32"},
+    "int4_gemm": {"X": "T", "W": "u8", "S": "fp16", "Z": "fp16", "Y": "T", "P": "fp32"},
 }
 FLOATS = {"sm_scale", "softcap", "eps"}
+QUANT_KERNELS = ("int8_gemv", "int4_gemv", "int8_gemm", "int4_gemm")
 # Integer arguments that are multiples of 16 in every real launch, which Triton's JIT then specialises as
 # such (it marks every int argument divisible by 16): the strides of head_dim-wide rows, head_dim itself
 # (64, 80, 96, 128), the cache's block size (16, 32, ...), the hidden / rotary widths.
 ALIGNED = re.compile(r"^stride_[qkvo][bth]$|^D$|^page_size$|^stride_(x|r|y|nr|cs)$")
+# The quantized matmuls' model sizes (N, K: 4096, 11008, 14336, vocabularies ...) are multiples of 16, and
+# so are the weight and activation row strides, the K range of a split, the group-major scale strides (N) and
+# the constant 2^23's bit pattern.
+ALIGNED_QUANT = {"N", "K", "stride_xm", "stride_wn", "k_per_split", "stride_sg", "stride_zg", "two_pow_23"}
 
 
 def _kernel(key):
@@ -157,7 +205,8 @@ def _kernel(key):
             "decode": lambda: mod("decode_attention")._decode_kernel,
             "combine": lambda: mod("decode_attention")._combine_kernel,
             "rms_norm": lambda: mod("rms_norm")._rms_norm_kernel, "rope": lambda: mod("rope")._rope_kernel,
-            "swiglu": lambda: mod("swiglu")._swiglu_kernel}[key]()
+            "swiglu": lambda: mod("swiglu")._swiglu_kernel,
+            **{k: lambda k=k: getattr(mod("quant_matmul"), f"_{k}_kernel") for k in QUANT_KERNELS}}[key]()
 
 
 def _signature(fn, key, const, dtype):
@@ -173,7 +222,7 @@ def _signature(fn, key, const, dtype):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if ALIGNED.match(name):
+            if ALIGNED.match(name) or (key in QUANT_KERNELS and name in ALIGNED_QUANT):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -303,7 +352,7 @@ def main() -> int:
                 problems.append(f"{row['spill']} bytes of register spills")
             if row["smem"] > SMEM_LIMIT[row["cc"]]:
                 problems.append(f"shared memory {row['smem']} > {SMEM_LIMIT[row['cc']]}")
-            if row["label"].startswith(("prefill", "decode")) and row["mma"] == "-":
+            if row["label"].startswith(("prefill", "decode", "int8 gemm", "int4 gemm")) and row["mma"] == "-":
                 problems.append("no tensor-core MMA")
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         if problems:
