@@ -6,7 +6,10 @@ decode reads 2-7x fewer bytes per token than from a widened copy.
     y = w.linear(x)                                           # x (..., K) fp32 -> (..., N) fp32
     emb = w.rows(token_ids)                                   # the rows dequantized (an embedding lookup)
 
-Types: Q8_0, Q4_0, Q4_1, Q5_0 (blocks of 32 values) and Q4_K, Q6_K (super-blocks of 256). The numpy
+Types: Q8_0, Q4_0, Q4_1, Q5_0 (blocks of 32 values) and Q4_K, Q6_K (super-blocks of 256). CUDA has its own
+weight-only formats (Int8Weight, Int4Weight: the Triton kernels'). Every kind of packed matrix offers the
+same small interface (shape, device, nbytes, linear(x)), which ops.linear and the model's QuantizedLinear
+rely on. The numpy
 quantizers are gguf's own where it has one (Q8_0, Q4_0, Q4_1, Q5_0) and ours for the K-quants (min/max
 per sub-block, then the sub-block scales quantized to 6 bits (Q4_K) or int8 (Q6_K)); the layouts are
 ggml's, so llama.cpp reads what these write.
@@ -172,3 +175,74 @@ def _quantize_q6_k(values: np.ndarray) -> np.ndarray:
                         axis=2).reshape(len(x), 128)
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
     return np.concatenate([ql, qh.reshape(len(x), 64), sc.astype(np.int8).view(np.uint8), _fp16_bytes(d16)], axis=1)
+
+
+# ---- CUDA's weight-only formats (kernels/quant_matmul.py): quantized on the device at load, in seconds ----
+
+@dataclass
+class Int8Weight:
+    """A (rows, cols) matrix as int8 with one fp32 scale per row, multiplied by the Triton int8 kernels."""
+
+    qweight: "torch.Tensor"  # (rows, cols) int8
+    scales: "torch.Tensor"   # (rows,) fp32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)
+
+    @property
+    def device(self):
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.numel() + 4 * self.scales.numel()
+
+    def linear(self, x):
+        from .kernels import int8_matmul
+
+        return int8_matmul(x, self.qweight, self.scales)
+
+
+@dataclass
+class Int4Weight:
+    """A (rows, cols) matrix as 4-bit codes with an fp16 scale and zero per group of group_size along each row,
+    multiplied by the Triton int4 kernels (layout: kernels/quant_matmul.quantize_int4)."""
+
+    packed: "torch.Tensor"   # (rows, cols // 2) uint8
+    scales: "torch.Tensor"   # (rows, cols // group_size) fp16
+    zeros: "torch.Tensor"
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.packed.shape[0], 2 * self.packed.shape[1])
+
+    @property
+    def device(self):
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 2 * (self.scales.numel() + self.zeros.numel())
+
+    def linear(self, x):
+        from .kernels import int4_matmul
+
+        return int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size)
+
+
+INT4_GROUP = 128  # int4's group along K: gpt-fast's default for Llama-2-7B (32 costs bytes and speed)
+
+
+def weight_only(w: "torch.Tensor", kind: str):
+    """w (rows, cols), on its device, as CUDA's `kind` ("int8", or "int4" in groups of INT4_GROUP, else 32 where
+    the rows are not whole groups of 128)."""
+    from .kernels import quantize_int4, quantize_int8
+
+    if kind == "int8":
+        return Int8Weight(*quantize_int8(w))
+    group = INT4_GROUP if w.shape[1] % INT4_GROUP == 0 else 32
+    if w.shape[1] % group:
+        raise ValueError(f"int4 needs rows whose length is a multiple of 32, got {w.shape[1]}")
+    return Int4Weight(*quantize_int4(w, group), group)

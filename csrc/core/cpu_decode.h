@@ -3,9 +3,10 @@
 // -> RMSNorm -> logits): the model description, the per-ISA kernels, the barrier. Torch-free.
 //
 // Decode is memory-bound (every weight is read once per token), so the matrix-vector products stream the
-// weights (fp32, or bf16 widened to fp32 in registers) with the widest vectors the CPU has, chosen at run
-// time (the build has no -march flags): AVX-512 (with BF16 where the CPU has it), AVX2+FMA, or
-// plain C++. All activations are fp32.
+// weights (fp32, bf16 widened to fp32 in registers, or GGUF quantized blocks as stored, quant.h) with the
+// widest vectors the CPU has, chosen at run time (the build has no -march flags): AVX-512 (with BF16 and
+// VNNI where the CPU has them), AVX2+FMA, or plain C++. All activations are fp32 (quantized to int8 per
+// block inside the products with quantized weights).
 // One OpenMP parallel region per step: threads split each product by output rows (and attention by
 // heads) and meet at a barrier only where the next op needs every row (5 per layer; SpinBarrier).
 #pragma once
@@ -26,16 +27,10 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "quant.h"
 
 namespace llama_fast {
 namespace cpu_decode {
-
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN.
 inline uint16_t f32_to_bf16(float f) {
@@ -61,33 +56,39 @@ struct HeadSpan {
 // The most query heads one attention call takes (heads of one KV group; larger groups go in parts).
 constexpr int kMaxGroupHeads = 16;
 
-// LF_NATIVE: the ISA multiplies bf16 natively (AVX512-BF16 vdpbf16ps), so bf16 weights use it; 0 elsewhere.
+// LF_NATIVE: the ISA multiplies bf16 natively (AVX512-BF16 vdpbf16ps), so bf16 weights use it; LF_VNNI: it has
+// int8 dot products (AVX512-VNNI vpdpbusd) for quantized weights; 0 elsewhere. F16C converts the fp16 scales
+// of quantized blocks (every AVX2 CPU has it).
 #define LF_NS isa_avx512bf16
 #define LF_W 16
 #define LF_NATIVE 1
-#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define LF_VNNI 1
+#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,f16c")))
 #include "cpu_decode_isa.inc"
 
 #define LF_NS isa_avx512
 #define LF_W 16
 #define LF_NATIVE 0
-#define LF_FN __attribute__((target("avx512f,avx512bw")))
+#define LF_VNNI 0
+#define LF_FN __attribute__((target("avx512f,avx512bw,f16c")))
 #include "cpu_decode_isa.inc"
 
 #define LF_NS isa_avx2
 #define LF_W 8
 #define LF_NATIVE 0
-#define LF_FN __attribute__((target("avx2,fma")))
+#define LF_VNNI 0
+#define LF_FN __attribute__((target("avx2,fma,f16c")))
 #include "cpu_decode_isa.inc"
 
 #define LF_NS isa_scalar
 #define LF_W 1
 #define LF_NATIVE 0
+#define LF_VNNI 0
 #define LF_FN
 #include "cpu_decode_isa.inc"
 
 // Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) adds
-// the native bf16 dot product (AVX512-BF16, with AVX512-VL) to Avx512 (AVX-512 F/BW).
+// the native bf16 and int8 dot products (AVX512-BF16 and AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512 F/BW).
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
 
 inline const char* isa_name(Isa isa) {
@@ -101,7 +102,9 @@ inline const char* isa_name(Isa isa) {
 
 inline Isa best_isa() {
   const CpuFeatures f = detect_cpu_features();
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16) return Isa::Avx512Bf16;
+  // F16C (fp16 scales of quantized blocks) comes with AVX2 on every CPU, but is asked all the same.
+  if (!__builtin_cpu_supports("f16c")) return Isa::Scalar;
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 && f.avx512vnni) return Isa::Avx512Bf16;
   if (f.avx512f && f.avx512bw) return Isa::Avx512;
   if (f.avx2 && f.fma) return Isa::Avx2;
   return Isa::Scalar;
@@ -129,25 +132,36 @@ inline Isa parse_isa(const std::string& name, std::string& error) {
 }
 
 struct Kernels {
-  void (*dot_rows)(const void*, bool, int, int, int, const float*, int, int, float*, int);
+  void (*dot_rows)(const void*, WType, int, int, int, const float*, int, int, float*, int);
+  ActSpec (*act_spec)(WType);  // the activation pack of the quantized products (quant.h), and its quantizer
+  void (*quantize_activations)(WType, const float*, int, uint8_t*);
   void (*attend)(const float*, const void*, const void*, bool, long, int, int, int, const HeadSpan*, float*, float*);
   void (*silu_mul)(const float*, const float*, float*, int64_t);
   void (*attend_paged)(const float*, const float*, const void*, const void*, bool, const int32_t*, int, size_t, long, int,
                        int, int, int, const HeadSpan*, float*, float*);
 };
 
+#define LF_KERNELS(ns) \
+  Kernels { ns::dot_rows, ns::act_spec, ns::quantize_activations, ns::attend, ns::silu_mul, ns::attend_paged }
+
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
-    case Isa::Avx512Bf16:
-      return {isa_avx512bf16::dot_rows, isa_avx512bf16::attend, isa_avx512bf16::silu_mul, isa_avx512bf16::attend_paged};
-    case Isa::Avx512: return {isa_avx512::dot_rows, isa_avx512::attend, isa_avx512::silu_mul, isa_avx512::attend_paged};
-    case Isa::Avx2: return {isa_avx2::dot_rows, isa_avx2::attend, isa_avx2::silu_mul, isa_avx2::attend_paged};
-    default: return {isa_scalar::dot_rows, isa_scalar::attend, isa_scalar::silu_mul, isa_scalar::attend_paged};
+    case Isa::Avx512Bf16: return LF_KERNELS(isa_avx512bf16);
+    case Isa::Avx512: return LF_KERNELS(isa_avx512);
+    case Isa::Avx2: return LF_KERNELS(isa_avx2);
+    default: return LF_KERNELS(isa_scalar);
   }
 }
+#undef LF_KERNELS
+
+// A matrix (out, in) row-major: fp32, bf16, or rows of GGUF blocks.
+struct Matrix {
+  const void* data = nullptr;
+  WType type = WType::F32;
+};
 
 struct LayerWeights {
-  const void *wq, *wk, *wv, *wo, *w1, *w2, *w3;  // (out, in) row-major, fp32 or bf16 (ModelDesc::w_bf16)
+  Matrix wq, wk, wv, wo, w1, w2, w3;
   const float *attn_norm, *ffn_norm;            // (dim,) fp32
   const float *bq = nullptr, *bk = nullptr, *bv = nullptr;  // QKV biases (Qwen2), fp32, or null
 };
@@ -155,9 +169,8 @@ struct LayerWeights {
 struct ModelDesc {
   int dim, n_layers, n_heads, n_kv_heads, head_dim, ffn_dim, vocab;
   float eps;
-  bool w_bf16;
-  const void* embedding;     // (vocab, dim)
-  const void* output;        // (vocab, dim); may be the embedding (tied)
+  Matrix embedding;          // (vocab, dim)
+  Matrix output;             // (vocab, dim); may be the embedding (tied)
   const float* final_norm;   // (dim,)
   const LayerWeights* layers;
   const float* rope;         // (rope_rows, rot_dim): [cos | sin] per position
@@ -225,13 +238,9 @@ inline void rope(float* x, const float* cs, int rot_dim) {
   }
 }
 
-inline void load_row(const void* table, bool bf16, int64_t row, int n, float* out) {
-  if (bf16) {
-    const uint16_t* p = static_cast<const uint16_t*>(table) + row * n;
-    for (int i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
-  } else {
-    std::memcpy(out, static_cast<const float*>(table) + row * n, sizeof(float) * n);
-  }
+// Row `row` of a (rows, n) matrix in fp32 (the embedding lookup).
+inline void load_row(const Matrix& table, int64_t row, int n, float* out) {
+  dequantize_row(table.type, static_cast<const char*>(table.data) + row * row_bytes(table.type, n), n, out);
 }
 
 inline void store_row(void* dst, bool bf16, const float* src, int n) {

@@ -88,12 +88,15 @@ inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t 
   return std::min(all, (sinks + bs - 1) / bs + (live + bs - 1) / bs + 1);
 }
 
-enum class DType { F32, BF16 };
+// A weight's type: F32, BF16 or a GGUF block type (quant.h). The KV cache is F32 or BF16.
+using DType = cd::WType;
 
 inline DType parse_dtype(const std::string& name, const std::string& what) {
-  if (name == "F32" || name == "float32") return DType::F32;
-  if (name == "BF16" || name == "bfloat16") return DType::BF16;
-  throw BadArgument(what + ": dtype must be F32 or BF16, got '" + name + "'");
+  DType t;
+  if (!cd::parse_wtype(name, t))
+    throw BadArgument(what + ": dtype must be F32 or BF16, or for a matrix a GGUF block type (" +
+                      cd::wtype_names(cd::WType::Q8_0) + "), got '" + name + "'");
+  return t;
 }
 
 struct TensorRef {
@@ -102,6 +105,31 @@ struct TensorRef {
   std::vector<int64_t> shape;
 };
 using WeightMap = std::unordered_map<std::string, TensorRef>;
+
+inline std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + ")";
+}
+
+// A quantized tensor is a matrix (rows, K) of whole blocks: K a multiple of its block (BadArgument otherwise).
+inline void check_blocks(const std::string& name, const TensorRef& t) {
+  const int block = cd::block_size(t.dtype);
+  SESSION_CHECK(t.shape.size() == 2 && t.shape[1] % block == 0, "Session: tensor '", name, "' is ",
+                cd::wtype_name(t.dtype), ", which needs a matrix (rows, K) with K a multiple of ", block, ", got ",
+                shape_str(t.shape));
+}
+
+// Bytes of a tensor's data: its elements at 4 or 2 bytes, or its rows of blocks.
+inline int64_t tensor_bytes(const std::string& name, const TensorRef& t) {
+  if (cd::is_quantized(t.dtype)) {
+    check_blocks(name, t);
+    return t.shape[0] * cd::row_bytes(t.dtype, t.shape[1]);
+  }
+  int64_t numel = 1;
+  for (int64_t d : t.shape) numel *= d;
+  return numel * cd::block_bytes(t.dtype);
+}
 
 struct ModelShape {
   int n_layers = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
@@ -122,7 +150,7 @@ struct SpanParams {
 struct CacheParams {
   int64_t num_blocks = 0;
   int block_size = 16;
-  DType kv_dtype = DType::F32;
+  DType kv_dtype = DType::F32;  // F32 or BF16
   bool prefix_caching = false;  // keep full blocks findable by content after their last holder frees them
 };
 
@@ -148,6 +176,8 @@ class Session {
     SESSION_CHECK(cache.num_blocks >= 1 && cache.num_blocks < (int64_t{1} << 31), "Session: num_blocks must be >= 1, got ",
                   cache.num_blocks);
     SESSION_CHECK(shape.max_positions >= 0, "Session: max_positions must be >= 0 (0: no limit)");
+    SESSION_CHECK(!cd::is_quantized(cache.kv_dtype), "Session: kv_dtype must be F32 or BF16, got ",
+                  cd::wtype_name(cache.kv_dtype));
     set_num_threads(num_threads);
     cache_ = cache;
     const size_t nkv = static_cast<size_t>(shape_.n_kv_heads) * shape_.head_dim;
@@ -499,23 +529,23 @@ class Session {
     used_.insert(name);
     return it->second;
   }
-  static std::string shape_str(const std::vector<int64_t>& s) {
-    std::string out = "(";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + ")";
+  // A matrix (rows, cols) of any weight type (each matrix its own).
+  static cd::Matrix as_matrix(const std::string& name, const TensorRef& t) {
+    if (cd::is_quantized(t.dtype)) check_blocks(name, t);
+    return {t.data, t.dtype};
   }
-  const void* matrix(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
+  cd::Matrix matrix(const WeightMap& w, const std::string& name, int64_t rows, int64_t cols) {
     const TensorRef& t = find(w, name);
     SESSION_CHECK(t.shape == std::vector<int64_t>({rows, cols}), "Session: tensor '", name, "' must have shape (",
                   rows, ", ", cols, "), got ", shape_str(t.shape));
-    SESSION_CHECK(t.dtype == wdtype_, "Session: tensor '", name, "' is ", t.dtype == DType::BF16 ? "BF16" : "F32",
-                  ", the embedding is ", wdtype_ == DType::BF16 ? "BF16" : "F32", " (matrices share one dtype)");
-    return t.data;
+    return as_matrix(name, t);
   }
   const float* vector(const WeightMap& w, const std::string& name, int64_t n) {
     const TensorRef& t = find(w, name);
     SESSION_CHECK(t.shape == std::vector<int64_t>({n}), "Session: tensor '", name, "' must have shape (", n,
                   "), got ", shape_str(t.shape));
+    SESSION_CHECK(!cd::is_quantized(t.dtype), "Session: tensor '", name, "' is ", cd::wtype_name(t.dtype),
+                  ": norms and biases must be F32 or BF16");
     // Norm weights are read as fp32: a bf16 one is widened once into memory the session owns.
     if (t.dtype == DType::F32) return static_cast<const float*>(t.data);
     owned_.emplace_back(n);
@@ -535,7 +565,6 @@ class Session {
     SESSION_CHECK(emb.shape.size() == 2 && emb.shape[0] >= 1 && emb.shape[1] >= 1 && emb.shape[0] < (1 << 30) &&
                       emb.shape[1] < (1 << 20),
                   "Session: tok_embeddings.weight must be (vocab, dim), got ", shape_str(emb.shape));
-    wdtype_ = emb.dtype;
     const int64_t vocab = emb.shape[0], dim = emb.shape[1];
     embed_vocab_ = static_cast<int>(vocab);
     const int64_t nq = int64_t{m.n_heads} * m.head_dim, nkv = int64_t{m.n_kv_heads} * m.head_dim;
@@ -558,9 +587,8 @@ class Session {
     }
     desc_.vocab = static_cast<int>(out_rows);
     desc_.eps = static_cast<float>(m.norm_eps);
-    desc_.w_bf16 = wdtype_ == DType::BF16;
-    desc_.embedding = emb.data;
-    desc_.output = w.count("output.weight") ? matrix(w, "output.weight", out_rows, dim) : emb.data;
+    desc_.embedding = as_matrix("tok_embeddings.weight", emb);
+    desc_.output = w.count("output.weight") ? matrix(w, "output.weight", out_rows, dim) : desc_.embedding;
     desc_.final_norm = vector(w, "norm.weight", dim);
     layers_.resize(m.n_layers);
     for (int l = 0; l < m.n_layers; ++l) {
@@ -676,7 +704,7 @@ class Session {
     float* per_thread_ws = ws;
 
     for (int r = 0; r < R; ++r) {
-      cd::load_row(m.embedding, m.w_bf16, tokens[r], dim, x + static_cast<size_t>(r) * dim);
+      cd::load_row(m.embedding, tokens[r], dim, x + static_cast<size_t>(r) * dim);
       rope_row(row_pos_[r], cs + static_cast<size_t>(r) * rot);
       if (two_queries) rope_row(row_sink_pos_[r], cs_sink + static_cast<size_t>(r) * rot);
     }
@@ -699,13 +727,14 @@ class Session {
         // QKV: rows split in whole heads, so each thread applies RoPE and fills the cache for its own heads.
         cd::split(nqkv, D, t, nt, lo, hi);
         {
-          const void* mats[3] = {w.wq, w.wk, w.wv};
+          const cd::Matrix mats[3] = {w.wq, w.wk, w.wv};
           const int starts[4] = {0, nq, nq + nkv, nqkv};
           const float* biases[3] = {w.bq, w.bk, w.bv};
           for (int i = 0; i < 3; ++i) {
             const int a = std::max(lo, starts[i]), e = std::min(hi, starts[i + 1]);
             if (a >= e) continue;
-            kern.dot_rows(mats[i], m.w_bf16, dim, a - starts[i], e - starts[i], xn, dim, R, qkv + starts[i], nqkv);
+            kern.dot_rows(mats[i].data, mats[i].type, dim, a - starts[i], e - starts[i], xn, dim, R, qkv + starts[i],
+                          nqkv);
             if (biases[i] != nullptr)
               for (int r = 0; r < R; ++r)
                 for (int c = a; c < e; ++c) qkv[static_cast<size_t>(r) * nqkv + c] += biases[i][c - starts[i]];
@@ -745,9 +774,9 @@ class Session {
         barrier.wait();
         // x += w . in, for this thread's columns of x (the output projections, then the residual add); under
         // tensor parallelism the partial products are summed over the ranks first.
-        auto project_add = [&](const void* wm, const float* in, int k) {
+        auto project_add = [&](const cd::Matrix& wm, const float* in, int k) {
           cd::split(dim, 16, t, nt, lo, hi);
-          kern.dot_rows(wm, m.w_bf16, k, lo, hi, in, k, R, tmp, dim);
+          kern.dot_rows(wm.data, wm.type, k, lo, hi, in, k, R, tmp, dim);
           if (all_reduce_) {
             barrier.wait();
             if (t == 0 && !failed) {
@@ -768,8 +797,8 @@ class Session {
         project_add(w.wo, att, nq);
         for (int r = 0; r < R; ++r) cd::rms_norm(x + r * dim, w.ffn_norm, dim, m.eps, xn + r * dim);
         cd::split(F, 16, t, nt, lo, hi);
-        kern.dot_rows(w.w1, m.w_bf16, dim, lo, hi, xn, dim, R, gate, F);
-        kern.dot_rows(w.w3, m.w_bf16, dim, lo, hi, xn, dim, R, up, F);
+        kern.dot_rows(w.w1.data, w.w1.type, dim, lo, hi, xn, dim, R, gate, F);
+        kern.dot_rows(w.w3.data, w.w3.type, dim, lo, hi, xn, dim, R, up, F);
         for (int r = 0; r < R; ++r) kern.silu_mul(gate + r * F + lo, up + r * F + lo, gate + r * F + lo, hi - lo);
         barrier.wait();
         project_add(w.w2, gate, F);
@@ -781,7 +810,7 @@ class Session {
           cd::rms_norm(x + static_cast<size_t>(out_rows_[i]) * dim, m.final_norm, dim, m.eps, xo + static_cast<size_t>(i) * dim);
         barrier.wait();
         cd::split(m.vocab, 16, t, nt, lo, hi);
-        kern.dot_rows(m.output, m.w_bf16, dim, lo, hi, xo, dim, n_out, logits, m.vocab);
+        kern.dot_rows(m.output.data, m.output.type, dim, lo, hi, xo, dim, n_out, logits, m.vocab);
       }
     }
     if (error) std::rethrow_exception(error);
@@ -791,7 +820,6 @@ class Session {
   cd::Isa isa_;
   cd::Kernels kern_;
   std::vector<float> inv_freq_;
-  DType wdtype_ = DType::F32;
   cd::ModelDesc desc_{};
   std::vector<cd::LayerWeights> layers_;
   std::vector<std::vector<float>> owned_;  // bf16 norm weights widened

@@ -1,6 +1,7 @@
 // The Python binding of the decode session (session.h), included by both modules: llama_fast._C (with
 // torch) and llama_fast._lite (without). Nothing here knows torch: weights come as name -> (address,
-// dtype, shape) with an owner object kept alive as long as the session, logits go out as numpy arrays
+// dtype, shape) with an owner object kept alive as long as the session (a GGUF quantized weight: (address or
+// buffer of its raw blocks, "Q4_0", [rows, K]), the logical shape), logits go out as numpy arrays
 // (torch.from_numpy shares them). Errors cross as registered types: BadArgument -> ValueError,
 // CacheFull -> llama_fast.errors.CacheFullError.
 #pragma once
@@ -50,11 +51,9 @@ class PySession {
         SESSION_CHECK(py::isinstance<py::buffer>(spec[0]), "Session: weight '", name,
                       "' must be an address or a buffer");
         views_.push_back(std::make_unique<py::buffer_info>(py::cast<py::buffer>(spec[0]).request()));
-        int64_t numel = 1;
-        for (int64_t d : t.shape) numel *= d;
-        const int64_t bytes = views_.back()->size * views_.back()->itemsize;
-        SESSION_CHECK(bytes == numel * (t.dtype == DType::BF16 ? 2 : 4), "Session: weight '", name, "' has ", bytes,
-                      " bytes, its shape and dtype need ", numel * (t.dtype == DType::BF16 ? 2 : 4));
+        const int64_t bytes = views_.back()->size * views_.back()->itemsize, need = tensor_bytes(name, t);
+        SESSION_CHECK(bytes == need, "Session: weight '", name, "' has ", bytes, " bytes, its shape ",
+                      shape_str(t.shape), " and dtype ", cd::wtype_name(t.dtype), " need ", need);
         t.data = views_.back()->ptr;
       }
       map.emplace(name, std::move(t));

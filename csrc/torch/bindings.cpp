@@ -79,7 +79,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // The CPU kernels of the session, as ops of the PyTorch forward
   m.def("cpu_matvec", &llama_fast::cpu_matvec, py::arg("weight"), py::arg("x"), py::arg("num_threads") = 0,
-        py::arg("isa") = "auto", "x (B, K) fp32 @ weight (N, K).T with the CPU decode step's kernels -> (B, N) fp32.");
+        py::arg("isa") = "auto", py::arg("wtype") = "",
+        "x (B, K) fp32 @ weight (N, K).T with the CPU decode step's kernels -> (B, N) fp32. With wtype a GGUF type "
+        "(Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K) the weight is its raw blocks, uint8 (N, row bytes).");
+  m.def("cpu_dequantize", &llama_fast::cpu_dequantize, py::arg("raw"), py::arg("wtype"), py::arg("K"),
+        "Raw GGUF blocks uint8 (N, row bytes) of rows of K values -> (N, K) fp32.");
+  m.def("cpu_quantize_activations", &llama_fast::cpu_quantize_activations, py::arg("x"), py::arg("wtype"),
+        py::arg("isa") = "auto",
+        "x (B, K) fp32 as the quantized kernels of `isa` multiply wtype weights by it (per-block int8, dequantized).");
   m.def("cpu_attention", &llama_fast::cpu_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("alibi_slopes") = py::none(), py::arg("bucket_table") = py::none(),
         py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0, py::arg("scale") = 0.125,

@@ -1,4 +1,5 @@
-// Host side of the CPU kernels as torch ops (attention over a contiguous cache, matrix products): every
+// Host side of the CPU kernels as torch ops (attention over a contiguous cache, matrix products with float or
+// GGUF quantized weights): every
 // input is checked here with TORCH_CHECK, so bad input is a Python exception, never a crash. The work is
 // in cpu_decode.h / cpu_decode_isa.inc, the kernels the decode session (session.h) runs.
 #include "decode_cpu.h"
@@ -142,20 +143,50 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   return out;
 }
 
+namespace {
+
+// The weight type called `name`, checked (`who` names the op in the message).
+cd::WType parse_wtype(const std::string& name, const char* who) {
+  cd::WType t;
+  TORCH_CHECK(cd::parse_wtype(name, t), who, ": unknown wtype '", name, "' (", cd::wtype_names(), ")");
+  return t;
+}
+
+// Checks K against a quantized type's block and raw (uint8 (N, bytes)) against rows of K elements of it.
+void check_raw(const torch::Tensor& raw, cd::WType t, int64_t K, const char* who) {
+  check_cpu_tensor(raw, who, "the weight");
+  const int block = cd::block_size(t);
+  TORCH_CHECK(K >= 1 && K % block == 0 && K < (int64_t{1} << 31), who, ": ", cd::wtype_name(t), " rows hold whole blocks of ",
+              block, " values, got K = ", K);
+  TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 2 && raw.size(1) == cd::row_bytes(t, K) &&
+                  raw.size(0) < (int64_t{1} << 31),
+              who, ": a ", cd::wtype_name(t), " weight of K = ", K, " is uint8 (N, ", cd::row_bytes(t, K),
+              ") (its raw blocks), got ", raw.scalar_type(), " ", raw.sizes());
+}
+
+}  // namespace
+
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
-                         const std::string& isa) {
-  check_cpu_tensor(weight, "cpu_matvec", "weight");
-  check_cpu_tensor(x, "cpu_matvec", "x");
-  TORCH_CHECK(is_weight_dtype(weight) && weight.dim() == 2, "cpu_matvec: weight must be (N, K) float32 or bfloat16, got ",
-              weight.scalar_type(), " ", weight.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == weight.size(1) && x.size(0) >= 1,
-              "cpu_matvec: x must be float32 (B, ", weight.size(1), "), got ", x.scalar_type(), " ", x.sizes());
-  TORCH_CHECK(weight.size(0) < (int64_t{1} << 31) && weight.size(1) < (int64_t{1} << 31) && x.size(0) < (int64_t{1} << 31),
-              "cpu_matvec: sizes too large");
+                         const std::string& isa, const std::string& wtype) {
+  const char* who = "cpu_matvec";
+  check_cpu_tensor(weight, who, "weight");
+  check_cpu_tensor(x, who, "x");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(0) >= 1 && x.size(0) < (int64_t{1} << 31),
+              who, ": x must be float32 (B, K), got ", x.scalar_type(), " ", x.sizes());
+  const cd::WType dtype = weight.scalar_type() == torch::kBFloat16 ? cd::WType::BF16 : cd::WType::F32;
+  const cd::WType t = wtype.empty() ? dtype : parse_wtype(wtype, who);
+  if (cd::is_quantized(t)) {
+    check_raw(weight, t, x.size(1), who);
+  } else {
+    TORCH_CHECK(is_weight_dtype(weight) && weight.dim() == 2, who, ": weight must be (N, K) float32 or bfloat16, got ",
+                weight.scalar_type(), " ", weight.sizes());
+    TORCH_CHECK(t == dtype, who, ": wtype '", wtype, "' but the weight is ", weight.scalar_type());
+    TORCH_CHECK(x.size(1) == weight.size(1), who, ": x must be float32 (B, ", weight.size(1), "), got ", x.sizes());
+    TORCH_CHECK(weight.size(0) < (int64_t{1} << 31) && weight.size(1) < (int64_t{1} << 31), who, ": sizes too large");
+  }
   const auto kern = cd::kernels_for(parse_isa(isa));
-  const int N = static_cast<int>(weight.size(0)), K = static_cast<int>(weight.size(1)), B = static_cast<int>(x.size(0));
+  const int N = static_cast<int>(weight.size(0)), K = static_cast<int>(x.size(1)), B = static_cast<int>(x.size(0));
   auto y = torch::empty({B, N}, torch::kFloat32);
-  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
   const void* w = weight.data_ptr();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -165,9 +196,43 @@ torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, in
   {
     int lo, hi;
     cd::split(N, 16, omp_get_thread_num(), omp_get_num_threads(), lo, hi);
-    kern.dot_rows(w, bf16, K, lo, hi, xp, K, B, yp, N);
+    kern.dot_rows(w, t, K, lo, hi, xp, K, B, yp, N);
   }
   return y;
+}
+
+torch::Tensor cpu_dequantize(const torch::Tensor& raw, const std::string& wtype, int64_t K) {
+  const char* who = "cpu_dequantize";
+  const cd::WType t = parse_wtype(wtype, who);
+  check_raw(raw, t, K, who);
+  auto out = torch::empty({raw.size(0), K}, torch::kFloat32);
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const int64_t rb = raw.size(1);
+  at::parallel_for(0, raw.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) cd::dequantize_row(t, src + r * rb, static_cast<int>(K), dst + r * K);
+  });
+  return out;
+}
+
+torch::Tensor cpu_quantize_activations(const torch::Tensor& x, const std::string& wtype, const std::string& isa) {
+  const char* who = "cpu_quantize_activations";
+  check_cpu_fp32(x, who, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) < (int64_t{1} << 31), who, ": x must be (B, K), got ", x.sizes());
+  const cd::WType t = parse_wtype(wtype, who);
+  const int64_t K = x.size(1);
+  TORCH_CHECK(cd::is_quantized(t), who, ": wtype must be a quantized type, got ", wtype);
+  TORCH_CHECK(K >= 1 && K % cd::block_size(t) == 0, who, ": ", cd::wtype_name(t), " rows hold whole blocks of ",
+              cd::block_size(t), " values, got K = ", K);
+  const auto kern = cd::kernels_for(parse_isa(isa));
+  const cd::ActSpec spec = kern.act_spec(t);
+  auto out = torch::empty_like(x);
+  std::vector<uint8_t> pack(cd::act_bytes(spec, static_cast<int>(K)));
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    kern.quantize_activations(t, x.data_ptr<float>() + b * K, static_cast<int>(K), pack.data());
+    cd::dequantize_activations(spec, pack.data(), static_cast<int>(K), out.data_ptr<float>() + b * K);
+  }
+  return out;
 }
 
 }  // namespace llama_fast

@@ -18,9 +18,17 @@ namespace llama_fast {
 void check_cpu_tensor(const torch::Tensor& t, const char* who, const std::string& name);
 void check_cpu_fp32(const torch::Tensor& t, const char* who, const std::string& name);
 
-// y (B, N) fp32 = x (B, K) fp32 times weight (N, K) fp32/bf16 transposed, with the decode step's kernels.
+// y (B, N) fp32 = x (B, K) fp32 times weight (N, K) fp32/bf16 transposed, with the decode step's kernels; with
+// wtype a GGUF block type (quant.h), weight is its raw blocks, uint8 (N, row bytes of K = x.size(1)).
 torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, int64_t num_threads,
-                         const std::string& isa);
+                         const std::string& isa, const std::string& wtype);
+
+// raw uint8 (N, row bytes) rows of K elements of type wtype -> (N, K) fp32, as ggml dequantizes them.
+torch::Tensor cpu_dequantize(const torch::Tensor& raw, const std::string& wtype, int64_t K);
+
+// x (B, K) fp32 as the kernels of `isa` multiply weights of type wtype by it: its per-block int8 quantization,
+// dequantized (B, K) fp32 (every value exact in fp32).
+torch::Tensor cpu_quantize_activations(const torch::Tensor& x, const std::string& wtype, const std::string& isa);
 
 // Attention of T new queries per row over a contiguous KV cache that already holds them, with the span bias
 // (docs/ARCHITECTURE.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
