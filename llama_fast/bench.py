@@ -52,6 +52,8 @@ def free_port() -> int:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout, or site-packages when installed
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # llama_fast runs the GGUF that llama.cpp runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,17 +69,22 @@ def clocked(steps) -> tuple[list[int], list[float]]:
 
 
 class LlamaFastEngine:
-    def __init__(self, dtype: str, backend: str | None):
-        import torch
+    """The embedded model in a float dtype, or a block format's GGUF (the file llama.cpp reads) as stored."""
 
+    def __init__(self, dtype: str, backend: str | None):
         from llama_fast import LLM
 
         if backend:
             os.environ["LLAMA_FAST_BACKEND"] = backend
-        self.llm = LLM.from_pretrained("smollm2-135m-instruct", dtype=getattr(torch, dtype), progress=False)
+        if dtype in DTYPE_BYTES:
+            self.llm = LLM.from_pretrained("smollm2-135m-instruct", dtype=dtype, progress=False)
+        else:
+            self.llm = LLM.from_pretrained(gguf_copy(dtype.upper()), dtype="native", progress=False)
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.llm.model.parameters())
+        model = self.llm.model
+        return (sum(p.numel() * p.element_size() for p in model.parameters())
+                + sum(w.nbytes for w in model.quantized_weights().values()))
 
     def run(self, prompt_ids: list[int], new_tokens: int):
         return clocked(self.llm.generate_ids([prompt_ids], row_params(1, 0, temperature=0.0), new_tokens,
@@ -159,11 +166,12 @@ class LlamaCppEngine:
 
 
 def gguf_copy(gguf_type: str) -> str:
-    """The embedded GGUF rewritten with every tensor as gguf_type (F32, F16, BF16), made once; Q4_1: the original."""
+    """The embedded GGUF rewritten with every tensor as gguf_type (F32, F16, BF16), or every matrix in a block
+    format (`llama-fast quantize`'s file: Q8_0, Q4_0, Q4_K, Q6_K), made once; Q4_1: the original."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-    from llama_fast.loaders import resolve_model_path
+    from llama_fast.loaders import quantize_gguf, resolve_model_path
 
     original = resolve_model_path("smollm2-135m-instruct")
     if gguf_type == "Q4_1":
@@ -172,6 +180,9 @@ def gguf_copy(gguf_type: str) -> str:
     if os.path.exists(target):
         return target
     os.makedirs(CACHE, exist_ok=True)
+    if gguf_type not in FLOAT_GGUF_TYPES:
+        quantize_gguf(original, target, gguf_type.lower(), progress=False)
+        return target
     qtype = GGMLQuantizationType[gguf_type]
     reader = GGUFReader(original)
     writer = GGUFWriter(target + ".tmp", reader.fields["general.architecture"].contents())
@@ -295,7 +306,9 @@ def default_out() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="llama-fast bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_BYTES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPE_BYTES) + list(BLOCK_TYPES),
+                        help="float dtypes (the embedded model converted) and GGUF block formats (the embedded model "
+                             "quantized by `llama-fast quantize`; q4_1 is the file as shipped)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -321,23 +334,26 @@ def main(argv=None):
 
     specs = {}
     for dtype in args.dtypes:
-        if any(e.startswith("llama_fast") for e in args.engines):
+        block = dtype in BLOCK_TYPES
+        if block:
+            gguf_copy(dtype.upper())  # the file both engines read, written once
+        elif any(e.startswith("llama_fast") for e in args.engines):
             # The converted checkpoint's cache entry for this dtype, made here once: not in a worker's peak RSS.
             load_checkpoint("smollm2-135m-instruct", progress=False, dtype=getattr(torch, dtype))
         if "llama_fast" in args.engines:
             specs[f"llama_fast {dtype}"] = {"kind": "llama_fast", "dtype": dtype}
-        if "llama_fast-lite" in args.engines:
+        if "llama_fast-lite" in args.engines and not block:
             specs[f"llama_fast lite {dtype}"] = {"kind": "lite", "dtype": dtype}
-        if "llama_fast-reference" in args.engines:
+        if "llama_fast-reference" in args.engines and not block:
             specs[f"llama_fast reference {dtype}"] = {"kind": "llama_fast", "dtype": dtype, "backend": "reference"}
-        if "transformers" in args.engines:
+        if "transformers" in args.engines and not block:
             specs[f"transformers eager {dtype}"] = {"kind": "transformers", "dtype": dtype}
     if "llama.cpp" in args.engines:
         try:
             import llama_cpp  # noqa: F401
 
-            wanted = {"float32": ["F32"], "bfloat16": ["BF16"], "float16": ["F16"]}
-            for gguf_type in [t for d in args.dtypes for t in wanted[d]] + ["F16", "Q4_1"]:
+            wanted = [FLOAT_GGUF_TYPES.get(d, d.upper()) for d in args.dtypes]
+            for gguf_type in wanted + ["F16", "Q4_1"]:
                 specs.setdefault(f"llama.cpp {gguf_type}", {"kind": "llama.cpp", "gguf_type": gguf_type})
         except ImportError:
             print("llama-cpp-python is not installed: no llama.cpp columns (pip install -e .[bench])", file=sys.stderr)
@@ -403,15 +419,16 @@ def print_table(report):
               f"{e['ms_per_token_p99']:.1f} | {e['peak_rss_mib']:.0f} | {e['weight_mib']:.0f} | {e['floor_tok_s']:.0f} | "
               f"{100 * e['fraction_of_floor']:.0f}% | {100 * e['fraction_of_read']:.0f}% |")
     engines = {e["engine"]: e for e in report["engines"]}
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in list(DTYPE_BYTES) + list(BLOCK_TYPES):
         ours, hf = engines.get(f"llama_fast {dtype}"), engines.get(f"transformers eager {dtype}")
         if ours and hf:
             same = ours["tokens"] == hf["tokens"]
             print(f"\n{dtype}: llama_fast / transformers eager decode = {ours['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
                   f"TTFT ratio {ours['ttft_ms'] / hf['ttft_ms']:.2f}; same greedy tokens: {same}")
-        cpp = engines.get("llama.cpp " + {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[dtype])
+        cpp = engines.get("llama.cpp " + FLOAT_GGUF_TYPES.get(dtype, dtype.upper()))
         if ours and cpp:
-            print(f"{dtype}: llama_fast / llama.cpp decode = {ours['decode_tok_s'] / cpp['decode_tok_s']:.2f}x")
+            print(f"{dtype}: llama_fast / llama.cpp decode = {ours['decode_tok_s'] / cpp['decode_tok_s']:.2f}x, TTFT "
+                  f"ratio {ours['ttft_ms'] / cpp['ttft_ms']:.2f}; same greedy tokens: {ours['tokens'] == cpp['tokens']}")
         lite = engines.get(f"llama_fast lite {dtype}")
         if ours and lite:
             print(f"{dtype}: llama_fast lite / llama_fast decode = {lite['decode_tok_s'] / ours['decode_tok_s']:.2f}x; "

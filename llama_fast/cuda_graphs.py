@@ -31,7 +31,7 @@ class CudaGraphDecodePath:
     """One-token decode steps of `model` (on CUDA) replayed from CUDA graphs; see the module docstring."""
 
     def __init__(self, model, *, warmup_steps: int = 2):
-        if model.tok_embeddings.weight.device.type != "cuda":
+        if model.device.type != "cuda":
             raise ValueError("CudaGraphDecodePath needs a model on a CUDA device")
         self.model, self.warmup_steps = model, warmup_steps
         self._caches: dict[tuple[int, int], GraphStaticKVCache] = {}
@@ -45,9 +45,8 @@ class CudaGraphDecodePath:
         key = (batch_size, min(cache_bucket(max_len), max(max_len, c.max_seq_len)))
         cache = self._caches.get(key)
         if cache is None:
-            weight = self.model.tok_embeddings.weight
-            cache = GraphStaticKVCache(c.n_layers, batch_size, key[1], c.n_kv_heads, c.head_dim, dtype=weight.dtype,
-                                       device=weight.device)
+            cache = GraphStaticKVCache(c.n_layers, batch_size, key[1], c.n_kv_heads, c.head_dim,
+                                       dtype=self.model.dtype, device=self.model.device)
             self._caches[key] = cache
         cache.reset()
         return cache

@@ -236,18 +236,22 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     return config
 
 
-def float_weights(gguf: GGUFFile, n_heads: int, n_kv_heads: int, progress: bool) -> dict[str, tuple[np.ndarray, str]]:
-    """model name -> (numpy array, storage type) of a file whose tensors are all F32/F16/BF16: views of the
-    mapped file, but Q and K, reordered once to rotate-half rows (their mapped pages then released)."""
+def mapped_weights(gguf: GGUFFile, n_heads: int, n_kv_heads: int, progress: bool) -> dict[str, tuple[np.ndarray, str]]:
+    """model name -> (numpy array, storage type) of every tensor: views of the mapped file (float tensors as
+    their values, BF16 as uint16 bits; block formats as their bytes, one row of blocks per row), but Q and K,
+    reordered once to rotate-half rows (their mapped pages then released)."""
     from tqdm import tqdm
+
+    def array(t: GGUFTensor) -> np.ndarray:
+        return t.array() if t.type in FLOAT_TYPES else t.blocks()
 
     weights = {}
     qk = [t for t in gguf.tensors.values() if t.name.endswith(QK_TENSORS)]
     for t in gguf.tensors.values():
         if t.name != ROPE_FACTORS and not t.name.endswith(QK_TENSORS):
-            weights[model_tensor_name(t.name, gguf.path)] = (t.array(), t.type)
+            weights[model_tensor_name(t.name, gguf.path)] = (array(t), t.type)
     for t in tqdm(qk, desc="reordering Q/K rows for RoPE", unit="tensor", leave=False, disable=not progress):
         heads = n_heads if t.name.endswith("attn_q.weight") else n_kv_heads
-        weights[model_tensor_name(t.name, gguf.path)] = (np.ascontiguousarray(interleaved_to_half(t.array(), heads)), t.type)
+        weights[model_tensor_name(t.name, gguf.path)] = (np.ascontiguousarray(interleaved_to_half(array(t), heads)), t.type)
         gguf.release(t)
     return weights

@@ -2,9 +2,10 @@
 
 `import torch` alone takes 2-4 s on a small machine, longer than everything else before the first token.
 So where a command needs nothing but the C++ decode step, `llama-fast generate` and `llama-fast chat` run
-here: the checkpoint is a GGUF whose matrices are in the dtype asked for (float32 or bfloat16), mapped in
-place as the engine's loader maps it (gguf_file.py), or a quantised GGUF the engine has already
-dequantised into the cache (paths.gguf_cache_path) in that dtype; the tokenizer is built from the file's
+here: the checkpoint is a GGUF whose matrices are in the dtype asked for (float32 or bfloat16; a block
+format such as q4_0, or "native": docs/quantization.md), mapped in place as the engine's loader maps it
+(gguf_file.py), or a GGUF the engine has already converted into the cache (paths.gguf_cache_path) in that
+dtype; the tokenizer is built from the file's
 metadata; llama_fast._lite (csrc/lite/lite_module.cpp: the engine's C++ session and sampler, bound without
 libtorch) runs the prompt in chunks and then one step per token, dense or with a window and sinks, with
 the engine's sampler and penalties: the engine's text. For anything else LiteLLM.open returns None (and
@@ -30,7 +31,8 @@ from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
-from .gguf_file import FLOAT_TYPES, GGUFFile, float_weights, gguf_config
+from .gguf_file import FLOAT_TYPES, ROPE_FACTORS, GGUFFile, gguf_config, mapped_weights
+from .quant import QUANT_TYPES, block_cols, target_type
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import PenaltyWindow, SamplingParams, check_request, row_params
 from .threads import ThreadTuner
@@ -78,22 +80,27 @@ class LiteLLM:
              sink_tokens: int = 0) -> "LiteLLM | None":
         """The model, or None where it needs the torch engine (LLM): not a GGUF, a GGUF whose matrices are in
         another dtype (or a quantised one not in the cache in this dtype yet), a dtype other than float32 /
-        bfloat16, the extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE
+        bfloat16 (None: as LLM.from_pretrained picks), the extension not built, or $LLAMA_FAST_LITE=0 / $LLAMA_FAST_BACKEND / $LLAMA_FAST_DECODE
         set. window / sink_tokens: as SpanBias's (None: dense)."""
         check_window(window, sink_tokens)
-        dtype = validate.dtype_name(dtype or "float32")
-        found = _unsupported(dtype) or cls._from_gguf(resolve_model_path(name_or_path), dtype, window, sink_tokens)
+        dtype = None if dtype is None else validate.dtype_name(dtype)
+        found = _unsupported(dtype or "float32") or cls._from_gguf(resolve_model_path(name_or_path), dtype, window,
+                                                                  sink_tokens)
         if isinstance(found, str):
             log.info("llama_fast: not the fast start (%s)", found)
             return None
         return found
 
     @classmethod
-    def _from_gguf(cls, path: str, dtype: str, window: int | None, sink_tokens: int) -> "LiteLLM | str":
-        """The model from a GGUF file, or why not."""
+    def _from_gguf(cls, path: str, dtype: str | None, window: int | None, sink_tokens: int) -> "LiteLLM | str":
+        """The model from a GGUF file, or why not. dtype None: bfloat16 for a file whose matrices are all
+        BF16, else float32 (as LLM.from_pretrained)."""
         if not os.path.isfile(path):
             return f"{path} is not a GGUF file"
         gguf = GGUFFile(path)
+        if dtype is None:
+            matrices = {t.type for t in gguf.tensors.values() if len(t.shape) == 2}
+            dtype = "bfloat16" if matrices == {"BF16"} else "float32"
         try:
             config = gguf_config(gguf)
         except UnsupportedModelError as err:
@@ -135,7 +142,8 @@ class LiteLLM:
             inv_freq=rope.inv_freq(c.head_dim, c.rope_theta, c.rope_scaling), alibi_slopes=[], bucket_table=[],
             window=window, sinks=sinks, logit_softcap=0.0, scale=0.0,
             num_blocks=lite.blocks_for_sequence(len(ids) + steps, chunk, window, sinks, BLOCK_SIZE),
-            block_size=BLOCK_SIZE, kv_dtype=self.tensors["tok_embeddings.weight"][1], num_threads=0, isa="auto")
+            block_size=BLOCK_SIZE, kv_dtype="BF16" if self.tensors["tok_embeddings.weight"][1] == "BF16" else "F32",
+            num_threads=0, isa="auto")
         seq = session.add_sequence()
         for start in range(0, len(ids), chunk):
             piece = ids[start:start + chunk]
@@ -169,7 +177,7 @@ def _unsupported(dtype: str) -> str | None:
     for var in ("LLAMA_FAST_BACKEND", "LLAMA_FAST_DECODE"):
         if os.environ.get(var):
             return f"{var} is set"
-    if dtype not in _SAFETENSORS_DTYPE:
+    if dtype not in _SAFETENSORS_DTYPE and dtype != "native" and dtype.upper() not in QUANT_TYPES:
         return f"dtype {dtype}"
     try:
         _lite()
@@ -183,6 +191,8 @@ def _gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str
     matrices are in `dtype` is mapped in place (loaders.load_gguf's way; its other vectors are rounded to
     `dtype` as build_model rounds them, so the text is the engine's); a quantised file is read from the
     engine's cache entry."""
+    if dtype not in _SAFETENSORS_DTYPE:
+        return _block_tensors(gguf, config, dtype)
     want = _SAFETENSORS_DTYPE[dtype]
     if any(t.type not in FLOAT_TYPES for t in gguf.tensors.values()):
         return _cached_gguf(gguf.path, dtype) or f"{gguf.path} is quantised and not in the cache in {dtype} yet"
@@ -190,13 +200,29 @@ def _gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str
     if matrices != {want}:
         return f"{gguf.path} holds {'/'.join(sorted(matrices))} matrices, not {want}"
     tensors = {}
-    for name, (array, kind) in float_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
+    for name, (array, kind) in mapped_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
         if kind != want and (kind, want) != ("F32", "BF16"):
             return f"{gguf.path}: {name} is {kind}, the matrices are {want}"
         shape = list(array.shape)
         if kind != want:  # an F32 norm in a BF16 file (quantize gives its bytes)
             array = quants.quantize(array, GGMLQuantizationType.BF16)
         tensors[name] = (array, want, shape)
+    return tensors
+
+
+def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str:
+    """name -> (buffer, type, shape) for a block format or "native" (loaders.load_gguf's rules): the file's
+    own tensors where each is in its target type already, else those of the engine's converted copy in the
+    cache; or why not (the copy is not there yet: LLM writes it)."""
+    if any(t.name != ROPE_FACTORS and target_type(t.shape, t.type, dtype) != t.type for t in gguf.tensors.values()):
+        entry = gguf_cache_entry(gguf.path, f"blocks:{dtype}")
+        if entry is None:
+            return f"{gguf.path} needs converting to {dtype} and is not in the cache yet"
+        gguf = GGUFFile(os.path.join(entry, "weights.gguf"))
+    tensors = {}
+    for name, (array, kind) in mapped_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
+        shape = [array.shape[0], block_cols(kind, array.shape[1])] if kind in QUANT_TYPES else list(array.shape)
+        tensors[name] = (array, kind, shape)
     return tensors
 
 

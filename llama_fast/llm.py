@@ -16,7 +16,7 @@ import torch
 from . import ops, validate
 from .cache import PagedKVCache, StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
-from .model import Transformer, build_model
+from .model import Transformer, build_model, pack_weights
 from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, check_request, row_params
 from .span import SpanBias, checkpoint_span
 from .streaming import StreamingKVCache
@@ -79,22 +79,37 @@ class LLM:
                         tp_timeout_s: float = 60.0) -> "LLM":
         """name_or_path: "smollm2-135m-instruct" / "llama-base" (the embedded default), a .gguf file, or a
         Hugging Face or Meta directory. device: "cpu" (default), "cuda", "cuda:N" or N. dtype: a name of
-        validate.DTYPE_NAMES ("float32" (default) / "fp32", "bfloat16" / "bf16", "float16" / "fp16") or that
-        torch dtype. span: default the checkpoint's (its sliding window, if it has one). decode: see __init__.
+        validate.DTYPE_NAMES ("float32" / "fp32", "bfloat16" / "bf16", "float16" / "fp16") or that torch dtype
+        (None, the default: bfloat16 for a checkpoint whose matrices are all bf16, else float32); on CPU also a GGUF block format ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k": every matrix
+        kept in it and multiplied as stored; a file in another type is converted once and cached) or "native"
+        (each tensor of a GGUF in its stored type; float vectors in fp32); on CUDA also "int8" / "int4"
+        (weight-only: the matrices packed at load, activations bf16; docs/quantization.md). span: default the checkpoint's (its sliding window, if it has one). decode: see __init__.
         tensor_parallel=N > 1: this process is one rank of a torchrun job of N; it keeps only its shard of the
         model (llama_fast.tensor_parallel) and every rank must make the same calls; a collective that waits
         for a peer longer than tp_timeout_s seconds raises."""
         name_or_path = validate.path_or_name(name_or_path)
         device = torch.device(validate.device_name(device))
-        dtype = getattr(torch, validate.dtype_name(dtype or "float32"))
+        packed = None  # CUDA's int8 / int4: loaded in bf16, packed on the device
+        if dtype is not None:
+            weights = validate.weight_dtype(dtype, device.type)
+            if weights in validate.CUDA_ONLY_DTYPES:
+                packed, weights = weights, "bfloat16"
+            # A block format or "native" goes to the loader by name; the weights it keeps quantised run in fp32.
+            dtype = getattr(torch, weights) if weights in validate.FLOAT_DTYPES else weights
         if span is not None and not isinstance(span, SpanBias):
             raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
         validate.integer(tensor_parallel, "tensor_parallel", minimum=1)
         if validate.real(tp_timeout_s, "tp_timeout_s") <= 0:
             raise ValueError(f"tp_timeout_s must be > 0, got {tp_timeout_s!r}")
         ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
+        if dtype is None:  # a checkpoint whose matrices are all bf16 stays in bf16; any other runs in fp32
+            matrices = {w.dtype for w in ckpt.weights.values() if w.dim() == 2}
+            dtype = torch.bfloat16 if matrices == {torch.bfloat16} else torch.float32
         span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
-        model = build_model(ckpt.config, ckpt.weights, dtype=dtype, device=device, span=span)
+        model = build_model(ckpt.config, ckpt.weights, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+                            device=device, span=span)
+        if packed is not None:
+            pack_weights(model, packed)
         if tensor_parallel > 1:
             from .tensor_parallel import shard_model
 
@@ -125,7 +140,7 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.device
 
     # ---- forward passes ----
 
@@ -133,7 +148,7 @@ class LLM:
         """A cache for rows of up to max_len tokens; with a window span and max_len beyond what the window
         needs, a StreamingKVCache of constant size instead."""
         c, span = self.config, span or self.model.span
-        dtype = self.model.tok_embeddings.weight.dtype
+        dtype = self.model.dtype
         if span.window is not None:
             slack = streaming_slack(span.window)
             if max_len > span.sink_tokens + span.window + slack:
@@ -175,7 +190,7 @@ class LLM:
         B, T = input_ids.shape
         check_context(T, self._context)
         c = self.config
-        cache = StaticKVCache(c.n_layers, B, T, c.n_kv_heads, c.head_dim, dtype=self.model.tok_embeddings.weight.dtype,
+        cache = StaticKVCache(c.n_layers, B, T, c.n_kv_heads, c.head_dim, dtype=self.model.dtype,
                               device=self.device)
         return self.model(input_ids.to(self.device, torch.int64), cache)
 
@@ -256,7 +271,7 @@ class LLM:
         c = self.config
         if self.max_kv_tokens is not None:
             return -(-self.max_kv_tokens // block_size)
-        token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.tok_embeddings.weight.element_size()
+        token_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * self.model.dtype.itemsize
         return max(-(-c.max_seq_len // block_size), (2 << 30) // (token_bytes * block_size))
 
     def _engine(self, prompt_ids: list[list[int]], max_new_tokens: int):
@@ -361,7 +376,7 @@ class LLM:
             held = -(-(span.sink_tokens + span.window + streaming_slack(span.window)) // bs) + 2
             num_blocks = (len(distinct) + len(prompt_ids)) * held
         cache = PagedKVCache.for_span(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim, span,
-                                      dtype=self.model.tok_embeddings.weight.dtype, device=self.device,
+                                      dtype=self.model.dtype, device=self.device,
                                       rope_table=lambda n: self.model.rope_table(n, self.device))
         seqs = [cache.add_sequence() for _ in distinct]
         cache.set_batch(seqs)

@@ -17,10 +17,10 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig
-from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, float_weights, gguf_tensor_name,
+from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, gguf_tensor_name, mapped_weights,
                         gguf_config, half_to_interleaved, interleaved_to_half, model_tensor_name)
 from .gguf_write import TensorSpec, write_gguf
-from .quant import QUANT_TYPES, QuantizedWeight, dequantize, quantize, storage_type
+from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
@@ -120,7 +120,7 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | str | None 
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
         weights, types = _gguf_in_blocks(gguf, config, dtype, progress)
     elif all(t.type in FLOAT_TYPES for t in gguf.tensors.values()):
-        mapped = float_weights(gguf, config.n_heads, config.n_kv_heads, progress)
+        mapped = mapped_weights(gguf, config.n_heads, config.n_kv_heads, progress)
         weights = {name: _as_torch(array, kind) for name, (array, kind) in mapped.items()}
         tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     else:
@@ -166,19 +166,9 @@ def _type_counts(kinds) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------
 # GGUF block formats (llama_fast.quant): with dtype "native" every tensor keeps its stored type; with a
 # block format every matrix is in it (the K-quants' fallback where rows are not whole super-blocks). Tensors
-# already in their type are mapped (Q/K rows reordered once, as float_weights does); a file that needs
+# already in their type are mapped (Q/K rows reordered once, as for float files); a file that needs
 # conversion is converted once into a GGUF in the cache (paths.gguf_cache_path), laid out as llama.cpp's
 # converter lays it out (it is what `llama-fast quantize` writes), and that file is mapped instead.
-
-
-def target_type(shape: tuple[int, ...], stored: str, want: str) -> str:
-    """The storage type of a tensor of `shape` stored as `stored`, loaded with dtype `want` ("native" or a
-    block format name): vectors in F32; matrices as stored (F16 widened to F32) or in the block format."""
-    if len(shape) == 1:
-        return "F32"
-    if want == "native":
-        return "F32" if stored == "F16" else stored
-    return storage_type(want.upper(), shape[-1])
 
 
 def block_tensors(gguf: GGUFFile, want: str) -> list[TensorSpec]:
@@ -243,14 +233,14 @@ def _gguf_in_blocks(gguf: GGUFFile, config: ModelConfig, want: str, progress: bo
     if any(kind != gguf.tensors[name].type for name, _, kind, _ in specs):
         folder = gguf_cache_path(gguf.path, f"blocks:{want}")
         if folder is None:  # caching off: converted in memory
-            return _mapped_blocks(_converted_in_memory(gguf, specs, progress), config), _type_counts(s[2] for s in specs)
+            return _mapped_blocks(_converted_in_memory(gguf, specs, progress), config, progress), _type_counts(s[2] for s in specs)
         entry = os.path.join(folder, "weights.gguf")
         if gguf_cache_entry(gguf.path, f"blocks:{want}") is None:
             os.makedirs(folder, exist_ok=True)
             write_gguf(entry, "llama", {}, _progress(specs, f"converting to {want}", progress))
             open(os.path.join(folder, "done"), "w").close()
         gguf = GGUFFile(entry)
-    return _mapped_blocks(gguf, config), _type_counts(t.type for t in gguf.tensors.values())
+    return _mapped_blocks(gguf, config, progress), _type_counts(t.type for t in gguf.tensors.values())
 
 
 def _converted_in_memory(gguf: GGUFFile, specs: list[TensorSpec], progress: bool) -> GGUFFile:
@@ -260,23 +250,15 @@ def _converted_in_memory(gguf: GGUFFile, specs: list[TensorSpec], progress: bool
     return gguf
 
 
-def _mapped_blocks(gguf: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """Model name -> weight of a GGUF whose tensors are in their target types: views of the file (Q/K rows
-    reordered into a private copy, their mapped pages released)."""
+def _mapped_blocks(gguf: GGUFFile, config: ModelConfig, progress: bool) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Model name -> weight of a GGUF whose tensors are in their target types: views of the file
+    (gguf_file.mapped_weights), block formats as QuantizedWeight, F16 widened to fp32."""
     weights = {}
-    for t in gguf.tensors.values():
-        if t.name == ROPE_FACTORS:
-            continue
-        data = t.blocks() if t.type in QUANT_TYPES else t.array()
-        if t.name.endswith(QK_TENSORS):
-            data = np.ascontiguousarray(interleaved_to_half(data, config.n_heads if ".attn_q." in t.name else config.n_kv_heads))
-            gguf.release(t)
-        if t.type in QUANT_TYPES:
-            weight = QuantizedWeight(torch.from_numpy(data), t.type, t.shape)
+    for name, (array, kind) in mapped_weights(gguf, config.n_heads, config.n_kv_heads, progress).items():
+        if kind in QUANT_TYPES:
+            weights[name] = QuantizedWeight(torch.from_numpy(array), kind, (array.shape[0], block_cols(kind, array.shape[1])))
         else:
-            weight = _as_torch(data, t.type)
-            weight = weight.float() if t.type == "F16" else weight
-        weights[model_tensor_name(t.name, gguf.path)] = weight
+            weights[name] = _as_torch(array, kind).float() if kind == "F16" else _as_torch(array, kind)
     return weights
 
 
@@ -300,7 +282,7 @@ def _blocks_of_floats(path: str, weights: dict[str, torch.Tensor], config: Model
             write_gguf(entry, "llama", {}, _progress(specs, f"quantising to {want}", progress))
             open(os.path.join(folder, "done"), "w").close()
         gguf = GGUFFile(entry)
-    return _mapped_blocks(gguf, config), _type_counts(kind for _, _, kind, _ in specs)
+    return _mapped_blocks(gguf, config, progress), _type_counts(kind for _, _, kind, _ in specs)
 
 
 class _EmptyGGUF:

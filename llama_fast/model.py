@@ -11,6 +11,7 @@ from torch import nn
 
 from . import ops
 from .config import ModelConfig
+from .quant import QuantizedWeight
 from .reference import rope_cos_sin_cache
 from .span import SpanBias
 
@@ -26,6 +27,27 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps), x
         return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class QuantizedLinear(nn.Module):
+    """A projection whose matrix is packed (llama_fast.quant: a GGUF block format, CUDA's int8 / int4) and
+    multiplied as stored: `weight` is the packed matrix (ops.linear takes it like a tensor), `bias` the
+    replaced Linear's."""
+
+    def __init__(self, weight, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+
+class QuantizedEmbedding(nn.Module):
+    """The token embedding in a GGUF block format: rows dequantized as they are looked up."""
+
+    def __init__(self, weight: QuantizedWeight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.weight.rows(tokens)
 
 
 class Attention(nn.Module):
@@ -96,6 +118,20 @@ class Transformer(nn.Module):
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.cos_sin_cache = torch.empty(0, config.head_dim)  # (positions, head_dim), grown on demand
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) dtype: the weights', float32 where matrices are in block formats."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def quantized_weights(self) -> dict:
+        """Model name -> packed matrix (llama_fast.quant) of every such weight (they are not in the state dict)."""
+        return {f"{name}.weight": m.weight for name, m in self.named_modules()
+                if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
     def rope_table(self, num_positions: int, device) -> torch.Tensor:
         """[cos | sin] for positions 0..num_positions-1 (at least), fp32 on `device`."""
         if self.cos_sin_cache.shape[0] < num_positions or self.cos_sin_cache.device != torch.device(device):
@@ -133,9 +169,36 @@ class Transformer(nn.Module):
 
 def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype=torch.float32, device="cpu",
                 span: SpanBias = SpanBias()) -> Transformer:
-    """A Transformer holding `weights` (model names) in `dtype` on `device`, without a second full copy."""
+    """A Transformer holding `weights` (model names) in `dtype` on `device`, without a second full copy.
+    Matrices in GGUF block formats (QuantizedWeight) stay as they are, in QuantizedLinear / QuantizedEmbedding
+    modules (CPU only); the other weights are then in float32 whatever `dtype` says."""
     with torch.device("meta"):
         model = Transformer(config, span)
-    state = {name: w.to(device=device, dtype=dtype) for name, w in weights.items()}
+    blocks = {name: w for name, w in weights.items() if isinstance(w, QuantizedWeight)}
+    if blocks:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"weights in GGUF block formats run on the CPU, not {device} (on CUDA: int8 / int4)")
+        dtype = torch.float32
+    for name, w in blocks.items():
+        owner = name.removesuffix(".weight")
+        module = model.get_submodule(owner)
+        replaced = QuantizedEmbedding(w) if isinstance(module, nn.Embedding) else QuantizedLinear(w, module.bias)
+        parent, _, attr = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, replaced)
+    state = {name: w.to(device=device, dtype=dtype) for name, w in weights.items() if name not in blocks}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def pack_weights(model: Transformer, kind: str) -> None:
+    """Every projection matrix of `model` (the layers' and an untied output; not the embedding) packed on
+    its device as CUDA's weight-only `kind` ("int8", "int4": llama_fast.quant.weight_only), the float copy
+    freed as each is packed."""
+    from .quant import weight_only
+
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        linear = model.get_submodule(name)
+        packed = QuantizedLinear(weight_only(linear.weight.detach(), kind), linear.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, packed)

@@ -136,8 +136,11 @@ def linear(x, weight, *, backend=None):
     weights for any number: torch's bf16 GEMM on CPUs without native bf16 ran 8x slower than its fp32
     one (128 rows: 14.6 ms against 1.8), the C++ kernels 3.2 ms, without the fp32 copy of the weights and
     the MKL buffers (~6 MiB) that going through the fp32 GEMM would cost. Every other backend (reference;
-    triton, which has no GEMM kernel here) is torch's own F.linear.
+    triton, which has no GEMM kernel here) is torch's own F.linear. A packed matrix (llama_fast.quant: a
+    GGUF block format, CUDA's int8 / int4) always goes to its own kernels.
     """
+    if not isinstance(weight, torch.Tensor):  # a packed matrix (llama_fast.quant): it multiplies itself
+        return weight.linear(x)
     supported = x.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
     which = choose_backend("linear", x.device, backend,
                            cpu_ext=True if supported else "not a contiguous fp32/bf16 weight on the CPU")

@@ -40,6 +40,12 @@ def row_bytes(qtype: str, cols: int) -> int:
     return cols // block * nbytes
 
 
+def block_cols(qtype: str, nbytes: int) -> int:
+    """The values in a row of `nbytes` bytes of qtype (the inverse of row_bytes)."""
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    return nbytes // block_bytes * block
+
+
 def storage_type(qtype: str, cols: int) -> str:
     """The type a matrix with rows of `cols` values is stored in when `qtype` is asked for: qtype, or the
     K-quants' fallback where the rows are not whole super-blocks (as llama.cpp's quantizer picks)."""
@@ -49,6 +55,16 @@ def storage_type(qtype: str, cols: int) -> str:
     if fallback is None or cols % block_size(fallback):
         raise ValueError(f"rows of {cols} values cannot be stored as {qtype} (blocks of {block_size(qtype)})")
     return fallback
+
+
+def target_type(shape: tuple[int, ...], stored: str, want: str) -> str:
+    """The storage type of a tensor of `shape` stored as `stored`, loaded with dtype `want` ("native" or a
+    block format name): vectors in F32; matrices as stored (F16 widened to F32) or in the block format."""
+    if len(shape) == 1:
+        return "F32"
+    if want == "native":
+        return "F32" if stored == "F16" else stored
+    return storage_type(want.upper(), shape[-1])
 
 
 @dataclass

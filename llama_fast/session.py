@@ -47,14 +47,11 @@ class Runner(Protocol):
 
 def supports(model) -> str | None:
     """None if the C++ session can run `model`, else the reason it cannot."""
-    weight = model.tok_embeddings.weight
-    if weight.device.type != "cpu":
-        return f"the model is on {weight.device.type}"
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        return f"weights are {weight.dtype} (float32 and bfloat16 are supported)"
+    if model.device.type != "cpu":
+        return f"the model is on {model.device.type}"
     dtypes = {p.dtype for p in model.parameters() if p.dim() == 2}
-    if len(dtypes) != 1:
-        return f"the matrices mix dtypes {sorted(map(str, dtypes))}"
+    if not dtypes <= {torch.float32, torch.bfloat16}:
+        return f"matrices are {sorted(map(str, dtypes))} (float32, bfloat16 and GGUF block formats are supported)"
     try:
         _lite()
     except ImportError as err:
@@ -73,8 +70,9 @@ def blocks_for_sequence(tokens: int, step_tokens: int, window: int, sinks: int, 
 
 
 def weight_map(model) -> tuple[dict, list[torch.Tensor]]:
-    """name -> (address, dtype, shape) of every weight (contiguous, as stored: nothing copied), and the
-    tensors that own that memory."""
+    """name -> (address, dtype, shape) of every weight (contiguous, as stored: nothing copied; a matrix in a
+    GGUF block format as its blocks, its type's name and its (rows, cols)), and the tensors that own that
+    memory."""
     names = {torch.float32: "F32", torch.bfloat16: "BF16"}
     weights, owners = {}, []
     for name, t in model.state_dict().items():
@@ -85,6 +83,10 @@ def weight_map(model) -> tuple[dict, list[torch.Tensor]]:
             t = t.float()  # (a norm weight in another dtype; the session reads norms as fp32)
         owners.append(t)
         weights[name] = (t.data_ptr(), names[t.dtype], list(t.shape))
+    for name, w in model.quantized_weights().items():
+        data = w.data.contiguous()
+        owners.append(data)
+        weights[name] = (data.data_ptr(), w.qtype, list(w.shape))
     return weights, owners
 
 
@@ -109,13 +111,12 @@ class SessionRunner:
             bucket_table=[] if table is None else table.float().flatten().tolist(),
             window=span.window or 0, sinks=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
             scale=0.0, num_blocks=num_blocks, block_size=BLOCK_SIZE,
-            kv_dtype="BF16" if model.tok_embeddings.weight.dtype == torch.bfloat16 else "F32",
+            kv_dtype="BF16" if model.dtype == torch.bfloat16 else "F32",
             num_threads=num_threads or torch.get_num_threads(), isa=isa, prefix_caching=prefix_caching)
         if self.tp is not None:
             self._session.set_all_reduce(self.tp.all_reduce)
         self.vocab = c.vocab_size
-        esz = 2 if model.tok_embeddings.weight.dtype == torch.bfloat16 else 4
-        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * c.n_kv_heads * c.head_dim * esz  # the pool's
+        self.kv_bytes = num_blocks * BLOCK_SIZE * 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
 
     @property
     def isa(self) -> str:

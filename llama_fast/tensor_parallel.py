@@ -140,8 +140,11 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> N
     local heads and FFN (the vocabulary stays whole: the logits are gathered), model.span its query heads'
     part, model.tp the collectives. Both routes run it: the C++ session (which calls the all-reduce from its
     step) and the model's forward (hooks after each wo and w2, and on the logits)."""
-    if model.tok_embeddings.weight.device.type != "cpu":
+    if model.device.type != "cpu":
         raise ValueError("tensor parallelism runs on CPU (the C++ session over gloo); CUDA is not wired yet")
+    if model.quantized_weights():
+        raise ValueError("tensor parallelism shards float weights; this model has matrices in GGUF block formats "
+                         "(load it with a float dtype)")
     rank = init_process_group(world, timeout_s)
     config = model.config
     plan = plan_shard(config, world, rank)

@@ -147,8 +147,12 @@ def test_session_refuses_bad_tensors(lite):
         ({**tensors, "norm.weight": (tensors["norm.weight"][0], "F16", tensors["norm.weight"][2])}, "F16"),
         ({**tensors, "norm.weight": (tensors["norm.weight"][0][:8], "F32", tensors["norm.weight"][2])}, "bytes"),
         ({**tensors, "layers.0.attention.wq.weight": tensors["layers.0.attention.wk.weight"]}, "must have shape"),
-        ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0][:576 * 1536 * 2],
-                                                         "BF16", [576, 1536])}, "is BF16, the embedding is F32"),
+        ({**tensors, "layers.1.feed_forward.w2.weight": (tensors["layers.1.feed_forward.w2.weight"][0][:576 * 1536 // 256 * 144 - 144],
+                                                         "Q4_K", [576, 1536])}, "bytes"),  # (a super-block short)
+        ({**tensors, "layers.1.feed_forward.w1.weight": (tensors["layers.1.feed_forward.w1.weight"][0][:1536 * 576 // 256 * 144],
+                                                         "Q4_K", [1536, 576])}, "is Q4_K, which needs a matrix .* multiple of 256"),
+        ({**tensors, "norm.weight": (tensors["norm.weight"][0][:18 * 18], "Q4_0", [576])}, "is Q4_0, which needs a matrix"),
+        ({**tensors, "norm.weight": (tensors["norm.weight"][0], "Q3_K", tensors["norm.weight"][2])}, "Q3_K"),
         ({**tensors, "norm.weight": ("not a buffer", "F32", [576])}, "must be an address or a buffer"),
     ]
     for bad, message in cases:
