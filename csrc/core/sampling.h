@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "philox.h"
+#include "quant.h"  // fp16_to_f32, bf16_to_f32
 
 namespace llama_fast {
 
@@ -50,34 +51,7 @@ struct SampleWorkspace {
   }
 };
 
-// Converts one element of a logits row to fp32 (fp32, fp16 and bf16 rows are supported).
-inline float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
-  if (exp == 0x1Fu) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal: renormalise
-      int shift = 0;
-      while ((mant & 0x400u) == 0) { mant <<= 1; ++shift; }
-      mant &= 0x3FFu;
-      bits = sign | (static_cast<uint32_t>(127 - 15 + 1 - shift) << 23) | (mant << 13);
-    }
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-inline float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+// A row of logits as fp32 (rows may be fp32, fp16 or bf16).
 enum class LogitType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 inline void load_row(const void* src, LogitType type, int64_t V, float* dst) {
@@ -85,10 +59,10 @@ inline void load_row(const void* src, LogitType type, int64_t V, float* dst) {
     std::memcpy(dst, src, sizeof(float) * V);
   } else if (type == LogitType::kF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < V; ++i) dst[i] = half_bits_to_float(s[i]);
+    for (int64_t i = 0; i < V; ++i) dst[i] = cpu_decode::fp16_to_f32(s[i]);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < V; ++i) dst[i] = bf16_bits_to_float(s[i]);
+    for (int64_t i = 0; i < V; ++i) dst[i] = cpu_decode::bf16_to_f32(s[i]);
   }
 }
 
