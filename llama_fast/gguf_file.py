@@ -13,7 +13,6 @@ Every problem with the file raises CheckpointError naming the file (and the tens
 from __future__ import annotations
 
 import mmap
-import os
 import re
 import struct
 from dataclasses import dataclass

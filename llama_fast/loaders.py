@@ -228,17 +228,27 @@ def _encode(values: np.ndarray, kind: str) -> np.ndarray:
 
 def _gguf_in_blocks(gguf: GGUFFile, config: ModelConfig, want: str, progress: bool):
     """-> (weights, type counts) of `gguf` with dtype `want`: its own tensors mapped where every matrix is in
-    its target type already, else those of its converted copy in the cache (written now if missing)."""
+    its target type already, else converted (_converted_blocks)."""
     specs = block_tensors(gguf, want)
     if any(kind != gguf.tensors[name].type for name, _, kind, _ in specs):
-        folder = gguf_cache_path(gguf.path, f"blocks:{want}")
-        if folder is None:  # caching off: converted in memory
-            return _mapped_blocks(_converted_in_memory(gguf, specs, progress), config, progress), _type_counts(s[2] for s in specs)
+        return _converted_blocks(gguf.path, specs, want, config, progress, source=gguf)
+    return _mapped_blocks(gguf, config, progress), _type_counts(t.type for t in gguf.tensors.values())
+
+
+def _converted_blocks(path: str, specs: list[TensorSpec], want: str, config: ModelConfig, progress: bool,
+                      source: GGUFFile | None = None):
+    """-> (weights, type counts) of `specs` (GGUF names and layout) for the checkpoint at `path` with dtype
+    `want`: mapped from its GGUF in the cache, written now if missing; converted in memory when caching is
+    off (into `source`, the GGUF the specs read, where there is one)."""
+    folder = gguf_cache_path(path, f"blocks:{want}")
+    if folder is None:
+        gguf = _converted_in_memory(source or _EmptyGGUF(path), specs, progress)
+    else:
         entry = os.path.join(folder, "weights.gguf")
-        if gguf_cache_entry(gguf.path, f"blocks:{want}") is None:
+        if gguf_cache_entry(path, f"blocks:{want}") is None:
             os.makedirs(folder, exist_ok=True)
             write_gguf(entry, "llama", {}, _progress(specs, f"converting to {want}", progress))
-            open(os.path.join(folder, "done"), "w").close()
+            open(os.path.join(folder, "done"), "w").close()  # written last: an interrupted write is not an entry
         gguf = GGUFFile(entry)
     return _mapped_blocks(gguf, config, progress), _type_counts(t.type for t in gguf.tensors.values())
 
@@ -272,17 +282,7 @@ def _blocks_of_floats(path: str, weights: dict[str, torch.Tensor], config: Model
             values = half_to_interleaved(values, config.n_heads if ".wq." in name else config.n_kv_heads)
         kind = target_type(tuple(w.shape), "F32", want)
         specs.append((gguf_tensor_name(name), tuple(w.shape), kind, lambda v=values, kind=kind: _encode(v, kind)))
-    folder = gguf_cache_path(path, f"blocks:{want}")
-    if folder is None:
-        gguf = _converted_in_memory(_EmptyGGUF(path), specs, progress)
-    else:
-        entry = os.path.join(folder, "weights.gguf")
-        if gguf_cache_entry(path, f"blocks:{want}") is None:
-            os.makedirs(folder, exist_ok=True)
-            write_gguf(entry, "llama", {}, _progress(specs, f"quantising to {want}", progress))
-            open(os.path.join(folder, "done"), "w").close()
-        gguf = GGUFFile(entry)
-    return _mapped_blocks(gguf, config, progress), _type_counts(kind for _, _, kind, _ in specs)
+    return _converted_blocks(path, specs, want, config, progress)
 
 
 class _EmptyGGUF:

@@ -67,6 +67,21 @@ def test_hf_directory_matches_transformers(tmp_path, smollm_tokenizer_dir, overr
     assert llm.tokenizer.encode("I love") == [57, 2606]
 
 
+def test_hf_directory_in_a_block_format(tmp_path, monkeypatch, smollm_tokenizer_dir):
+    """dtype q8_0 on a float checkpoint: quantised once into a GGUF in the cache (Q/K back in GGUF's layout
+    and out again), then mapped: the logits are transformers' up to Q8_0's rounding."""
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_hf_model(seed=2)
+    save_hf(model, tmp_path / "hf", smollm_tokenizer_dir)
+    llm = LLM.from_pretrained(str(tmp_path / "hf"), dtype="q8_0", progress=False)
+    assert {w.qtype for w in llm.model.quantized_weights().values()} == {"Q8_0"}
+    want = hf_logits(model, IDS)
+    assert ((llm.logits(IDS) - want).norm() / want.norm()).item() < 0.02
+    entry = next((tmp_path / "cache").rglob("weights.gguf"))
+    again = load_checkpoint(str(tmp_path / "hf"), progress=False, dtype="q8_0")
+    assert again.tensor_types == {"Q8_0": 16, "F32": 5} and next((tmp_path / "cache").rglob("weights.gguf")) == entry
+
+
 def test_hf_sharded_safetensors(tmp_path, smollm_tokenizer_dir):
     model = tiny_hf_model(seed=1)
     save_hf(model, tmp_path, smollm_tokenizer_dir, max_shard_size="2MB")
