@@ -7,6 +7,18 @@ from llama_fast.model import Transformer, build_model
 from llama_fast.span import SpanBias
 
 
+def mapped_file(address: int) -> str:
+    """The file whose mapping holds `address` in this process ("" for anonymous memory): where a loaded
+    tensor's bytes live."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, *rest = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in span.split("-"))
+            if start <= address < end:
+                return rest[-1].strip() if len(rest) == 5 else ""
+    return ""
+
+
 def supported_isas():
     """The kernel variants this CPU runs (scalar only where the extension is not built: the tests skip)."""
     if not _ext.has_ext():

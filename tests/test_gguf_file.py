@@ -16,7 +16,7 @@ from llama_fast.loaders import load_checkpoint
 from llama_fast.paths import CheckpointError
 from llama_fast.tokenizer import Tokenizer
 
-from models import random_model
+from models import mapped_file, random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Loaded by path: benchmarks/ is on sys.path for the benchmark scripts, not for the tests.
@@ -102,26 +102,15 @@ def test_f16_file_is_cast_once_in_memory(tiny):
     assert LiteLLM.open(paths["F16"], "float32") is None
 
 
-def _mapping(address: int) -> str:
-    """The file whose mapping holds `address` in this process ("" for anonymous memory)."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, *rest = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in span.split("-"))
-            if start <= address < end:
-                return rest[-1].strip() if len(rest) == 5 else ""
-    return ""
-
-
 def test_tensors_are_views_of_the_mapped_file(tiny):
     path = tiny[1]["BF16"]
     weights = load_checkpoint(path, progress=False).weights
-    assert _mapping(weights["layers.1.feed_forward.w2.weight"].data_ptr()) == os.path.abspath(path)
-    assert _mapping(weights["tok_embeddings.weight"].data_ptr()) == os.path.abspath(path)
+    assert mapped_file(weights["layers.1.feed_forward.w2.weight"].data_ptr()) == os.path.abspath(path)
+    assert mapped_file(weights["tok_embeddings.weight"].data_ptr()) == os.path.abspath(path)
     # Q/K rows were reordered: private memory.
-    assert _mapping(weights["layers.0.attention.wq.weight"].data_ptr()) != os.path.abspath(path)
+    assert mapped_file(weights["layers.0.attention.wq.weight"].data_ptr()) != os.path.abspath(path)
     model = LLM.from_pretrained(path, dtype="bfloat16", progress=False).model
-    assert _mapping(model.layers[0].feed_forward.w1.weight.data_ptr()) == os.path.abspath(path)
+    assert mapped_file(model.layers[0].feed_forward.w1.weight.data_ptr()) == os.path.abspath(path)
 
 
 # ---- bad files ----

@@ -22,6 +22,8 @@ from llama_fast.model import build_model
 from llama_fast.paths import CheckpointError, resolve_model_path
 from llama_fast.quant import QUANT_TYPES, QuantizedWeight, block_size, dequantize, quantize, storage_type
 
+from models import mapped_file, random_model
+
 pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,16 +79,6 @@ def test_k_quants_fall_back_on_partial_super_blocks():
         QuantizedWeight(torch.zeros(2, 40, dtype=torch.uint8), "Q4_0", (2, 64))
 
 
-def _mapping(address: int) -> str:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, *rest = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in span.split("-"))
-            if start <= address < end:
-                return rest[-1].strip() if len(rest) == 5 else ""
-    return ""
-
-
 def test_native_load_maps_the_blocks(tmp_path):
     """The embedded model (Q4_1 matrices, a Q8_0 embedding) with dtype "native": every matrix a view of the
     file's blocks (Q/K rows reordered into private memory), nothing cached."""
@@ -95,8 +87,8 @@ def test_native_load_maps_the_blocks(tmp_path):
     assert ckpt.tensor_types == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
     emb, w2 = ckpt.weights["tok_embeddings.weight"], ckpt.weights["layers.3.feed_forward.w2.weight"]
     assert (emb.qtype, w2.qtype) == ("Q8_0", "Q4_1") and w2.shape == (576, 1536)
-    assert _mapping(emb.data.data_ptr()) == os.path.abspath(path) == _mapping(w2.data.data_ptr())
-    assert _mapping(ckpt.weights["layers.0.attention.wq.weight"].data.data_ptr()) != os.path.abspath(path)
+    assert mapped_file(emb.data.data_ptr()) == os.path.abspath(path) == mapped_file(w2.data.data_ptr())
+    assert mapped_file(ckpt.weights["layers.0.attention.wq.weight"].data.data_ptr()) != os.path.abspath(path)
     assert not (tmp_path / "cache").exists()
 
 
@@ -136,7 +128,7 @@ def test_other_type_is_converted_once_into_the_cache(tmp_path):
     again = load_checkpoint("smollm2-135m-instruct", progress=False, dtype="q8_0")
     assert entries[0].stat().st_mtime_ns == stamp
     w = again.weights["layers.0.feed_forward.w1.weight"]
-    assert w.qtype == "Q8_0" and _mapping(w.data.data_ptr()) == str(entries[0])
+    assert w.qtype == "Q8_0" and mapped_file(w.data.data_ptr()) == str(entries[0])
 
 
 def test_quantized_file_loads_in_llama_cpp_with_the_same_logits(small_f32, tmp_path):
@@ -223,8 +215,6 @@ def test_cuda_weight_only_formats_run_in_the_model(kind):
     from llama_fast.config import ModelConfig
     from llama_fast.kernels import dequantize_int4, dequantize_int8
     from llama_fast.model import pack_weights
-
-    from models import random_model
 
     cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=97, max_seq_len=64,
                       tie_embeddings=False)
