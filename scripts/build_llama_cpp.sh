@@ -80,9 +80,10 @@ fi
 rm -f "$src/.git"   # a submodule pointer to a .git folder the sdist lacks: cmake's git queries fail on it
 
 build=$root/build
-step "configuring with cmake (Release, GGML_NATIVE=ON: tuned for this CPU; static; no curl, no HTTPS,"
+. "$repo/scripts/llama_cpp_flags.sh"
+step "configuring with cmake (Release, GGML_NATIVE=ON: tuned for this CPU, AMX off; static; no curl, no HTTPS,"
 step "  no web UI download: nothing is fetched during the build)"
-nice -n 10 cmake -S "$src" -B "$build" -G "Unix Makefiles" \
+CFLAGS="$LLAMA_CPP_CFLAGS" CXXFLAGS="$LLAMA_CPP_CFLAGS" nice -n 10 cmake -S "$src" -B "$build" -G "Unix Makefiles" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DGGML_CCACHE=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON \
