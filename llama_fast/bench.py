@@ -180,7 +180,7 @@ def gguf_copy(gguf_type: str) -> str:
     if os.path.exists(target):
         return target
     os.makedirs(CACHE, exist_ok=True)
-    if gguf_type not in FLOAT_GGUF_TYPES:
+    if gguf_type not in FLOAT_GGUF_TYPES.values():
         quantize_gguf(original, target, gguf_type.lower(), progress=False)
         return target
     qtype = GGMLQuantizationType[gguf_type]

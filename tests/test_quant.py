@@ -249,3 +249,17 @@ def test_fast_start_runs_the_blocks(native_and_dequantized):
     engine = LLM.from_pretrained("smollm2-135m-instruct", dtype="q8_0", progress=False)
     lite = LiteLLM.open("smollm2-135m-instruct", "q8_0")
     assert "".join(lite.stream(PROMPT, max_new_tokens=16)) == engine.generate(PROMPT, max_new_tokens=16).text
+
+
+@pytest.mark.parametrize("gguf_type, want", [("F16", {"F16": 211, "F32": 61}), ("Q8_0", {"Q8_0": 211, "F32": 61})])
+def test_benchmark_copies_of_the_embedded_model(tmp_path, monkeypatch, gguf_type, want):
+    """llama_fast.bench.gguf_copy, the file both engines of the decode benchmark read: floats rewritten in
+    place, block formats by `quantize`; norms stay F32."""
+    from llama_fast import bench
+
+    monkeypatch.setattr(bench, "CACHE", str(tmp_path))
+    path = bench.gguf_copy(gguf_type)
+    assert os.path.dirname(path) == str(tmp_path)
+    types = [t.type for t in GGUFFile(path).tensors.values()]
+    assert {t: types.count(t) for t in set(types)} == want
+    assert bench.gguf_copy("Q4_1") == resolve_model_path("smollm2-135m-instruct")
