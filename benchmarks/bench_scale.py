@@ -9,7 +9,8 @@ Per file, the engines taking turns for --rounds rounds:
 - time to first token for a --prompt-tokens prompt and decode tokens/s at batch 1 (and at batch 8, with
   --batch8-prompt-tokens prompts, up to 3B): llama_fast's LLM (the C++ session) in a worker process;
   llama.cpp's llama-batched-bench (its prefill time, and its aggregate decode rate).
-- peak RSS while generating (of the worker, and of the fast start's process), against the weight bytes.
+- peak RSS while generating (of the worker, with its growth over the worker before loading, and of the
+  fast start's process), against the weight bytes.
 - the fraction of the bandwidth floor: the bytes a decode step reads (every matrix; the embedding
   table only where it is also the output matrix) over the machine's measured copy bandwidth.
 
@@ -98,11 +99,11 @@ def llama_fast_first_token(path: str, dtype: str, threads: int) -> float:
     return seconds
 
 
-def peak_rss_mib(pid: int | str = "self") -> float:
+def peak_rss_mib(pid: int | str = "self", field: str = "VmHWM") -> float:
     """A process's peak RSS (VmHWM: of its own memory since its exec; the rusage of a child started from a
-    big process also counts the pages it shared with its parent before the exec)."""
+    big process also counts the pages it shared with its parent before the exec), or its RSS now (VmRSS)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def llama_fast_cli_rss(path: str, dtype: str, threads: int) -> float:
@@ -143,12 +144,14 @@ def llama_fast_worker(path: str, dtype: str, threads: int, prompt_tokens: int, b
         from llama_fast import LLM
 
         torch.set_num_threads(threads)
+        before = peak_rss_mib(field="VmRSS")  # torch and the package imported: what loading adds is the rest
         llm = LLM.from_pretrained(path, dtype=dtype, progress=False)
         one = llama_fast_run(llm, prompts(llm, 1, prompt_tokens), new_tokens)
         result = {"ttft_s": one["pp_s"], "decode_tok_s": one["tg_tps"], "isa": one["isa"]}
         if batch8_tokens:
             result["batch8_tok_s"] = llama_fast_run(llm, prompts(llm, 8, batch8_tokens), new_tokens)["tg_tps"]
         result["peak_rss_mib"] = peak_rss_mib()
+        result["rss_growth_mib"] = result["peak_rss_mib"] - before
         conn.send(result)
     except Exception as err:  # reported to the parent, which prints it and goes on
         conn.send({"error": f"{type(err).__name__}: {err}"})
@@ -214,7 +217,7 @@ def run_file(shape: str, kind: str, args, peer: bool) -> dict:
     for engine, runs in engines.items():
         summary = {key: best(runs, key, lowest) for key, lowest in (
             ("load_cold_s", True), ("load_warm_s", True), ("ttft_s", True), ("decode_tok_s", False),
-            ("batch8_tok_s", False), ("peak_rss_mib", True), ("cli_peak_rss_mib", True))}
+            ("batch8_tok_s", False), ("peak_rss_mib", True), ("rss_growth_mib", True), ("cli_peak_rss_mib", True))}
         summary["isa"] = runs[0].get("isa")
         summary["runs"] = runs
         result["engines"][engine] = summary
@@ -279,8 +282,10 @@ def print_table(report: dict) -> None:
     print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in report["results"]:
         for engine, e in r["engines"].items():
-            # llama_fast: its engine's worker (torch imported) / its fast start's process
-            rss = f"{e['peak_rss_mib']:.0f}" + (f" / {e['cli_peak_rss_mib']:.0f}" if e.get("cli_peak_rss_mib") else "")
+            # llama_fast: its engine's worker (torch imported; in brackets the growth over the worker before
+            # loading) / its fast start's process
+            rss = (f"{e['peak_rss_mib']:.0f}" + (f" (+{e['rss_growth_mib']:.0f})" if e.get("rss_growth_mib") else "")
+                   + (f" / {e['cli_peak_rss_mib']:.0f}" if e.get("cli_peak_rss_mib") else ""))
             print(f"| {r['model']} {r['type']} | {engine} | {_fmt(e['load_cold_s'], '.2f')} | {_fmt(e['load_warm_s'], '.2f')} "
                   f"| {_fmt(e['ttft_s'], '.2f')} | {_fmt(e['decode_tok_s'], '.2f')} | {100 * e['fraction_of_floor']:.0f}% "
                   f"| {_fmt(e['batch8_tok_s'], '.2f')} | {rss} | {r['weight_bytes'] / 2**20:.0f} |")
