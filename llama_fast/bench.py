@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,14 @@ def rss_bytes() -> int:
     """This process's resident memory now, in bytes (Linux: /proc/self/statm)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident memory since its exec, in bytes (Linux: VmHWM). Not getrusage's ru_maxrss:
+    a worker that multiprocessing or subprocess forked from a big parent and then exec'd inherits the
+    parent's peak there."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 
 
 def free_port() -> int:
@@ -233,8 +240,7 @@ def worker(spec: dict, threads: int, prompt_ids: list[int], new_tokens: int, ttf
             ids, stamps = engine.run(prompt_ids, new_tokens)
             # A first token is one sample of a noisy machine: a few more requests of one token each.
             ttft = [stamps[0]] + [engine.run(prompt_ids, 1)[1][0] for _ in range(ttft_repeats)]
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            conn.send({"ids": ids, "stamps": stamps, "ttft": ttft, "peak_rss": rss})
+            conn.send({"ids": ids, "stamps": stamps, "ttft": ttft, "peak_rss": peak_rss_bytes()})
     except Exception as err:  # report, so the parent can skip this engine and go on
         conn.send({"error": f"{type(err).__name__}: {err}"})
 

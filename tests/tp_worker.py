@@ -9,13 +9,13 @@ RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would, and reads 
 """
 import json
 import os
-import resource
 import sys
 import time
 
 import torch
 
 from llama_fast import LLM, SamplingParams, Tokenizer
+from llama_fast.bench import peak_rss_bytes
 from llama_fast.session import SessionRunner
 from llama_fast.tensor_parallel import LeaderEngine, follow, shard_bytes, shard_model
 
@@ -94,7 +94,7 @@ def main():
         torch.save(eager.logits(torch.tensor([PROMPT]))[0], os.path.join(out, f"eager{rank}.pt"))
         result = {"tokens": tokens, "weight_bytes": shard_bytes(llm.model),
                   "kv_heads": list(llm.model.tp.plan.kv_heads),
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                  "peak_rss_mib": peak_rss_bytes() / 2**20}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
