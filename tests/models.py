@@ -1,10 +1,24 @@
-"""Tiny random models and the ISAs this CPU runs, for the tests of the C++ routes."""
+"""Tiny random models and the ISAs this CPU runs, for the tests of the C++ routes; the benchmarks' helper
+modules, for the tests that share them."""
+import importlib.util
+import os
+
 import torch
 
 from llama_fast import _ext
 from llama_fast.config import ModelConfig
 from llama_fast.model import Transformer, build_model
 from llama_fast.span import SpanBias
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py as a module, loaded by path: benchmarks/ is on sys.path for the benchmark scripts,
+    not for the tests."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def mapped_file(address: int) -> str:

@@ -2,7 +2,6 @@
 gives files that load and generate as the same weights built in memory, mapped without a cache entry,
 and bad files raise errors naming the file, the tensor and its type."""
 import dataclasses
-import importlib.util
 import os
 import struct
 
@@ -16,13 +15,9 @@ from llama_fast.loaders import load_checkpoint
 from llama_fast.paths import CheckpointError
 from llama_fast.tokenizer import Tokenizer
 
-from models import mapped_file, random_model
+from models import benchmark_module, mapped_file, random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Loaded by path: benchmarks/ is on sys.path for the benchmark scripts, not for the tests.
-_spec = importlib.util.spec_from_file_location("gguf_models", os.path.join(ROOT, "benchmarks", "gguf_models.py"))
-gguf_models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gguf_models)
+gguf_models = benchmark_module("gguf_models")
 
 # Llama-3.2-1B's shape, shrunk; the vocabulary is the writer's smallest (the embedded tokenizer's).
 TINY = dataclasses.replace(gguf_models.SHAPES["1b"], name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -3,7 +3,6 @@
 The parser runs on a real llama-batched-bench output kept in tests/data; the real runs (batched_bench,
 LlamaServer) need the programs built by scripts/build_llama_cpp.sh and are skipped when they are absent:
 these tests never build llama.cpp."""
-import importlib.util
 import json
 import os
 import shutil
@@ -13,14 +12,13 @@ import urllib.request
 
 import pytest
 
+from models import benchmark_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 SCRIPT = os.path.join(ROOT, "scripts", "build_llama_cpp.sh")
 
-# Loaded by path: benchmarks/ is on sys.path for the benchmark scripts, not for the tests.
-_spec = importlib.util.spec_from_file_location("llama_cpp_bin", os.path.join(ROOT, "benchmarks", "llama_cpp_bin.py"))
-peer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(peer)
+peer = benchmark_module("llama_cpp_bin")
 
 # Captured from `llama-batched-bench -m smollm2-135m-instruct.F32.gguf -c 576 -npp 32 -ntg 16 -npl 1,2,4,12
 # -t 2 -tb 2 --output-format jsonl` (stdout and stderr together, as a user would see them).

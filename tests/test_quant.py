@@ -5,7 +5,6 @@ agrees with the same blocks dequantized (session and eager alike), llama.cpp loa
 and computes the same logits from it, and bad files and dtypes raise errors that name the problem.
 (tests/test_quant_kernels.py checks the C++ kernels themselves.)"""
 import dataclasses
-import importlib.util
 import os
 import struct
 import subprocess
@@ -22,14 +21,11 @@ from llama_fast.model import build_model
 from llama_fast.paths import CheckpointError, resolve_model_path
 from llama_fast.quant import QUANT_TYPES, QuantizedWeight, block_size, dequantize, quantize, storage_type
 
-from models import mapped_file, random_model
+from models import benchmark_module, mapped_file, random_model
 
 pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="llama_fast._C is not built")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("gguf_models", os.path.join(ROOT, "benchmarks", "gguf_models.py"))
-gguf_models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gguf_models)
+gguf_models = benchmark_module("gguf_models")
 
 # Rows of 256 values (whole K-quant super-blocks) and of 768 (the FFN's down projection).
 SMALL = dataclasses.replace(gguf_models.SHAPES["1b"], name="small", dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
