@@ -14,12 +14,12 @@ import os
 from typing import Callable
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFWriter
 
 from llama_fast import rope
 from llama_fast.config import ModelConfig
 from llama_fast.gguf_file import ROPE_FACTORS, GGUFFile, gguf_tensor_name, half_to_interleaved
-from llama_fast.loaders import quantize_gguf
+from llama_fast.loaders import encode_values, quantize_gguf
 from llama_fast.paths import DEFAULT_MODEL, cache_dir, resolve_model_path
 
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -135,23 +135,9 @@ def write_gguf(path: str, config: ModelConfig, weight: Callable[[str], np.ndarra
         values = np.asarray(weight(name), dtype=np.float32).reshape(shapes[name])
         if name.endswith(("wq.weight", "wk.weight")):
             values = half_to_interleaved(values, config.n_heads if name.endswith("wq.weight") else config.n_kv_heads)
-        writer.write_tensor_data(_encode(np.ascontiguousarray(values), kind))
+        writer.write_tensor_data(encode_values(values, kind))
     writer.close()
     os.replace(path + ".part", path)
-
-
-def _encode(values: np.ndarray, kind: str) -> np.ndarray:
-    """fp32 values as stored in `kind`; BF16 rounded a slice of rows at a time (gguf's rounding takes a
-    few temporaries of the input's size: a whole 8B embedding at once would need gigabytes more)."""
-    if kind == "F32":
-        return values
-    if kind == "F16":
-        return values.astype(np.float16)
-    out = np.empty(values.shape, np.uint16)
-    rows = max(1, (1 << 22) // values.shape[-1])
-    for r in range(0, values.shape[0], rows):
-        out[r:r + rows] = quants.quantize(values[r:r + rows], FILE_TYPES[kind]).view(np.uint16).reshape(out[r:r + rows].shape)
-    return out
 
 
 class RandomWeights:

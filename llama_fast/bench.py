@@ -31,6 +31,7 @@ import sys
 import time
 
 from .sampling import row_params
+from .validate import BLOCK_DTYPES
 
 from .paths import SAMPLE_TEXT as PROMPT_FILE  # package data: found in a checkout and when installed
 
@@ -60,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a checkout
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "llama_fast", "bench")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT_GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q4_k", "q6_k")  # llama_fast runs the GGUF that llama.cpp runs
+BLOCK_TYPES = tuple(BLOCK_DTYPES)  # llama_fast runs the GGUF that llama.cpp runs
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantiz
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import gguf_cache_entry, gguf_cache_path
 from .tokenizer import Tokenizer
+from .validate import BLOCK_DTYPES
 
 log = logging.getLogger("llama_fast")
 
@@ -180,20 +181,16 @@ def block_tensors(gguf: GGUFFile, want: str) -> list[TensorSpec]:
         if kind == t.type:
             specs.append((t.name, t.shape, kind, lambda t=t: np.frombuffer(t.data, np.uint8)))
         else:
-            specs.append((t.name, t.shape, kind, lambda t=t, kind=kind: _encode(_values(t), kind)))
+            specs.append((t.name, t.shape, kind, lambda t=t, kind=kind: encode_values(_values(t), kind)))
     return specs
 
-
-# general.file_type of a file quantised to each block format (llama.cpp's llama_ftype: MOSTLY_Q8_0, ...;
-# Q4_K as its "S" mix, every matrix Q4_K, and Q6_K, which llama.cpp names by its main type alone).
-_FILE_TYPE = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 14, "q6_k": 18}
 
 
 def quantize_gguf(src: str, dst: str, want: str, progress: bool = True) -> dict[str, int]:
     """Writes the GGUF at `src` with every matrix in block format `want` ("q4_0", ...) to `dst`, metadata kept
     (general.file_type updated): a file llama.cpp loads. Returns the count of tensors per stored type."""
-    if want not in _FILE_TYPE:
-        raise ValueError(f"--type must be one of {', '.join(_FILE_TYPE)}, got {want!r}")
+    if want not in BLOCK_DTYPES:
+        raise ValueError(f"--type must be one of {', '.join(BLOCK_DTYPES)}, got {want!r}")
     src = resolve_model_path(src)
     if not os.path.isfile(src):
         raise CheckpointError(f"{src}: quantize reads a .gguf file (LLM.from_pretrained(dir, dtype={want!r}) "
@@ -203,7 +200,7 @@ def quantize_gguf(src: str, dst: str, want: str, progress: bool = True) -> dict[
     gguf = GGUFFile(src)
     gguf_config(gguf)  # a model llama_fast can read, or CheckpointError / UnsupportedModelError now
     metadata = {key: (value, *gguf.metadata_types[key]) for key, value in gguf.metadata.items()}
-    metadata["general.file_type"] = (_FILE_TYPE[want], 4, None)  # (4: GGUF's uint32)
+    metadata["general.file_type"] = (BLOCK_DTYPES[want], 4, None)  # (4: GGUF's uint32)
     specs = block_tensors(gguf, want)
     write_gguf(dst, gguf.metadata.get("general.architecture", "llama"), metadata,
                _progress(specs, f"quantising to {want}", progress))
@@ -217,10 +214,13 @@ def _values(t: GGUFTensor) -> np.ndarray:
     return dequantize(t.blocks(), t.type, t.shape)
 
 
-def _encode(values: np.ndarray, kind: str) -> np.ndarray:
-    """fp32 values as the bytes of storage type `kind` (F32, BF16 or a block format)."""
+def encode_values(values: np.ndarray, kind: str) -> np.ndarray:
+    """fp32 values as the bytes of GGUF storage type `kind` (F32, F16, BF16 rounded to nearest even, or a
+    block format): what every GGUF this project writes stores."""
     if kind == "F32":
         return np.ascontiguousarray(values, np.float32)
+    if kind == "F16":
+        return np.asarray(values, np.float32).astype(np.float16)
     if kind == "BF16":
         return torch.from_numpy(np.ascontiguousarray(values, np.float32)).bfloat16().view(torch.int16).numpy()
     return quantize(values.reshape(values.shape[0], -1), kind)
@@ -281,7 +281,7 @@ def _blocks_of_floats(path: str, weights: dict[str, torch.Tensor], config: Model
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):  # GGUF's layout (interleaved pairs)
             values = half_to_interleaved(values, config.n_heads if ".wq." in name else config.n_kv_heads)
         kind = target_type(tuple(w.shape), "F32", want)
-        specs.append((gguf_tensor_name(name), tuple(w.shape), kind, lambda v=values, kind=kind: _encode(v, kind)))
+        specs.append((gguf_tensor_name(name), tuple(w.shape), kind, lambda v=values, kind=kind: encode_values(v, kind)))
     return _converted_blocks(path, specs, want, config, progress)
 
 

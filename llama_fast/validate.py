@@ -12,11 +12,15 @@ from typing import Any
 # -> canonical name. Floats are torch dtypes' names; q8_0 ... q6_k are GGUF's block formats (llama_fast.quant),
 # kept as stored on CPU; "native" keeps every tensor of a file in its stored type; int8 / int4 are CUDA's
 # weight-only formats (kernels/quant_matmul.py).
+# The GGUF block formats a model may be quantised to (`llama-fast quantize --type`, dtype=), each with the
+# general.file_type of a file in it (llama.cpp's llama_ftype: MOSTLY_Q8_0, ...; q4_k as its "S" mix, every
+# matrix Q4_K, and q6_k, which llama.cpp names by its main type alone).
+BLOCK_DTYPES = {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q4_k": 14, "q6_k": 18}
 DTYPE_NAMES = {
     "float32": "float32", "fp32": "float32",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16",
-    "q8_0": "q8_0", "q4_0": "q4_0", "q4_1": "q4_1", "q4_k": "q4_k", "q6_k": "q6_k",
+    **{name: name for name in BLOCK_DTYPES},
     "native": "native",
     "int8": "int8", "int4": "int4",
 }
