@@ -319,6 +319,11 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError, OSError, ImportError) as err:
         print(f"llama-fast: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "tp", 1) > 1:
+            from .tensor_parallel import leave_process_group
+
+            leave_process_group()
     return 0
 
 

@@ -109,6 +109,15 @@ def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, backend
     return dist.get_rank()
 
 
+def leave_process_group() -> None:
+    """Destroys this process's groups, if it joined any, at the end of a command: gloo's threads then stop
+    before the interpreter tears down what they use. Local: no rank waits for another here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class TensorParallel:
     """One rank's place in the group and the collectives its steps call (model.tp of a sharded model)."""
 

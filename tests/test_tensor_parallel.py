@@ -168,7 +168,8 @@ def test_serve_at_tp3_answers_as_one_process_and_stops_on_sigterm(smollm):
     rdzv, port = free_port(), free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "llama_fast", "serve", "--tp", "3", "--port", str(port)],
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rdzv), OMP_NUM_THREADS="1"),
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(rdzv), OMP_NUM_THREADS="1",
+                                       PYTHONFAULTHANDLER="1"),  # a fatal signal prints every thread's stack
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(3)]
     try:
         deadline = time.monotonic() + 240
