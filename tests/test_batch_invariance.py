@@ -24,7 +24,7 @@ def matvec(weight, x, isa, threads=1):
 
 def operand(x, isa, dtype):
     """x (fp64) as the kernels multiply it: rounded to bf16 where bf16 weights meet native bf16 dot products."""
-    return x.bfloat16().double() if isa == "avx512bf16" and dtype == torch.bfloat16 else x.double()
+    return x.bfloat16().double() if isa in ("avx512bf16", "amx") and dtype == torch.bfloat16 else x.double()
 
 
 def assert_bitwise(got, want, msg):
@@ -81,13 +81,15 @@ def test_error_within_the_bound_of_the_order(isa, dtype):
     """Every path against fp64 math on the same values (x rounded to bf16 where the kernels round it), within
     the rigorous error bound of the kernels' order (2 chains of K / (2 W) roundings per lane: an FMA each, or
     with native bf16 an even or odd block's two exact products added one by one; a 4-level tree over W lanes
-    (lanes of a 16-wide vector are first paired); the tail's FMAs): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
+    (lanes of a 16-wide vector are first paired); the tail's FMAs; on AMX tiles one chain of K roundings): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
     constant so that sums cancel."""
-    width = {"avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
+    width = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
     block = 2 * width
     gen = torch.Generator().manual_seed(23 + len(isa) + dtype.itemsize)
     for K in (7, 64, 1000, 1536):
         depth = -(-K // block) + 6 + K % block
+        if isa == "amx" and dtype == torch.bfloat16:  # AMX tiles: one sum per output, a rounding per product
+            depth = K + 1
         weight = torch.randn(17, K, generator=gen).to(dtype)
         for nb in (1, 4, 8, 12, 31, 64):
             x = torch.randn(nb, K, generator=gen) + 3.0

@@ -87,12 +87,16 @@ constexpr int kMaxGroupHeads = 16;
 #define LF_FN
 #include "cpu_decode_isa.inc"
 
+#include "amx.inc"
+
 // Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) adds
-// the native bf16 and int8 dot products (AVX512-BF16 and AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512 F/BW).
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+// the native bf16 and int8 dot products (AVX512-BF16 and AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512 F/BW);
+// Amx (Sapphire Rapids and later) multiplies bf16 matrices on AMX tiles (amx.inc), the rest as Avx512Bf16.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::Amx: return "amx";
     case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
@@ -104,7 +108,7 @@ inline Isa best_isa() {
   const CpuFeatures f = detect_cpu_features();
   // F16C (fp16 scales of quantized blocks) comes with AVX2 on every CPU, but is asked all the same.
   if (!__builtin_cpu_supports("f16c")) return Isa::Scalar;
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 && f.avx512vnni) return Isa::Avx512Bf16;
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 && f.avx512vnni) return f.amx_bf16 ? Isa::Amx : Isa::Avx512Bf16;
   if (f.avx512f && f.avx512bw) return Isa::Avx512;
   if (f.avx2 && f.fma) return Isa::Avx2;
   return Isa::Scalar;
@@ -112,7 +116,7 @@ inline Isa best_isa() {
 
 inline bool isa_supported(Isa isa) { return static_cast<int>(isa) <= static_cast<int>(best_isa()); }
 
-// The ISA called `name`: "avx512bf16", "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or
+// The ISA called `name`: "amx", "avx512bf16", "avx512", "avx2", "scalar", or "auto" (the best this CPU has; "" or
 // "auto" read $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
 inline Isa parse_isa(const std::string& name, std::string& error) {
   std::string want = name;
@@ -122,10 +126,10 @@ inline Isa parse_isa(const std::string& name, std::string& error) {
   }
   if (want == "auto") return best_isa();
   Isa isa = Isa::Scalar;
-  for (Isa i : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar})
+  for (Isa i : {Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar})
     if (want == isa_name(i)) isa = i;
   if (want != isa_name(isa))
-    error = "unknown isa '" + want + "' (auto, avx512bf16, avx512, avx2, scalar)";
+    error = "unknown isa '" + want + "' (auto, amx, avx512bf16, avx512, avx2, scalar)";
   else if (!isa_supported(isa))
     error = "this CPU does not support isa '" + want + "'; it supports up to '" + isa_name(best_isa()) + "'";
   return error.empty() ? isa : best_isa();
@@ -146,6 +150,11 @@ struct Kernels {
 
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
+    case Isa::Amx: {
+      Kernels k = LF_KERNELS(isa_avx512bf16);
+      k.dot_rows = isa_amx::dot_rows;
+      return k;
+    }
     case Isa::Avx512Bf16: return LF_KERNELS(isa_avx512bf16);
     case Isa::Avx512: return LF_KERNELS(isa_avx512);
     case Isa::Avx2: return LF_KERNELS(isa_avx2);

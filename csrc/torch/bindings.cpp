@@ -16,7 +16,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return pybind11::dict(pybind11::arg("avx2") = f.avx2, pybind11::arg("fma") = f.fma,
                           pybind11::arg("avx512f") = f.avx512f, pybind11::arg("avx512bw") = f.avx512bw, pybind11::arg("avx512vl") = f.avx512vl,
                           pybind11::arg("avx512vnni") = f.avx512vnni,
-                          pybind11::arg("avx512bf16") = f.avx512bf16);
+                          pybind11::arg("avx512bf16") = f.avx512bf16, pybind11::arg("amx_bf16") = f.amx_bf16);
   }, "The x86-64 ISA extensions this CPU supports (detected at run time).");
 
   m.def("cpu_isas", [] {
