@@ -5,7 +5,8 @@ product (the tied embedding as the logits matrix) through torch against the C++ 
 streaming 256 MiB as fp32 and as bf16 against a plain read of it; and the bandwidth floor of a decode step.
 
     .venv/bin/python benchmarks/bench_decode_step.py [--steps 40] [--context 128] [--json out.json]
-    .venv/bin/python benchmarks/bench_decode_step.py --matvec   # the C++ matrix kernels by row count
+    .venv/bin/python benchmarks/bench_decode_step.py --matvec [--shape 1536 576] [--rows 1 8 64 256]
+        # the C++ matrix kernels by row count (vectors), on (N, K) weights
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ def stream_gbps(nbytes=256 << 20, cols=576, repeats=9):
     return {name: w32.numel() * 4 / statistics.median(t) / 1e9 for name, t in times.items()}
 
 
-def matvec_sweep(isas=("auto",), rows=(1, 2, 4, 8, 11, 12, 16, 32, 64, 128), shape=(1536, 576), copies=24,
-                 repeats=5):
+MATVEC_ROWS = (1, 2, 4, 8, 11, 12, 16, 32, 64, 128)
+
+
+def matvec_sweep(isas=("auto",), rows=MATVEC_ROWS, shape=(1536, 576), copies=24, repeats=5):
     """GFLOPS of (rows, K) x (N, K).T: the C++ kernels at each ISA level in `isas` (cpu_matvec: one weight row
     after another for all vectors up to 8 (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles
     of rows; one summation order in every path) against torch's F.linear, on `copies` weight matrices in turn
@@ -117,11 +120,14 @@ def main():
     ap.add_argument("--matvec", action="store_true", help="only the sweep of the C++ matrix kernels over row counts")
     ap.add_argument("--isas", nargs="+", default=["auto"],
                     help="the sweep's kernel levels, side by side (e.g. avx512 avx512bf16; default: the best)")
+    ap.add_argument("--shape", nargs=2, type=int, default=[1536, 576], metavar=("N", "K"),
+                    help="the sweep's weight shape (default: the embedded model's FFN up projection)")
+    ap.add_argument("--rows", nargs="+", type=int, default=list(MATVEC_ROWS), help="the sweep's vector counts")
     args = ap.parse_args()
     if args.matvec:
-        print(f"(1536, 576) weights, {torch.get_num_threads()} threads: GFLOPS of C++ cpu_matvec at "
+        print(f"{tuple(args.shape)} weights, {torch.get_num_threads()} threads: GFLOPS of C++ cpu_matvec at "
               f"{' / '.join(args.isas)} / torch F.linear")
-        for name, r in matvec_sweep(args.isas).items():
+        for name, r in matvec_sweep(args.isas, args.rows, tuple(args.shape)).items():
             print(f"{name:>14} rows: " + " / ".join(f"{v:6.1f}" for v in r.values()))
         return
     ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
