@@ -21,10 +21,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("cpu_isas", [] {
     std::vector<std::string> names;
-    for (int i = 0; i <= static_cast<int>(llama_fast::cpu_decode::best_isa()); ++i)
-      names.push_back(llama_fast::cpu_decode::isa_name(static_cast<llama_fast::cpu_decode::Isa>(i)));
+    for (int i = 0; i <= static_cast<int>(llama_fast::cpu_decode::Isa::Amx); ++i)
+      if (llama_fast::cpu_decode::isa_supported(static_cast<llama_fast::cpu_decode::Isa>(i)))
+        names.push_back(llama_fast::cpu_decode::isa_name(static_cast<llama_fast::cpu_decode::Isa>(i)));
     return names;
-  }, "The kernel variants (isa= names) this CPU runs, lowest first.");
+  }, "The kernel variants (isa= names) this CPU runs, lowest first (amx only by name, never as auto).");
 
   m.attr("with_cuda") =
 #ifdef LLAMA_FAST_WITH_CUDA
