@@ -65,7 +65,7 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
     """A block of rows multiplied on its own (as a thread's share of the rows would be) gives those rows of the
     whole product bit for bit, for row ranges that start and end anywhere in the kernels' row blocks."""
     gen = torch.Generator().manual_seed(5 + len(isa) + dtype.itemsize)
-    for K in (33, 100, 576):
+    for K in (33, 100, 576, 1000):  # 1000: fp32 at 16 lanes in K blocks (f32_group)
         weight = torch.randn(129, K, generator=gen).to(dtype)
         for nb in (1, 2, 5, 8, 9, 13, 40, 70):
             x = torch.randn(nb, K, generator=gen)
@@ -80,11 +80,12 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
 def test_error_within_the_bound_of_the_order(isa, dtype):
     """Every path against fp64 math on the same values (x rounded to bf16 where the kernels round it), within
     the rigorous error bound of the kernels' order (2 chains of K / (2 W) roundings per lane: an FMA each, or
-    with native bf16 an even or odd block's two exact products added one by one; a 4-level tree over W lanes
-    (lanes of a 16-wide vector are first paired); the tail's FMAs; on AMX tiles one chain of K roundings): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by a
-    constant so that sums cancel."""
+    with native bf16 an even or odd block's two exact products added one by one; fp32 weights at 16 lanes one
+    chain of K / 16; a 4-level tree over W lanes (lanes of a 16-wide vector are first paired); the tail's FMAs;
+    on AMX tiles one chain of K roundings): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by
+    a constant so that sums cancel."""
     width = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
-    block = 2 * width
+    block = width if width == 16 and dtype == torch.float32 else 2 * width
     gen = torch.Generator().manual_seed(23 + len(isa) + dtype.itemsize)
     for K in (7, 64, 1000, 1536):
         depth = -(-K // block) + 6 + K % block
