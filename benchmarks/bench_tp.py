@@ -12,6 +12,10 @@ latency plus 2 (N - 1) / N of its bytes over the link (a ring). The GPU figures 
     .venv/bin/python benchmarks/bench_tp.py [--tp 2] [--threads 1] [--steps 64] [--dtype bfloat16]
         [--layers 16 --dim 1024 --heads 16 --kv-heads 4 --ffn 4096]
         [--gpu-hbm-gbs 4800 --gpu-link-gbs 450 --allreduce-latency-us 8] [--project-shape 8b]
+
+With --gguf FILE it measures loading instead: one process loads the file (LLM.from_pretrained) and generates
+8 greedy tokens, then tp ranks do the same with tensor_parallel=N; reported: each one's peak RSS after loading
+and after generating, against the file's size, and whether the tokens are the same.
 """
 from __future__ import annotations
 
@@ -80,6 +84,46 @@ def rank_main(args) -> None:
                        "allreduces_per_step": calls[0] / args.steps, "shard_bytes": shard_bytes(model)}, f)
 
 
+def load_main(args) -> None:
+    """One process (or rank, with --tp > 1 and RANK set) loading args.gguf: peak RSS after loading and after
+    generating, and the tokens."""
+    from llama_fast import LLM
+    from llama_fast.bench import peak_rss_bytes
+
+    world = args.tp if "RANK" in os.environ else 1
+    llm = LLM.from_pretrained(args.gguf, tensor_parallel=world, progress=False)
+    loaded = peak_rss_bytes()
+    tokens = llm.generate(list(range(1, 17)), max_new_tokens=8).token_ids
+    with open(args.result.replace("RANK", os.environ.get("RANK", "alone")), "w") as f:
+        json.dump({"load_peak_mib": loaded / 2**20, "peak_mib": peak_rss_bytes() / 2**20, "tokens": tokens}, f)
+
+
+def launch_ranks(args, argv, result_path: str) -> None:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank", "--result", result_path, *(argv or sys.argv[1:])],
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.tp), MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads)))
+             for r in range(args.tp)]
+    if any(p.wait() for p in procs):
+        raise SystemExit("a rank failed")
+
+
+def compare_loads(args, argv) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        pattern = os.path.join(tmp, "RANK.json")
+        subprocess.run([sys.executable, __file__, "--rank", "--result", pattern, *(argv or sys.argv[1:])], check=True,
+                       env={k: v for k, v in os.environ.items() if k != "RANK"})
+        launch_ranks(args, argv, pattern)
+        alone = json.load(open(pattern.replace("RANK", "alone")))
+        ranks = [json.load(open(pattern.replace("RANK", str(r)))) for r in range(args.tp)]
+    size = os.path.getsize(args.gguf) / 2**20
+    print(f"{os.path.basename(args.gguf)} ({size:.0f} MiB): one process peak RSS {alone['load_peak_mib']:.0f} MiB after "
+          f"loading, {alone['peak_mib']:.0f} after 8 tokens")
+    for r, res in enumerate(ranks):
+        print(f"tp={args.tp} rank {r}: peak RSS {res['load_peak_mib']:.0f} MiB after loading, {res['peak_mib']:.0f} after 8 tokens")
+    print(f"same tokens: {all(res['tokens'] == alone['tokens'] for res in ranks)}")
+
+
 def projection(shape: dict, tp: int, args, bytes_per_weight: int = 2) -> dict:
     """Decode step time at batch 1 on one GPU and on tp GPUs, from bytes moved (not measured)."""
     d, f, L, V = shape["dim"], shape["ffn"], shape["layers"], shape["vocab"]
@@ -110,24 +154,21 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-hbm-gbs", type=float, default=4800.0, help="GPU memory bandwidth, GB/s (H200: 4800)")
     ap.add_argument("--gpu-link-gbs", type=float, default=450.0, help="GPU-GPU bandwidth per direction, GB/s (NVLink 4)")
     ap.add_argument("--allreduce-latency-us", type=float, default=8.0, help="one small all-reduce inside a CUDA graph")
+    ap.add_argument("--gguf", help="measure loading this file instead (peak RSS per rank; see above)")
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank:
-        return rank_main(args)
+        return load_main(args) if args.gguf else rank_main(args)
+    if args.gguf:
+        return compare_loads(args, argv)
 
     torch.set_num_threads(args.tp * args.threads)
     alone = decode_steps(SessionRunner(random_model(args), num_blocks=64), args.steps + 4)[4:]
     alone_ms = 1000 * sorted(alone)[len(alone) // 2]
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "rank0.json")
-        procs = [subprocess.Popen([sys.executable, __file__, "--rank", "--result", result_path, *(argv or sys.argv[1:])],
-                                  env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(args.tp), MASTER_ADDR="127.0.0.1",
-                                           MASTER_PORT=str(port), OMP_NUM_THREADS=str(args.threads)))
-                 for r in range(args.tp)]
-        if any(p.wait() for p in procs):
-            raise SystemExit("a rank failed")
+        launch_ranks(args, argv, result_path)
         ranks = json.load(open(result_path))
     share = ranks["allreduce_ms_per_step"] / ranks["step_ms"]
     shape = dict(layers=args.layers, dim=args.dim, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab)

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .config import ModelConfig, UnsupportedModelError
+from .mapping import drop_pages
 from .paths import CheckpointError
 from .quant import QUANT_TYPES
 
@@ -202,11 +203,7 @@ class GGUFFile:
     def release(self, tensor: GGUFTensor) -> None:
         """Drops the pages of `tensor`'s bytes from this process (a copy of it is used instead): they stop
         counting in its memory, and the page cache keeps them for whoever reads the file."""
-        start = _address(tensor.data) - _address(memoryview(self._map))
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
-        last = (start + len(tensor.data)) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        drop_pages(_address(tensor.data), len(tensor.data))
 
     @property
     def size(self) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .engine import Engine
+from .mapping import FileMappings, drop_pages
 
 DEFAULT_TIMEOUT_S = 60.0  # a dead peer surfaces as an error after this, not after gloo's 30 minutes
 
@@ -66,30 +67,49 @@ def _even(n: int, world: int, rank: int) -> range:
 
 
 def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> dict[str, torch.Tensor]:
-    """This rank's weights under the model's names (each its own contiguous copy, so the full weights can
-    be freed): local heads, FFN and vocabulary slices; norms and the embedding whole."""
+    """This rank's weights under the model's names: local heads, FFN and vocabulary slices; norms and the
+    embedding whole. A slice that is a range of rows of a tensor mapped from a file stays a view of the map,
+    so only the pages this rank reads are ever loaded (wq, wk, wv, w1, w3, the output's vocabulary, the
+    embedding); any other slice is a contiguous copy (wo's and w2's columns; every slice of weights in memory,
+    so that the full ones can be freed), after which a mapped source's pages are dropped: loading never holds
+    the whole model."""
     D = config.head_dim
     q_rows = slice(plan.q_heads.start * D, plan.q_heads.stop * D)
-    kv_rows = torch.tensor([k * D + i for k in plan.kv_heads for i in range(D)])
+    kv = plan.kv_heads
+    kv_rows = (slice(kv[0] * D, (kv[-1] + 1) * D) if kv == tuple(range(kv[0], kv[-1] + 1))
+               else torch.tensor([k * D + i for k in kv for i in range(D)]))
     ffn = slice(plan.ffn.start, plan.ffn.stop)
+    mapped = FileMappings()
+
+    def keep(w: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        storage = w.untyped_storage()
+        in_file = mapped.holds(storage.data_ptr(), storage.nbytes())
+        if in_file and part.is_contiguous():
+            return part
+        copy = part.clone() if part.is_contiguous() else part.contiguous()
+        if in_file:
+            drop_pages(w.data_ptr(), w.numel() * w.element_size())
+        return copy
+
     out = {}
     for name, w in state.items():
         w = w.detach()
         if name == "output.weight":
             continue  # its vocabulary slice, below
+        part = w
         if name.endswith(("attention.wq.weight", "attention.wq.bias")):
-            w = w[q_rows]
+            part = w[q_rows]
         elif name.endswith(("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")):
-            w = w.index_select(0, kv_rows)
+            part = w[kv_rows]
         elif name.endswith("attention.wo.weight"):
-            w = w[:, q_rows]
+            part = w[:, q_rows]
         elif name.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
-            w = w[ffn]
+            part = w[ffn]
         elif name.endswith("feed_forward.w2.weight"):
-            w = w[:, ffn]
-        out[name] = w.clone() if w.is_contiguous() else w.contiguous()
-    output = state.get("output.weight", state["tok_embeddings.weight"])  # tied: the embedding's rows
-    out["output.weight"] = output.detach()[plan.vocab.start:plan.vocab.stop].clone()
+            part = w[:, ffn]
+        out[name] = part if part is w else keep(w, part)  # (a whole tensor: kept as it is)
+    output = state.get("output.weight", state["tok_embeddings.weight"]).detach()  # tied: the embedding's rows
+    out["output.weight"] = keep(output, output[plan.vocab.start:plan.vocab.stop])
     return out
 
 

@@ -108,6 +108,29 @@ def test_tensors_are_views_of_the_mapped_file(tiny):
     assert mapped_file(model.layers[0].feed_forward.w1.weight.data_ptr()) == os.path.abspath(path)
 
 
+@pytest.mark.parametrize("kind", ["F32", "BF16"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_tensor_parallel_shard_of_a_mapped_file_keeps_its_row_slices_mapped(tiny, kind, world):
+    """Each rank's shard of a mapped file equals the shard of the same weights in memory; the slices that are
+    ranges of rows stay views of the map (only the pages a rank reads get loaded), the column slices of wo
+    and w2 are copies, and so are Q and K's rows, reordered at load."""
+    from llama_fast.tensor_parallel import plan_shard, shard_weights
+
+    path = os.path.abspath(tiny[1][kind])
+    ckpt = load_checkpoint(path, progress=False)
+    in_memory = {name: w.clone() for name, w in ckpt.weights.items()}
+    for rank in range(world):
+        plan = plan_shard(ckpt.config, world, rank)
+        got, want = shard_weights(ckpt.weights, ckpt.config, plan), shard_weights(in_memory, ckpt.config, plan)
+        assert got.keys() == want.keys()
+        for name, w in got.items():
+            assert torch.equal(w, want[name]), name
+            assert mapped_file(want[name].data_ptr()) != path, name  # weights in memory: copies, the full ones freed
+            copied = name.endswith(("wo.weight", "w2.weight", "wq.weight", "wk.weight"))
+            assert (mapped_file(w.data_ptr()) == path) != copied, name
+        assert ckpt.weights["layers.0.feed_forward.w2.weight"].sum().isfinite()  # dropped pages read back
+
+
 # ---- bad files ----
 
 def _header_field(data: bytes, tensor: str) -> int:
