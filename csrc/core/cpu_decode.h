@@ -107,8 +107,8 @@ inline const char* isa_name(Isa isa) {
 
 // The best level "auto" picks. Amx is never picked by itself: it is asked for by name (isa="amx" or
 // LLAMA_FAST_CPU_ISA=amx). On the Xeon VMs it was tried on, the first fp32 matmul that torch ran right after
-// these AMX products sometimes came out at bf16 precision (a reference's logits ~5e-4 off, then exact again),
-// and never with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 (oneDNN kept off AMX): not understood, so a process opts in.
+// these AMX products sometimes came out at bf16 precision (a reference's logits ~5e-4 off, then exact again):
+// not understood (docs/session.md), so a process opts in.
 inline Isa best_isa() {
   const CpuFeatures f = detect_cpu_features();
   // F16C (fp16 scales of quantized blocks) comes with AVX2 on every CPU, but is asked all the same.
