@@ -59,9 +59,9 @@ MATVEC_ROWS = (1, 2, 4, 8, 11, 12, 16, 32, 64, 128)
 
 
 def matvec_sweep(isas=("auto",), rows=MATVEC_ROWS, shape=(1536, 576), copies=24, repeats=5):
-    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels at each ISA level in `isas` (cpu_matvec: one weight row
-    after another for all vectors up to 8 (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles
-    of rows; one summation order in every path) against torch's F.linear, on `copies` weight matrices in turn
+    """GFLOPS of (rows, K) x (N, K).T: the C++ kernels at each ISA level in `isas` (cpu_matvec: rows streamed
+    for up to 2 vectors (AVX-512) or 4, then register blocks of rows x vectors over L2 tiles of rows; one
+    summation order in every path) against torch's F.linear, on `copies` weight matrices in turn
     (more than the caches hold, as a model's are), fp32 and bf16 weights; medians, interleaved. Every call
     takes the next copy, whoever makes it: a call never finds its weights in cache from the call before it."""
     c = ext()
@@ -129,6 +129,9 @@ def main():
               f"{' / '.join(args.isas)} / torch F.linear")
         for name, r in matvec_sweep(args.isas, args.rows, tuple(args.shape)).items():
             print(f"{name:>14} rows: " + " / ".join(f"{v:6.1f}" for v in r.values()))
+        timing = ext().cpu_bf16_timing()
+        if timing is not None:  # what `auto` weighs to pick avx512bf16 or avx512vnni
+            print(f"one vdpbf16ps {timing['dot_ns']:.3f} ns, one 16-lane FMA {timing['fma_ns']:.3f} ns")
         return
     ckpt = load_checkpoint("smollm2-135m-instruct", progress=False)
     measured = memory_bandwidth(torch.get_num_threads())

@@ -79,16 +79,18 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
 @pytest.mark.parametrize("isa", supported_isas())
 def test_error_within_the_bound_of_the_order(isa, dtype):
     """Every path against fp64 math on the same values (x rounded to bf16 where the kernels round it), within
-    the rigorous error bound of the kernels' order (2 chains of K / (2 W) roundings per lane: an FMA each, or
-    with native bf16 an even or odd block's two exact products added one by one; fp32 weights at 16 lanes one
-    chain of K / 16; a 4-level tree over W lanes (lanes of a 16-wide vector are first paired); the tail's FMAs;
-    on AMX tiles one chain of K roundings): |error| <= depth * 2^-24 * sum |w_k x_k|, with rows of x shifted by
-    a constant so that sums cancel."""
-    width = {"amx": 16, "avx512bf16": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
-    block = width if width == 16 and dtype == torch.float32 else 2 * width
+    the rigorous error bound of the kernels' order: at 16 lanes one chain of K / 16 roundings per lane (an FMA
+    per 16 fp32 elements; bf16 widened, an FMA per even or odd half of a block of 32; native bf16, a
+    vdpbf16ps per 32 adding two exact products one by one), else 2 chains of K / (2 W) FMAs; a 4-level tree
+    over W lanes (lanes of a 16-wide vector are first paired); the tail's FMAs (K mod 16 for fp32 at 16 lanes,
+    else K mod 2 W); on AMX tiles one chain of K roundings: |error| <= depth * 2^-24 * sum |w_k x_k|, with rows
+    of x shifted by a constant so that sums cancel."""
+    width = {"amx": 16, "avx512bf16": 16, "avx512vnni": 16, "avx512": 16, "avx2": 8, "scalar": 1}[isa]
+    per_rounding = 16 if width == 16 else 2 * width  # elements of K per rounding of one lane's chain
+    block = 16 if width == 16 and dtype == torch.float32 else 2 * width  # the tail: K mod block
     gen = torch.Generator().manual_seed(23 + len(isa) + dtype.itemsize)
     for K in (7, 64, 1000, 1536):
-        depth = -(-K // block) + 6 + K % block
+        depth = -(-K // per_rounding) + 6 + K % block
         if isa == "amx" and dtype == torch.bfloat16:  # AMX tiles: one sum per output, a rounding per product
             depth = K + 1
         weight = torch.randn(17, K, generator=gen).to(dtype)

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -66,6 +67,13 @@ constexpr int kMaxGroupHeads = 16;
 #define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,f16c")))
 #include "cpu_decode_isa.inc"
 
+#define LF_NS isa_avx512vnni
+#define LF_W 16
+#define LF_NATIVE 0
+#define LF_VNNI 1
+#define LF_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
+#include "cpu_decode_isa.inc"
+
 #define LF_NS isa_avx512
 #define LF_W 16
 #define LF_NATIVE 0
@@ -89,42 +97,119 @@ constexpr int kMaxGroupHeads = 16;
 
 #include "amx.inc"
 
-// Each level has every instruction of the ones below it. Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) adds
-// the native bf16 and int8 dot products (AVX512-BF16 and AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512 F/BW);
-// Amx (Sapphire Rapids and later; by name only, see best_isa) multiplies bf16 matrices on AMX tiles (amx.inc),
-// the rest as Avx512Bf16.
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3, Amx = 4 };
+// Each level has every instruction of the ones below it. Avx512Vnni (Ice Lake, Cascade Lake and every CPU with
+// AVX512-BF16) adds the int8 dot products of quantized weights (AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512
+// F/BW); Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) multiplies bf16 weights natively too (AVX512-BF16:
+// x rounded to bf16, where Avx512Vnni widens the weights to fp32); Amx (Sapphire Rapids and later; by name
+// only, see best_isa) multiplies bf16 matrices on AMX tiles (amx.inc), the rest as Avx512Bf16.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Avx512Bf16 = 4, Amx = 5 };
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Amx: return "amx";
     case Isa::Avx512Bf16: return "avx512bf16";
+    case Isa::Avx512Vnni: return "avx512vnni";
     case Isa::Avx512: return "avx512";
     case Isa::Avx2: return "avx2";
     default: return "scalar";
   }
 }
 
-// The best level "auto" picks. Amx is never picked by itself: it is asked for by name (isa="amx" or
-// LLAMA_FAST_CPU_ISA=amx). On the Xeon VMs it was tried on, the first fp32 matmul that torch ran right after
-// these AMX products sometimes came out at bf16 precision (a reference's logits ~5e-4 off, then exact again):
-// not understood (docs/session.md), so a process opts in.
-inline Isa best_isa() {
+// The highest level below Amx that this CPU has.
+inline Isa top_isa() {
   const CpuFeatures f = detect_cpu_features();
   // F16C (fp16 scales of quantized blocks) comes with AVX2 on every CPU, but is asked all the same.
   if (!__builtin_cpu_supports("f16c")) return Isa::Scalar;
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512bf16 && f.avx512vnni) return Isa::Avx512Bf16;
+  const bool vnni = f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni;
+  if (vnni && f.avx512bf16) return Isa::Avx512Bf16;
+  if (vnni) return Isa::Avx512Vnni;
   if (f.avx512f && f.avx512bw) return Isa::Avx512;
   if (f.avx2 && f.fma) return Isa::Avx2;
   return Isa::Scalar;
 }
 
-inline bool isa_supported(Isa isa) {
-  if (isa == Isa::Amx) return best_isa() == Isa::Avx512Bf16 && detect_cpu_features().amx_bf16;
-  return static_cast<int>(isa) <= static_cast<int>(best_isa());
+// Whether one vdpbf16ps (32 multiply-adds) takes less than 1.5x the time of one 16-lane FMA, timed on
+// independent chains in registers (best of 3, ~1 ms in all): so on Zen 4 (about 1x), not on Sapphire Rapids,
+// where it takes ~4x (widened weights and FMAs then multiply bf16 matrices at 1.1-1.3x the GFLOPS from 8
+// vectors up; `bench_decode_step.py --matvec` prints both timings; benchmarks/RESULTS.md).
+namespace bf16_probe {
+constexpr int kChains = 12, kIters = 4096;
+
+// Every chain's result used, so that none is left out.
+__attribute__((target("avx512f"))) inline void keep(const __m512 (&acc)[kChains]) {
+  __m512 all = acc[0];
+  for (int i = 1; i < kChains; ++i) all = _mm512_add_ps(all, acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(all);
+  (void)sink;
 }
 
-// The ISA called `name`: "amx", "avx512bf16", "avx512", "avx2", "scalar", or "auto" (best_isa(); "" or
+// Nanoseconds per instruction of kChains independent chains, kIters steps each (a step the compiler cannot fold).
+__attribute__((target("avx512f"))) inline double fma_ns() {
+  __m512 acc[kChains], w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(0.5f);
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < kIters; ++i) {
+    __asm__("" : "+v"(w));
+    for (auto& a : acc) a = _mm512_fmadd_ps(w, x, a);
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  keep(acc);
+  return ns / (kChains * kIters);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) inline double dot_ns() {
+  __m512 acc[kChains];
+  __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80)), x = w;
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < kIters; ++i) {
+    __asm__("" : "+v"(w));
+    for (auto& a : acc) a = _mm512_dpbf16_ps(a, w, x);
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  keep(acc);
+  return ns / (kChains * kIters);
+}
+}  // namespace bf16_probe
+
+struct Bf16Timing {
+  double fma_ns, dot_ns;  // per 16-lane FMA, per vdpbf16ps
+};
+
+// Only on a CPU with AVX512-BF16 (top_isa() >= Avx512Bf16).
+inline Bf16Timing time_bf16_products() {
+  Bf16Timing t{1e30, 1e30};
+  for (int round = 0; round < 3; ++round) {
+    t.fma_ns = std::min(t.fma_ns, bf16_probe::fma_ns());
+    t.dot_ns = std::min(t.dot_ns, bf16_probe::dot_ns());
+  }
+  return t;
+}
+
+inline bool native_bf16_pays() {
+  const Bf16Timing t = time_bf16_products();
+  return t.dot_ns < 1.5 * t.fma_ns;
+}
+
+// The level "auto" picks: the highest, except that bf16 weights are widened (Avx512Vnni) where native bf16
+// products do not pay (asked once per process). Amx is never picked by itself: it is asked for by name
+// (isa="amx" or LLAMA_FAST_CPU_ISA=amx). On the Xeon VMs it was tried on, the first fp32 matmul that torch ran
+// right after these AMX products sometimes came out at bf16 precision (a reference's logits ~5e-4 off, then
+// exact again): not understood (docs/session.md), so a process opts in.
+inline Isa best_isa() {
+  static const Isa best = [] {
+    const Isa top = top_isa();
+    return top == Isa::Avx512Bf16 && !native_bf16_pays() ? Isa::Avx512Vnni : top;
+  }();
+  return best;
+}
+
+inline bool isa_supported(Isa isa) {
+  if (isa == Isa::Amx) return top_isa() == Isa::Avx512Bf16 && detect_cpu_features().amx_bf16;
+  return static_cast<int>(isa) <= static_cast<int>(top_isa());
+}
+
+// The ISA called `name`: "amx", "avx512bf16", "avx512vnni", "avx512", "avx2", "scalar", or "auto" (best_isa(); "" or
 // "auto" read $LLAMA_FAST_CPU_ISA first). An unknown or unsupported name leaves a message in `error`.
 inline Isa parse_isa(const std::string& name, std::string& error) {
   std::string want = name;
@@ -134,12 +219,12 @@ inline Isa parse_isa(const std::string& name, std::string& error) {
   }
   if (want == "auto") return best_isa();
   Isa isa = Isa::Scalar;
-  for (Isa i : {Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar})
+  for (Isa i : {Isa::Amx, Isa::Avx512Bf16, Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::Scalar})
     if (want == isa_name(i)) isa = i;
   if (want != isa_name(isa))
-    error = "unknown isa '" + want + "' (auto, amx, avx512bf16, avx512, avx2, scalar)";
+    error = "unknown isa '" + want + "' (auto, amx, avx512bf16, avx512vnni, avx512, avx2, scalar)";
   else if (!isa_supported(isa))
-    error = "this CPU does not support isa '" + want + "'; it supports up to '" + isa_name(best_isa()) + "'";
+    error = "this CPU does not support isa '" + want + "'; it supports up to '" + isa_name(top_isa()) + "'";
   return error.empty() ? isa : best_isa();
 }
 
@@ -164,6 +249,7 @@ inline Kernels kernels_for(Isa isa) {
       return k;
     }
     case Isa::Avx512Bf16: return LF_KERNELS(isa_avx512bf16);
+    case Isa::Avx512Vnni: return LF_KERNELS(isa_avx512vnni);
     case Isa::Avx512: return LF_KERNELS(isa_avx512);
     case Isa::Avx2: return LF_KERNELS(isa_avx2);
     default: return LF_KERNELS(isa_scalar);

@@ -27,6 +27,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return names;
   }, "The kernel variants (isa= names) this CPU runs, lowest first (amx only by name, never as auto).");
 
+  m.def("cpu_bf16_timing", []() -> py::object {
+    namespace cd = llama_fast::cpu_decode;
+    if (cd::top_isa() < cd::Isa::Avx512Bf16) return py::none();
+    const cd::Bf16Timing t = cd::time_bf16_products();
+    return py::dict("fma_ns"_a = t.fma_ns, "dot_ns"_a = t.dot_ns);
+  }, "ns per 16-lane FMA and per vdpbf16ps, as `auto` times them to choose avx512bf16 or avx512vnni (None without "
+     "AVX512-BF16).");
+
   m.attr("with_cuda") =
 #ifdef LLAMA_FAST_WITH_CUDA
       true;
