@@ -135,39 +135,30 @@ inline Isa top_isa() {
 namespace bf16_probe {
 constexpr int kChains = 12, kIters = 4096;
 
-// Every chain's result used, so that none is left out.
-__attribute__((target("avx512f"))) inline void keep(const __m512 (&acc)[kChains]) {
-  __m512 all = acc[0];
-  for (int i = 1; i < kChains; ++i) all = _mm512_add_ps(all, acc[i]);
-  volatile float sink = _mm512_reduce_add_ps(all);
+struct Fma {
+  __attribute__((target("avx512f"))) __m512 operator()(__m512 acc, __m512 w) const { return _mm512_fmadd_ps(w, w, acc); }
+};
+struct DotBf16 {
+  __attribute__((target("avx512f,avx512bf16"))) __m512 operator()(__m512 acc, __m512 w) const {
+    return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(w));
+  }
+};
+
+// Nanoseconds per `step` on kChains independent chains, kIters steps each (w opaque: nothing folds), every
+// chain's result used.
+template <typename Step>
+__attribute__((target("avx512f,avx512bf16"))) inline double ns_per_step(Step step) {
+  __m512 acc[kChains], w = _mm512_set1_ps(1.0f);
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < kIters; ++i) {
+    __asm__("" : "+v"(w));
+    for (auto& a : acc) a = step(a, w);
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  for (int i = 1; i < kChains; ++i) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(acc[0]);
   (void)sink;
-}
-
-// Nanoseconds per instruction of kChains independent chains, kIters steps each (a step the compiler cannot fold).
-__attribute__((target("avx512f"))) inline double fma_ns() {
-  __m512 acc[kChains], w = _mm512_set1_ps(1.0f), x = _mm512_set1_ps(0.5f);
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < kIters; ++i) {
-    __asm__("" : "+v"(w));
-    for (auto& a : acc) a = _mm512_fmadd_ps(w, x, a);
-  }
-  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
-  keep(acc);
-  return ns / (kChains * kIters);
-}
-
-__attribute__((target("avx512f,avx512bf16"))) inline double dot_ns() {
-  __m512 acc[kChains];
-  __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80)), x = w;
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < kIters; ++i) {
-    __asm__("" : "+v"(w));
-    for (auto& a : acc) a = _mm512_dpbf16_ps(a, w, x);
-  }
-  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
-  keep(acc);
   return ns / (kChains * kIters);
 }
 }  // namespace bf16_probe
@@ -180,8 +171,8 @@ struct Bf16Timing {
 inline Bf16Timing time_bf16_products() {
   Bf16Timing t{1e30, 1e30};
   for (int round = 0; round < 3; ++round) {
-    t.fma_ns = std::min(t.fma_ns, bf16_probe::fma_ns());
-    t.dot_ns = std::min(t.dot_ns, bf16_probe::dot_ns());
+    t.fma_ns = std::min(t.fma_ns, bf16_probe::ns_per_step(bf16_probe::Fma{}));
+    t.dot_ns = std::min(t.dot_ns, bf16_probe::ns_per_step(bf16_probe::DotBf16{}));
   }
   return t;
 }
