@@ -316,6 +316,25 @@ inline void split(int n, int grain, int t, int nt, int& lo, int& hi) {
   hi = u1 * grain < n ? u1 * grain : n;
 }
 
+// [lo, hi) of rows x per_row units (unit u in row u / per_row) for thread t of nt, split where the units' costs
+// (cost[r] > 0 each for the units of row r) reach t / nt of their total, so threads get near-equal costs.
+inline void split_by_cost(const int* cost, int rows, int per_row, int t, int nt, int& lo, int& hi) {
+  int64_t total = 0;
+  for (int r = 0; r < rows; ++r) total += static_cast<int64_t>(cost[r]) * per_row;
+  auto start = [&](int i) {  // the first unit whose costs before it reach i / nt of the total
+    const int64_t target = total * i / nt;
+    int64_t before = 0;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = static_cast<int64_t>(cost[r]) * per_row;
+      if (before + row > target) return r * per_row + static_cast<int>((target - before + cost[r] - 1) / cost[r]);
+      before += row;
+    }
+    return rows * per_row;
+  };
+  lo = t == 0 ? 0 : start(t);
+  hi = t == nt - 1 ? rows * per_row : start(t + 1);
+}
+
 inline void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
   float ss = 0.0f;
   for (int i = 0; i < n; ++i) ss += x[i] * x[i];

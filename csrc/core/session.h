@@ -647,7 +647,8 @@ class Session {
   }
 
   // One pass over the weights for every row of the step (one OpenMP region, over the
-  // paged cache): threads split each product by output rows and attention by (row, KV group).
+  // paged cache): threads split each product by output rows and attention by (row, head run of a KV group),
+  // weighted by the keys each row reads.
   void run(const std::vector<Entry>& entries, const int64_t* tokens, int R, bool all_logits, float* logits) {
     const cd::ModelDesc& m = desc_;
     const int dim = m.dim, D = m.head_dim, H = m.n_heads, Hkv = m.n_kv_heads, F = m.ffn_dim;
@@ -661,6 +662,7 @@ class Session {
     row_table_.resize(R);
     row_pos_.resize(R);
     row_sink_pos_.resize(R);
+    row_keys_.resize(R);
     int max_visible = 1;
     for (int i = 0, r = 0; i < static_cast<int>(entries.size()); ++i) {
       const Seq& s = seqs_.at(entries[i].seq);
@@ -669,6 +671,7 @@ class Session {
         row_pos_[r] = static_cast<int>(s.length + j);
         row_sink_pos_[r] = static_cast<int>(sink_position(s.length + j));
         const int visible = window_ > 0 ? std::min(row_pos_[r] + 1, window_ + sinks_) : row_pos_[r] + 1;
+        row_keys_[r] = visible;
         max_visible = std::max(max_visible, visible);
       }
     }
@@ -760,8 +763,9 @@ class Session {
           }
         }
         barrier.wait();
-        // Attention units (row, head run of one KV group) split evenly over the threads.
-        cd::split(R * H, 1, t, nt, lo, hi);
+        // Attention units (row, head run of one KV group) split over the threads by the keys they read: a
+        // prompt chunk's last rows read many more than its first.
+        cd::split_by_cost(row_keys_.data(), R, H, t, nt, lo, hi);
         for (int u = lo, nh; u < hi; u += nh) {
           const int r = u / H, h = u % H, kh = h / group;
           nh = std::min({hi - u, (kh + 1) * group - h, cd::kMaxGroupHeads});
@@ -846,7 +850,7 @@ class Session {
   int64_t next_id_ = 0;
 
   std::vector<const int32_t*> row_table_;
-  std::vector<int> row_pos_, row_sink_pos_, out_rows_;
+  std::vector<int> row_pos_, row_sink_pos_, row_keys_, out_rows_;
   std::vector<float> workspace_;
   mutable std::mutex mutex_;
 };
