@@ -724,6 +724,10 @@ class Session {
       float* xn = per_thread_ws + t * per_thread;  // (R, dim) this thread's copy of the normed x
       float* scores = xn + static_cast<size_t>(R) * dim;
       int lo, hi;
+      // Attention units (row, head run of one KV group) split over the threads by the keys they read: a prompt
+      // chunk's last rows read many more than its first. The same split in every layer.
+      int att_lo, att_hi;
+      cd::split_by_cost(row_keys_.data(), R, H, t, nt, att_lo, att_hi);
       for (int l = 0; l < m.n_layers; ++l) {
         const cd::LayerWeights& w = m.layers[l];
         for (int r = 0; r < R; ++r) cd::rms_norm(x + r * dim, w.attn_norm, dim, m.eps, xn + r * dim);
@@ -763,12 +767,9 @@ class Session {
           }
         }
         barrier.wait();
-        // Attention units (row, head run of one KV group) split over the threads by the keys they read: a
-        // prompt chunk's last rows read many more than its first.
-        cd::split_by_cost(row_keys_.data(), R, H, t, nt, lo, hi);
-        for (int u = lo, nh; u < hi; u += nh) {
+        for (int u = att_lo, nh; u < att_hi; u += nh) {
           const int r = u / H, h = u % H, kh = h / group;
-          nh = std::min({hi - u, (kh + 1) * group - h, cd::kMaxGroupHeads});
+          nh = std::min({att_hi - u, (kh + 1) * group - h, cd::kMaxGroupHeads});
           const float* q = qkv + static_cast<size_t>(r) * nqkv + h * D;
           const float* qs = two_queries ? q_sink + static_cast<size_t>(r) * nq + h * D : q;
           kern.attend_paged(q, qs, k_[l] + static_cast<size_t>(kh) * D * esz, v_[l] + static_cast<size_t>(kh) * D * esz,
