@@ -59,6 +59,7 @@ class SpanArgs:
         self.has_alibi = span.alibi_slopes is not None
         self.has_table = span.bucket_bias is not None
         self.has_window = span.window is not None
+        self.has_sinks = self.has_window and span.sink_tokens > 0  # sinks past the window: sink_position rule
         self.has_softcap = span.logit_softcap is not None
         self.window = span.window if span.window is not None else 0
         self.sink = span.sink_tokens
@@ -79,7 +80,7 @@ class SpanArgs:
 
     def flags(self) -> dict:
         return dict(HAS_ALIBI=self.has_alibi, HAS_TABLE=self.has_table, HAS_WINDOW=self.has_window,
-                    HAS_SOFTCAP=self.has_softcap)
+                    HAS_SINKS=self.has_sinks, HAS_SOFTCAP=self.has_softcap)
 
 
 def _bucket_table(span: SpanBias, device) -> torch.Tensor:
@@ -95,14 +96,27 @@ def _bucket_table(span: SpanBias, device) -> torch.Tensor:
 
 @triton.jit
 def span_scores(qk, q_pos, k_pos, k_len, slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
-                HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr):
+                HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, SINK_PART: tl.constexpr):
     """Scores in log2 units (BM, BN) fp32 from raw dot products qk (BM, BN), -inf where invisible.
 
     q_pos (BM,) and k_pos (BN,) int32 positions; slope: scalar or (BM, 1), pre-scaled by log2(e);
     tab_ptr: pointer (scalar or (BM, 1)) to this head's span table row, pre-scaled by log2(e).
+    HAS_SINKS (a window with sinks): a sink window or more behind its query is met by another query (q_sink,
+    rotated at sink_position) at its distance from sink_position (docs/ARCHITECTURE.md section 3), so the
+    kernels score it in a loop of its own: SINK_PART scores only those pairs, otherwise only the window's.
     """
     d = q_pos[:, None] - k_pos[None, :]  # (BM, BN) span
+    visible = k_pos[None, :] < k_len
+    if SINK_PART:
+        visible = visible & (k_pos[None, :] < sink) & (d >= window)
+        d = tl.minimum(q_pos, sink + window - 1)[:, None] - k_pos[None, :]
+    elif HAS_SINKS:
+        visible = visible & (d >= 0) & (d < window)
+    else:
+        visible = visible & (d >= 0)
+        if HAS_WINDOW:
+            visible = visible & (d < window)
     if HAS_SOFTCAP:
         x = qk * (sm_scale / softcap)
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at +-inf, no libdevice needed
@@ -115,9 +129,6 @@ def span_scores(qk, q_pos, k_pos, k_len, slope, tab_ptr, sm_scale, softcap, wind
     if HAS_TABLE:
         idx = tl.minimum(tl.maximum(d, 0), max_dist + 1)
         s = s + tl.load(tab_ptr + idx)
-    visible = (d >= 0) & (k_pos[None, :] < k_len)
-    if HAS_WINDOW:
-        visible = visible & ((d < window) | (k_pos[None, :] < sink))
     return tl.where(visible, s, float("-inf"))
 
 
@@ -137,6 +148,44 @@ def load_kv_tile(base, b, row_off, stride_blk, stride_t, hkv, stride_h, offs_n, 
         rows = row_off + offs_n.to(tl.int64) * stride_t
     ptrs = base + rows[:, None] + hkv * stride_h + offs_d[None, :]
     return tl.load(ptrs, mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def attend_block(acc, m_i, l_i, q, start, b, q_pos, k_len,
+                 K, V, k_row_off, v_row_off, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                 hkv, offs_d, bt_ptr, stride_bt, page_size, D,
+                 slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
+                 BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 SINK_PART: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block [start, start + BLOCK_N) folded into the running (acc, m_i, l_i) of the queries q (BM, BD)
+    (online softmax; span_scores says which pairs count)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    k = load_kv_tile(K, b, k_row_off, stride_kb, stride_kt, hkv, stride_kh, offs_n, offs_d, k_len,
+                     bt_ptr, stride_bt, page_size, D, PAGED)  # (BN, BD)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BM, BN) fp32
+    s = span_scores(qk, q_pos, offs_n, k_len, slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
+                    HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP, SINK_PART)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no visible key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = load_kv_tile(V, b, v_row_off, stride_vb, stride_vt, hkv, stride_vh, offs_n, offs_d, k_len,
+                     bt_ptr, stride_bt, page_size, D, PAGED)  # (BN, BD)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+def check_q_sink(op: str, q_sink: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """q_sink, checked against q (None: q itself, for a span whose sinks carry no rotation of their own)."""
+    if q_sink is None:
+        return q
+    if q_sink.shape != q.shape or q_sink.dtype != q.dtype or q_sink.device != q.device:
+        raise ValueError(f"{op}: q_sink must be shaped like q {q.dtype} {tuple(q.shape)} on {q.device}, got "
+                         f"{q_sink.dtype} {tuple(q_sink.shape)} on {q_sink.device}")
+    return last_dim_contiguous(q_sink)
 
 
 def check_out(op: str, out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Few queries (plain decoding Tq = 1, speculative decoding a few): one program takes one sequence, one KV
 head and one split of its keys. Its BLOCK_M rows are all Tq x G queries of that KV group (G = H // Hkv
-query heads), so each K/V tile is loaded once for the whole group. The visible key range (sinks plus the
-window, or everything) is cut into `num_splits` parts so that one long sequence fills the GPU; a second
-small kernel merges the parts through their log-sum-exp. With one split the first kernel writes the
-output directly.
+query heads), so each K/V tile is loaded once for the whole group. The visible key range (the window, or
+everything) is cut into `num_splits` parts so that one long sequence fills the GPU, split 0 also taking
+the sinks past the window (met by q_sink); a second small kernel merges the parts through their
+log-sum-exp. With one split the first kernel writes the output directly.
 
 Many queries (a prompt going through the cache, Tq x G > 64): the prefill kernel of span_attention.py in
 its cache mode, reading the same contiguous or paged cache.
@@ -20,8 +20,8 @@ import triton.language as tl
 
 from llama_fast.span import SpanBias
 
-from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, check_out, last_dim_contiguous,
-                      load_kv_tile, span_scores, sync_point)
+from ._common import (SpanArgs, attend_block, block_d, check_device, check_dtypes, check_head_dim, check_out,
+                      check_q_sink, last_dim_contiguous, sync_point)
 from .span_attention import MODE_CACHE, launch_prefill
 
 MAX_DECODE_ROWS = 64  # Tq * G above this goes to the prefill kernel
@@ -56,8 +56,9 @@ def choose_num_splits(batch: int, kv_heads: int, key_span: int, block_n: int, de
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, O, O_part, L_part,
+    Q, Q_sink, K, V, O, O_part, L_part,
     stride_qb, stride_qt, stride_qh,
+    stride_sb, stride_st, stride_sh,  # Q_sink's (read under HAS_SINKS)
     stride_kb, stride_kt, stride_kh,  # paged: stride_kb is the stride between cache blocks
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
@@ -67,8 +68,8 @@ def _decode_kernel(
     Tq, Hkv, G, D, num_splits,
     sm_scale, softcap, window, sink, max_dist,
     PAGED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SINGLE: tl.constexpr, COUNT: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SINGLE: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -82,8 +83,7 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     q_pos = k_len - Tq + t
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    q_mask = row_mask[:, None] & d_mask[None, :]
     slope = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + head, mask=row_mask, other=0.0)[:, None]
@@ -95,40 +95,33 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo = 0
-    sink_end = 0
     if HAS_WINDOW:
         lo = (tl.maximum(k_len - Tq - window + 1, 0) // BLOCK_N) * BLOCK_N
-        sink_end = tl.where(split == 0, tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, lo), 0)
-    # this split's share of the window part, in whole blocks; split 0 also takes the sink blocks
+    # this split's share of the window part, in whole blocks
     per_split = tl.cdiv(tl.cdiv(k_len - lo, BLOCK_N), num_splits) * BLOCK_N
     s_lo = lo + split * per_split
     s_hi = tl.minimum(k_len, s_lo + per_split)
     n_blocks = 0
-    for phase in tl.static_range(2):
-        if phase == 0:
-            start_at = 0
-            stop_at = sink_end
-        else:
-            start_at = s_lo
-            stop_at = s_hi
-        for start in range(start_at, stop_at, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k = load_kv_tile(K, b, k_off, stride_kb, stride_kt, hkv, stride_kh, offs_n, offs_d, k_len,
-                             bt_ptr, stride_bt, page_size, D, PAGED)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = span_scores(qk, q_pos, offs_n, k_len, slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
-                            HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SOFTCAP)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = load_kv_tile(V, b, v_off, stride_vb, stride_vt, hkv, stride_vh, offs_n, offs_d, k_len,
-                             bt_ptr, stride_bt, page_size, D, PAGED)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-            m_i = m_new
+    if HAS_SINKS:  # split 0 also takes the sinks past the window, met by q_sink (one query tile live at a time)
+        q_sink = tl.load(Q_sink + b.to(tl.int64) * stride_sb + t[:, None] * stride_st + head[:, None] * stride_sh
+                         + offs_d[None, :], mask=q_mask, other=0.0)
+        sink_hi = tl.where((split == 0) & (k_len - 1 >= window), tl.cdiv(sink, BLOCK_N) * BLOCK_N, 0)
+        for start in range(0, sink_hi, BLOCK_N):
+            acc, m_i, l_i = attend_block(
+                acc, m_i, l_i, q_sink, start, b, q_pos, k_len, K, V, k_off, v_off, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, hkv, offs_d, bt_ptr, stride_bt, page_size, D,
+                slope, tab_ptr, sm_scale, softcap, window, sink, max_dist, BLOCK_N, PAGED,
+                HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP, True, DOT_PRECISION)
             n_blocks += 1
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    for start in range(s_lo, s_hi, BLOCK_N):
+        acc, m_i, l_i = attend_block(
+            acc, m_i, l_i, q, start, b, q_pos, k_len, K, V, k_off, v_off, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, hkv, offs_d, bt_ptr, stride_bt, page_size, D,
+            slope, tab_ptr, sm_scale, softcap, window, sink, max_dist, BLOCK_N, PAGED,
+            HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP, False, DOT_PRECISION)
+        n_blocks += 1
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     if SINGLE:
         o_ptrs = O + b.to(tl.int64) * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -168,8 +161,9 @@ def _combine_kernel(O, O_part, L_part, stride_ob, stride_ot, stride_oh, Tq, H, D
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None,
-                     scale=None, *, out: torch.Tensor | None = None, num_splits: int | None = None,
-                     block_counts: torch.Tensor | None = None, check_bounds: bool = True):
+                     scale=None, *, q_sink: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     num_splits: int | None = None, block_counts: torch.Tensor | None = None,
+                     check_bounds: bool = True):
     """Span-biased attention of Tq new queries per sequence over a KV cache that already holds them.
 
     q:             (B, Tq, H, D), any Tq >= 1 (1: decoding; a few: speculative; a prompt: prefill).
@@ -180,6 +174,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     cache_seqlens: (B,) int32, valid tokens of each row *including* the Tq new ones, Tq <= len <= capacity;
                    query t of row b sits at position cache_seqlens[b] - Tq + t, key n at position n.
     span, scale:   as span_attention. H % Hkv == 0; D in {64, 80, 96, 128}; fp16, bf16 (fp32 for tests).
+    q_sink:        shaped like q: the queries rotated at sink_position, for sinks past the window (None: q).
     out:           optional output (B, Tq, H, D), dtype of q, unit last-dim stride.
     num_splits:    override the split-KV heuristic (tests); block_counts: receives key blocks per program.
     check_bounds:  verify cache_seqlens and the used block_table entries against the cache (one device ->
@@ -238,6 +233,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
         if problems:
             raise ValueError(f"{op}: " + "; ".join(problems))
     q = last_dim_contiguous(q)
+    q_sink = check_q_sink(op, q_sink, q)
     scale = D ** -0.5 if scale is None else float(scale)
     G = H // Hkv
     span_args = SpanArgs(span, H, q.device)
@@ -248,7 +244,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     if rows > MAX_DECODE_ROWS:
         return launch_prefill(q, k_cache, v_cache, out, mode=MODE_CACHE, seq=cache_seqlens, block_table=block_table,
                               T=Tq, S=0, B=B, H=H, G=G, span_args=span_args, scale=scale, max_q_len=Tq,
-                              counts=block_counts)
+                              counts=block_counts, q_sink=q_sink)
     cfg = decode_config(q.dtype, rows)
     BN = cfg["BLOCK_N"]
     key_span = capacity
@@ -272,8 +268,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     dummy = span_args.slopes
     grid = (B * Hkv, num_splits)
     _decode_kernel[grid](
-        q, k_cache, v_cache, out, o_part, l_part,
-        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
+        q, q_sink, k_cache, v_cache, out, o_part, l_part,
+        *q.stride()[:3], *q_sink.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3],
         cache_seqlens, block_table if paged else dummy, block_table.stride(0) if paged else 0,
         page_size if paged else 1,
         span_args.slopes, span_args.table, span_args.table_stride,

@@ -3,8 +3,9 @@
 One program computes BLOCK_M queries of one head: online softmax in fp32, scores biased from positions
 inside the kernel (ALiBi slope, learned span table indexed by min(d, max_distance + 1), window + sinks
 mask, softcap), nothing of size T x S in memory. Key blocks that the causal mask or the window hide are
-never loaded: with a window the loop visits the sink blocks and then only the blocks within `window` of
-the query block, so the cost is O(T * (window + sinks)), not O(T * S).
+never loaded: with a window the loop visits only the blocks within `window` of the query block (and, with
+sinks, first the sink blocks, met by q_sink where they lie past the window), so the cost is
+O(T * (window + sinks)), not O(T * S).
 
 The same kernel reads a KV cache (contiguous or paged) for decode_attention when many queries arrive at
 once (a prompt), see decode_attention.py.
@@ -17,8 +18,8 @@ import triton.language as tl
 
 from llama_fast.span import SpanBias
 
-from ._common import (SpanArgs, block_d, check_device, check_dtypes, check_head_dim, check_out, last_dim_contiguous,
-                      load_kv_tile, span_scores)
+from ._common import (SpanArgs, attend_block, block_d, check_device, check_dtypes, check_head_dim, check_out,
+                      check_q_sink, last_dim_contiguous)
 
 MODE_BATCHED, MODE_VARLEN, MODE_CACHE = 0, 1, 2
 
@@ -37,35 +38,10 @@ def prefill_config(dtype: torch.dtype, head_dim: int, heavy_span: bool = False) 
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, start, b, q_pos, k_len,
-                  K, V, k_row_off, v_row_off, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                  hkv, offs_d, bt_ptr, stride_bt, page_size, D,
-                  slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
-                  BLOCK_N: tl.constexpr, PAGED: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key block [start, start + BLOCK_N) folded into the running (acc, m_i, l_i) of BLOCK_M queries."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    k = load_kv_tile(K, b, k_row_off, stride_kb, stride_kt, hkv, stride_kh, offs_n, offs_d, k_len,
-                     bt_ptr, stride_bt, page_size, D, PAGED)  # (BN, BD)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BM, BN) fp32
-    s = span_scores(qk, q_pos, offs_n, k_len, slope, tab_ptr, sm_scale, softcap, window, sink, max_dist,
-                    HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SOFTCAP)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no visible key yet
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_kv_tile(V, b, v_row_off, stride_vb, stride_vt, hkv, stride_vh, offs_n, offs_d, k_len,
-                     bt_ptr, stride_bt, page_size, D, PAGED)  # (BN, BD)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _span_fwd_kernel(
-    Q, K, V, O,
+    Q, Q_sink, K, V, O,
     stride_qb, stride_qt, stride_qh,
+    stride_sb, stride_st, stride_sh,  # Q_sink's (read under HAS_SINKS)
     stride_kb, stride_kt, stride_kh,  # paged: stride_kb is the stride between cache blocks
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
@@ -76,8 +52,8 @@ def _span_fwd_kernel(
     T, S, H, G, D,  # T: queries (BATCHED/CACHE), S: keys (BATCHED); G = H // Hkv
     sm_scale, softcap, window, sink, max_dist,
     MODE: tl.constexpr, PAGED: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, COUNT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -90,6 +66,7 @@ def _span_fwd_kernel(
         q_len = tl.load(seq_ptr + b + 1) - start_tok
         k_len = q_len
         q_off = start_tok.to(tl.int64) * stride_qt
+        s_off = start_tok.to(tl.int64) * stride_st
         k_off = start_tok.to(tl.int64) * stride_kt
         v_off = start_tok.to(tl.int64) * stride_vt
         o_off = start_tok.to(tl.int64) * stride_ot
@@ -100,6 +77,7 @@ def _span_fwd_kernel(
             k_len = S
         q_len = T
         q_off = b.to(tl.int64) * stride_qb
+        s_off = b.to(tl.int64) * stride_sb
         k_off = b.to(tl.int64) * stride_kb
         v_off = b.to(tl.int64) * stride_vb
         o_off = b.to(tl.int64) * stride_ob
@@ -111,8 +89,6 @@ def _span_fwd_kernel(
         d_mask = offs_d < D
         first = k_len - q_len  # position of query 0 (bottom-right aligned)
         q_pos = first + offs_m
-        q = tl.load(Q + q_off + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(slopes_ptr + h)
@@ -126,20 +102,25 @@ def _span_fwd_kernel(
         if HAS_WINDOW:
             # the first visible key of the block's first query, rounded down to a block
             lo = (tl.maximum(first + m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
-            sink_end = tl.minimum(tl.cdiv(sink, BLOCK_N) * BLOCK_N, lo)
-            for start in range(0, sink_end, BLOCK_N):  # attention sinks below the window
-                acc, m_i, l_i = _attend_block(
-                    acc, m_i, l_i, q, start, b, q_pos, k_len, K, V, k_off, v_off, stride_kb, stride_kt,
+        if HAS_SINKS:  # the sinks past the window, met by q_sink (loaded only for this loop: one query tile live)
+            q_sink = tl.load(Q_sink + s_off + h * stride_sh + offs_m[:, None].to(tl.int64) * stride_st + offs_d[None, :],
+                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            sink_hi = tl.where(first + m0 + BLOCK_M - 1 >= window, tl.cdiv(sink, BLOCK_N) * BLOCK_N, 0)
+            for start in range(0, sink_hi, BLOCK_N):
+                acc, m_i, l_i = attend_block(
+                    acc, m_i, l_i, q_sink, start, b, q_pos, k_len, K, V, k_off, v_off, stride_kb, stride_kt,
                     stride_kh, stride_vb, stride_vt, stride_vh, hkv, offs_d, bt_ptr, stride_bt, page_size, D,
                     slope, tab_ptr, sm_scale, softcap, window, sink, max_dist, BLOCK_N, PAGED,
-                    HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                    HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP, True, DOT_PRECISION)
                 n_blocks += 1
+        q = tl.load(Q + q_off + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         for start in range(lo, hi, BLOCK_N):
-            acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i = attend_block(
                 acc, m_i, l_i, q, start, b, q_pos, k_len, K, V, k_off, v_off, stride_kb, stride_kt,
                 stride_kh, stride_vb, stride_vt, stride_vh, hkv, offs_d, bt_ptr, stride_bt, page_size, D,
                 slope, tab_ptr, sm_scale, softcap, window, sink, max_dist, BLOCK_N, PAGED,
-                HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
+                HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP, False, DOT_PRECISION)
             n_blocks += 1
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # a row with no visible key outputs 0
         tl.store(O + o_off + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_ot + offs_d[None, :],
@@ -149,21 +130,24 @@ def _span_fwd_kernel(
 
 
 def launch_prefill(q, k, v, out, *, mode, seq=None, block_table=None, T, S, B, H, G, span_args: SpanArgs,
-                   scale, max_q_len, counts=None):
-    """Launches _span_fwd_kernel. Token-major 4-D views (B, T, H, D) except VARLEN (total, H, D)."""
+                   scale, max_q_len, counts=None, q_sink):
+    """Launches _span_fwd_kernel. Token-major 4-D views (B, T, H, D) except VARLEN (total, H, D); q_sink
+    is laid out like q."""
     D = q.shape[-1]
     cfg = prefill_config(q.dtype, D, span_args.heavy)
     paged = block_table is not None
     if mode == MODE_VARLEN:
         qs, ks, vs, os_ = (0, *q.stride()[:2]), (0, *k.stride()[:2]), (0, *v.stride()[:2]), (0, *out.stride()[:2])
+        ss = (0, *q_sink.stride()[:2])
     else:
         qs, ks, vs, os_ = q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3]
+        ss = q_sink.stride()[:3]
     grid = (triton.cdiv(max_q_len, cfg["BLOCK_M"]), B * H)
     if counts is not None:
         counts.resize_(grid[0] * grid[1]).fill_(-1)
     dummy = span_args.slopes
     _span_fwd_kernel[grid](
-        q, k, v, out, *qs, *ks, *vs, *os_,
+        q, q_sink, k, v, out, *qs, *ss, *ks, *vs, *os_,
         seq if seq is not None else dummy,
         block_table if paged else dummy, block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
         span_args.slopes, span_args.table, span_args.table_stride,
@@ -179,7 +163,8 @@ def launch_prefill(q, k, v, out, *, mode, seq=None, block_table=None, T, S, B, H
 
 
 def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None, *,
-                   out: torch.Tensor | None = None, block_counts: torch.Tensor | None = None):
+                   q_sink: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   block_counts: torch.Tensor | None = None):
     """Span-biased causal attention for prefill, FlashAttention's interface.
 
     Batched:  q (B, T, H, D); k, v (B, S, Hkv, D) with S >= T. Causal is aligned bottom-right: query t sits
@@ -189,6 +174,7 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     span:     SpanBias (docs/ARCHITECTURE.md section 3): ALiBi slopes (H,), bucket_bias (H, num_buckets), window,
               sink_tokens, logit_softcap, in any combination.
     scale:    multiplies q . k (default 1 / sqrt(D)).
+    q_sink:   shaped like q: the queries rotated at sink_position, for sinks past the window (None: q).
     H % Hkv == 0 (GQA/MQA: query head h reads KV head h // (H // Hkv)); D in {64, 80, 96, 128};
     dtype fp16 or bf16 (fp32 accepted, for tests); any strides with a unit last-dim stride (else copied).
     out:      optional output, shaped like q, same dtype (any strides with a unit last-dim stride).
@@ -213,6 +199,7 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     if H % Hkv:
         raise ValueError(f"{op}: {H} query heads is not a multiple of {Hkv} KV heads")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    q_sink = check_q_sink(op, q_sink, q)
     scale = D ** -0.5 if scale is None else float(scale)
     span_args = SpanArgs(span, H, q.device)
     out = check_out(op, out, q)
@@ -230,7 +217,7 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
         if max_len == 0:
             return out
         return launch_prefill(q, k, v, out, mode=MODE_VARLEN, seq=cu_seqlens, T=0, S=0, B=B, H=H, G=H // Hkv,
-                              span_args=span_args, scale=scale, max_q_len=max_len, counts=block_counts)
+                              span_args=span_args, scale=scale, max_q_len=max_len, counts=block_counts, q_sink=q_sink)
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     if k.shape[0] != B:
         raise ValueError(f"{op}: q has batch {B}, k has batch {k.shape[0]}")
@@ -239,4 +226,4 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
     if T == 0 or B == 0:
         return out
     return launch_prefill(q, k, v, out, mode=MODE_BATCHED, T=T, S=S, B=B, H=H, G=H // Hkv,
-                          span_args=span_args, scale=scale, max_q_len=T, counts=block_counts)
+                          span_args=span_args, scale=scale, max_q_len=T, counts=block_counts, q_sink=q_sink)

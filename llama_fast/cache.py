@@ -1,7 +1,8 @@
 """KV caches, backed by the C++ extension (llama_fast._C). Every cache speaks the same step protocol, which
 the model's attention uses:
 
-    positions = cache.begin_step(T)     # (B, T) int64 cache positions of the T new tokens of each row;
+    positions = cache.begin_step(T)     # (B, T) int64 positions of the T new tokens of each row (for RoPE:
+                                        # true positions, which exceed the cache index once a window evicts);
                                         # cache.position_bound: an int above all of them, known on the host
     for each layer:
         cache.write(layer, k, v)        # k, v: (B, T, Hkv, D) stored at those positions
@@ -24,7 +25,6 @@ import torch
 
 from ._ext import ext
 from .errors import CacheFullError
-from .streaming import rotate_keys_back
 
 
 def _kept_counts(num_kept, num_new: int, batch: int) -> list[int]:
@@ -194,16 +194,15 @@ class PagedKVCache:
     window (and sink_tokens), begin_step first drops the tokens no future query can see (SpanBias
     semantics: key j is visible to query i if i - j < window or j < sink_tokens), a block's worth at a
     time: their blocks go back to the pool, so a stream of any length uses constant memory. The survivors
-    are re-indexed compactly (sinks first, then the rest in order): positions are positions in the cache,
-    so with rope_table (the model's RoPE table, n -> (n, rot_dim)) the survivors' keys, stored rotated at
-    their old positions, are re-rotated by the shift (as StreamingKVCache does, and for the same reason:
-    streaming.py). Without it keys are taken to carry no position.
+    are re-indexed compactly (sinks first, then the rest in order), their keys untouched: begin_step returns
+    true positions (index + the tokens evicted), and attention by index gives the same numbers as if
+    nothing had been evicted (streaming.py says why).
     Running out of blocks raises CacheFullError and leaves the cache unchanged.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  *, dtype=torch.float32, device="cpu", window: int | None = None, sink_tokens: int = 0,
-                 max_seq_len: int | None = None, rope_table=None):
+                 max_seq_len: int | None = None):
         _check_sizes(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, n_kv_heads=n_kv_heads,
                      head_dim=head_dim)
         if window is not None and (not isinstance(window, int) or window < 1):
@@ -218,7 +217,7 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_layers, self.block_size = num_layers, block_size
-        self.window, self.sink_tokens, self.rope_table = window, sink_tokens, rope_table
+        self.window, self.sink_tokens = window, sink_tokens
         self.max_seq_len = max_seq_len if max_seq_len is not None else 2**31 - 1
         self.device = torch.device(device)
         self.seq_ids: list[int] = []
@@ -307,10 +306,7 @@ class PagedKVCache:
         self._not_in_step("begin_step")
         ids = self.seq_ids
         if self.window is not None:
-            evicted_before = [self.manager.evicted(s) for s in ids]
             self._copy(self.manager.evict(ids, self.window, self.sink_tokens))
-            if self.rope_table is not None:
-                self._rerotate(ids, evicted_before)
         try:
             start, copies = self.manager.reserve(ids, num_new, self.max_seq_len)
         except self._C.KVCacheFull as err:
@@ -319,29 +315,13 @@ class PagedKVCache:
         self._copy(copies)
         self._num_new = num_new
         self._start_cpu, self._table_cpu = start, self.manager.block_table(ids)  # host copies for write()
-        self.position_bound = int(start.max()) + num_new if len(ids) else num_new
+        true_start = start.long() + torch.tensor([self.manager.evicted(s) for s in ids], dtype=torch.int64)
+        self.position_bound = int(true_start.max()) + num_new if len(ids) else num_new
         self._start = start.to(self.device)
         self.seqlens = self._start
         self.step_seqlens = self._start + num_new
         self.block_table = self._table_cpu.to(self.device)
-        steps = torch.arange(num_new, device=self.device)
-        return self._start.long()[:, None] + steps[None, :]  # (B, T)
-
-    def _rerotate(self, ids: list[int], evicted_before: list[int]) -> None:
-        """Survivors after the sinks moved `shift` positions down: rotate their keys back by it. Eviction
-        made their blocks private to the sequence, so no other sequence sees the change."""
-        bs = self.block_size
-        for seq, before in zip(ids, evicted_before):
-            shift = self.manager.evicted(seq) - before
-            if shift == 0:
-                continue
-            positions = torch.arange(self.sink_tokens, self.manager.length(seq))
-            blocks = torch.tensor(self.manager.blocks(seq), dtype=torch.int64)
-            slots = (blocks[positions // bs] * bs + positions % bs).to(self.device)  # (n,) rows of the pool
-            table = self.rope_table(shift + 1)
-            for pool in self.k:
-                flat = pool.view(-1, *pool.shape[2:])  # (num_blocks * block_size, Hkv, D)
-                flat[slots] = rotate_keys_back(flat[slots], shift, table)
+        return true_start.to(self.device)[:, None] + torch.arange(num_new, device=self.device)[None, :]  # (B, T)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self._start is None:

@@ -154,7 +154,7 @@ class LLM:
             if max_len > span.sink_tokens + span.window + slack:
                 base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
                                      c.head_dim, dtype=dtype, device=self.device)
-                return StreamingKVCache(base, span, lambda n: self.model.rope_table(n, self.device), slack)
+                return StreamingKVCache(base, span, slack)
         if self.device.type == "cuda" and self.decode != "eager":
             # Decode steps replay CUDA graphs captured on caches the graph path owns (one per batch size
             # and length bucket, reused by later calls: a cache from an earlier call is reset).
@@ -376,8 +376,7 @@ class LLM:
             held = -(-(span.sink_tokens + span.window + streaming_slack(span.window)) // bs) + 2
             num_blocks = (len(distinct) + len(prompt_ids)) * held
         cache = PagedKVCache.for_span(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim, span,
-                                      dtype=self.model.dtype, device=self.device,
-                                      rope_table=lambda n: self.model.rope_table(n, self.device))
+                                      dtype=self.model.dtype, device=self.device)
         seqs = [cache.add_sequence() for _ in distinct]
         cache.set_batch(seqs)
         longest = max(len(p) for p in distinct)

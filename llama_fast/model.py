@@ -12,7 +12,7 @@ from torch import nn
 from . import ops
 from .config import ModelConfig
 from .quant import QuantizedWeight
-from .reference import rope_cos_sin_cache
+from .reference import rope_cos_sin_cache, sink_position
 from .span import SpanBias
 
 
@@ -65,10 +65,14 @@ class Attention(nn.Module):
         q = self._project(x, self.wq).view(B, T, self.n_heads, self.head_dim)
         k = self._project(x, self.wk).view(B, T, self.n_kv_heads, self.head_dim)
         v = self._project(x, self.wv).view(B, T, self.n_kv_heads, self.head_dim)
+        q_sink = None
+        if span.window is not None and span.sink_tokens:  # the queries as the sinks past the window see them
+            q_sink = q.clone()
+            ops.apply_rope(q_sink, q_sink[:, :, :0], sink_position(positions, span), cos_sin_cache)
         ops.apply_rope(q, k, positions, cos_sin_cache)
         cache.write(self.layer, k, v)
         out = ops.decode_attention(  # (B, T, n_heads, head_dim)
-            q, cache.k[self.layer], cache.v[self.layer], cache.step_seqlens, span, cache.block_table
+            q, cache.k[self.layer], cache.v[self.layer], cache.step_seqlens, span, cache.block_table, q_sink=q_sink
         )
         return ops.linear(out.reshape(B, T, -1), self.wo.weight)
 
@@ -135,7 +139,8 @@ class Transformer(nn.Module):
     def rope_table(self, num_positions: int, device) -> torch.Tensor:
         """[cos | sin] for positions 0..num_positions-1 (at least), fp32 on `device`."""
         if self.cos_sin_cache.shape[0] < num_positions or self.cos_sin_cache.device != torch.device(device):
-            size = max(num_positions, self.config.max_seq_len)
+            # streams run past the context: grow by doubling, not one position per step
+            size = max(num_positions, self.config.max_seq_len, 2 * self.cos_sin_cache.shape[0])
             self.cos_sin_cache = rope_cos_sin_cache(
                 size, self.config.head_dim, self.config.rope_theta, self.config.rope_scaling
             ).to(device)

@@ -77,12 +77,13 @@ def _kernels():
     return kernels
 
 
-def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None, *, backend=None):
-    """Span-biased causal attention for prefill (see reference.span_attention for shapes)."""
+def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None, q_sink=None, *,
+                   backend=None):
+    """Span-biased causal attention for prefill (see reference.span_attention for shapes and q_sink)."""
     which = choose_backend("span_attention", q.device, backend)
     if which == "triton":
-        return _kernels().span_attention(q, k, v, span, scale, cu_seqlens)
-    return reference.span_attention(q, k, v, span, scale, cu_seqlens)
+        return _kernels().span_attention(q, k, v, span, scale, cu_seqlens, q_sink=q_sink)
+    return reference.span_attention(q, k, v, span, scale, cu_seqlens, q_sink)
 
 
 def _cpu_attention_unsupported(k_cache, block_table) -> str | None:
@@ -100,7 +101,8 @@ def cpu_bucket_table(span: SpanBias) -> torch.Tensor | None:
     return derived_table(span, "cpu_table", "cpu", lambda: reference.bucket_table(span))
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None, *, backend=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None,
+                     q_sink=None, *, backend=None):
     """Attention of new queries over a contiguous or paged KV cache (see reference.decode_attention).
 
     On CPU the C++ version (the decode step's attention, one query at a time) runs contiguous fp32/bf16
@@ -109,15 +111,16 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
     unsupported = _cpu_attention_unsupported(k_cache, block_table) if q.device.type == "cpu" else "not on the CPU"
     which = choose_backend("decode_attention", q.device, backend, cpu_ext=unsupported or True)
     if which == "triton":
-        return _kernels().decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale)
+        return _kernels().decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale, q_sink=q_sink)
     if which == "cpu":
         out = ext().cpu_attention(
             q.float().contiguous(), k_cache, v_cache, cache_seqlens,
             alibi_slopes=span.alibi_slopes, bucket_table=cpu_bucket_table(span), window=span.window or 0,
             sink_tokens=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
-            scale=q.shape[-1] ** -0.5 if scale is None else scale)
+            scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            q_sink=None if q_sink is None else q_sink.float().contiguous())
         return out.to(q.dtype)
-    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale)
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale, q_sink)
 
 
 # Up to this many rows the C++ kernels (each weight row read once for up to 8 (AVX-512) / 4 vectors, register

@@ -94,15 +94,35 @@ def bucket_table(span: SpanBias) -> torch.Tensor | None:
     return span.bucket_bias.detach().float().cpu()[:, buckets].contiguous()
 
 
+def sink_position(t: torch.Tensor, span: SpanBias) -> torch.Tensor:
+    """Where query t meets the sinks under a window: its position in a cache holding only the sinks and
+    the window (StreamingLLM's positions), min(t, sink_tokens + window - 1); t without a window."""
+    if span.window is None:
+        return t
+    return t.clamp(max=span.sink_tokens + span.window - 1)
+
+
+def sinks_past_window(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """(Tq, Tk) bool: the pairs where a sink lies window or more positions behind the query, which are scored
+    from sink_position(q_pos) (docs/ARCHITECTURE.md section 3); None for a span without sinks."""
+    if span.window is None or not span.sink_tokens:
+        return None
+    return (k_pos[None, :] < span.sink_tokens) & (q_pos[:, None] - k_pos[None, :] >= span.window)
+
+
 def span_scores_bias(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Additive bias and mask (H, Tq, Tk) fp32 for query positions q_pos (Tq,) and key positions k_pos (Tk,).
 
-    Invisible pairs get -inf. This is the T x S matrix the kernels never build.
+    Invisible pairs get -inf; sinks past the window are biased at their distance from sink_position(q_pos).
+    This is the T x S matrix the kernels never build.
     """
     d = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk) span
     visible = d >= 0
     if span.window is not None:
         visible &= (d < span.window) | (k_pos[None, :] < span.sink_tokens)
+    sinks = sinks_past_window(span, q_pos, k_pos)
+    if sinks is not None:
+        d = torch.where(sinks, sink_position(q_pos, span)[:, None] - k_pos[None, :], d)
     bias = torch.zeros(num_heads, *d.shape, dtype=torch.float32, device=d.device)
     if span.alibi_slopes is not None:
         bias -= span.alibi_slopes.float().to(d.device)[:, None, None] * d.clamp(min=0).float()
@@ -112,16 +132,21 @@ def span_scores_bias(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor, n
     return bias.masked_fill(~visible, float("-inf"))
 
 
-def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float, mask: torch.Tensor | None = None):
+def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float, mask: torch.Tensor | None = None, q_sink=None):
     """One sequence. q: (Tq, H, D); k, v: (Tk, Hkv, D) -> (Tq, H, D), math in fp32 (fp64 if given fp64).
 
-    mask: an extra (1 or H, Tq, Tk) mask on top of the span's: bool (False: invisible) or float (added)."""
+    mask: an extra (1 or H, Tq, Tk) mask on top of the span's: bool (False: invisible) or float (added).
+    q_sink: (Tq, H, D), the queries as they meet sinks past the window (rotated at sink_position; None: q)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     num_heads, group = q.shape[1], q.shape[1] // k.shape[1]
     qf = q.to(compute).transpose(0, 1)  # (H, Tq, D)
     kf = k.to(compute).transpose(0, 1).repeat_interleave(group, dim=0)  # (H, Tk, D)
     vf = v.to(compute).transpose(0, 1).repeat_interleave(group, dim=0)
-    scores = qf @ kf.transpose(1, 2) * scale  # (H, Tq, Tk)
+    scores = qf @ kf.transpose(1, 2)  # (H, Tq, Tk)
+    sinks = sinks_past_window(span, q_pos, k_pos)
+    if sinks is not None and q_sink is not None:
+        scores = torch.where(sinks, q_sink.to(compute).transpose(0, 1) @ kf.transpose(1, 2), scores)
+    scores = scores * scale
     if span.logit_softcap is not None:
         scores = span.logit_softcap * torch.tanh(scores / span.logit_softcap)
     scores = scores + span_scores_bias(span, q_pos, k_pos, num_heads).to(compute)
@@ -131,11 +156,12 @@ def _attend(q, k, v, q_pos, k_pos, span: SpanBias, scale: float, mask: torch.Ten
     return (probs @ vf).transpose(0, 1).to(q.dtype)
 
 
-def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None):
+def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = None, cu_seqlens=None, q_sink=None):
     """Span-biased causal attention for prefill, bottom-right aligned.
 
     Batched: q (B, T, H, D); k, v (B, S, Hkv, D) with S >= T; query t sits at position S - T + t.
     Varlen: q, k, v (total, H or Hkv, D) packed, cu_seqlens (B + 1,) int32 offsets (self-attention).
+    q_sink: shaped like q, the queries rotated at sink_position (None: q; see _attend).
     Returns a tensor shaped like q.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -144,12 +170,14 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
             pos = torch.arange(end - start, device=q.device)
-            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], pos, pos, span, scale)
+            out[start:end] = _attend(q[start:end], k[start:end], v[start:end], pos, pos, span, scale,
+                                     q_sink=None if q_sink is None else q_sink[start:end])
         return out
     T, S = q.shape[1], k.shape[1]
     q_pos = torch.arange(S - T, S, device=q.device)
     k_pos = torch.arange(S, device=q.device)
-    return torch.stack([_attend(q[b], k[b], v[b], q_pos, k_pos, span, scale) for b in range(q.shape[0])])
+    return torch.stack([_attend(q[b], k[b], v[b], q_pos, k_pos, span, scale, q_sink=None if q_sink is None else q_sink[b])
+                        for b in range(q.shape[0])])
 
 
 def masked_attention(q, k, v, mask, q_pos, k_pos, span: SpanBias = SpanBias(), scale: float | None = None):
@@ -173,13 +201,15 @@ def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBias(), block_table=None, scale=None,
+                     q_sink=None):
     """Attention of a few new queries per sequence over a KV cache that already holds them.
 
     q: (B, Tq, H, D); cache_seqlens: (B,) int32, valid tokens per sequence including the Tq new ones, so
     query t of row b sits at position cache_seqlens[b] - Tq + t.
     Contiguous cache: k_cache, v_cache (B, S_max, Hkv, D). Paged cache: (num_blocks, block_size, Hkv, D)
-    with block_table (B, max_blocks) int32. Returns (B, Tq, H, D).
+    with block_table (B, max_blocks) int32. q_sink: like q, the queries rotated at sink_position (None: q;
+    see _attend). Returns (B, Tq, H, D).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     Tq = q.shape[1]
@@ -192,42 +222,20 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
             v = gather_paged(v_cache, block_table[b], length)
         q_pos = torch.arange(length - Tq, length, device=q.device)
         k_pos = torch.arange(length, device=q.device)
-        out[b] = _attend(q[b], k, v, q_pos, k_pos, span, scale)
+        out[b] = _attend(q[b], k, v, q_pos, k_pos, span, scale, q_sink=None if q_sink is None else q_sink[b])
     return out
-
-
-def sink_position(t: torch.Tensor, span: SpanBias) -> torch.Tensor:
-    """Where query t meets the sinks under a window: its position in a cache holding only the sinks and
-    the window (StreamingLLM's positions), min(t, sink_tokens + window - 1); t without a window."""
-    if span.window is None:
-        return t
-    return t.clamp(max=span.sink_tokens + span.window - 1)
 
 
 def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
     """(N, vocab) fp32 logits after each of a sequence's N tokens, from the model's weights in plain PyTorch:
     the reference of the C++ session (csrc/core/session.h), window and sinks included. Query t scores the keys of
     its window at their own positions (true distances) and the sinks from sink_position(t), in RoPE and in
-    the span bias alike. O(N^2) memory: for tests."""
+    the span bias alike (_attend). O(N^2) memory: for tests."""
     c, span = model.config, model.span
     f = {name: w.detach().float() for name, w in model.state_dict().items()}
     N, H, Hkv, D = len(tokens), c.n_heads, c.n_kv_heads, c.head_dim
     t = torch.arange(N)
-    t_sink = sink_position(t, span)
-    table = rope_cos_sin_cache(int(t.max()) + 1, D, c.rope_theta, c.rope_scaling)
-    d = t[:, None] - t[None, :]  # (N, N) the span of every (query, key) pair
-    visible = d >= 0
-    sink_pair = torch.zeros_like(visible)
-    if span.window is not None:
-        sink_pair = visible & (d >= span.window) & (t[None, :] < span.sink_tokens)
-        visible &= (d < span.window) | sink_pair
-    d = torch.where(sink_pair, t_sink[:, None] - t[None, :], d)
-    bias = torch.zeros(H, N, N)
-    if span.alibi_slopes is not None:
-        bias -= span.alibi_slopes.float()[:, None, None] * d.clamp(min=0).float()
-    if span.bucket_bias is not None:
-        bias += span.bucket_bias.float()[:, span_bucket(d, span.num_buckets, span.max_distance)]
-    bias = bias.masked_fill(~visible, float("-inf"))
+    table = rope_cos_sin_cache(N, D, c.rope_theta, c.rope_scaling)
 
     def rotate(x, pos):  # x (N, heads, D) rotated at positions pos (N,)
         return apply_rope(x.clone(), x[:, :0].clone(), pos, table)[0]
@@ -238,14 +246,9 @@ def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
         h = rms_norm(x, f[p + "attention_norm.weight"], c.norm_eps)
         q, k, v = (h @ f[p + f"attention.{w}.weight"].T + f.get(p + f"attention.{w}.bias", 0.0) for w in ("wq", "wk", "wv"))
         q = q.view(N, H, D)
-        k = rotate(k.view(N, Hkv, D), t).repeat_interleave(H // Hkv, dim=1)
-        v = v.view(N, Hkv, D).repeat_interleave(H // Hkv, dim=1)
-        scores = torch.where(sink_pair, torch.einsum("qhd,khd->hqk", rotate(q, t_sink), k),
-                             torch.einsum("qhd,khd->hqk", rotate(q, t), k)) * D ** -0.5
-        if span.logit_softcap is not None:
-            scores = span.logit_softcap * torch.tanh(scores / span.logit_softcap)
-        att = torch.einsum("hqk,khd->qhd", torch.softmax(scores + bias, dim=-1), v).reshape(N, H * D)
-        x = x + att @ f[p + "attention.wo.weight"].T
+        att = _attend(rotate(q, t), rotate(k.view(N, Hkv, D), t), v.view(N, Hkv, D), t, t, span, D ** -0.5,
+                      q_sink=rotate(q, sink_position(t, span)))
+        x = x + att.reshape(N, H * D) @ f[p + "attention.wo.weight"].T
         h = rms_norm(x, f[p + "ffn_norm.weight"], c.norm_eps)
         gate, up = h @ f[p + "feed_forward.w1.weight"].T, h @ f[p + "feed_forward.w3.weight"].T
         x = x + swiglu(gate, up) @ f[p + "feed_forward.w2.weight"].T

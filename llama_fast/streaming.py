@@ -5,17 +5,12 @@ invisible to every later query, unless it is one of the first S (the sinks). Str
 those keys and keeps the memory constant: it wraps a contiguous cache of S + W + slack slots per row
 and, when a row would overflow, moves its newest W - 1 tokens down to sit right after the sinks.
 
-Positions are positions in the cache (docs/ARCHITECTURE.md section 3): after the move the survivors are
-re-indexed, so their keys, stored already rotated by RoPE, are re-rotated by the shift. Why re-rotate
-on eviction rather than cache keys unrotated and rotate them at every attention step: a key is moved
-about W / slack times in its life (8 times for W=512, slack=64) instead of being rotated at every one of
-the W steps it is attended, and every attention backend (Triton, C++, reference) reads the cache as it
-is, with no rotation of its own. The price is that the sinks sit between W and W + slack positions
-behind the newest query rather than exactly W (RoPE only sees differences of positions); the slack
-amortises the move, and tests/test_streaming.py measures that quality holds. Measured on the embedded
-model (W=512, slack 128, 2-core CPU): one eviction (move and re-rotate 511 keys in 30 layers) takes
-10.3 ms, 0.08 ms per generated token, against a ~45 ms decode step; rotating every cached key at every
-step instead would cost about that 10 ms per step.
+Nothing is re-rotated: keys stay rotated at their true positions, and begin_step hands out true positions
+(cache index + the row's evicted count past the sinks). Attention reads the cache by index, which gives
+every window key its true distance (the shift cancels); the sinks are scored from sink_position(t) with the
+query rotated there (docs/ARCHITECTURE.md section 3), and once a row has evicted, every query it runs lies
+at index >= S + W - 1, where sink_position of its index and of its true position agree. So the numbers
+are the C++ session's, whichever cache a row streams through and whenever it evicts.
 """
 from __future__ import annotations
 
@@ -24,32 +19,21 @@ import torch
 from .span import SpanBias
 
 
-def rotate_keys_back(k: torch.Tensor, shift: int, cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    """Keys rotated by RoPE at position p -> rotated at p - shift. k: (..., Hkv, D); returns a new tensor."""
-    cos, sin = cos_sin_cache[shift].float().chunk(2)  # (rot_dim // 2,) each
-    half = cos.shape[0]
-    x1, x2 = k[..., :half].float(), k[..., half:2 * half].float()
-    out = k.clone()
-    # Rotation by -shift: cos is even, sin is odd.
-    out[..., :half] = (x1 * cos + x2 * sin).to(k.dtype)
-    out[..., half:2 * half] = (x2 * cos - x1 * sin).to(k.dtype)
-    return out
-
-
 class StreamingKVCache:
     """A cache that never fills: S sinks + a sliding window of W tokens per row (plus `slack` spare slots).
 
     Speaks the cache step protocol (see cache.py); `base` is a contiguous cache (StaticKVCache) whose
-    max_seq_len must be sink_tokens + window + slack. `rope_table(n)` returns the model's cos/sin table.
+    max_seq_len must be sink_tokens + window + slack.
     """
 
-    def __init__(self, base, span: SpanBias, rope_table, slack: int):
+    def __init__(self, base, span: SpanBias, slack: int):
         if span.window is None:
             raise ValueError("StreamingKVCache needs a SpanBias with a window")
         if base.max_seq_len != span.sink_tokens + span.window + slack or slack < 1:
             raise ValueError("StreamingKVCache: base.max_seq_len must be sink_tokens + window + slack, slack >= 1")
-        self.base, self.span, self.rope_table, self.slack = base, span, rope_table, slack
-        self.evicted = torch.zeros_like(base.seqlens, dtype=torch.int64)  # (B,) tokens dropped so far
+        self.base, self.span, self.slack = base, span, slack
+        self.evicted = [0] * base.batch_size  # per row: tokens dropped so far (true position - index past the sinks)
+        self._offsets = torch.zeros(base.batch_size, 1, dtype=torch.int64, device=base.seqlens.device)
 
     k = property(lambda self: self.base.k)
     v = property(lambda self: self.base.v)
@@ -57,7 +41,10 @@ class StreamingKVCache:
     seqlens = property(lambda self: self.base.seqlens)
     step_seqlens = property(lambda self: self.base.step_seqlens)
     max_seq_len = property(lambda self: self.base.max_seq_len)
-    position_bound = property(lambda self: self.base.max_seq_len)
+
+    @property
+    def position_bound(self) -> int:
+        return self.base.max_seq_len + max(self.evicted)
 
     @property
     def tokens_held(self) -> int:
@@ -65,29 +52,24 @@ class StreamingKVCache:
         return int(self.base.seqlens.sum())
 
     def begin_step(self, num_new: int) -> torch.Tensor:
-        self.make_room(num_new)
-        return self.base.begin_step(num_new)
-
-    def make_room(self, num_new: int) -> None:
-        """Evicts from every row that could not take num_new more tokens (the C++ decode step, which
-        writes the base cache itself, calls this before each step)."""
+        """Evicts from every row that could not take num_new more tokens; returns the new tokens' true
+        positions (B, T)."""
         if num_new > self.slack:
             raise ValueError(f"StreamingKVCache takes at most slack={self.slack} tokens per step, got {num_new}")
         for row, length in enumerate(self.base.seqlens.tolist()):
             if length + num_new > self.base.max_seq_len:
                 self._evict(row, length)
+        return self.base.begin_step(num_new) + self._offsets
 
     def _evict(self, row: int, length: int) -> None:
         """Moves the newest window - 1 tokens of `row` down behind the sinks; the ones in between go."""
         sinks, keep = self.span.sink_tokens, self.span.window - 1
-        shift = length - keep - sinks
-        table = self.rope_table(shift + 1)
         for layer in range(len(self.base.k)):
-            k, v = self.base.k[layer][row], self.base.v[layer][row]  # (S_max, Hkv, D)
-            k[sinks:sinks + keep] = rotate_keys_back(k[length - keep:length], shift, table)
-            v[sinks:sinks + keep] = v[length - keep:length].clone()
+            for pool in (self.base.k[layer][row], self.base.v[layer][row]):  # (S_max, Hkv, D)
+                pool[sinks:sinks + keep] = pool[length - keep:length].clone()
         self.base.seqlens[row] = sinks + keep
-        self.evicted[row] += shift
+        self.evicted[row] += length - keep - sinks
+        self._offsets[row] = self.evicted[row]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.base.write(layer, k, v)

@@ -9,7 +9,7 @@ chip's limit (sm_90: 232448 B, sm_80: 166912 B), or an attention or quantized GE
 
 Configurations (the dispatcher's own config functions decide block sizes and warps):
   attention kernels: dtype {fp16, bf16} x head-dim tile {64 (D=64), 128 (D=80, 96, 128)} x span variants
-  {none, alibi, buckets, window (+sinks: same code), softcap, all} x layouts (prefill: batched, varlen,
+  {none, alibi, buckets, window, window + sinks, softcap, all (sinks included)} x layouts (prefill: batched, varlen,
   contiguous cache, paged cache; decode: contiguous, paged x query-row tiles 16/32/64 x one/many splits).
   The default (CI) set takes every value of every dimension in the combinations that bound registers and
   shared memory (see configs()); --full compiles the complete product (about 4x as many builds).
@@ -42,19 +42,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SMEM_LIMIT = {90: 232448, 80: 166912}
 CACHE_FILE = ROOT / ".cache" / "triton_compile_check.json"
 
-SPANS = {  # name -> (HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SOFTCAP)
-    "none": (False, False, False, False),
-    "alibi": (True, False, False, False),
-    "buckets": (False, True, False, False),
-    "window": (False, False, True, False),
-    "softcap": (False, False, False, True),
-    "all": (True, True, True, True),
+SPANS = {  # name -> (HAS_ALIBI, HAS_TABLE, HAS_WINDOW, HAS_SINKS, HAS_SOFTCAP)
+    "none": (False, False, False, False, False),
+    "alibi": (True, False, False, False, False),
+    "buckets": (False, True, False, False, False),
+    "window": (False, False, True, False, False),
+    "sinks": (False, False, True, True, False),
+    "softcap": (False, False, False, False, True),
+    "all": (True, True, True, True, True),
 }
 
 
 def _span_flags(name):
-    a, t, w, s = SPANS[name]
-    return dict(HAS_ALIBI=a, HAS_TABLE=t, HAS_WINDOW=w, HAS_SOFTCAP=s)
+    a, t, w, k, s = SPANS[name]
+    return dict(HAS_ALIBI=a, HAS_TABLE=t, HAS_WINDOW=w, HAS_SINKS=k, HAS_SOFTCAP=s)
 
 
 def configs(full: bool):
@@ -94,7 +95,7 @@ def configs(full: bool):
     for dname, dtype in dtypes.items():
         for head_dim in (64, 128):  # tiles: D=64 -> 64; D=80, 96, 128 -> 128
             for span in SPANS:
-                a, t, w, s = SPANS[span]
+                a, t, w, _, s = SPANS[span]
                 cfg = prefill_config(dtype, head_dim, heavy_span=t or w or s)
                 for lname, mode, paged in layouts:
                     if not prefill_wanted(dname, span, lname, head_dim):
@@ -172,9 +173,9 @@ def _quant_configs(dname: str, full: bool):
 
 # Pointer arguments and their element type ("T" = the data dtype); everything else not listed is i32.
 POINTERS = {
-    "prefill": {"Q": "T", "K": "T", "V": "T", "O": "T", "seq_ptr": "i32", "bt_ptr": "i32", "slopes_ptr": "fp32",
+    "prefill": {"Q": "T", "Q_sink": "T", "K": "T", "V": "T", "O": "T", "seq_ptr": "i32", "bt_ptr": "i32", "slopes_ptr": "fp32",
                 "table_ptr": "fp32", "count_ptr": "i32"},
-    "decode": {"Q": "T", "K": "T", "V": "T", "O": "T", "O_part": "fp32", "L_part": "fp32", "seq_ptr": "i32",
+    "decode": {"Q": "T", "Q_sink": "T", "K": "T", "V": "T", "O": "T", "O_part": "fp32", "L_part": "fp32", "seq_ptr": "i32",
                "bt_ptr": "i32", "slopes_ptr": "fp32", "table_ptr": "fp32", "count_ptr": "i32"},
     "combine": {"O": "T", "O_part": "fp32", "L_part": "fp32"},
     "rms_norm": {"X": "T", "R": "T", "W": "T", "Y": "T", "NEW_R": "T"},
@@ -190,7 +191,7 @@ QUANT_KERNELS = ("int8_gemv", "int4_gemv", "int8_gemm", "int4_gemm")
 # Integer arguments that are multiples of 16 in every real launch, which Triton's JIT then specialises as
 # such (it marks every int argument divisible by 16): the strides of head_dim-wide rows, head_dim itself
 # (64, 80, 96, 128), the cache's block size (16, 32, ...), the hidden / rotary widths.
-ALIGNED = re.compile(r"^stride_[qkvo][bth]$|^D$|^page_size$|^stride_(x|r|y|nr|cs)$")
+ALIGNED = re.compile(r"^stride_[qkvos][bth]$|^D$|^page_size$|^stride_(x|r|y|nr|cs)$")
 # The quantized matmuls' model sizes (N, K: 4096, 11008, 14336, vocabularies ...) are multiples of 16, and
 # so are the weight and activation row strides, the K range of a split, the group-major scale strides (N) and
 # the constant 2^23's bit pattern.

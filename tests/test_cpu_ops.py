@@ -38,10 +38,12 @@ def test_decode_attention_matches_reference(variant, heads, head_dim, cache_dtyp
         k = (2 * torch.randn(B, S, Hkv, head_dim, generator=gen)).to(cache_dtype)
         v = torch.randn(B, S, Hkv, head_dim, generator=gen).to(cache_dtype)
         q = 2 * torch.randn(B, T, H, head_dim, generator=gen)
+        q_sink = 2 * torch.randn(B, T, H, head_dim, generator=gen)  # meets the sinks past the window
         seqlens = torch.tensor([T, T + 11, S], dtype=torch.int32)  # a fresh prompt, a continued one, a full cache
-        got = ops.decode_attention(q, k, v, seqlens, span, backend="cpu")
-        want = reference.decode_attention(q, k, v, seqlens, span)
-        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"T={T}")
+        for qs in (None, q_sink):
+            got = ops.decode_attention(q, k, v, seqlens, span, q_sink=qs, backend="cpu")
+            want = reference.decode_attention(q, k, v, seqlens, span, q_sink=qs)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"T={T}")
 
 
 def test_bucket_table_is_built_once_and_follows_in_place_changes():
@@ -115,6 +117,8 @@ def test_cpu_attention_rejects_bad_input():
         (dict(bucket_table=torch.ones(4)), "bucket_table must be"),
         (dict(window=2, sink_tokens=2), "sink_tokens needs a window"),
         (dict(scale=0.0), "scale must be positive"),
+        (dict(q_sink=q[:, :1].contiguous()), "q_sink must be float32 shaped like q"),
+        (dict(q_sink=q.double()), "q_sink must be float32"),
     ]
     for bad, message in cases:
         args = dict(q=q, k_cache=k, v_cache=k, seqlens=ok) | bad

@@ -75,9 +75,11 @@ def test_span_attention_batched(span_name, T, S):
     B = 2
     q, k, v = rand(gen, B, T, H, head_dim, dtype=dtype), rand(gen, B, S, Hkv, head_dim, dtype=dtype), \
         rand(gen, B, S, Hkv, head_dim, dtype=dtype)
+    q_sink = rand(gen, B, T, H, head_dim, dtype=dtype)  # (spans with sinks score sinks past the window with it)
     out = torch.full_like(q, float("nan"))
-    span_attention(q, k, v, span, out=out)
-    assert_fp_close(out, lambda q, k, v: reference.span_attention(q, k, v, span), (q, k, v), dtype)
+    span_attention(q, k, v, span, q_sink=q_sink, out=out)
+    assert_fp_close(out, lambda q, k, v, qs: reference.span_attention(q, k, v, span, q_sink=qs), (q, k, v, q_sink),
+                    dtype)
 
 
 @pytest.mark.parametrize("span_name", ["none", "window_sinks", "all", "alibi"])
@@ -90,10 +92,12 @@ def test_span_attention_varlen(span_name, dtype):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = rand(gen, total, H, D, dtype=dtype), rand(gen, total, Hkv, D, dtype=dtype), \
         rand(gen, total, Hkv, D, dtype=dtype)
+    q_sink = rand(gen, total, H, D, dtype=dtype)
     span = make_span(span_name, H, gen)
     out = torch.full_like(q, float("nan"))
-    span_attention(q, k, v, span, cu_seqlens=cu, out=out)
-    assert_fp_close(out, lambda q, k, v: reference.span_attention(q, k, v, span, cu_seqlens=cu), (q, k, v), dtype)
+    span_attention(q, k, v, span, cu_seqlens=cu, q_sink=q_sink, out=out)
+    assert_fp_close(out, lambda q, k, v, qs: reference.span_attention(q, k, v, span, cu_seqlens=cu, q_sink=qs),
+                    (q, k, v, q_sink), dtype)
 
 
 def test_span_attention_custom_scale_and_strided_inputs():
@@ -156,14 +160,15 @@ def test_decode_attention(span_name, layout, Tq, group, head_dim, num_splits, mo
     dtype = (torch.float32, torch.float16)[idx % 2]
     B, Hkv, S_max = 3, 2, 300
     H = Hkv * group
-    lengths = torch.tensor([300, Tq + 16, max(Tq, 100 + idx)], dtype=torch.int32)
+    # Tq + 48: under a window the sinks share the window's first key tile (and still lie past the window)
+    lengths = torch.tensor([300, Tq + (16, 48)[idx % 2], max(Tq, 100 + idx)], dtype=torch.int32)
     k_cache, v_cache, table = make_cache(gen, B, lengths, S_max, Hkv, head_dim, dtype, layout)
-    q = rand(gen, B, Tq, H, head_dim, dtype=dtype)
+    q, q_sink = rand(gen, B, Tq, H, head_dim, dtype=dtype), rand(gen, B, Tq, H, head_dim, dtype=dtype)
     span = make_span(span_name, H, gen)
     out = torch.full_like(q, float("nan"))
-    decode_attention(q, k_cache, v_cache, lengths, span, table, out=out, num_splits=num_splits)
-    assert_fp_close(out, lambda q, k, v: reference.decode_attention(q, k, v, lengths, span, table),
-                    (q, k_cache, v_cache), dtype)
+    decode_attention(q, k_cache, v_cache, lengths, span, table, q_sink=q_sink, out=out, num_splits=num_splits)
+    assert_fp_close(out, lambda q, k, v, qs: reference.decode_attention(q, k, v, lengths, span, table, q_sink=qs),
+                    (q, k_cache, v_cache, q_sink), dtype)
 
 
 def test_decode_matches_span_attention_on_the_same_tokens():
@@ -231,7 +236,7 @@ def _qkv(B=1, T=8, H=2, Hkv=1, D=64, S=None, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", ["dtype", "kv_shape", "head_dim", "gqa", "s_lt_t", "batch", "dims", "cu_seqlens",
-                                  "span_heads", "out"])
+                                  "span_heads", "out", "q_sink"])
 def test_span_attention_rejects_bad_input(case):
     q, k, v = _qkv()
     kwargs = {}
@@ -256,12 +261,14 @@ def test_span_attention_rejects_bad_input(case):
         kwargs["span"] = SpanBias(alibi_slopes=alibi_slopes(5))
     elif case == "out":
         kwargs["out"] = torch.empty(1, 8, 2, 32)
-    with pytest.raises(ValueError):
+    elif case == "q_sink":
+        kwargs["q_sink"] = q[:, :4]
+    with pytest.raises(ValueError, match="q_sink" if case == "q_sink" else None):
         span_attention(q, k, v, **kwargs)
 
 
 @pytest.mark.parametrize("case", ["seqlens_beyond_cache", "seqlens_below_tq", "table_outside_pool", "table_negative",
-                                  "seqlens_dtype", "cache_stride", "cache_shape", "table_shape"])
+                                  "seqlens_dtype", "cache_stride", "cache_shape", "table_shape", "q_sink"])
 def test_decode_attention_rejects_bad_input(case):
     q = torch.randn(2, 1, 4, 64)
     k, v = torch.randn(2, 32, 2, 64), torch.randn(2, 32, 2, 64)
@@ -282,8 +289,9 @@ def test_decode_attention_rejects_bad_input(case):
         k = torch.randn(2, 32, 2, 64, 2)[..., 0]
     elif case == "cache_shape":
         v = v[:, :16]
-    with pytest.raises(ValueError):
-        decode_attention(q, k, v, lengths, SpanBias(), table)
+    q_sink = q.half() if case == "q_sink" else None
+    with pytest.raises(ValueError, match="q_sink" if case == "q_sink" else None):
+        decode_attention(q, k, v, lengths, SpanBias(), table, q_sink=q_sink)
 
 
 def test_decode_ignores_table_entries_past_the_sequence():

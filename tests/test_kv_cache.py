@@ -126,8 +126,9 @@ class Model:
         finally:  # eviction may run even when the step then fails for lack of blocks
             for s in ids:
                 self.evicted(s, self.cache.evicted(s) - ev[s])
-        for b, s in enumerate(ids):
-            assert pos[b].tolist() == list(range(self.seqs[s][0].shape[0], self.seqs[s][0].shape[0] + T))
+        for b, s in enumerate(ids):  # true positions: the tokens held plus those evicted
+            start = self.seqs[s][0].shape[0] + self.cache.evicted(s)
+            assert pos[b].tolist() == list(range(start, start + T))
         for layer in range(L):
             self.cache.write(layer, k[layer], v[layer])
         self.cache.end_step(kept)
@@ -266,46 +267,42 @@ def test_window_sinks_with_shared_blocks():
 
 
 @pytest.mark.parametrize("sinks", [0, 3, 4])
-def test_eviction_rerotates_keys_to_their_new_positions(sinks):
-    """With the model's RoPE table, a key that eviction moves from position p to p - shift ends up rotated
-    exactly as if it had been written at p - shift, in forks too (a shared block is un-shared before its
-    keys are rewritten, so the fork it is shared with keeps its own positions)."""
-    bs, W, Dr = 4, 9, 8
-    table = reference.rope_cos_sin_cache(512, Dr, 10000.0)
-    cache = PagedKVCache(1, 40, bs, H, Dr, window=W, sink_tokens=sinks, rope_table=lambda n: table)
+def test_eviction_keeps_keys_and_hands_out_true_positions(sinks):
+    """Eviction drops keys but never rewrites the survivors (they stay rotated where they were written), and
+    begin_step hands out each row's true positions (tokens ever appended), in forks too: a fork that falls
+    behind evicts at other times than its parent and keeps its own keys."""
+    bs, W = 4, 9
+    cache = PagedKVCache(1, 40, bs, H, D, window=W, sink_tokens=sinks)
     g = torch.Generator().manual_seed(sinks)
-    raw: dict[int, torch.Tensor] = {}  # sequence -> unrotated keys (n, H, Dr) of the tokens it holds
+    held: dict[int, torch.Tensor] = {}  # sequence -> the keys (n, H, D) it should hold
+    appended: dict[int, int] = {}  # sequence -> tokens ever appended
 
     def step(ids, T):
         cache.set_batch(ids)
         before = {s: cache.evicted(s) for s in ids}
         positions = cache.begin_step(T)  # (B, T)
-        for s in ids:
+        for b, s in enumerate(ids):
+            assert positions[b].tolist() == list(range(appended[s], appended[s] + T))
             dropped = cache.evicted(s) - before[s]
             if dropped:
-                raw[s] = torch.cat([raw[s][:sinks], raw[s][sinks + dropped:]])
-        x = torch.randn(len(ids), T, H, Dr, generator=g)
-        q = torch.zeros(len(ids) * T, 1, Dr)
-        k = reference.apply_rope(q, x.reshape(-1, H, Dr).clone(), positions.reshape(-1), table)[1]
-        cache.write(0, k.reshape(x.shape), torch.zeros_like(x))
+                held[s] = torch.cat([held[s][:sinks], held[s][sinks + dropped:]])
+        k = torch.randn(len(ids), T, H, D, generator=g)
+        cache.write(0, k, torch.zeros_like(k))
         cache.end_step()
         for b, s in enumerate(ids):
-            raw[s] = torch.cat([raw.get(s, x[b, :0]), x[b]])
-
-    def check(s):
-        held = raw[s].shape[0]
-        assert cache.length(s) == held
-        want = reference.apply_rope(torch.zeros(held, 1, Dr), raw[s].clone(), torch.arange(held), table)[1]
-        torch.testing.assert_close(cache.gather(s, 0)[0], want, atol=1e-5, rtol=1e-5)
+            held[s] = torch.cat([held.get(s, k[b, :0]), k[b]])
+            appended[s] = appended.get(s, 0) + T
 
     a = cache.add_sequence()
+    appended[a] = 0
     step([a], 13)
     b = cache.fork(a)
-    raw[b] = raw[a].clone()
+    held[b], appended[b] = held[a].clone(), appended[a]
     for i in range(40):
         step([a, b] if i % 3 else [a], 1)  # b falls behind: the two evict at different times
-        check(a)
-        check(b)
+        for s in (a, b):
+            assert cache.length(s) + cache.evicted(s) == appended[s]
+            assert torch.equal(cache.gather(s, 0)[0], held[s])
     assert cache.evicted(a) > cache.evicted(b) > 0
 
 

@@ -4,24 +4,21 @@ import pytest
 import torch
 
 from llama_fast import LLM, SamplingParams, SpanBias
-from llama_fast.streaming import StreamingKVCache, rotate_keys_back
-from llama_fast.reference import apply_rope, rope_cos_sin_cache
+from llama_fast.cache import PagedKVCache, StaticKVCache
+from llama_fast.config import ModelConfig
+from llama_fast.reference import sequence_logits
+from llama_fast.span import alibi_slopes
+from llama_fast.streaming import StreamingKVCache
 from llama_fast.sampling import row_params
 from llama_fast.paths import SAMPLE_TEXT
+
+from models import random_model
 
 
 @pytest.fixture(scope="module")
 def shakespeare():
     with open(SAMPLE_TEXT, encoding="utf-8") as f:
         return f.read()
-
-
-def test_rotate_keys_back_equals_rotation_at_the_new_position():
-    table = rope_cos_sin_cache(300, 64, 10000.0)
-    k = torch.randn(5, 3, 64)
-    at_200 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 200), table)[1]
-    at_150 = apply_rope(torch.zeros(5, 1, 64), k.clone(), torch.full((5,), 150), table)[1]
-    assert torch.allclose(rotate_keys_back(at_200, 50, table), at_150, atol=1e-4)  # two fp32 rotations vs one
 
 
 def test_window_and_sinks_perplexity_reproduces_streaming_llm(smollm, shakespeare):
@@ -84,7 +81,7 @@ def windowed_greedy(llm, prompt_ids, n):
 def test_eviction_without_sinks_is_exact(smollm, route):
     """With no sinks a window is exact attention over the whole history, however the cache drops what the
     window hides: the stream must equal windowed attention over the whole history, token for token. The
-    session frees blocks; the model's forward (decode="eager") evicts and re-rotates the survivors' keys
+    session frees blocks; the model's forward (decode="eager") evicts and re-indexes the survivors
     (StreamingKVCache by its slack, the paged cache by whole blocks)."""
     llm = LLM(smollm.model, smollm.tokenizer, decode="auto" if route == "session" else "eager")
     llm = llm.with_span(SpanBias(window=40))
@@ -95,9 +92,73 @@ def test_eviction_without_sinks_is_exact(smollm, route):
     if route == "session":
         assert caches[0].num_blocks * 16 < len(prompt) + 90  # the pool cannot hold the whole history
     else:
-        evicted = caches[0].evicted if route == "static" else caches[0].evicted(caches[0].seq_ids[0])
-        assert int(evicted if isinstance(evicted, int) else evicted.sum()) > 40
+        evicted = caches[0].evicted[0] if route == "static" else caches[0].evicted(caches[0].seq_ids[0])
+        assert evicted > 40
     assert got == windowed_greedy(llm, prompt, 90)
+
+
+@pytest.mark.parametrize("window, sinks", [(32, 4), (40, 3)])
+def test_every_route_streams_alike_past_the_window(smollm, window, sinks):
+    """Window + sinks, greedy, far past the window: the C++ session, the model's forward on one row (a
+    StreamingKVCache moving the window down by its slack) and on a batch of two (a PagedKVCache dropping
+    whole blocks) give the same tokens, and a row's tokens do not depend on the batch it ran in. One rule
+    (sinks scored from sink_position) holds whichever cache a row streams through and whenever it evicts."""
+    span = SpanBias(window=window, sink_tokens=sinks)
+    session = smollm.with_span(span)
+    eager = LLM(smollm.model, smollm.tokenizer, decode="eager").with_span(span)
+    prompts = ["The history of the city begins", "A long time ago, on a small island far to the north, there lived"]
+    want = [session.generate(p, max_new_tokens=100).token_ids for p in prompts]
+    for prompt, tokens in zip(prompts, want):
+        caches = []
+        alone = eager.generate_ids([eager.tokenizer.encode(prompt)], [SamplingParams(temperature=0)], 100,
+                                   on_cache=caches.append)
+        assert [t for (t,) in alone][:len(tokens)] == tokens
+        assert isinstance(caches[0], StreamingKVCache) and caches[0].evicted[0] > 0
+    caches = []
+    batch = eager.generate_ids([eager.tokenizer.encode(p) for p in prompts], [SamplingParams(temperature=0)] * 2, 100,
+                               on_cache=caches.append)
+    rows = list(zip(*batch))
+    assert [list(row[:len(tokens)]) for row, tokens in zip(rows, want)] == want
+    assert isinstance(caches[0], PagedKVCache) and min(caches[0].evicted(s) for s in caches[0].seq_ids) > 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+@pytest.mark.parametrize("cache_kind", ["streaming", "paged"])
+def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend, cache_kind, monkeypatch):
+    """The model's forward streaming far past its window through either evicting cache, in prompt chunks
+    and single tokens, gives reference.sequence_logits (the session's oracle) for every token: on the CPU's
+    own choice of ops (C++ where they run the inputs), the plain-PyTorch ops and the Triton kernels
+    (interpreted here). ALiBi and a learned span table
+    make every distance count, the sinks' included."""
+    cfg = ModelConfig(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=80, max_seq_len=256,
+                      head_dim=64)
+    gen = torch.Generator().manual_seed(5)
+    span = SpanBias(window=20, sink_tokens=3, alibi_slopes=alibi_slopes(4), bucket_bias=torch.randn(4, 16, generator=gen),
+                    num_buckets=16, max_distance=40)
+    model = random_model(cfg, span, seed=3)
+    tokens = torch.randint(0, cfg.vocab_size, (90,), generator=gen).tolist()
+    want = sequence_logits(model, tokens)
+    if backend == "auto":
+        monkeypatch.delenv("LLAMA_FAST_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("LLAMA_FAST_BACKEND", backend)
+    slack = 8
+    if cache_kind == "streaming":
+        base = StaticKVCache(cfg.n_layers, 1, 3 + 20 + slack, cfg.n_kv_heads, cfg.head_dim)
+        cache = StreamingKVCache(base, span, slack)
+    else:
+        cache = PagedKVCache.for_span(cfg.n_layers, 16, 4, cfg.n_kv_heads, cfg.head_dim, span)
+        cache.set_batch([cache.add_sequence()])
+    got, fed = [], 0
+    for n in [7, 8, 5] + [1] * 20 + [8, 3] + [1] * 100:
+        n = min(n, len(tokens) - fed)
+        if n == 0:
+            break
+        got.append(model(torch.tensor([tokens[fed:fed + n]]), cache)[0])
+        fed += n
+    evicted = cache.evicted[0] if cache_kind == "streaming" else cache.evicted(cache.seq_ids[0])
+    assert evicted > 40
+    torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
 
 
 def test_streams_run_a_batch_in_constant_memory(smollm):

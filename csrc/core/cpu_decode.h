@@ -223,14 +223,13 @@ struct Kernels {
   void (*dot_rows)(const void*, WType, int, int, int, const float*, int, int, float*, int);
   ActSpec (*act_spec)(WType);  // the activation pack of the quantized products (quant.h), and its quantizer
   void (*quantize_activations)(WType, const float*, int, uint8_t*);
-  void (*attend)(const float*, const void*, const void*, bool, long, int, int, int, const HeadSpan*, float*, float*);
   void (*silu_mul)(const float*, const float*, float*, int64_t);
   void (*attend_paged)(const float*, const float*, const void*, const void*, bool, const int32_t*, int, size_t, long, int,
                        int, int, int, const HeadSpan*, float*, float*);
 };
 
 #define LF_KERNELS(ns) \
-  Kernels { ns::dot_rows, ns::act_spec, ns::quantize_activations, ns::attend, ns::silu_mul, ns::attend_paged }
+  Kernels { ns::dot_rows, ns::act_spec, ns::quantize_activations, ns::silu_mul, ns::attend_paged }
 
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
@@ -274,7 +273,13 @@ struct ModelDesc {
 
 inline size_t qkv_width(const ModelDesc& m) { return static_cast<size_t>(m.n_heads + 2 * m.n_kv_heads) * m.head_dim; }
 
-// Scores scratch of one attention call (attend) for heads in groups of `group` over up to s_max keys.
+// Where query position t meets the sinks under a window (docs/ARCHITECTURE.md section 3): its position in a
+// cache holding only the sinks and the window, min(t, sinks + window - 1); t without a window.
+inline int64_t sink_position(int64_t t, int window, int sinks) {
+  return window > 0 ? std::min<int64_t>(t, sinks + window - 1) : t;
+}
+
+// Scores scratch of one attention call (attend_paged) for heads in groups of `group` over up to s_max keys.
 inline size_t attention_scratch(int group, int s_max) {
   return static_cast<size_t>(group < kMaxGroupHeads ? group : kMaxGroupHeads) * s_max;
 }

@@ -294,10 +294,7 @@ class Session {
   }
 
   // The position of token t against the sinks (see the top of this file).
-  int64_t sink_position(int64_t t) const {
-    if (window_ == 0) return t;
-    return std::min<int64_t>(t, sinks_ + window_ - 1);
-  }
+  int64_t sink_position(int64_t t) const { return cd::sink_position(t, window_, sinks_); }
 
   // ---- the step ----
 

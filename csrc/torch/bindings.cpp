@@ -99,7 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_attention", &llama_fast::cpu_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("alibi_slopes") = py::none(), py::arg("bucket_table") = py::none(),
         py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0, py::arg("scale") = 0.125,
-        py::arg("num_threads") = 0, py::arg("isa") = "auto",
+        py::arg("q_sink") = py::none(), py::arg("num_threads") = 0, py::arg("isa") = "auto",
         "Span-biased attention of T new queries per row over a contiguous KV cache (decode_cpu.h).");
   m.def("cpu_rms_norm", &llama_fast::cpu_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("residual") = py::none(), "RMSNorm of x (+ residual) on fp32 CPU tensors -> (normed, sum).");

@@ -83,7 +83,8 @@ void check_cpu_fp32(const torch::Tensor& t, const char* who, const std::string& 
 torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                             const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
                             const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
-                            double logit_softcap, double scale, int64_t num_threads, const std::string& isa) {
+                            double logit_softcap, double scale, const std::optional<torch::Tensor>& q_sink,
+                            int64_t num_threads, const std::string& isa) {
   const char* who = "cpu_attention";
   check_cpu_tensor(q, who, "q");
   check_cpu_tensor(k_cache, who, "k_cache");
@@ -103,6 +104,12 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   TORCH_CHECK(std::max({S, H * D, B * T}) < (int64_t{1} << 30), who, ": sizes too large");
   TORCH_CHECK(seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 && seqlens.size(0) == B, who,
               ": seqlens must be int32 of shape (", B, ",), got ", seqlens.scalar_type(), " ", seqlens.sizes());
+  if (q_sink) {
+    check_cpu_tensor(*q_sink, who, "q_sink");
+    TORCH_CHECK(q_sink->scalar_type() == torch::kFloat32 && q_sink->sizes() == q.sizes(), who,
+                ": q_sink must be float32 shaped like q ", q.sizes(), ", got ", q_sink->scalar_type(), " ",
+                q_sink->sizes());
+  }
   const int32_t* len = seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= T && len[b] <= S, who, ": seqlens[", b, "] = ", len[b], " must count the ", T,
@@ -115,6 +122,7 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
+  const float* qsp = q_sink ? q_sink->data_ptr<float>() : qp;
   float* op = out.data_ptr<float>();
   const char* kp = static_cast<const char*>(k_cache.data_ptr());
   const char* vp = static_cast<const char*>(v_cache.data_ptr());
@@ -129,15 +137,18 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   {
     std::vector<float> scores(cd::attention_scratch(static_cast<int>(per_part), static_cast<int>(S)));
     // Query t of row b sits at position len[b] - T + t; later queries see more keys, so the units are dealt
-    // out in small chunks to keep the threads even.
+    // out in small chunks to keep the threads even. A row's cache is one block of S positions.
+    const int32_t whole_row = 0;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t bt = u / (Hkv * parts), kh = u / parts % Hkv, h = kh * group + u % parts * per_part;
       const int64_t nh = std::min(per_part, (kh + 1) * group - h);
       const size_t offset = (bt / T * row + kh * D) * esz;
-      kern.attend(qp + (bt * H + h) * D, kp + offset, vp + offset, bf16, Hkv * D, static_cast<int>(D),
-                  static_cast<int>(len[bt / T] - T + bt % T), static_cast<int>(nh), spans.data() + h, scores.data(),
-                  op + (bt * H + h) * D);
+      const int pos = static_cast<int>(len[bt / T] - T + bt % T);
+      kern.attend_paged(qp + (bt * H + h) * D, qsp + (bt * H + h) * D, kp + offset, vp + offset, bf16, &whole_row,
+                        static_cast<int>(S), 0, Hkv * D, static_cast<int>(D), pos,
+                        static_cast<int>(cd::sink_position(pos, static_cast<int>(window), static_cast<int>(sink_tokens))),
+                        static_cast<int>(nh), spans.data() + h, scores.data(), op + (bt * H + h) * D);
     }
   }
   return out;

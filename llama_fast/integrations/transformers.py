@@ -13,6 +13,8 @@ choice ops makes for every op); with a padding or other explicit mask it runs re
 the exact reference. Both apply the module's `sliding_window` and `softcap` (as the model class passes
 them) and the SpanBias in `config.llama_fast_span`. The span's positions are the key indices of the KV
 tensors counted from each row's first key any query sees, so left padding does not move a row's sinks.
+transformers has rotated the queries already, so sinks past a window are biased from their sink position
+(docs/ARCHITECTURE.md section 3) but met by the query at its own rotation (no `q_sink`).
 """
 from __future__ import annotations
 
