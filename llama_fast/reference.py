@@ -180,17 +180,19 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
                         for b in range(q.shape[0])])
 
 
-def masked_attention(q, k, v, mask, q_pos, k_pos, span: SpanBias = SpanBias(), scale: float | None = None):
+def masked_attention(q, k, v, mask, q_pos, k_pos, span: SpanBias = SpanBias(), scale: float | None = None, q_sink=None):
     """Span-biased attention under an explicit mask as well (padding, a caller's own pattern).
 
     q (B, Tq, H, D); k, v (B, Tk, Hkv, D); mask (B, 1 or H, Tq, Tk): bool (True: may attend) or float (added to
     the scores); q_pos (B, Tq), k_pos (B, Tk): the positions the span measures d = q_pos - k_pos with (a key
     is visible only when the span and the mask both allow it). A query with no visible key gives zeros.
+    q_sink: like q, the queries rotated at sink_position (None: q; see _attend).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = mask.expand(q.shape[0], *mask.shape[1:])
     q_pos, k_pos = q_pos.expand(q.shape[0], -1), k_pos.expand(q.shape[0], -1)
-    return torch.stack([_attend(q[b], k[b], v[b], q_pos[b], k_pos[b], span, scale, mask[b]) for b in range(q.shape[0])])
+    return torch.stack([_attend(q[b], k[b], v[b], q_pos[b], k_pos[b], span, scale, mask[b],
+                                None if q_sink is None else q_sink[b]) for b in range(q.shape[0])])
 
 
 def gather_paged(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:

@@ -13,8 +13,9 @@ choice ops makes for every op); with a padding or other explicit mask it runs re
 the exact reference. Both apply the module's `sliding_window` and `softcap` (as the model class passes
 them) and the SpanBias in `config.llama_fast_span`. The span's positions are the key indices of the KV
 tensors counted from each row's first key any query sees, so left padding does not move a row's sinks.
-transformers has rotated the queries already, so sinks past a window are biased from their sink position
-(docs/ARCHITECTURE.md section 3) but met by the query at its own rotation (no `q_sink`).
+Sinks past a window meet the query rotated at its sink position (docs/ARCHITECTURE.md section 3), as in
+llama_fast's own model: transformers rotated the queries at their positions, so they are rotated back by
+the difference (RoPE rotations compose).
 """
 from __future__ import annotations
 
@@ -78,6 +79,20 @@ def _mask_positions(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch
     return last - first[:, None], keys[None, :] - first[:, None]
 
 
+def _sink_queries(module, q: torch.Tensor, q_pos: torch.Tensor, span: SpanBias) -> torch.Tensor | None:
+    """q (B, Tq, H, D), which transformers rotated at q_pos ((B, Tq) or (Tq,)), rotated instead at
+    sink_position(q_pos): back by the difference. None for a span without sinks."""
+    if span.window is None or not span.sink_tokens:
+        return None
+    config = ModelConfig.from_hf(module.config.to_dict())
+    shift = (q_pos - reference.sink_position(q_pos, span)).expand(q.shape[:2])  # (B, Tq) >= 0
+    cos, sin = reference.rope_cos_sin_cache(int(shift.max()) + 1, config.head_dim, config.rope_theta,
+                                            config.rope_scaling).to(q.device).chunk(2, dim=-1)
+    q_sink = q.clone()
+    ops.apply_rope(q_sink, q_sink[:, :, :0], shift, torch.cat([cos, -sin], dim=-1))  # a rotation by -shift
+    return q_sink
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, sliding_window: int | None = None, softcap: float | None = None,
                       **kwargs):
@@ -93,17 +108,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if attention_mask is None and not differentiable:
         q = q.contiguous()
-        if q.device.type == "cuda" and Tq == Tk:
-            return ops.span_attention(q, k, v, span, scaling), None
         # As "sdpa" reads no mask with more keys than queries: a prompt in an empty static cache, whose
         # first Tq keys are the prompt's.
         length = Tq if 1 < Tq < Tk else Tk
+        q_sink = _sink_queries(module, q, torch.arange(length - Tq, length, device=q.device), span)
+        if q.device.type == "cuda" and Tq == Tk:
+            return ops.span_attention(q, k, v, span, scaling, q_sink=q_sink), None
         seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
-        return ops.decode_attention(q, k, v, seqlens, span, scale=scaling), None
+        return ops.decode_attention(q, k, v, seqlens, span, scale=scaling, q_sink=q_sink), None
     if attention_mask is None:  # autograd: the reference (which ops' C++ and Triton versions are not)
         attention_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
     q_pos, k_pos = _mask_positions(attention_mask, Tq)
-    return reference.masked_attention(q, k, v, attention_mask, q_pos, k_pos, span, scaling), None
+    q_sink = _sink_queries(module, q, q_pos, span)
+    return reference.masked_attention(q, k, v, attention_mask, q_pos, k_pos, span, scaling, q_sink), None
 
 
 def register() -> None:
