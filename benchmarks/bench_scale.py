@@ -8,7 +8,10 @@ Per file, the engines taking turns for --rounds rounds:
   byte); llama.cpp: llama-server started, then one /completion of one token (the time to its answer).
 - time to first token for a --prompt-tokens prompt and decode tokens/s at batch 1 (and at batch 8, with
   --batch8-prompt-tokens prompts, up to 3B): llama_fast's LLM (the C++ session) in a worker process;
-  llama.cpp's llama-batched-bench (its prefill time, and its aggregate decode rate).
+  llama.cpp's llama-batched-bench (its prefill time, and its aggregate decode rate). Both are measured
+  after the same warm-up: llama-batched-bench decodes 16 tokens before it times anything, the worker
+  generates one token after a 16-token prompt (first touches of the mapped weights, first allocations;
+  what a fresh process pays on top is the load to first token above).
 - peak RSS while generating (of the worker, with its growth over the worker before loading, and of the
   fast start's process), against the weight bytes.
 - the fraction of the bandwidth floor: the bytes a decode step reads (every matrix; the embedding
@@ -140,6 +143,7 @@ def llama_fast_worker(path: str, dtype: str, threads: int, prompt_tokens: int, b
         torch.set_num_threads(threads)
         before = rss_bytes() / 2**20  # torch and the package imported: what loading adds is the rest
         llm = LLM.from_pretrained(path, dtype=dtype, progress=False)
+        llama_fast_run(llm, prompts(llm, 1, 16), 2)  # the warm-up llama-batched-bench also runs (16 tokens)
         one = llama_fast_run(llm, prompts(llm, 1, prompt_tokens), new_tokens)
         result = {"ttft_s": one["pp_s"], "decode_tok_s": one["tg_tps"], "isa": one["isa"]}
         if batch8_tokens:

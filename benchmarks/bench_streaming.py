@@ -2,10 +2,10 @@
 
 1. Perplexity over the first 4,096 tokens of Shakespeare with a 256-token window: dense attention, window
    + 4 sinks, window alone.
-2. A 20,000-token generation with window 512 + 4 sinks (sampled, never stopping at EOS): KV entries
+2. A 20,000-token generation with window 512 + 4 sinks (sampled, never stopping at EOS): KV blocks
    held over time (constant once the window fills), tokens/s, and the distinct-token fraction of the
    last 1,000 tokens (a collapse into one repeated token would show as ~0).
-3. A batch of two such streams at once on the paged cache: blocks in use over time.
+3. A batch of two such streams at once: blocks in use over time.
 
     .venv/bin/python benchmarks/bench_streaming.py [--parts ppl stream batch] [--tokens 20000]
         [--batch-tokens 2000] [--out benchmarks/out]
@@ -50,21 +50,21 @@ def perplexities(llm, text: str, max_tokens: int) -> dict:
 
 
 def long_stream(streaming, n_tokens: int) -> dict:
-    """One row, n_tokens sampled tokens: KV entries held every 1,000 tokens, and how the text ends."""
+    """One row, n_tokens sampled tokens: KV blocks held every 1,000 tokens, and how the text ends."""
     prompt = [streaming.tokenizer.encode(PROMPTS[0])]
-    caches, held, tokens = [], {}, []
+    runners, held, tokens = [], {}, []
     start = time.perf_counter()
     for step, (token,) in enumerate(streaming.generate_ids(prompt, sampling(streaming, 1), n_tokens,
-                                                           on_cache=caches.append, stop_at_eos=False)):
+                                                           on_cache=runners.append, stop_at_eos=False)):
         tokens.append(token)
-        if (step + 1) % 1000 == 0:
-            held[step + 1] = caches[0].tokens_held
-            print(f"{step + 1} tokens: KV entries held {held[step + 1]}, "
+        if (step + 1) % 1000 == 0 and step + 1 < n_tokens:  # (after the last token the blocks are freed)
+            held[step + 1] = runners[0].num_blocks - runners[0].num_free_blocks
+            print(f"{step + 1} tokens: KV blocks held {held[step + 1]}, "
                   f"{(step + 1) / (time.perf_counter() - start):.1f} tokens/s", flush=True)
     seconds = time.perf_counter() - start
     last = tokens[-1000:]
-    g = {"tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds, "kv_entries_held": held,
-         "cache_slots": caches[0].max_seq_len, "distinct_fraction_last_1000": len(set(last)) / len(last),
+    g = {"tokens": len(tokens), "seconds": seconds, "tokens_per_s": len(tokens) / seconds, "kv_blocks_held": held,
+         "pool_blocks": runners[0].num_blocks, "distinct_fraction_last_1000": len(set(last)) / len(last),
          "tail_text": streaming.tokenizer.decode(tokens[-200:])}
     print(f"generated {g['tokens']} tokens in {seconds:.0f} s ({g['tokens_per_s']:.1f} tokens/s); "
           f"distinct-token fraction of the last 1000: {g['distinct_fraction_last_1000']:.2f}")
@@ -73,25 +73,24 @@ def long_stream(streaming, n_tokens: int) -> dict:
 
 
 def batch_streams(streaming, n_tokens: int) -> dict:
-    """Two rows at once on the paged cache: blocks in use every 100 tokens."""
+    """Two rows at once: blocks in use every 100 tokens."""
     prompts = [streaming.tokenizer.encode(p) for p in PROMPTS]
-    caches, blocks, rows = [], {}, [[], []]
+    runners, blocks, rows = [], {}, [[], []]
     start = time.perf_counter()
     for step, new in enumerate(streaming.generate_ids(prompts, sampling(streaming, 2), n_tokens,
-                                                      on_cache=caches.append, stop_at_eos=False)):
+                                                      on_cache=runners.append, stop_at_eos=False)):
         for row, token in zip(rows, new):
             row.append(token)
-        if (step + 1) % 100 == 0:
-            blocks[step + 1] = caches[0].blocks_in_use
+        if (step + 1) % 100 == 0 and step + 1 < n_tokens:
+            blocks[step + 1] = runners[0].num_blocks - runners[0].num_free_blocks
     seconds = time.perf_counter() - start
-    cache = caches[0]
+    runner = runners[0]
     b = {"rows": 2, "tokens_per_row": n_tokens, "seconds": seconds, "tokens_per_s": 2 * n_tokens / seconds,
-         "cache": type(cache).__name__, "block_size": cache.block_size, "pool_blocks": cache.num_blocks,
-         "blocks_in_use": blocks, "evicted_per_row": [cache.evicted(s) for s in cache.seq_ids],
+         "runner": type(runner).__name__, "pool_blocks": runner.num_blocks, "blocks_in_use": blocks,
          "distinct_fraction_last_500": [len(set(r[-500:])) / 500 for r in rows]}
-    print(f"batch of 2 streams on the {b['cache']}: {n_tokens} tokens per row in {seconds:.0f} s "
+    print(f"batch of 2 streams on the {b['runner']}: {n_tokens} tokens per row in {seconds:.0f} s "
           f"({b['tokens_per_s']:.1f} tokens/s in all); blocks in use every 100 tokens: {list(blocks.values())}; "
-          f"evicted per row {b['evicted_per_row']}; distinct fraction of the last 500 {b['distinct_fraction_last_500']}")
+          f"distinct fraction of the last 500 {b['distinct_fraction_last_500']}")
     return b
 
 

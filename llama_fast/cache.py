@@ -13,8 +13,7 @@ the model's attention uses:
 Rows of different lengths are right-padded: the padding's keys sit after the real tokens, so causal
 attention never lets a real query see them, and end_step(n) drops them.
 
-StaticKVCache: preallocated (B, S_max, Hkv, D) per layer; the lowest-latency batch-1 path.
-GraphStaticKVCache: the same, with a step protocol that never waits on the device (CUDA graphs).
+StaticKVCache: preallocated (B, S_max, Hkv, D) per layer (LLM.logits: one full forward pass).
 PagedKVCache: a pool of fixed-size blocks per layer, (num_blocks, block_size, Hkv, D) for K and for V,
 read through block_table (B, max_blocks) int32; sequences are added, forked (copy-on-write: forks share
 the parent's blocks until one writes into a shared block), freed, and evicted by a window with sinks.
@@ -127,65 +126,6 @@ class StaticKVCache:
         self._start = None
 
 
-class GraphStaticKVCache(StaticKVCache):
-    """A StaticKVCache whose step protocol never waits on the device, for steps captured in CUDA graphs.
-
-    Every tensor the steps use keeps its storage (seqlens advances in place), the new K/V are scattered
-    at device positions (no host copy of them), and the capacity check reads a host-side mirror of the
-    lengths (host_lengths) instead of the device. A replayed graph runs no Python: whoever replays it
-    calls advance_host(n) for the n tokens per row the graph added.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.host_lengths = [0] * self.batch_size  # == seqlens, as Python ints
-        self._rows = torch.arange(self.batch_size, device=self.seqlens.device)[:, None]  # (B, 1)
-
-    def begin_step(self, num_new: int) -> torch.Tensor:
-        _check_num_new(num_new)
-        check_room(max(self.host_lengths) + num_new, self.max_seq_len)  # (host values: no device read)
-        self._num_new = num_new
-        self._positions = self.seqlens.long()[:, None] + torch.arange(num_new, device=self.seqlens.device)  # (B, T)
-        self._start = self._positions
-        self.step_seqlens = self.seqlens + num_new
-        return self._positions
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._start is None:
-            raise RuntimeError("write: call begin_step first")
-        if k.shape[:2] != self._positions.shape:
-            raise ValueError(f"write: this step has {self._num_new} new tokens per row, k has shape {tuple(k.shape)}")
-        dtype = self.k[layer].dtype
-        self.k[layer].index_put_((self._rows, self._positions), k.to(dtype))
-        self.v[layer].index_put_((self._rows, self._positions), v.to(dtype))
-
-    def end_step(self, num_kept: torch.Tensor | int | None = None) -> None:
-        if self._start is None:
-            raise RuntimeError("end_step: call begin_step first")
-        if num_kept is None:  # (no host data: this is the form a captured step uses)
-            self.seqlens.add_(self._num_new)
-            self.advance_host(self._num_new)
-        else:
-            kept = _kept_counts(num_kept, self._num_new, self.batch_size)
-            self.seqlens.add_(torch.tensor(kept, dtype=torch.int32).to(self.seqlens.device))
-            self.host_lengths = [n + k for n, k in zip(self.host_lengths, kept)]
-        self.step_seqlens = self.seqlens
-        self._start = None
-
-    def advance_host(self, num_new: int) -> None:
-        """Records that a replayed graph appended num_new tokens to every row."""
-        self.host_lengths = [n + num_new for n in self.host_lengths]
-
-    def lengths(self) -> list[int]:
-        return list(self.host_lengths)
-
-    def reset(self) -> None:
-        self.seqlens.zero_()
-        self.host_lengths = [0] * self.batch_size
-        self.step_seqlens = self.seqlens
-        self._start = None
-
-
 class PagedKVCache:
     """Paged cache: per layer K and V pools (num_blocks, block_size, Hkv, D), block tables in C++.
 
@@ -196,13 +136,15 @@ class PagedKVCache:
     time: their blocks go back to the pool, so a stream of any length uses constant memory. The survivors
     are re-indexed compactly (sinks first, then the rest in order), their keys untouched: begin_step returns
     true positions (index + the tokens evicted), and attention by index gives the same numbers as if
-    nothing had been evicted (streaming.py says why).
+    nothing had been evicted (docs/session.md says why).
     Running out of blocks raises CacheFullError and leaves the cache unchanged.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  *, dtype=torch.float32, device="cpu", window: int | None = None, sink_tokens: int = 0,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, scratch_block: bool = False):
+        """scratch_block: the pools get one block more than the manager hands out (index num_blocks), where
+        the padding rows of a captured decode step write (cuda_graphs.PagedDecodeGraphs)."""
         _check_sizes(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size, n_kv_heads=n_kv_heads,
                      head_dim=head_dim)
         if window is not None and (not isinstance(window, int) or window < 1):
@@ -213,7 +155,7 @@ class PagedKVCache:
             raise ValueError(f"sink_tokens ({sink_tokens}) must be smaller than window ({window})")
         self._C = ext()
         self.manager = self._C.PagedBlockManager(num_blocks, block_size)
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        shape = (num_blocks + scratch_block, block_size, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_layers, self.block_size = num_layers, block_size
@@ -300,22 +242,37 @@ class PagedKVCache:
         if ops.shape[0]:
             self._C.copy_blocks(self.k, self.v, ops)
 
-    # ---- step protocol ----
-    def begin_step(self, num_new: int) -> torch.Tensor:
-        _check_num_new(num_new)
-        self._not_in_step("begin_step")
-        ids = self.seq_ids
+    def evict_invisible(self, seq_ids) -> None:
+        """Under a window, drops the tokens of seq_ids that no later query can see (whole blocks' worth);
+        a no-op otherwise. Changes no number (docs/session.md), so it may run any time before a step."""
         if self.window is not None:
-            self._copy(self.manager.evict(ids, self.window, self.sink_tokens))
+            self._copy(self.manager.evict([int(s) for s in seq_ids], self.window, self.sink_tokens))
+
+    def blocks_needed(self, seq_ids, num_new: int) -> int:
+        """Free blocks a step of num_new tokens for each of seq_ids would take (after evict_invisible)."""
+        return self.manager.blocks_needed([int(s) for s in seq_ids], num_new)
+
+    def reserve(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host side of begin_step for the current batch: evicts, makes room for num_new tokens per row
+        (copy-on-write copies done), and returns (start (B,) int32 cache indices, true start (B,) int64)."""
+        ids = self.seq_ids
+        self.evict_invisible(ids)
         try:
             start, copies = self.manager.reserve(ids, num_new, self.max_seq_len)
         except self._C.KVCacheFull as err:
             self._refresh()
             raise CacheFullError(str(err)) from None
         self._copy(copies)
+        return start, start.long() + torch.tensor([self.manager.evicted(s) for s in ids], dtype=torch.int64)
+
+    # ---- step protocol ----
+    def begin_step(self, num_new: int) -> torch.Tensor:
+        _check_num_new(num_new)
+        self._not_in_step("begin_step")
+        ids = self.seq_ids
+        start, true_start = self.reserve(num_new)
         self._num_new = num_new
         self._start_cpu, self._table_cpu = start, self.manager.block_table(ids)  # host copies for write()
-        true_start = start.long() + torch.tensor([self.manager.evicted(s) for s in ids], dtype=torch.int64)
         self.position_bound = int(true_start.max()) + num_new if len(ids) else num_new
         self._start = start.to(self.device)
         self.seqlens = self._start

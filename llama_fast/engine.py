@@ -9,7 +9,7 @@ which), samples, detokenizes and reports what each sequence produced.
             print(out.request_id, out.new_text, out.finish_reason)
 
 AsyncEngine wraps it for asyncio (the server): the engine steps in its own thread, each request's outputs
-come through an async iterator. LLM.generate with many prompts runs on an Engine too.
+come through an async iterator. Every LLM.generate call runs on an Engine too: the one decode loop.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from . import ops, validate
 from .errors import EngineClosedError, QueueFullError
 from .sampling import PenaltyWindow, SamplingParams, check_max_new_tokens, row_params
 from .scheduler import Request, Scheduler, Sequence
-from .session import BLOCK_SIZE, SessionRunner
+from .session import BLOCK_SIZE
 from .span import SpanBias
 from .tokenizer import TextStream, stop_strings
 from .window import prefill_chunk
@@ -57,7 +57,8 @@ class Engine:
     def __init__(self, llm, *, max_kv_tokens: int | None = None, max_batch_tokens: int | None = None,
                  max_running: int | None = None, max_waiting: int | None = None, prefix_caching: bool = True,
                  chunked_prefill: bool = True):
-        """An engine over `llm` (an LLM on CPU whose weights the C++ session runs: fp32 or bf16).
+        """An engine over `llm`: its steps run on llm.new_runner (the C++ session on CPU where it applies,
+        else the model's forward: llama_fast.model_runner).
 
         max_kv_tokens: the KV pool, in tokens (default: 2 GiB worth, at least one full context).
         max_batch_tokens: tokens one step feeds (default 512). max_running: sequences running at once
@@ -75,12 +76,9 @@ class Engine:
         for name, flag in (("prefix_caching", prefix_caching), ("chunked_prefill", chunked_prefill)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
-        if llm.device.type != "cpu" or llm.decode == "eager" or not llm._session_supported():
-            raise ValueError(f"Engine runs on the C++ session (CPU, fp32 or bf16 weights, decode 'auto' or 'cpp'); "
-                             f"this LLM {llm._session_reason or 'is on ' + llm.device.type + ' / decode=' + llm.decode}")
         self.llm = llm
         num_blocks = -(-max_kv_tokens // BLOCK_SIZE) if max_kv_tokens is not None else llm._kv_budget_blocks(BLOCK_SIZE)
-        self.runner = SessionRunner(llm.model, num_blocks=num_blocks, prefix_caching=prefix_caching)
+        self.runner = llm.new_runner(num_blocks, prefix_caching=prefix_caching)
         span = llm.model.span
         chunk = prefill_chunk(span.window) if chunked_prefill or span.window else llm.config.max_seq_len
         self.scheduler = Scheduler(self.runner, max_batch_tokens=max_batch_tokens, max_running=max_running,

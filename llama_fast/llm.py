@@ -9,22 +9,18 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
-from . import ops, validate
-from .cache import PagedKVCache, StaticKVCache
+from . import validate
+from .cache import StaticKVCache
 from .loaders import DEFAULT_MODEL, load_checkpoint
 from .model import Transformer, build_model, pack_weights
-from .sampling import PenaltyCounts, SamplingParams, check_max_new_tokens, check_request, row_params
+from .sampling import SamplingParams, check_max_new_tokens, check_request, row_params
 from .span import SpanBias, checkpoint_span
-from .streaming import StreamingKVCache
-from .tokenizer import Tokenizer, check_context, stop_strings, stream_text
-from .window import prefill_chunk, streaming_slack
-
-if TYPE_CHECKING:
-    from .cuda_graphs import CudaGraphDecodePath
+from .tokenizer import Tokenizer, check_context, stop_strings
+from .window import prefill_chunk
 
 log = logging.getLogger("llama_fast")
 
@@ -49,19 +45,13 @@ class Completion:
 
 
 class LLM:
-    # Which KV cache the model's forward uses (CUDA, decode="eager"; the C++ session owns its own): "auto" (a
-    # PagedKVCache for batches of several rows, num_return_sequences included, storing each distinct prompt
-    # once, each row a stream evicting on its own with a window span; for a single row a StaticKVCache, or a
-    # StreamingKVCache over one for window spans past their window), or "static" / "paged" to force one.
-    kv_cache = "auto"
-    PAGE_SIZE = 16  # tokens per block of the paged cache
-
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
-        """decode: how generation runs: "auto" (default; also $LLAMA_FAST_DECODE): on CPU the C++ session
-        (llama_fast.session) where it applies (fp32/bf16 weights, the extension built), on CUDA the model's
-        forward replayed from CUDA graphs (llama_fast.cuda_graphs) on a static cache, else the model's
-        forward; "cpp": the C++ session or an error; "eager": always the model's forward (the reference
-        path; also the default when LLAMA_FAST_BACKEND=reference)."""
+        """decode: which runner the Engine steps (every generate call runs on one, llama_fast.engine): "auto"
+        (default; also $LLAMA_FAST_DECODE): on CPU the C++ session (llama_fast.session) where it applies
+        (fp32/bf16 weights or GGUF block formats, the extension built), else the model's forward over a
+        paged cache (llama_fast.model_runner; on CUDA its decode steps replayed from CUDA graphs); "cpp":
+        the C++ session or an error; "eager": always the model's forward, without graphs (the reference
+        route; also the default when LLAMA_FAST_BACKEND=reference)."""
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.config = model.config
         if decode is None:
@@ -70,7 +60,6 @@ class LLM:
         self.decode = decode
         if self.decode not in ("auto", "cpp", "eager"):
             raise ValueError(f"decode must be 'auto', 'cpp' or 'eager', got {self.decode!r}")
-        self._graph_path = None  # on CUDA: the CUDA-graph decode path, owner of its caches (see new_cache)
         self._session_reason = None  # why the C++ session cannot run this model ("": it can), once asked
 
     @classmethod
@@ -134,53 +123,13 @@ class LLM:
         span.check_heads(self.config.n_heads)
         model = copy.copy(self.model)  # a shallow copy shares every parameter
         model.span = span
-        llm = LLM(model, self.tokenizer, self.path, decode=self.decode)
-        llm.kv_cache = self.kv_cache
-        return llm
+        return LLM(model, self.tokenizer, self.path, decode=self.decode)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     # ---- forward passes ----
-
-    def new_cache(self, batch_size: int, max_len: int, span: SpanBias | None = None):
-        """A cache for rows of up to max_len tokens; with a window span and max_len beyond what the window
-        needs, a StreamingKVCache of constant size instead."""
-        c, span = self.config, span or self.model.span
-        dtype = self.model.dtype
-        if span.window is not None:
-            slack = streaming_slack(span.window)
-            if max_len > span.sink_tokens + span.window + slack:
-                base = StaticKVCache(c.n_layers, batch_size, span.sink_tokens + span.window + slack, c.n_kv_heads,
-                                     c.head_dim, dtype=dtype, device=self.device)
-                return StreamingKVCache(base, span, slack)
-        if self.device.type == "cuda" and self.decode != "eager":
-            # Decode steps replay CUDA graphs captured on caches the graph path owns (one per batch size
-            # and length bucket, reused by later calls: a cache from an earlier call is reset).
-            if self._graph_path is None:
-                from .cuda_graphs import CudaGraphDecodePath
-
-                self._graph_path = CudaGraphDecodePath(self.model)
-            return self._graph_path.new_cache(batch_size, max_len)
-        return StaticKVCache(c.n_layers, batch_size, max_len, c.n_kv_heads, c.head_dim, dtype=dtype, device=self.device)
-
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache, span: SpanBias | None = None) -> torch.Tensor:
-        """Runs right-padded prompts tokens (B, T) with real lengths (B,) into `cache`; returns each row's
-        last logits (B, vocab). A cache that evicts takes the prompt in chunks, evicting between them."""
-        span = span or self.model.span
-        chunk = tokens.shape[1]
-        if isinstance(cache, StreamingKVCache):
-            chunk = cache.slack
-        elif span.window is not None:
-            chunk = streaming_slack(span.window)
-        last = torch.empty(tokens.shape[0], self.config.vocab_size)
-        for start in range(0, tokens.shape[1], chunk):
-            kept = (lengths - start).clamp(0, chunk)
-            logits = self.model(tokens[:, start:start + chunk], cache, last_only=True, num_kept=kept, span=span)
-            ends_here = (lengths > start) & (lengths <= start + chunk)
-            last[ends_here] = logits[ends_here, -1].cpu()
-        return last
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, vocab) fp32 (one full causal forward pass)."""
@@ -203,13 +152,6 @@ class LLM:
         """The most tokens an input may have (None under a sliding window: streams run past the context)."""
         return self.config.max_seq_len if self.model.span.window is None else None
 
-    def decode_path(self, cache) -> "CudaGraphDecodePath | None":
-        """CUDA graphs for this cache's decode steps, or None when they run through the model's forward."""
-        if self.decode == "eager" or self.device.type != "cuda":
-            return None
-        graphs = self._graph_path
-        return graphs if graphs is not None and graphs.applies_to(cache) else None
-
     # ---- generation ----
 
     def _encode_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
@@ -220,12 +162,12 @@ class LLM:
         """The decode loop: yields, per step, one new token per row (None for rows that produced none this
         step: finished, or not started yet).
 
-        On CPU the rows run on an Engine (llama_fast.engine) over the C++ session: prompts in chunks, each
-        distinct prompt computed once and forked for the rows that repeat it, then one token per row per
-        step, all rows in one pass over the weights; rows start as KV blocks allow (max_kv_tokens) and free
-        theirs when done. Elsewhere (CUDA, decode="eager") the model's forward runs the batch (_generate_batch).
-        on_cache, if given, is called with the KV cache (or the session) once it exists (to watch its
-        memory). stop_at_eos=False runs every row for max_new_tokens steps whatever it samples (benchmarks).
+        The rows run on an Engine (llama_fast.engine) over this LLM's runner (new_runner): prompts in
+        chunks, each distinct prompt computed once and forked for the rows that repeat it, then one token
+        per row per step, all rows in one pass over the weights; rows start as KV blocks allow
+        (max_kv_tokens) and free theirs when done. on_cache, if given, is called with the runner once it
+        exists (to watch its memory). stop_at_eos=False runs every row for max_new_tokens steps whatever it
+        samples (benchmarks).
         """
         check_max_new_tokens(max_new_tokens)
         if not prompt_ids:
@@ -234,13 +176,16 @@ class LLM:
             if not ids:
                 raise ValueError("a prompt must contain at least one token")
             check_context(len(ids), self._context)
-        if self._runs_on_session():
-            yield from self._generate_session(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
-        else:
-            yield from self._generate_batch(prompt_ids, params, max_new_tokens, on_cache, stop_at_eos)
+        B = len(prompt_ids)
+        for step in self._engine_steps(prompt_ids, params, max_new_tokens, None, stop_at_eos, on_cache, False):
+            tokens: list[int | None] = [None] * B
+            for row, out in step:
+                tokens[row] = out.new_token_ids[0] if out.new_token_ids else None
+            if any(t is not None for t in tokens):
+                yield tokens
 
     def _runs_on_session(self) -> bool:
-        """Whether generation runs through the C++ session (an Engine) or the model's forward."""
+        """Whether the runner is the C++ session (else the model's forward: model_runner)."""
         return self.decode != "eager" and self.device.type == "cpu" and self._session_supported()
 
     # The KV pool's budget in tokens (None: 2 GiB worth, at least one full context).
@@ -258,14 +203,30 @@ class LLM:
                 log.info("llama_fast: decode steps run through the model's forward (%s)", self._session_reason)
         return not self._session_reason
 
-    def session_runner(self, num_blocks: int):
-        """A C++ session over this model with a pool of num_blocks KV blocks. Each generate call has its own,
-        so calls a caller interleaves never take each other's blocks."""
-        from .session import SessionRunner
+    def new_runner(self, num_blocks: int, *, prefix_caching: bool = False):
+        """The runner (session.Runner) of this model with a pool of num_blocks KV blocks: the C++ session
+        where it runs this model (decode "auto" / "cpp" on CPU), else the model's forward (ModelRunner).
+        Each generate call has its own, so calls a caller interleaves never take each other's blocks."""
+        if self._runs_on_session():
+            from .session import SessionRunner
 
-        runner = SessionRunner(self.model, num_blocks=num_blocks)
-        log.debug("llama_fast: a C++ session (%s, %d threads, %d KV blocks)", runner.isa, runner.num_threads, num_blocks)
+            runner = SessionRunner(self.model, num_blocks=num_blocks, prefix_caching=prefix_caching)
+        else:
+            from .model_runner import ModelRunner
+
+            runner = ModelRunner(self.model, num_blocks=num_blocks, graphs=False if self.decode == "eager" else None)
+        log.debug("llama_fast: a runner on %s, %d KV blocks", runner.isa, num_blocks)
         return runner
+
+    def _blocks_for_sequence(self, tokens: int, step_tokens: int) -> int:
+        """The most KV blocks one sequence of `tokens` tokens takes on this LLM's runner, fed at most
+        step_tokens at a time."""
+        span = self.model.span
+        if self._runs_on_session():
+            from .session import blocks_for_sequence
+        else:
+            from .model_runner import blocks_for_sequence
+        return blocks_for_sequence(tokens, step_tokens, span.window or 0, span.sink_tokens)
 
     def _kv_budget_blocks(self, block_size: int) -> int:
         c = self.config
@@ -278,18 +239,17 @@ class LLM:
         """The Engine of one generate call: a pool of the blocks its rows need at most (within
         max_kv_tokens), every row running at once where the blocks allow."""
         from .engine import DEFAULT_MAX_BATCH_TOKENS, Engine
-        from .session import BLOCK_SIZE, blocks_for_sequence
+        from .session import BLOCK_SIZE
 
-        span, rows, chunk = self.model.span, len(prompt_ids), prefill_chunk(self.model.span.window)
-        need = sum(blocks_for_sequence(len(ids) + max_new_tokens, chunk, span.window or 0, span.sink_tokens,
-                                       BLOCK_SIZE) for ids in prompt_ids)
+        rows, chunk = len(prompt_ids), prefill_chunk(self.model.span.window)
+        need = sum(self._blocks_for_sequence(len(ids) + max_new_tokens, chunk) for ids in prompt_ids)
         blocks = min(need, self._kv_budget_blocks(BLOCK_SIZE))
         # A batch job, not a server: every prompt's first chunk in one step where it is not huge.
         first_chunks = sum(min(len(ids), chunk) for ids in prompt_ids)
         return Engine(self, max_kv_tokens=blocks * BLOCK_SIZE, max_running=rows,
                       max_batch_tokens=max(DEFAULT_MAX_BATCH_TOKENS, rows, min(first_chunks, MAX_GENERATE_STEP_TOKENS)))
 
-    def _session_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
+    def _engine_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
         """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
         rows that repeat it); yields each step's [(row, RequestOutput)] (with their text where `text`)."""
         engine = self._engine(prompt_ids, max_new_tokens)
@@ -307,107 +267,17 @@ class LLM:
         finally:  # a consumer that stops early (or an error) leaves no blocks behind
             engine.abort_all()
 
-    def _generate_session(self, prompt_ids, params, max_new_tokens, on_cache, stop_at_eos):
-        B = len(prompt_ids)
-        for step in self._session_steps(prompt_ids, params, max_new_tokens, None, stop_at_eos, on_cache, False):
-            tokens: list[int | None] = [None] * B
-            for row, out in step:
-                tokens[row] = out.new_token_ids[0] if out.new_token_ids else None
-            if any(t is not None for t in tokens):
-                yield tokens
-
-    def _generate_batch(self, prompt_ids: list[list[int]], params: list[SamplingParams], max_new_tokens: int,
-                        on_cache, stop_at_eos: bool) -> Iterator[list[int | None]]:
-        """The model's forward over a right-padded batch (CUDA graphs on a GPU; the eager reference)."""
-        B, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
-        capacity = longest + max_new_tokens
-        if self.model.span.window is None:
-            capacity = min(capacity, self.config.max_seq_len)
-        steps = capacity - longest
-        if steps <= 0:
-            return
-        if self.kv_cache not in ("auto", "static", "paged"):
-            raise ValueError(f"LLM.kv_cache must be 'auto', 'static' or 'paged', got {self.kv_cache!r}")
-        # CUDA graphs need a static cache: batches then take the static one (or a StreamingKVCache over it).
-        paged = self.kv_cache == "paged" or (self.kv_cache == "auto" and B > 1 and self.device.type != "cuda")
-        device = self.device
-        if paged:
-            cache, logits = self._prefill_paged(prompt_ids, steps)
-        else:
-            cache = self.new_cache(B, capacity)
-            lengths = torch.tensor([len(p) for p in prompt_ids])
-            tokens = torch.tensor([p + [0] * (longest - len(p)) for p in prompt_ids], device=device)  # (B, T)
-            logits = self.prefill(tokens, lengths, cache)  # (B, vocab)
-        if on_cache is not None:
-            on_cache(cache)
-        penalties = PenaltyCounts(prompt_ids, params, self.config.vocab_size) if any(p.has_penalties for p in params) else None
-        eos = torch.tensor(sorted(set(self.config.eos_token_ids) | self.tokenizer.eos_ids) or [-1])
-        done = torch.zeros(B, dtype=torch.bool)
-        fast = None  # CUDA graphs, looked up after the first token is out
-        for step in range(steps):
-            seen = torch.from_numpy(penalties.counts) if penalties is not None else None
-            next_tokens = ops.sample(logits, params, step=step, seen=seen).cpu()  # (B,)
-            yield [None if d else int(t) for t, d in zip(next_tokens, done)]
-            if stop_at_eos:
-                done |= torch.isin(next_tokens, eos)
-            if bool(done.all()) or step == steps - 1:
-                return
-            if penalties is not None:
-                penalties.push(next_tokens.tolist())
-            if step == 0:
-                fast = self.decode_path(cache)
-            if fast is not None:
-                logits = fast.step(next_tokens, cache)  # decode one token: one graph replay
-            else:
-                logits = self.model(next_tokens[:, None].to(device), cache)[:, -1]  # decode one token
-
-    def _prefill_paged(self, prompt_ids: list[list[int]], steps: int) -> tuple[PagedKVCache, torch.Tensor]:
-        """A PagedKVCache holding every row's prompt, each distinct prompt stored once (rows repeating a
-        prompt, as num_return_sequences makes them, are copy-on-write forks of its sequence), and the
-        rows' last logits (B, vocab). The pool is sized for the prompts plus `steps` tokens per row."""
-        c, bs, span = self.config, self.PAGE_SIZE, self.model.span
-        unique: dict[tuple[int, ...], int] = {}
-        for p in prompt_ids:
-            unique.setdefault(tuple(p), len(unique))
-        distinct = [list(p) for p in unique]
-        if span.window is None:
-            num_blocks = sum(-(-len(p) // bs) for p in distinct) + len(prompt_ids) * (-(-steps // bs) + 1)
-        else:  # a stream holds at most its sinks, window and one prefill chunk, plus a block not yet evicted
-            held = -(-(span.sink_tokens + span.window + streaming_slack(span.window)) // bs) + 2
-            num_blocks = (len(distinct) + len(prompt_ids)) * held
-        cache = PagedKVCache.for_span(c.n_layers, num_blocks, bs, c.n_kv_heads, c.head_dim, span,
-                                      dtype=self.model.dtype, device=self.device)
-        seqs = [cache.add_sequence() for _ in distinct]
-        cache.set_batch(seqs)
-        longest = max(len(p) for p in distinct)
-        tokens = torch.tensor([p + [0] * (longest - len(p)) for p in distinct], device=self.device)  # (U, T)
-        logits = self.prefill(tokens, torch.tensor([len(p) for p in distinct]), cache)  # (U, vocab)
-        owner = [unique[tuple(p)] for p in prompt_ids]
-        taken: set[int] = set()
-        rows = []
-        for u in owner:  # the first row of a prompt takes its sequence, the others fork it
-            rows.append(seqs[u] if u not in taken else cache.fork(seqs[u]))
-            taken.add(u)
-        cache.set_batch(rows)
-        return cache, logits[owner]
-
     def _stream_rows(self, prompts: list[str], max_new_tokens: int, stop, seed, settings) -> Iterator[tuple[int, str, int | None, str | None]]:
-        """Yields (row, new text, new token id or None, finish reason or None): tokenizer.stream_text over
-        the decode loop."""
+        """Yields (row, new text, new token id or None, finish reason or None): the Engine's outputs."""
         stops = stop_strings(stop)
         if getattr(self.model, "tp", None) is not None and seed is None and settings["temperature"] > 0:
             raise ValueError("seed: a tensor-parallel run that samples needs a seed (every rank must draw alike)")
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
-        if self._runs_on_session():
-            for step in self._session_steps(prompt_ids, params, max_new_tokens, stops, True, None, True):
-                for row, out in step:
-                    finish = "eos" if isinstance(out.stop_reason, int) else out.finish_reason
-                    yield row, out.new_text, out.new_token_ids[0] if out.new_token_ids else None, finish
-            return
-        eos_ids = self.tokenizer.eos_ids | set(self.config.eos_token_ids)
-        yield from stream_text(self.tokenizer, prompt_ids, self.generate_ids(prompt_ids, params, max_new_tokens),
-                               stops, eos_ids)
+        for step in self._engine_steps(prompt_ids, params, max_new_tokens, stops, True, None, True):
+            for row, out in step:
+                finish = "eos" if isinstance(out.stop_reason, int) else out.finish_reason
+                yield row, out.new_text, out.new_token_ids[0] if out.new_token_ids else None, finish
 
     def generate(self, prompt: str | list[str] | list[int] | list[list[int]], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
@@ -464,11 +334,11 @@ class LLM:
 
     def perplexity(self, text: str, *, span: SpanBias | None = None, max_tokens: int | None = None,
                    chunk: int = 256, progress: bool = False) -> PerplexityResult:
-        """Perplexity of the model on `text`, read left to right as generation reads it: on CPU through the
-        C++ session (under a window its memory stays constant, any length), elsewhere the model's forward.
+        """Perplexity of the model on `text`, read left to right as generation reads it, on this LLM's runner
+        (new_runner; under a window its memory stays constant, any length).
 
         span: overrides the model's SpanBias for this evaluation. max_tokens: evaluate only the first
-        max_tokens tokens. chunk: tokens per forward pass (a streaming cache takes at most its slack).
+        max_tokens tokens. chunk: tokens per step (under a window at most window.prefill_chunk).
         """
         from tqdm import tqdm
 
@@ -483,34 +353,17 @@ class LLM:
             raise ValueError("perplexity needs a text of at least 2 tokens")
         if span.window is None:
             check_context(len(ids), self._context)
-        chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
+        llm = self if span is self.model.span else self.with_span(span)
+        chunk = min(chunk, prefill_chunk(span.window))
+        runner = llm.new_runner(llm._blocks_for_sequence(len(ids), chunk))
+        seq = runner.add_sequence()
         total_nll, start_time = 0.0, time.perf_counter()
-        if self.decode != "eager" and self.device.type == "cpu" and self._session_supported():
-            from .session import blocks_for_sequence
-
-            llm = self if span is self.model.span else self.with_span(span)
-            chunk = min(chunk, prefill_chunk(span.window))
-            chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
-            runner = llm.session_runner(blocks_for_sequence(len(ids), chunk, span.window or 0, span.sink_tokens))
-            kv_bytes = runner.kv_bytes
-            seq = runner.add_sequence()
-            for start in chunks:
-                piece = ids[start:min(start + chunk, len(ids) - 1)]
-                targets = torch.tensor(ids[start + 1:start + 1 + len(piece)])  # the next token of each position
-                logprobs = torch.log_softmax(runner.step([(seq, piece)], all_logits=True), dim=-1)
-                total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
-        else:
-            cache = self.new_cache(1, len(ids), span)
-            if isinstance(cache, StreamingKVCache):
-                chunk = min(chunk, cache.slack)
-                chunks = tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress)
-            tokens = torch.tensor([ids], device=self.device)  # (1, N)
-            kv_bytes = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
-            for start in chunks:
-                piece = tokens[:, start:start + chunk]
-                targets = tokens[0, start + 1:start + 1 + piece.shape[1]]  # (n,) the next token of each position
-                logprobs = torch.log_softmax(self.model(piece, cache, span=span)[0, :targets.shape[0]], dim=-1)
-                total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        for start in tqdm(range(0, len(ids) - 1, chunk), desc="perplexity", unit="chunk", disable=not progress):
+            piece = ids[start:min(start + chunk, len(ids) - 1)]
+            targets = torch.tensor(ids[start + 1:start + 1 + len(piece)])  # the next token of each position
+            logprobs = torch.log_softmax(runner.step([(seq, piece)], all_logits=True), dim=-1)
+            total_nll -= logprobs.gather(1, targets[:, None]).sum().item()
+        kv_bytes = runner.kv_bytes
         seconds = time.perf_counter() - start_time
         n = len(ids) - 1
         return PerplexityResult(math.exp(total_nll / n), total_nll / n, n, seconds, len(ids) / seconds, kv_bytes)

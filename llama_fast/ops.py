@@ -87,8 +87,8 @@ def span_attention(q, k, v, span: SpanBias = SpanBias(), scale: float | None = N
 
 
 def _cpu_attention_unsupported(k_cache, block_table) -> str | None:
-    if block_table is not None:
-        return "a paged cache"
+    if block_table is not None and not block_table.is_contiguous():
+        return "a non-contiguous block table"
     if k_cache.dtype not in (torch.float32, torch.bfloat16):
         return f"a {k_cache.dtype} cache"
     return None
@@ -105,7 +105,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
                      q_sink=None, *, backend=None):
     """Attention of new queries over a contiguous or paged KV cache (see reference.decode_attention).
 
-    On CPU the C++ version (the decode step's attention, one query at a time) runs contiguous fp32/bf16
+    On CPU the C++ version (the session's attention, one query at a time) runs contiguous and paged fp32/bf16
     caches: a prompt's attention without the (H, T, S) score and bias tensors of the reference.
     """
     unsupported = _cpu_attention_unsupported(k_cache, block_table) if q.device.type == "cpu" else "not on the CPU"
@@ -118,7 +118,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, span: SpanBias = SpanBi
             alibi_slopes=span.alibi_slopes, bucket_table=cpu_bucket_table(span), window=span.window or 0,
             sink_tokens=span.sink_tokens, logit_softcap=span.logit_softcap or 0.0,
             scale=q.shape[-1] ** -0.5 if scale is None else scale,
-            q_sink=None if q_sink is None else q_sink.float().contiguous())
+            q_sink=None if q_sink is None else q_sink.float().contiguous(), block_table=block_table)
         return out.to(q.dtype)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, span, block_table, scale, q_sink)
 

@@ -98,20 +98,6 @@ class PenaltyWindow:
             self.window.append(token)  # (a full deque drops its oldest)
 
 
-class PenaltyCounts:
-    """The sampler's `seen` (B, V) int32 numpy array for a batch: row b a PenaltyWindow over histories[b]."""
-
-    def __init__(self, histories: list[list[int]], params: list[SamplingParams], vocab_size: int):
-        self.counts = np.zeros((len(histories), vocab_size), dtype=np.int32)
-        self.rows = [PenaltyWindow(h, p, self.counts[b]) for b, (h, p) in enumerate(zip(histories, params))]
-
-    def push(self, tokens: list[int | None]) -> None:
-        """Appends one new token per row (None: the row has none this step)."""
-        for row, token in zip(self.rows, tokens):
-            if token is not None:
-                row.push(token)
-
-
 def check_max_new_tokens(n) -> None:
     """max_new_tokens of every generate call: an int >= 1."""
     validate.integer(n, "max_new_tokens", minimum=1)

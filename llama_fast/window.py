@@ -1,5 +1,5 @@
-"""Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py), the session's
-drivers (llm.py, lite.py) and the StreamingKVCache of the model's forward (streaming.py). Torch-free."""
+"""Sliding-window attention with sinks: the settings' rules, shared by SpanBias (span.py) and the drivers of
+every runner (llm.py, engine.py, lite.py). Torch-free."""
 from __future__ import annotations
 
 
@@ -19,15 +19,9 @@ PREFILL_CHUNK = 256  # prompt tokens of one sequence per session step, without a
 
 
 def prefill_chunk(window: int | None) -> int:
-    """Tokens of one sequence fed per session step: under a window few enough that the window plus one step
-    stays a small, constant number of KV blocks."""
-    return PREFILL_CHUNK if window is None else min(PREFILL_CHUNK, streaming_slack(window))
-
-
-def streaming_slack(window: int) -> int:
-    """Spare cache slots beyond sinks + window: the most tokens one step may add, and how often keys move
-    (a full cache keeps its sinks and newest window - 1 tokens)."""
-    return max(16, min(256, window // 4))
+    """Tokens of one sequence fed per step: under a window few enough (a quarter of it, 16 to 256) that the
+    window plus one step stays a small, constant number of KV blocks."""
+    return PREFILL_CHUNK if window is None else min(PREFILL_CHUNK, max(16, window // 4))
 
 
 def checkpoint_window(window: int | None, sink_tokens: int, sliding_window: int | None) -> int | None:

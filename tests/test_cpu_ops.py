@@ -46,6 +46,29 @@ def test_decode_attention_matches_reference(variant, heads, head_dim, cache_dtyp
             torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"T={T}")
 
 
+@pytest.mark.parametrize("variant", ["plain", "window_sinks", "all"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_matches_reference(variant, cache_dtype):
+    """The C++ attention over a paged pool (blocks in scrambled order, rows of different lengths, unused
+    table entries holding anything) equals the reference's, q_sink included."""
+    gen = torch.Generator().manual_seed(7 + len(variant))
+    H, Hkv, D, bs = 6, 2, 32, 4
+    span = spans(H, gen)[variant]
+    pool_k = (2 * torch.randn(40, bs, Hkv, D, generator=gen)).to(cache_dtype)
+    pool_v = torch.randn(40, bs, Hkv, D, generator=gen).to(cache_dtype)
+    table = torch.randperm(40, generator=gen)[:30].reshape(3, 10).to(torch.int32)
+    table[0, 2:] = -1  # past row 0's 5 tokens: never read
+    for T in (1, 3):
+        seqlens = torch.tensor([5, 23, 40], dtype=torch.int32)
+        q, q_sink = (2 * torch.randn(3, T, H, D, generator=gen) for _ in range(2))
+        got = ops.decode_attention(q, pool_k, pool_v, seqlens, span, table, q_sink=q_sink, backend="cpu")
+        want = reference.decode_attention(q, pool_k, pool_v, seqlens, span, table, q_sink=q_sink)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        ops.decode_attention(q, pool_k, pool_v, torch.tensor([9, 23, 40], dtype=torch.int32), span, table,
+                             backend="cpu")
+
+
 def test_bucket_table_is_built_once_and_follows_in_place_changes():
     """The C++ attention's bucket table is derived once per span, not per layer and step; a bucket_bias
     changed in place (training, a loader filling it) gets a fresh table and the attention follows it."""
@@ -80,19 +103,13 @@ def test_decode_attention_bf16_queries_and_scale():
 
 
 def test_decode_attention_dispatch():
-    """On CPU the C++ version runs by default; a paged or fp16 cache goes to the reference, and forcing the
-    C++ version on one says why it cannot."""
+    """On CPU the C++ version runs by default; an fp16 cache goes to the reference, and forcing the C++
+    version on one says why it cannot."""
     q = torch.randn(1, 2, 2, 8)
     k = torch.randn(1, 4, 1, 8)
     seqlens = torch.tensor([3], dtype=torch.int32)
     assert ops.choose_backend("decode_attention", q.device, None, cpu_ext=True) == "cpu"
     torch.testing.assert_close(ops.decode_attention(q, k, k, seqlens), reference.decode_attention(q, k, k, seqlens))
-    paged = torch.randn(2, 4, 1, 8)
-    table = torch.tensor([[1]], dtype=torch.int32)
-    torch.testing.assert_close(ops.decode_attention(q, paged, paged, seqlens, block_table=table),
-                               reference.decode_attention(q, paged, paged, seqlens, block_table=table))
-    with pytest.raises(ops.BackendError, match="paged cache"):
-        ops.decode_attention(q, paged, paged, seqlens, block_table=table, backend="cpu")
     with pytest.raises(ops.BackendError, match="float16 cache"):
         ops.decode_attention(q.half(), k.half(), k.half(), seqlens, backend="cpu")
 

@@ -54,9 +54,12 @@ def tiny(smollm):
     return tiny_llm(smollm)
 
 
-def test_requests_arriving_while_others_run_get_their_text_alone(tiny):
+@pytest.mark.parametrize("decode", ["cpp", "eager"])
+def test_requests_arriving_while_others_run_get_their_text_alone(tiny, decode):
     """A replayed arrival trace: 12 requests of 5 to 300 prompt tokens arrive at fixed steps while others
-    run; each gets the tokens it gets alone, and no block is left held."""
+    run; each gets the tokens it gets alone, and no block is left held: on the C++ session and on the
+    model's forward (ModelRunner)."""
+    tiny = LLM(tiny.model, tiny.tokenizer, decode=decode)
     rng = random.Random(1)
     trace = [(step, ids(rng.randrange(5, 300), seed), rng.randrange(5, 40)) for seed, step in
              enumerate(sorted(rng.randrange(0, 60) for _ in range(12)))]
@@ -146,9 +149,11 @@ def test_prefix_caching_under_a_window_gives_the_uncached_text(smollm):
     assert cached.stats()["prompt_tokens_cached"] > 0
 
 
-def test_more_requests_than_the_pool_holds_all_finish_by_preemption(tiny):
+@pytest.mark.parametrize("decode", ["cpp", "eager"])
+def test_more_requests_than_the_pool_holds_all_finish_by_preemption(tiny, decode):
     """A pool of 40 blocks for 16 requests that each need up to 12: all finish, some by being preempted and
-    computed again, each with its text alone."""
+    computed again, each with its text alone (on either runner)."""
+    tiny = LLM(tiny.model, tiny.tokenizer, decode=decode)
     rng = random.Random(3)
     requests = [(ids(rng.randrange(20, 120), 50 + i), rng.randrange(30, 70)) for i in range(16)]
     engine = Engine(tiny, max_kv_tokens=40 * 16, max_batch_tokens=128, prefix_caching=False)
@@ -273,9 +278,21 @@ def test_bad_requests_raise_naming_the_argument_and_disturb_nothing(tiny):
     assert first + tokens[rid][0] == want and engine.stats()["blocks_in_use"] == 0
 
 
-def test_engine_refuses_what_the_session_cannot_run(smollm):
-    with pytest.raises(ValueError, match=r"Engine runs on the C\+\+ session .* decode=eager"):
-        Engine(LLM(smollm.model, smollm.tokenizer, decode="eager"))
+def test_engine_runs_the_model_forward_where_the_session_does_not(smollm):
+    """decode="eager": the same Engine steps a ModelRunner (the model's forward over a paged cache) and
+    gives the session's greedy tokens, prompts of different lengths running together."""
+    from llama_fast.model_runner import ModelRunner
+
+    prompts = [smollm.tokenizer.encode(p) for p in ("I love", "The capital of France is a city that")]
+    outputs = {}
+    for decode in ("eager", "cpp"):
+        engine = Engine(LLM(smollm.model, smollm.tokenizer, decode=decode))
+        assert isinstance(engine.runner, ModelRunner) == (decode == "eager")
+        rids = [engine.add_request(p, max_new_tokens=12, ignore_eos=True) for p in prompts]
+        tokens, _ = run(engine)
+        outputs[decode] = [tokens[r][0] for r in rids]
+        assert engine.stats()["blocks_in_use"] == 0
+    assert outputs["eager"] == outputs["cpp"]
 
 
 def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):

@@ -83,7 +83,7 @@ def test_sampling_and_stops_equal_the_engine(lite, smollm):
     dict(presence_penalty=0.8, frequency_penalty=0.5, temperature=0.7, seed=5),
 ])
 def test_penalties_equal_the_engine(lite, smollm, settings):
-    """The penalties see what the engine's PenaltyCounts sees (the prompt and every token so far, or the last
+    """The penalties see what the engine's PenaltyWindow sees (the prompt and every token so far, or the last
     penalty_last_n), so greedy and sampled text with penalties equal LLM's; and they change the text."""
     ours = "".join(lite.stream("The cat sat on the mat. The cat", max_new_tokens=40, **settings))
     assert ours == smollm.generate("The cat sat on the mat. The cat", max_new_tokens=40, **settings).text
@@ -106,7 +106,7 @@ def test_bf16_logits_stay_within_bf16_tolerance(smollm):
 
 @pytest.fixture(scope="module")
 def windowed():
-    """The engine with a sliding window of 32 and 4 sinks (its StreamingKVCache evicts past 52 tokens)."""
+    """The engine with a sliding window of 32 and 4 sinks (its blocks freed as the window passes them)."""
     from llama_fast import LLM
     from llama_fast.span import SpanBias
 

@@ -343,8 +343,8 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, smollm_tokenizer_
         llm.with_span(SpanBias(window=sliding_window + 1))
     assert llm.with_span(SpanBias()).model.span.window == sliding_window
     assert llm.with_span(SpanBias(window=1)).model.span.window == 1
-    # Decoding token by token (the C++ step over the cache; past sinks + window + slack tokens a
-    # StreamingKVCache that evicts and re-indexes keys) gives transformers' greedy tokens, each from a full
+    # Decoding token by token (the C++ session, freeing blocks the window passes) gives transformers'
+    # greedy tokens, each from a full
     # forward pass over the sequence so far (its generate() with a window of 1 disagrees with its own forward).
     ids = IDS[0].tolist()[:6]
     expected = list(ids)

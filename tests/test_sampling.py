@@ -10,10 +10,11 @@ import math
 import types
 
 import pytest
+import numpy as np
 import torch
 
 from llama_fast import SamplingParams, ops, reference
-from llama_fast.sampling import PenaltyCounts
+from llama_fast.sampling import PenaltyWindow
 from llama_fast._ext import ext
 
 C = ext()
@@ -283,15 +284,15 @@ def test_penalty_counts_match_a_recount_of_the_window(limits):
     V = 12
     histories = [torch.randint(0, V, (n,), generator=gen).tolist() for n in (1, 7, 20)]
     params = [SamplingParams(repetition_penalty=1.2, penalty_last_n=n) for n in limits]
-    counts = PenaltyCounts(histories, params, V)
+    rows = [PenaltyWindow(h, p, np.zeros(V, dtype=np.int32)) for h, p in zip(histories, params)]
     for _ in range(40):
         new = torch.randint(0, V, (3,), generator=gen).tolist()
-        counts.push(new)
         for row, token in enumerate(new):
+            rows[row].push(token)
             histories[row].append(token)
         for row, n in enumerate(limits):
             window = histories[row] if n is None else histories[row][-n:]
-            assert counts.counts[row].tolist() == torch.bincount(torch.tensor(window), minlength=V).tolist()
+            assert rows[row].counts.tolist() == torch.bincount(torch.tensor(window), minlength=V).tolist()
 
 
 def test_penalty_last_n_is_validated():

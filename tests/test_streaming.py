@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from llama_fast import LLM, SamplingParams, SpanBias
-from llama_fast.cache import PagedKVCache, StaticKVCache
+from llama_fast.cache import PagedKVCache
 from llama_fast.config import ModelConfig
 from llama_fast.reference import sequence_logits
 from llama_fast.span import alibi_slopes
-from llama_fast.streaming import StreamingKVCache
 from llama_fast.sampling import row_params
 from llama_fast.paths import SAMPLE_TEXT
 
@@ -77,59 +76,55 @@ def windowed_greedy(llm, prompt_ids, n):
     return out
 
 
-@pytest.mark.parametrize("route", ["session", "static", "paged"])
-def test_eviction_without_sinks_is_exact(smollm, route):
+@pytest.mark.parametrize("decode", ["cpp", "eager"])
+def test_eviction_without_sinks_is_exact(smollm, decode):
     """With no sinks a window is exact attention over the whole history, however the cache drops what the
     window hides: the stream must equal windowed attention over the whole history, token for token. The
-    session frees blocks; the model's forward (decode="eager") evicts and re-indexes the survivors
-    (StreamingKVCache by its slack, the paged cache by whole blocks)."""
-    llm = LLM(smollm.model, smollm.tokenizer, decode="auto" if route == "session" else "eager")
-    llm = llm.with_span(SpanBias(window=40))
-    llm.kv_cache = "static" if route == "session" else route
+    session frees blocks; the model's forward (decode="eager", a ModelRunner) drops whole blocks and
+    re-indexes the survivors."""
+    llm = LLM(smollm.model, smollm.tokenizer, decode=decode).with_span(SpanBias(window=40))
     prompt = llm.tokenizer.encode("The history of the city begins")
-    caches = []
-    got = [t for (t,) in llm.generate_ids([prompt], [SamplingParams(temperature=0)], 90, on_cache=caches.append)]
-    if route == "session":
-        assert caches[0].num_blocks * 16 < len(prompt) + 90  # the pool cannot hold the whole history
-    else:
-        evicted = caches[0].evicted[0] if route == "static" else caches[0].evicted(caches[0].seq_ids[0])
-        assert evicted > 40
+    got, runner, evicted = greedy_stream(llm, prompt, 90)
+    assert runner.num_blocks * 16 < len(prompt) + 90  # the pool cannot hold the whole history
+    assert decode == "cpp" or evicted > 40
     assert got == windowed_greedy(llm, prompt, 90)
+
+
+def greedy_stream(llm, prompt_ids, n):
+    """(greedy tokens, the runner, the most tokens its paged cache evicted: 0 on the session)."""
+    runners, tokens, evicted = [], [], 0
+    for (token,) in llm.generate_ids([prompt_ids], [SamplingParams(temperature=0)], n, on_cache=runners.append):
+        tokens.append(token)
+        cache = getattr(runners[0], "cache", None)
+        if cache is not None and cache.seq_ids:
+            evicted = max(evicted, cache.evicted(cache.seq_ids[0]))
+    return tokens, runners[0], evicted
 
 
 @pytest.mark.parametrize("window, sinks", [(32, 4), (40, 3)])
 def test_every_route_streams_alike_past_the_window(smollm, window, sinks):
-    """Window + sinks, greedy, far past the window: the C++ session, the model's forward on one row (a
-    StreamingKVCache moving the window down by its slack) and on a batch of two (a PagedKVCache dropping
-    whole blocks) give the same tokens, and a row's tokens do not depend on the batch it ran in. One rule
-    (sinks scored from sink_position) holds whichever cache a row streams through and whenever it evicts."""
+    """Window + sinks, greedy, far past the window: the C++ session and the model's forward (a ModelRunner,
+    whose paged cache drops whole blocks and re-indexes), each prompt alone and both in one batch, give the
+    same tokens: one rule (sinks scored from sink_position) whichever runner and whenever a row evicts."""
     span = SpanBias(window=window, sink_tokens=sinks)
     session = smollm.with_span(span)
     eager = LLM(smollm.model, smollm.tokenizer, decode="eager").with_span(span)
     prompts = ["The history of the city begins", "A long time ago, on a small island far to the north, there lived"]
     want = [session.generate(p, max_new_tokens=100).token_ids for p in prompts]
     for prompt, tokens in zip(prompts, want):
-        caches = []
-        alone = eager.generate_ids([eager.tokenizer.encode(prompt)], [SamplingParams(temperature=0)], 100,
-                                   on_cache=caches.append)
-        assert [t for (t,) in alone][:len(tokens)] == tokens
-        assert isinstance(caches[0], StreamingKVCache) and caches[0].evicted[0] > 0
-    caches = []
-    batch = eager.generate_ids([eager.tokenizer.encode(p) for p in prompts], [SamplingParams(temperature=0)] * 2, 100,
-                               on_cache=caches.append)
+        alone, _, evicted = greedy_stream(eager, eager.tokenizer.encode(prompt), 100)
+        assert alone[:len(tokens)] == tokens and evicted > 0
+    batch = eager.generate_ids([eager.tokenizer.encode(p) for p in prompts], [SamplingParams(temperature=0)] * 2, 100)
     rows = list(zip(*batch))
     assert [list(row[:len(tokens)]) for row, tokens in zip(rows, want)] == want
-    assert isinstance(caches[0], PagedKVCache) and min(caches[0].evicted(s) for s in caches[0].seq_ids) > 0
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
-@pytest.mark.parametrize("cache_kind", ["streaming", "paged"])
-def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend, cache_kind, monkeypatch):
-    """The model's forward streaming far past its window through either evicting cache, in prompt chunks
+def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend, monkeypatch):
+    """The model's forward streaming far past its window through an evicting paged cache, in prompt chunks
     and single tokens, gives reference.sequence_logits (the session's oracle) for every token: on the CPU's
-    own choice of ops (C++ where they run the inputs), the plain-PyTorch ops and the Triton kernels
-    (interpreted here). ALiBi and a learned span table
-    make every distance count, the sinks' included."""
+    own choice of ops, the plain-PyTorch ops and the Triton kernels (interpreted here). ALiBi and a learned
+    span table make every distance count, the sinks' included."""
     cfg = ModelConfig(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=80, max_seq_len=256,
                       head_dim=64)
     gen = torch.Generator().manual_seed(5)
@@ -142,13 +137,8 @@ def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend
         monkeypatch.delenv("LLAMA_FAST_BACKEND", raising=False)
     else:
         monkeypatch.setenv("LLAMA_FAST_BACKEND", backend)
-    slack = 8
-    if cache_kind == "streaming":
-        base = StaticKVCache(cfg.n_layers, 1, 3 + 20 + slack, cfg.n_kv_heads, cfg.head_dim)
-        cache = StreamingKVCache(base, span, slack)
-    else:
-        cache = PagedKVCache.for_span(cfg.n_layers, 16, 4, cfg.n_kv_heads, cfg.head_dim, span)
-        cache.set_batch([cache.add_sequence()])
+    cache = PagedKVCache.for_span(cfg.n_layers, 16, 4, cfg.n_kv_heads, cfg.head_dim, span)
+    cache.set_batch([cache.add_sequence()])
     got, fed = [], 0
     for n in [7, 8, 5] + [1] * 20 + [8, 3] + [1] * 100:
         n = min(n, len(tokens) - fed)
@@ -156,8 +146,7 @@ def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend
             break
         got.append(model(torch.tensor([tokens[fed:fed + n]]), cache)[0])
         fed += n
-    evicted = cache.evicted[0] if cache_kind == "streaming" else cache.evicted(cache.seq_ids[0])
-    assert evicted > 40
+    assert cache.evicted(cache.seq_ids[0]) > 40
     torch.testing.assert_close(torch.cat(got), want, atol=1e-4, rtol=1e-4)
 
 
@@ -201,5 +190,4 @@ def test_bad_span_settings(kwargs, message):
 def test_window_larger_than_context_is_dense(smollm):
     wide = smollm.with_span(SpanBias(window=100_000, sink_tokens=4))
     ids = torch.tensor([smollm.tokenizer.encode("A window wider than the context changes nothing.")])
-    assert not isinstance(wide.new_cache(1, 8192), StreamingKVCache)
     assert torch.allclose(wide.logits(ids), smollm.logits(ids), atol=1e-5)

@@ -158,15 +158,13 @@ class BlockManager {
       get(id, "reserve");
       if (seen[id]++) throw std::invalid_argument("reserve: sequence id " + std::to_string(id) + " appears twice in the batch");
     }
-    int64_t need = 0;
     for (int64_t id : ids) {
       const Seq& s = seqs_.at(id);
       if (T > max_length - s.length)
         throw KVCacheFull("sequence " + std::to_string(id) + " would hold " + std::to_string(s.length + T) +
                           " tokens; the cache allows " + std::to_string(max_length));
-      need += blocks_for(s.length + T) - static_cast<int64_t>(s.blocks.size());
-      if (T > 0 && s.length % block_size_ != 0 && refcount_[s.blocks.back()] > 1) ++need;  // copy-on-write
     }
+    const int64_t need = blocks_needed(ids, T);
     if (need > num_free_blocks())
       throw KVCacheFull("KV cache out of blocks: this step needs " + std::to_string(need) + " more blocks of " +
                         std::to_string(block_size_) + " tokens, " + std::to_string(num_free_blocks()) + " of " +
@@ -186,6 +184,18 @@ class BlockManager {
       s.reserved = T;
     }
     return start;
+  }
+
+  // Free blocks that reserve(ids, T) would take: the blocks T more tokens need, and a copy of each shared,
+  // partially filled last block (copy-on-write).
+  int64_t blocks_needed(const std::vector<int64_t>& ids, int64_t T) const {
+    int64_t need = 0;
+    for (int64_t id : ids) {
+      const Seq& s = get(id, "blocks_needed");
+      need += blocks_for(s.length + T) - static_cast<int64_t>(s.blocks.size());
+      if (T > 0 && s.length % block_size_ != 0 && refcount_[s.blocks.back()] > 1) ++need;
+    }
+    return need;
   }
 
   // Ends a step: sequence ids[i] keeps kept[i] (<= reserved) of its reserved tokens; blocks reserved for

@@ -82,6 +82,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("evicted", &llama_fast::PagedBlockManager::evicted, "seq"_a)
       .def("blocks", &llama_fast::PagedBlockManager::blocks, "seq"_a)
       .def("evict", &llama_fast::PagedBlockManager::evict, "seqs"_a, "window"_a, "sinks"_a)
+      .def("blocks_needed", &llama_fast::PagedBlockManager::blocks_needed, "seqs"_a, "num_new"_a)
       .def("reserve", &llama_fast::PagedBlockManager::reserve, "seqs"_a, "num_new"_a, "max_length"_a)
       .def("commit", &llama_fast::PagedBlockManager::commit, "seqs"_a, "kept"_a)
       .def("block_table", &llama_fast::PagedBlockManager::block_table, "seqs"_a, "min_width"_a = 0);
@@ -99,8 +100,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_attention", &llama_fast::cpu_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("seqlens"), py::arg("alibi_slopes") = py::none(), py::arg("bucket_table") = py::none(),
         py::arg("window") = 0, py::arg("sink_tokens") = 0, py::arg("logit_softcap") = 0.0, py::arg("scale") = 0.125,
-        py::arg("q_sink") = py::none(), py::arg("num_threads") = 0, py::arg("isa") = "auto",
-        "Span-biased attention of T new queries per row over a contiguous KV cache (decode_cpu.h).");
+        py::arg("q_sink") = py::none(), py::arg("block_table") = py::none(), py::arg("num_threads") = 0,
+        py::arg("isa") = "auto", "Span-biased attention of T new queries per row over a contiguous or paged KV cache (decode_cpu.h).");
   m.def("cpu_rms_norm", &llama_fast::cpu_rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
         py::arg("residual") = py::none(), "RMSNorm of x (+ residual) on fp32 CPU tensors -> (normed, sum).");
   m.def("cpu_rope", &llama_fast::cpu_rope, py::arg("q"), py::arg("k"), py::arg("positions"), py::arg("cos_sin_cache"),

@@ -84,7 +84,8 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
                             const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
                             const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
                             double logit_softcap, double scale, const std::optional<torch::Tensor>& q_sink,
-                            int64_t num_threads, const std::string& isa) {
+                            const std::optional<torch::Tensor>& block_table, int64_t num_threads,
+                            const std::string& isa) {
   const char* who = "cpu_attention";
   check_cpu_tensor(q, who, "q");
   check_cpu_tensor(k_cache, who, "k_cache");
@@ -93,13 +94,24 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 4 && q.size(0) >= 1 && q.size(1) >= 1,
               who, ": q must be float32 (B, T, H, D), got ", q.scalar_type(), " ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
-  TORCH_CHECK(is_weight_dtype(k_cache) && k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(3) == D,
-              who, ": k_cache must be float32 or bfloat16 (B=", B, ", S_max, Hkv, D=", D, "), got ",
-              k_cache.scalar_type(), " ", k_cache.sizes());
+  const bool paged = block_table.has_value();
+  TORCH_CHECK(is_weight_dtype(k_cache) && k_cache.dim() == 4 && (paged || k_cache.size(0) == B) && k_cache.size(3) == D,
+              who, ": k_cache must be float32 or bfloat16 ", paged ? "(num_blocks, block_size" : "(B=", paged ? "" : std::to_string(B),
+              paged ? "" : ", S_max", ", Hkv, D=", D, "), got ", k_cache.scalar_type(), " ", k_cache.sizes());
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && v_cache.sizes() == k_cache.sizes(), who,
               ": v_cache must match k_cache (", k_cache.scalar_type(), " ", k_cache.sizes(), "), got ",
               v_cache.scalar_type(), " ", v_cache.sizes());
-  const int64_t S = k_cache.size(1), Hkv = k_cache.size(2);
+  const int64_t Hkv = k_cache.size(2);
+  // A row's keys: one block of S positions (contiguous), or the blocks its row of block_table names.
+  int64_t S = k_cache.size(1), block_size = S, max_blocks = 1;
+  if (paged) {
+    check_cpu_tensor(*block_table, who, "block_table");
+    TORCH_CHECK(block_table->scalar_type() == torch::kInt32 && block_table->dim() == 2 && block_table->size(0) == B &&
+                    block_table->size(1) >= 1, who, ": block_table must be int32 (B=", B, ", max_blocks), got ",
+                block_table->scalar_type(), " ", block_table->sizes());
+    max_blocks = block_table->size(1);
+    S = max_blocks * block_size;
+  }
   TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, who, ": the query heads (", H, ") must be a multiple of the KV heads (", Hkv, ")");
   TORCH_CHECK(std::max({S, H * D, B * T}) < (int64_t{1} << 30), who, ": sizes too large");
   TORCH_CHECK(seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 && seqlens.size(0) == B, who,
@@ -114,6 +126,12 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(len[b] >= T && len[b] <= S, who, ": seqlens[", b, "] = ", len[b], " must count the ", T,
                 " new queries and fit the cache (", S, " positions)");
+  const int32_t* tables = paged ? block_table->data_ptr<int32_t>() : nullptr;
+  for (int64_t b = 0; paged && b < B; ++b)
+    for (int64_t i = 0; i < (len[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < k_cache.size(0), who,
+                  ": block_table[", b, ", ", i, "] = ", tables[b * max_blocks + i], " is outside the pool of ",
+                  k_cache.size(0), " blocks");
   const auto slopes = span_table(alibi_slopes, H, false, who, "alibi_slopes");
   const auto buckets = span_table(bucket_table, H, true, who, "bucket_table");
   const auto spans = head_spans(H, slopes, buckets, window, sink_tokens, logit_softcap, scale, who);
@@ -127,7 +145,7 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   const char* kp = static_cast<const char*>(k_cache.data_ptr());
   const char* vp = static_cast<const char*>(v_cache.data_ptr());
   const bool bf16 = k_cache.scalar_type() == torch::kBFloat16;
-  const size_t esz = bf16 ? 2 : 4, row = static_cast<size_t>(S) * Hkv * D;  // cache elements per batch row
+  const size_t esz = bf16 ? 2 : 4, block = static_cast<size_t>(block_size) * Hkv * D;  // elements per block
   // A unit: one query's heads of one KV group (in parts of at most kMaxGroupHeads), sharing one read of the
   // group's cache.
   const int64_t group = H / Hkv, parts = (group + cd::kMaxGroupHeads - 1) / cd::kMaxGroupHeads;
@@ -137,16 +155,17 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   {
     std::vector<float> scores(cd::attention_scratch(static_cast<int>(per_part), static_cast<int>(S)));
     // Query t of row b sits at position len[b] - T + t; later queries see more keys, so the units are dealt
-    // out in small chunks to keep the threads even. A row's cache is one block of S positions.
-    const int32_t whole_row = 0;
+    // out in small chunks to keep the threads even.
 #pragma omp for schedule(dynamic, 4)
     for (int64_t u = 0; u < units; ++u) {
-      const int64_t bt = u / (Hkv * parts), kh = u / parts % Hkv, h = kh * group + u % parts * per_part;
+      const int64_t bt = u / (Hkv * parts), kh = u / parts % Hkv, h = kh * group + u % parts * per_part, b = bt / T;
       const int64_t nh = std::min(per_part, (kh + 1) * group - h);
-      const size_t offset = (bt / T * row + kh * D) * esz;
-      const int pos = static_cast<int>(len[bt / T] - T + bt % T);
-      kern.attend_paged(qp + (bt * H + h) * D, qsp + (bt * H + h) * D, kp + offset, vp + offset, bf16, &whole_row,
-                        static_cast<int>(S), 0, Hkv * D, static_cast<int>(D), pos,
+      const int32_t own_block = static_cast<int32_t>(b);  // contiguous: row b is block b of the cache
+      const int32_t* table = paged ? tables + b * max_blocks : &own_block;
+      const size_t offset = kh * D * esz;
+      const int pos = static_cast<int>(len[b] - T + bt % T);
+      kern.attend_paged(qp + (bt * H + h) * D, qsp + (bt * H + h) * D, kp + offset, vp + offset, bf16, table,
+                        static_cast<int>(block_size), block, Hkv * D, static_cast<int>(D), pos,
                         static_cast<int>(cd::sink_position(pos, static_cast<int>(window), static_cast<int>(sink_tokens))),
                         static_cast<int>(nh), spans.data() + h, scores.data(), op + (bt * H + h) * D);
     }

@@ -30,9 +30,11 @@ torch::Tensor cpu_dequantize(const torch::Tensor& raw, const std::string& wtype,
 // dequantized (B, K) fp32 (every value exact in fp32).
 torch::Tensor cpu_quantize_activations(const torch::Tensor& x, const std::string& wtype, const std::string& isa);
 
-// Attention of T new queries per row over a contiguous KV cache that already holds them, with the span bias
+// Attention of T new queries per row over a KV cache that already holds them, with the span bias
 // (docs/ARCHITECTURE.md section 3), computed as the decode step computes it. q (B, T, H, D) fp32; k_cache, v_cache
-// (B, S_max, Hkv, D) fp32 or bf16; seqlens (B,) int32, each row's length including the T new tokens, so
+// (B, S_max, Hkv, D) fp32 or bf16, or with block_table (B, max_blocks) int32 a paged pool (num_blocks,
+// block_size, Hkv, D) whose row b holds token n at [block_table[b, n / block_size], n % block_size];
+// seqlens (B,) int32, each row's length including the T new tokens, so
 // query t of row b sits at position seqlens[b] - T + t. window 0: none; logit_softcap 0: off; bucket_table:
 // (H, max_distance + 1) fp32, the bias of span d is bucket_table[h, min(d, max_distance)]. Sinks past the
 // window are scored from sink_position(t) with q_sink (the queries rotated there; absent: q). -> (B, T, H, D) fp32.
@@ -40,7 +42,8 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
                             const torch::Tensor& seqlens, const std::optional<torch::Tensor>& alibi_slopes,
                             const std::optional<torch::Tensor>& bucket_table, int64_t window, int64_t sink_tokens,
                             double logit_softcap, double scale, const std::optional<torch::Tensor>& q_sink,
-                            int64_t num_threads, const std::string& isa);
+                            const std::optional<torch::Tensor>& block_table, int64_t num_threads,
+                            const std::string& isa);
 
 // The elementwise ops of the PyTorch forward on fp32 CPU tensors (ops_cpu.cpp), as reference.py defines them.
 // rms_norm of x (..., dim), or of x + residual: returns (normed, x + residual) (the sum is x itself without

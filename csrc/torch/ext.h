@@ -61,6 +61,8 @@ class PagedBlockManager {
   std::vector<int32_t> blocks(int64_t seq) const;
   // Pending block copies (N, 3) int64 [src, dst, tokens] the caller must run (copy_blocks) before reading.
   torch::Tensor evict(const std::vector<int64_t>& seqs, int64_t window, int64_t sinks);
+  // Free blocks reserve(seqs, num_new) would take.
+  int64_t blocks_needed(const std::vector<int64_t>& seqs, int64_t num_new) const;
   // (start (B,) int32, copies (N, 3) int64); raises KVCacheFull (state unchanged) when out of blocks.
   std::tuple<torch::Tensor, torch::Tensor> reserve(const std::vector<int64_t>& seqs, int64_t num_new, int64_t max_length);
   void commit(const std::vector<int64_t>& seqs, const std::vector<int64_t>& kept);

@@ -227,6 +227,11 @@ torch::Tensor PagedBlockManager::evict(const std::vector<int64_t>& seqs, int64_t
   return copies_tensor(copies);
 }
 
+int64_t PagedBlockManager::blocks_needed(const std::vector<int64_t>& seqs, int64_t num_new) const {
+  LF_CHECK_ARG(num_new >= 0, "blocks_needed: num_new must be >= 0");
+  return impl_->m.blocks_needed(seqs, num_new);
+}
+
 std::tuple<torch::Tensor, torch::Tensor> PagedBlockManager::reserve(const std::vector<int64_t>& seqs, int64_t num_new,
                                                                     int64_t max_length) {
   LF_CHECK_ARG(max_length >= 0, "reserve: max_length must be >= 0");
