@@ -147,15 +147,13 @@ class Transformer(nn.Module):
         return self.cos_sin_cache
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, cache, last_only: bool = False, num_kept=None,
-                span: SpanBias | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache, last_only: bool = False, num_kept=None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab) fp32 (or (B, 1, vocab) for last_only).
 
         The new tokens' K/V are appended to `cache`; num_kept (B,) says how many of each row's T tokens
         are real (the rest is right padding), and last_only then returns each row's last real token.
-        span overrides the model's SpanBias for this call.
         """
-        span = self.span if span is None else span
+        span = self.span
         B, T = tokens.shape
         positions = cache.begin_step(T)  # (B, T)
         cos_sin = self.rope_table(cache.position_bound, tokens.device)  # (no device read: graph-safe)

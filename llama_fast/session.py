@@ -27,7 +27,7 @@ BLOCK_SIZE = 16  # tokens per KV block
 
 class Runner(Protocol):
     """What the Engine and its scheduler need of a route from token ids to logits over a paged KV cache
-    (SessionRunner on CPU)."""
+    (SessionRunner: the C++ session on CPU; model_runner.ModelRunner: the model's forward, CUDA and eager)."""
 
     num_blocks: int
     prefix_caching: bool
