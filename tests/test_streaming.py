@@ -119,6 +119,22 @@ def test_every_route_streams_alike_past_the_window(smollm, window, sinks):
     assert [list(row[:len(tokens)]) for row, tokens in zip(rows, want)] == want
 
 
+def test_sampled_windowed_batches_agree_across_runners_and_pool_sizes(smollm, shakespeare):
+    """Prompts longer and shorter than the window, two sampled sequences each (forks), 150 tokens past a
+    window of 48 with 4 sinks: the model's forward gives the session's tokens, and so it does with a pool
+    that holds two streams at most (the rest wait or are preempted and computed again)."""
+    span = SpanBias(window=48, sink_tokens=4)
+    session = smollm.with_span(span)
+    eager = LLM(smollm.model, smollm.tokenizer, decode="eager").with_span(span)
+    ids = smollm.tokenizer.encode(shakespeare[:20000])
+    prompts = [ids[:300], ids[1000:1017], ids[2000:2100]]
+    kwargs = dict(max_new_tokens=150, num_return_sequences=2, temperature=0.7, seed=3)
+    want = [[c.token_ids for c in row] for row in session.generate(prompts, **kwargs)]
+    assert [[c.token_ids for c in row] for row in eager.generate(prompts, **kwargs)] == want
+    eager.max_kv_tokens = 16 * 12
+    assert [[c.token_ids for c in row] for row in eager.generate(prompts, **kwargs)] == want
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_forward_through_an_evicting_cache_equals_the_sequence_reference(backend, monkeypatch):
     """The model's forward streaming far past its window through an evicting paged cache, in prompt chunks
