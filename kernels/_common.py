@@ -59,7 +59,7 @@ class SpanArgs:
         self.has_alibi = span.alibi_slopes is not None
         self.has_table = span.bucket_bias is not None
         self.has_window = span.window is not None
-        self.has_sinks = self.has_window and span.sink_tokens > 0  # sinks past the window: sink_position rule
+        self.has_sinks = span.has_sinks
         self.has_softcap = span.logit_softcap is not None
         self.window = span.window if span.window is not None else 0
         self.sink = span.sink_tokens

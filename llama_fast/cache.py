@@ -288,13 +288,16 @@ class PagedKVCache:
         dtype = self.k[layer].dtype
         self._C.paged_write(self.k[layer], self.v[layer], k.to(dtype), v.to(dtype), self._table_cpu, self._start_cpu)
 
+    def commit(self, kept: list[int]) -> None:
+        """The host side of end_step: row b keeps kept[b] of the tokens reserve made room for."""
+        self.manager.commit(self.seq_ids, kept)
+        self._refresh()
+
     def end_step(self, num_kept: torch.Tensor | int | None = None) -> None:
         if self._start is None:
             raise RuntimeError("end_step: call begin_step first")
-        kept = _kept_counts(num_kept, self._num_new, self.batch_size)
-        self.manager.commit(self.seq_ids, kept)
         self._start = None
-        self._refresh()
+        self.commit(_kept_counts(num_kept, self._num_new, self.batch_size))
 
     def append(self, seq_ids, k: torch.Tensor, v: torch.Tensor) -> None:
         """Appends k, v (num_layers, B, T, Hkv, D) to the sequences seq_ids (B,) in one step."""

@@ -2,7 +2,7 @@
 one launch per step instead of ~400 kernel launches, each paying Python and launch overhead.
 
 A graph bakes in the addresses of every tensor it touches and may not read the device from the host. So the
-host does a step's bookkeeping (eviction, blocks, copy-on-write: PagedKVCache.reserve), writes what the
+host does a step's bookkeeping (eviction, blocks, copy-on-write: PagedKVCache.reserve / commit), writes what the
 step needs into static buffers (token ids, positions, block table, lengths, the pool slot of each new
 token), and replays a graph that runs the model's forward through GraphStep, a cache whose step protocol
 reads only those buffers. One graph per (batch bucket, block-table width bucket): a batch is padded to the
@@ -44,22 +44,23 @@ class GraphStep:
         """Loads one step into the buffers: rows of (token, start index, true position, block table row);
         the rows past them read and write the scratch block only."""
         B, n = self.tokens.shape[0], tokens.shape[0]
-        rows = torch.zeros(B, 5 + self.block_table.shape[1], dtype=torch.int64)
+        # one host tensor, one upload: columns token, true position, length, pool slot, block table
+        rows = torch.zeros(B, 4 + self.block_table.shape[1], dtype=torch.int64)
         rows[:, 2] = 1  # length of a padding row: its one token
         rows[:, 3] = scratch * block_size
-        rows[:, 5:] = scratch
+        rows[:, 4:] = scratch
         rows[:n, 0] = tokens
         rows[:n, 1] = true_start
         rows[:n, 2] = start.long() + 1
         blocks = table.long().gather(1, (start.long() // block_size)[:, None])[:, 0]
         rows[:n, 3] = blocks * block_size + start.long() % block_size
-        rows[:n, 5:5 + table.shape[1]] = table
+        rows[:n, 4:4 + table.shape[1]] = table
         rows = rows.to(self.tokens.device, non_blocking=True)
         self.tokens.copy_(rows[:, :1])
         self.positions.copy_(rows[:, 1:2])
         self.step_seqlens.copy_(rows[:, 2])
         self.slots.copy_(rows[:, 3])
-        self.block_table.copy_(rows[:, 5:])
+        self.block_table.copy_(rows[:, 4:])
 
     # the cache protocol (cache.py), reading and writing nothing but the buffers and the pools
     def begin_step(self, num_new: int) -> torch.Tensor:
@@ -110,10 +111,9 @@ class PagedDecodeGraphs:
             else:
                 logits = self.model(step.tokens, step)[:, -1]
         except BaseException:
-            cache.manager.commit(cache.seq_ids, [0] * len(cache.seq_ids))
+            cache.commit([0] * len(cache.seq_ids))
             raise
-        cache.manager.commit(cache.seq_ids, [1] * B)
-        cache.set_batch(cache.seq_ids)
+        cache.commit([1] * B)
         return logits[:B]
 
     def _build(self, step: GraphStep):

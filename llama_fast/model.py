@@ -66,7 +66,7 @@ class Attention(nn.Module):
         k = self._project(x, self.wk).view(B, T, self.n_kv_heads, self.head_dim)
         v = self._project(x, self.wv).view(B, T, self.n_kv_heads, self.head_dim)
         q_sink = None
-        if span.window is not None and span.sink_tokens:  # the queries as the sinks past the window see them
+        if span.has_sinks:  # the queries as the sinks past the window see them
             q_sink = q.clone()
             ops.apply_rope(q_sink, q_sink[:, :, :0], sink_position(positions, span), cos_sin_cache)
         ops.apply_rope(q, k, positions, cos_sin_cache)

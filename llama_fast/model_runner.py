@@ -30,7 +30,7 @@ class ModelRunner:
 
     def __init__(self, model, *, num_blocks: int, graphs: bool | None = None):
         c, span = model.config, model.span
-        self.model, self.span, self.vocab = model, span, c.vocab_size
+        self.model, self.span = model, span
         graphs = model.device.type == "cuda" if graphs is None else graphs
         self.cache = PagedKVCache.for_span(c.n_layers, num_blocks, BLOCK_SIZE, c.n_kv_heads, c.head_dim, span,
                                            dtype=model.dtype, device=model.device, scratch_block=graphs,

@@ -105,7 +105,7 @@ def sink_position(t: torch.Tensor, span: SpanBias) -> torch.Tensor:
 def sinks_past_window(span: SpanBias, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
     """(Tq, Tk) bool: the pairs where a sink lies window or more positions behind the query, which are scored
     from sink_position(q_pos) (docs/ARCHITECTURE.md section 3); None for a span without sinks."""
-    if span.window is None or not span.sink_tokens:
+    if not span.has_sinks:
         return None
     return (k_pos[None, :] < span.sink_tokens) & (q_pos[:, None] - k_pos[None, :] >= span.window)
 

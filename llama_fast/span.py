@@ -64,6 +64,12 @@ class SpanBias:
             and self.logit_softcap is None
         )
 
+    @property
+    def has_sinks(self) -> bool:
+        """A window with sinks: sinks past the window are scored from sink_position (docs/ARCHITECTURE.md
+        section 3), with the queries rotated there (q_sink)."""
+        return self.window is not None and self.sink_tokens > 0
+
     def check_heads(self, num_heads: int) -> None:
         """Raises if the per-head tables do not have num_heads rows."""
         for name in ("alibi_slopes", "bucket_bias"):

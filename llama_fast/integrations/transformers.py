@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 from transformers import AttentionInterface, GenerationConfig
@@ -79,12 +80,24 @@ def _mask_positions(mask: torch.Tensor, q_len: int) -> tuple[torch.Tensor, torch
     return last - first[:, None], keys[None, :] - first[:, None]
 
 
+_ROPE_CONFIGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # attention module -> ModelConfig
+
+
+def _rope_config(module) -> ModelConfig:
+    """The ModelConfig of an attention module's transformers config (its RoPE settings), parsed once per
+    module, not at every call (transformers configs are unhashable: the module keys the cache)."""
+    config = _ROPE_CONFIGS.get(module)
+    if config is None:
+        config = _ROPE_CONFIGS[module] = ModelConfig.from_hf(module.config.to_dict())
+    return config
+
+
 def _sink_queries(module, q: torch.Tensor, q_pos: torch.Tensor, span: SpanBias) -> torch.Tensor | None:
     """q (B, Tq, H, D), which transformers rotated at q_pos ((B, Tq) or (Tq,)), rotated instead at
     sink_position(q_pos): back by the difference. None for a span without sinks."""
-    if span.window is None or not span.sink_tokens:
+    if not span.has_sinks:
         return None
-    config = ModelConfig.from_hf(module.config.to_dict())
+    config = _rope_config(module)
     shift = (q_pos - reference.sink_position(q_pos, span)).expand(q.shape[:2])  # (B, Tq) >= 0
     cos, sin = reference.rope_cos_sin_cache(int(shift.max()) + 1, config.head_dim, config.rope_theta,
                                             config.rope_scaling).to(q.device).chunk(2, dim=-1)
