@@ -33,16 +33,11 @@ def mapped_file(address: int) -> str:
     return ""
 
 
-AMX_TESTS = "LLAMA_FAST_TEST_AMX"  # set: the amx level's tests run in this process (see test_amx_level.py)
-
-
 def supported_isas():
-    """The kernel variants this CPU runs (scalar only where the extension is not built: the tests skip). The amx
-    level only where AMX_TESTS is set: its tests run in a process of their own (csrc/core/cpu_decode.h,
-    best_isa, says why)."""
+    """The kernel variants this CPU runs (scalar only where the extension is not built: the tests skip)."""
     if not _ext.has_ext():
         return ["scalar"]
-    return [isa for isa in _ext.ext().cpu_isas() if isa != "amx" or os.environ.get(AMX_TESTS)]
+    return _ext.ext().cpu_isas()
 
 
 def random_model(cfg: ModelConfig, span: SpanBias = SpanBias(), *, seed=0, dtype=torch.float32, qk_gain=1.0):

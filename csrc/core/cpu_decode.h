@@ -100,8 +100,9 @@ constexpr int kMaxGroupHeads = 16;
 // Each level has every instruction of the ones below it. Avx512Vnni (Ice Lake, Cascade Lake and every CPU with
 // AVX512-BF16) adds the int8 dot products of quantized weights (AVX512-VNNI, with AVX512-VL) to Avx512 (AVX-512
 // F/BW); Avx512Bf16 (Zen 4, Sapphire Rapids, Cooper Lake) multiplies bf16 weights natively too (AVX512-BF16:
-// x rounded to bf16, where Avx512Vnni widens the weights to fp32); Amx (Sapphire Rapids and later; by name
-// only, see best_isa) multiplies bf16 matrices on AMX tiles (amx.inc), the rest as Avx512Bf16.
+// x rounded to bf16, where Avx512Vnni widens the weights to fp32); Amx (Sapphire Rapids and later) multiplies
+// bf16 matrices on AMX tiles (amx.inc), the rest as Avx512Vnni: every CPU with AMX so far takes four times an
+// FMA's time for a vdpbf16ps (see native_bf16_pays).
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Avx512Bf16 = 4, Amx = 5 };
 
 inline const char* isa_name(Isa isa) {
@@ -182,14 +183,13 @@ inline bool native_bf16_pays() {
   return t.dot_ns < 1.5 * t.fma_ns;
 }
 
-// The level "auto" picks: the highest, except that bf16 weights are widened (Avx512Vnni) where native bf16
-// products do not pay (asked once per process). Amx is never picked by itself: it is asked for by name
-// (isa="amx" or LLAMA_FAST_CPU_ISA=amx). On the Xeon VMs it was tried on, the first fp32 matmul that torch ran
-// right after these AMX products sometimes came out at bf16 precision (a reference's logits ~5e-4 off, then
-// exact again): not understood (docs/session.md), so a process opts in.
+// The level "auto" picks: Amx where the CPU has AMX-BF16 and the kernel grants this process the tiles, else the
+// highest, except that bf16 weights are widened (Avx512Vnni) where native bf16 products do not pay (asked once
+// per process).
 inline Isa best_isa() {
   static const Isa best = [] {
     const Isa top = top_isa();
+    if (top == Isa::Avx512Bf16 && detect_cpu_features().amx_bf16) return Isa::Amx;
     return top == Isa::Avx512Bf16 && !native_bf16_pays() ? Isa::Avx512Vnni : top;
   }();
   return best;
@@ -234,7 +234,7 @@ struct Kernels {
 inline Kernels kernels_for(Isa isa) {
   switch (isa) {
     case Isa::Amx: {
-      Kernels k = LF_KERNELS(isa_avx512bf16);
+      Kernels k = LF_KERNELS(isa_avx512vnni);
       k.dot_rows = isa_amx::dot_rows;
       return k;
     }

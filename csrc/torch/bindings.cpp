@@ -25,7 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       if (llama_fast::cpu_decode::isa_supported(static_cast<llama_fast::cpu_decode::Isa>(i)))
         names.push_back(llama_fast::cpu_decode::isa_name(static_cast<llama_fast::cpu_decode::Isa>(i)));
     return names;
-  }, "The kernel variants (isa= names) this CPU runs, lowest first (amx only by name, never as auto).");
+  }, "The kernel variants (isa= names) this CPU runs, lowest first.");
 
   m.def("cpu_bf16_timing", []() -> py::object {
     namespace cd = llama_fast::cpu_decode;
