@@ -63,6 +63,11 @@ step ext_cuda "$PY" "$ROOT/benchmarks/gpu_ext_check.py" ${QUICK:+--quick}
 # 4c. decode: CUDA-graph steps against eager steps (same tokens, steps/s at batch 1 and 8)
 step decode_graphs "$PY" "$ROOT/benchmarks/gpu_decode.py" ${QUICK:+--new-tokens 64}
 
+# 4d. the tests that need a GPU: graph decoding against eager, tensor parallelism over NCCL under graph
+#     capture (one rank; two where the machine has two GPUs). Needs pytest on the machine's python.
+step gpu_tests "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cuda_graphs.py" \
+    "$ROOT/tests/test_tensor_parallel_cuda.py" -k "gpu or cuda"
+
 # 5. benchmarks: bf16 (full or quick) and fp16 (quick)
 step bench_bf16 "$PY" "$ROOT/benchmarks/bench_attention.py" --dtype bf16 ${QUICK:+--quick}
 cp "$ROOT/$OUTDIR/bench_attention.json" "$ROOT/$OUTDIR/bench_attention_bf16.json" 2>/dev/null || true
@@ -77,7 +82,7 @@ rm -rf "$STAGE"
 {
     echo
     echo "=== gpu_suite summary ($(( $(date +%s) - start )) s)"
-    for name in env build import compile_check correctness ext_cuda decode_graphs bench_bf16 bench_fp16 bench_qmatmul; do
+    for name in env build import compile_check correctness ext_cuda decode_graphs gpu_tests bench_bf16 bench_fp16 bench_qmatmul; do
         printf '  %-14s %s\n' "$name" "${STATUS[$name]:-not run}"
     done
     echo "  tables: the bench_* steps above; JSON in $OUTDIR/bench_attention_{bf16,fp16}.json and" \

@@ -9,9 +9,11 @@ slices are gathered at the end. So each rank's KV cache holds only its heads, an
 same logits and samples the same tokens: all ranks run the same generation (SPMD; rank 0 prints).
 
 On CPU each rank runs the C++ session on its shard, the all-reduce called from inside its step (backend
-gloo). CUDA (NCCL, CUDA graphs) is not wired yet: a model on CUDA is refused.
+gloo). On CUDA each rank takes the GPU of its LOCAL_RANK (unless the device names one), the shard is cut on
+the CPU from the mapped file and only it is moved to the GPU, and the model's forward runs with the
+all-reduces as NCCL collectives, which the decode step's CUDA graphs capture like any other kernel.
 
-    torchrun --nproc-per-node 2 -m llama_fast generate "Hello" --tp 2
+    torchrun --nproc-per-node 2 -m llama_fast generate "Hello" --tp 2 [--device cuda]
     LLM.from_pretrained(name, tensor_parallel=2)   # inside a torchrun job (or RANK/WORLD_SIZE/MASTER_* set)
 """
 from __future__ import annotations
@@ -113,19 +115,37 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> di
     return out
 
 
-def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, backend: str = "gloo"):
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: a CUDA device without an index is the GPU of the rank's LOCAL_RANK (torchrun sets it)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, device: torch.device = torch.device("cpu")):
     """Joins (or checks) the default process group of `world` ranks, from torchrun's environment
-    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); the collective timeout is timeout_s."""
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); the collective timeout is timeout_s. Backend gloo for a
+    model on the CPU, NCCL for one on CUDA (its communicator made here, so that no CUDA graph capture
+    is the first collective)."""
     import torch.distributed as dist
 
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
         if missing:
             raise ValueError(f"tensor_parallel={world} needs a torchrun job (or {', '.join(missing)} set): "
                              f"torchrun --nproc-per-node {world} -m llama_fast ...")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+        if backend == "nccl":
+            dist.all_reduce(torch.zeros(1, device=device))
     if dist.get_world_size() != world:
         raise ValueError(f"tensor_parallel={world}, but the process group has {dist.get_world_size()} ranks")
+    if dist.get_backend() != backend:
+        raise ValueError(f"tensor parallelism on {device.type} needs a {backend} process group, this one is "
+                         f"{dist.get_backend()}")
     return dist.get_rank()
 
 
@@ -163,18 +183,21 @@ class TensorParallel:
         return torch.cat([p[:, :n] for p, n in zip(parts, self._vocab_sizes)], dim=1).reshape(*lead, -1)
 
 
-def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Turns `model` into this rank's shard of a tensor-parallel group of `world` ranks (joining the process
-    group): its modules keep only their slices (the full matrices are freed), model.config describes the
-    local heads and FFN (the vocabulary stays whole: the logits are gathered), model.span its query heads'
-    part, model.tp the collectives. Both routes run it: the C++ session (which calls the all-reduce from its
-    step) and the model's forward (hooks after each wo and w2, and on the logits)."""
+def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> None:
+    """Turns `model` (on the CPU) into this rank's shard of a tensor-parallel group of `world` ranks (joining
+    the process group), on `device` (default the CPU; on CUDA only the shard is moved there): its modules keep
+    only their slices (the full matrices are freed), model.config describes the local heads and FFN (the
+    vocabulary stays whole: the logits are gathered), model.span its query heads' part, model.tp the
+    collectives. Both routes run it: the C++ session (which calls the all-reduce from its step) and the
+    model's forward (hooks after each wo and w2, and on the logits)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if model.device.type != "cpu":
-        raise ValueError("tensor parallelism runs on CPU (the C++ session over gloo); CUDA is not wired yet")
+        raise ValueError(f"shard_model cuts the shard on the CPU (then moves it to {device}); the model is on "
+                         f"{model.device}")
     if model.quantized_weights():
         raise ValueError("tensor parallelism shards float weights; this model has matrices in GGUF block formats "
                          "(load it with a float dtype)")
-    rank = init_process_group(world, timeout_s)
+    rank = init_process_group(world, timeout_s, device)
     config = model.config
     plan = plan_shard(config, world, rank)
     weights = shard_weights(model.state_dict(), config, plan)
@@ -190,6 +213,7 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> N
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
     for layer in model.layers:
         layer.attention.n_heads, layer.attention.n_kv_heads = model.config.n_heads, model.config.n_kv_heads
+    model.to(device)
     model.tp = tp = TensorParallel(plan, config.vocab_size)
     for layer in model.layers:  # the model's forward: the partial sums of wo and w2 summed over the ranks
         for module in (layer.attention, layer.feed_forward):

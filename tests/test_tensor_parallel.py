@@ -11,7 +11,7 @@ import torch
 from llama_fast import _ext
 from llama_fast.bench import free_port
 from llama_fast.session import SessionRunner
-from llama_fast.tensor_parallel import plan_shard
+from llama_fast.tensor_parallel import init_process_group, leave_process_group, plan_shard, rank_device
 
 from models import random_model
 from tp_cases import PROMPT, tiny_config
@@ -73,6 +73,23 @@ def test_bad_tensor_parallel_arguments_are_refused_before_any_work(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match=r"tensor_parallel=2 needs a torchrun job .*torchrun --nproc-per-node 2"):
         shard_model(random_model(tiny_config(8, 4)), 2)
+
+
+def test_each_rank_takes_its_local_gpu_and_a_cuda_model_needs_nccl(monkeypatch):
+    """A CUDA device without an index is LOCAL_RANK's GPU; a named one or the CPU stays. A group joined with
+    gloo cannot carry a CUDA model's collectives: a clear error (no GPU needed to see it)."""
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    for var, value in dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(var, value)
+    try:
+        assert init_process_group(1) == 0  # gloo, for a model on the CPU
+        with pytest.raises(ValueError, match="tensor parallelism on cuda needs a nccl process group, this one is gloo"):
+            init_process_group(1, device=torch.device("cuda", 0))
+    finally:
+        leave_process_group()
 
 
 @pytest.mark.parametrize("heads, kv_heads, world", [(8, 4, 2), (6, 2, 3), (12, 4, 3), (6, 6, 2)])

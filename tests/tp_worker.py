@@ -6,6 +6,8 @@ RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would, and reads 
     tp_worker.py die OUT_DIR                   rank 1 exits during generation; the others must raise
     tp_worker.py lockstep OUT_DIR              rank 0 a LeaderEngine taking requests from another thread
                                                (some aborted), the others follow() its steps
+    tp_worker.py cuda HEADS KV_HEADS OUT_DIR   a tiny random model on this rank's GPU over NCCL: logits and
+                                               greedy tokens (CUDA graphs) of the shard and of the whole model
 """
 import json
 import os
@@ -17,7 +19,8 @@ import torch
 from llama_fast import LLM, SamplingParams, Tokenizer
 from llama_fast.bench import peak_rss_bytes
 from llama_fast.session import SessionRunner
-from llama_fast.tensor_parallel import LeaderEngine, follow, shard_bytes, shard_model
+from llama_fast.model_runner import ModelRunner
+from llama_fast.tensor_parallel import LeaderEngine, follow, rank_device, shard_bytes, shard_model
 
 from models import random_model
 from tp_cases import PROMPT, lockstep_requests, tiny_config
@@ -64,10 +67,34 @@ def lockstep(llm, rank):
     return {"tokens": tokens, "blocks_in_use": engine.stats()["blocks_in_use"]}
 
 
+def on_cuda(heads, kv_heads, world, tokenizer):
+    """The shard and the whole model on this rank's GPU: their prompt logits (the model's forward, eager) and
+    greedy tokens (decode steps replayed from CUDA graphs, the NCCL all-reduces captured in them)."""
+    device = rank_device(torch.device("cuda"))
+    whole = random_model(tiny_config(heads, kv_heads), seed=heads).to(device)
+    shard = random_model(tiny_config(heads, kv_heads), seed=heads)
+    shard_model(shard, world, device=device)
+    result = {}
+    for name, model in (("whole", whole), ("shard", shard)):
+        runner = ModelRunner(model, num_blocks=64, graphs=False)
+        seq = runner.add_sequence()
+        result[f"{name}_logits"] = runner.step([(seq, PROMPT)], all_logits=True).float().cpu().tolist()
+        runners = []
+        result[f"{name}_tokens"] = [t for (t,) in LLM(model, tokenizer).generate_ids(
+            [PROMPT], [SamplingParams(temperature=0.0)], 24, on_cache=runners.append, stop_at_eos=False)]
+        result[f"{name}_captures"] = runners[0].graphs.captures
+    return result
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[-1]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     tokenizer = Tokenizer.from_pretrained("smollm2-135m-instruct")
+    if mode == "cuda":
+        result = on_cuda(int(sys.argv[2]), int(sys.argv[3]), world, tokenizer)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        return
     if mode == "smollm":
         llm = LLM.from_pretrained("smollm2-135m-instruct", tensor_parallel=world, tp_timeout_s=60, progress=False)
     else:
