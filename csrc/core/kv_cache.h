@@ -102,9 +102,9 @@ class BlockManager {
   // Window-with-sinks eviction for the sequences `ids` before a step whose first new token gets position
   // L = length: tokens at positions [sinks, L - window + 1) are invisible to every future query. Whole
   // blocks' worth of them are dropped (their blocks go back to the pool once unshared); the sinks are
-  // kept and the survivors are re-indexed compactly, so the caller rewrites their keys (RoPE re-rotation
-  // by the shift, `evicted` grows by it): every block holding survivors is first made private to the
-  // sequence (copy-on-write). When sinks are not a multiple of block_size, the sinks' partial block is
+  // kept and the survivors are re-indexed compactly (`evicted` grows by the shift; keys keep their
+  // rotation: a token's true position is its index + evicted, llama_fast/cache.py): every block holding
+  // survivors is first made private to the sequence (copy-on-write). When sinks are not a multiple of block_size, the sinks' partial block is
   // copied into the block that takes its place. Pending copies are appended to `copies`, in the order they
   // must run, before any attention reads the pools. A sequence the pool has no blocks to un-share for is
   // left as it is this time (its invisible tokens stay, masked by the window).
