@@ -95,14 +95,13 @@ class LLM:
             matrices = {w.dtype for w in ckpt.weights.values() if w.dim() == 2}
             dtype = torch.bfloat16 if matrices == {torch.bfloat16} else torch.float32
         span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
-        float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-        if tensor_parallel > 1:  # each rank cuts its shard on the CPU and moves only that to its device
+        # Under tensor parallelism each rank cuts its shard on the CPU and moves only that to its device.
+        model = build_model(ckpt.config, ckpt.weights, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+                            device="cpu" if tensor_parallel > 1 else device, span=span)
+        if tensor_parallel > 1:
             from .tensor_parallel import rank_device, shard_model
 
-            model = build_model(ckpt.config, ckpt.weights, dtype=float_dtype, device="cpu", span=span)
             shard_model(model, tensor_parallel, timeout_s=tp_timeout_s, device=rank_device(device))
-        else:
-            model = build_model(ckpt.config, ckpt.weights, dtype=float_dtype, device=device, span=span)
         if packed is not None:
             pack_weights(model, packed)
         return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)

@@ -135,12 +135,13 @@ def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, device:
         if missing:
             raise ValueError(f"tensor_parallel={world} needs a torchrun job (or {', '.join(missing)} set): "
                              f"torchrun --nproc-per-node {world} -m llama_fast ...")
+        timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
-        if backend == "nccl":
+            dist.init_process_group(backend, timeout=timeout, device_id=device)
             dist.all_reduce(torch.zeros(1, device=device))
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     if dist.get_world_size() != world:
         raise ValueError(f"tensor_parallel={world}, but the process group has {dist.get_world_size()} ranks")
     if dist.get_backend() != backend:
