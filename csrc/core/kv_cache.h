@@ -104,10 +104,11 @@ class BlockManager {
   // blocks' worth of them are dropped (their blocks go back to the pool once unshared); the sinks are
   // kept and the survivors are re-indexed compactly (`evicted` grows by the shift; keys keep their
   // rotation: a token's true position is its index + evicted, llama_fast/cache.py): every block holding
-  // survivors is first made private to the sequence (copy-on-write). When sinks are not a multiple of block_size, the sinks' partial block is
-  // copied into the block that takes its place. Pending copies are appended to `copies`, in the order they
-  // must run, before any attention reads the pools. A sequence the pool has no blocks to un-share for is
-  // left as it is this time (its invisible tokens stay, masked by the window).
+  // survivors is first made private to the sequence (copy-on-write). When sinks are not a multiple of
+  // block_size, the sinks' partial block is copied into the block that takes its place. Pending copies are
+  // appended to `copies`, in the order they must run, before any attention reads the pools. A sequence the
+  // pool has no blocks to un-share for is left as it is this time (its invisible tokens stay, masked by the
+  // window).
   void evict(const std::vector<int64_t>& ids, int64_t window, int64_t sinks, std::vector<BlockCopy>& copies) {
     if (window < 1 || sinks < 0 || sinks >= window)
       throw std::invalid_argument("evict: need window >= 1 and 0 <= sinks < window");
