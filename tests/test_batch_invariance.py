@@ -100,3 +100,23 @@ def test_error_within_the_bound_of_the_order(isa, dtype):
             expected = operand(x, isa, dtype) @ weight.double().T
             bound = depth * 2.0 ** -24 * (operand(x, isa, dtype).abs() @ weight.double().abs().T)
             assert ((got - expected).abs() <= bound).all(), f"K={K} nb={nb}"
+
+
+@pytest.mark.skipif(not _ext.has_ext() or "amx" not in supported_isas(), reason="needs AMX-BF16 (and the tiles granted)")
+def test_torch_fp32_products_are_unchanged_after_amx_products():
+    """The amx level was once opt-in because a torch fp32 result computed right after AMX products in the same
+    process came out ~5e-4 off (docs/session.md, history). Torch's fp32 linear / bmm / matmul right after AMX
+    products, on several threads, must equal bitwise what they gave before any AMX product in the test."""
+    gen = torch.Generator().manual_seed(7)
+    a, w = torch.randn(128, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    q, k = torch.randn(9, 128, 64, generator=gen), torch.randn(9, 128, 64, generator=gen)
+
+    def torch_products():
+        return [torch.nn.functional.linear(a, w), torch.bmm(q, k.transpose(1, 2)), torch.matmul(q, k.transpose(1, 2))]
+
+    before = torch_products()
+    weight, x = torch.randn(1536, 576, generator=gen).bfloat16(), torch.randn(64, 576, generator=gen)
+    for i in range(50):
+        matvec(weight, x, "amx", threads=torch.get_num_threads())
+        for got, want in zip(torch_products(), before):
+            assert torch.equal(got, want), f"after AMX call {i}: torch fp32 product off by {(got - want).abs().max()}"

@@ -73,6 +73,8 @@ def test_bad_tensor_parallel_arguments_are_refused_before_any_work(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match=r"tensor_parallel=2 needs a torchrun job .*torchrun --nproc-per-node 2"):
         shard_model(random_model(tiny_config(8, 4)), 2)
+    with pytest.raises(ValueError, match="shard_model cuts the shard on the CPU .*the model is on meta"):
+        shard_model(random_model(tiny_config(8, 4)).to("meta"), 2, device="cuda")
 
 
 def test_each_rank_takes_its_local_gpu_and_a_cuda_model_needs_nccl(monkeypatch):
