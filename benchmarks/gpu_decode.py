@@ -24,7 +24,8 @@ import torch
 from llama_fast.config import ModelConfig
 from llama_fast.loaders import DEFAULT_MODEL, CheckpointError, load_checkpoint
 from llama_fast.model import Transformer, build_model, pack_weights
-from llama_fast.model_runner import ModelRunner, blocks_for_sequence
+from llama_fast.model_runner import ModelRunner
+from llama_fast.session import blocks_for_sequence
 
 SMOLLM2_135M = ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536,
                            rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True)

@@ -222,11 +222,9 @@ class LLM:
     def _blocks_for_sequence(self, tokens: int, step_tokens: int) -> int:
         """The most KV blocks one sequence of `tokens` tokens takes on this LLM's runner, fed at most
         step_tokens at a time."""
+        from .session import blocks_for_sequence  # the block manager's bound, the same on every runner
+
         span = self.model.span
-        if self._runs_on_session():
-            from .session import blocks_for_sequence
-        else:
-            from .model_runner import blocks_for_sequence
         return blocks_for_sequence(tokens, step_tokens, span.window or 0, span.sink_tokens)
 
     def _kv_budget_blocks(self, block_size: int) -> int:

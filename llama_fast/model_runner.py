@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .cache import PagedKVCache
-from .session import BLOCK_SIZE
+from .session import BLOCK_SIZE, blocks_for_sequence
 
 
 class ModelRunner:
@@ -64,7 +64,8 @@ class ModelRunner:
         self.cache.free(seq)
 
     def length(self, seq: int) -> int:
-        return self.cache.length(seq)
+        """Tokens the sequence has been fed (evicted ones included), as the session counts them."""
+        return self.cache.length(seq) + self.cache.evicted(seq)
 
     def match_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         return 0
@@ -98,16 +99,6 @@ class ModelRunner:
             for j, i in enumerate(members):
                 rows[i] = logits[j]
         return torch.cat(rows).float().cpu()
-
-
-def blocks_for_sequence(tokens: int, step_tokens: int, window: int, sinks: int, block_size: int = BLOCK_SIZE) -> int:
-    """The most blocks of a PagedKVCache a sequence of `tokens` tokens holds, fed at most step_tokens at a time:
-    all of them, or under a window (window > 0) what eviction leaves (the sinks, window - 1 tokens and less
-    than a block) plus a step."""
-    every = -(-tokens // block_size)
-    if window == 0:
-        return every
-    return min(every, -(-(sinks + window + block_size - 2 + step_tokens) // block_size))
 
 
 def _groups(counts: Sequence[int]) -> dict[int, list[int]]:

@@ -64,8 +64,9 @@ def _lite():
 
 
 def blocks_for_sequence(tokens: int, step_tokens: int, window: int, sinks: int, block_size: int = BLOCK_SIZE) -> int:
-    """The most KV blocks a sequence of `tokens` tokens holds, fed at most step_tokens at a time (under a
-    window: its sinks' blocks and those the window can touch)."""
+    """The most KV blocks a sequence of `tokens` tokens holds, fed at most step_tokens at a time, on either
+    runner (one block manager, csrc/core/block_manager.h): all of them, or under a window what eviction leaves
+    (the sinks, window - 1 tokens and less than a block more) plus a step's."""
     return _lite().blocks_for_sequence(tokens, step_tokens, window, sinks, block_size)
 
 

@@ -15,6 +15,7 @@ from llama_fast.span import SpanBias, alibi_slopes
 
 pytestmark = pytest.mark.skipif(not _ext.has_ext(), reason="the C++ extensions are not built")
 
+from llama_fast.model_runner import ModelRunner  # noqa: E402
 from llama_fast.session import SessionRunner  # noqa: E402
 
 from models import random_model, supported_isas  # noqa: E402
@@ -137,6 +138,43 @@ def test_window_frees_blocks_and_runs_past_the_context():
     assert runner.blocks_held(seq) <= 4  # sinks' block + the window's
     want = sequence_logits(model, tokens)
     torch.testing.assert_close(torch.stack(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_cache_never_serves_a_block_eviction_changed():
+    """Window 24 + 4 sinks with prefix caching: evicting copies the sinks over the first slots of a cached
+    prompt block; a later prompt with the same tokens must not start from that block (it would read the
+    sinks' keys in their place), and it gets the reference's logits."""
+    cfg = tiny_config()
+    model = random_model(cfg, SpanBias(window=24, sink_tokens=4))
+    runner = SessionRunner(model, num_blocks=16, prefix_caching=True)
+    tokens = prompt(64, cfg.vocab_size, 5)
+    first = runner.add_sequence()
+    runner.step([(first, tokens)])  # 4 full blocks, indexed
+    runner.step([(first, [7])])  # evicts 2 blocks (cached as they were); the sinks go into the third
+    runner.free(first)
+    again = runner.add_sequence()
+    assert runner.match_prefix(again, tokens + [9]) == 32  # the chain stops at the changed block
+    got = runner.step([(again, tokens[32:] + [9])], all_logits=True)
+    torch.testing.assert_close(got, sequence_logits(model, tokens + [9])[32:], atol=1e-4, rtol=1e-4)
+    runner.free(again)
+    assert runner.num_free_blocks == runner.num_blocks
+
+
+def test_the_session_and_the_model_forward_evict_alike():
+    """One block manager for every route: fed the same stream past a window (two prompt chunks, then one
+    token at a time), the session and the model's forward (ModelRunner, eager) hold the same blocks' count
+    after every step, within blocks_for_sequence, count the same length and give the same logits."""
+    cfg = tiny_config()
+    model = random_model(cfg, SpanBias(window=20, sink_tokens=3))
+    session, forward = SessionRunner(model, num_blocks=12), ModelRunner(model, num_blocks=12, graphs=False)
+    tokens = prompt(200, cfg.vocab_size, 6)
+    a, b = session.add_sequence(), forward.add_sequence()
+    for feed in [tokens[:37], tokens[37:50]] + [[t] for t in tokens[50:]]:
+        torch.testing.assert_close(session.step([(a, feed)]), forward.step([(b, feed)]), atol=1e-4, rtol=1e-4)
+        held = session.blocks_held(a)
+        assert held == len(forward.cache.manager.blocks(b)) <= session.blocks_for_sequence(session.length(a), len(feed))
+        assert session.length(a) == forward.length(b)
+    assert forward.cache.evicted(b) > 0
 
 
 def test_bad_input_raises_and_changes_nothing():

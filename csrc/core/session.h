@@ -4,12 +4,11 @@
 // A Session owns
 //   - the model description, built once from a name -> (pointer, dtype, shape) map of the weights (the
 //     names of llama_fast.model.Transformer's state dict) and checked here;
-//   - the paged KV cache: one pool of blocks per layer, every sequence a table of blocks, fork with
-//     copy-on-write of a shared partial block, and eviction of blocks a window made invisible for good;
-//   - with prefix caching, an index of full blocks by content (a hash chain over the tokens, as vLLM's
-//     automatic prefix caching): a new sequence starts from the cached blocks of its longest cached
-//     prefix, and blocks nobody holds stay cached until the pool needs them (least recently used first);
-//   - each sequence's length, and the RoPE rows of its positions;
+//   - the paged KV cache: one pool of blocks per layer, and its bookkeeping, block_manager.h's BlockManager
+//     (the one the PyTorch forward's PagedKVCache uses too): every sequence a table of blocks, fork with
+//     copy-on-write, window-with-sinks eviction, and with prefix caching an index of full blocks by content
+//     (a new sequence starts from the cached blocks of its longest cached prefix);
+//   - the RoPE rows of each step's positions;
 // and step() runs one pass over the weights for a batch of entries, each some new tokens of one sequence
 // (one token of a decoding sequence, or a chunk of a prompt), and writes the logits of each entry's last
 // token (or of every token). Prefill and decode are the same call.
@@ -20,11 +19,12 @@
 // prompt was chunked.
 //
 // Positions under a window with sinks (StreamingLLM): token t of a sequence is scored against the window's
-// keys at its own index t (their distance is the true one) and against the sinks at sink_position(t), the
-// position t would have in a cache holding only the sinks and the window. This is one rule for every
-// sequence, applied per token, so no eviction ever changes a number: blocks whose tokens are invisible to
-// every later query are just freed. Keys are stored rotated at their own index; RoPE rows are computed per
-// position, so streams run past any table.
+// keys at their true distance and against the sinks at sink_position(t), the position t would have in a
+// cache holding only the sinks and the window: one rule for every sequence, applied per token. Eviction
+// drops whole blocks of tokens no later query can see and re-indexes the rest (a token's cache index is t
+// minus the tokens its sequence has evicted); attention reads by index, where a window key's distance is
+// the true one and the sinks keep their index, so no eviction changes a number (docs/session.md). Keys are
+// stored rotated at their true position; RoPE rows are computed per position, so streams run past any table.
 #pragma once
 
 #include <algorithm>
@@ -34,7 +34,6 @@
 #include <cstring>
 #include <exception>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -43,6 +42,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "block_manager.h"
 #include "cpu_decode.h"
 
 namespace llama_fast {
@@ -56,10 +56,7 @@ class BadArgument : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;
 };
-class CacheFull : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+using CacheFull = ::llama_fast::KVCacheFull;
 
 template <typename... Args>
 std::string cat(const Args&... args) {
@@ -76,17 +73,6 @@ std::string cat(const Args&... args) {
   do {                                                                             \
     if (!(cond)) throw ::llama_fast::session::BadArgument(::llama_fast::session::cat(__VA_ARGS__)); \
   } while (0)
-
-// Blocks of block_size tokens a sequence of `tokens` tokens holds at most, fed at most step_tokens at a
-// time: all of its tokens' blocks, or under a window (window > 0) the sinks' blocks and those the window and
-// one step can touch (Session frees the rest).
-inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t window, int64_t sinks,
-                                   int64_t block_size) {
-  const int64_t bs = block_size, all = (tokens + bs - 1) / bs;
-  if (window == 0) return all;
-  const int64_t live = std::min(tokens, window + step_tokens);
-  return std::min(all, (sinks + bs - 1) / bs + (live + bs - 1) / bs + 1);
-}
 
 // A weight's type: F32, BF16 or a GGUF block type (quant.h). The KV cache is F32 or BF16.
 using DType = cd::WType;
@@ -173,8 +159,8 @@ class Session {
     for (float f : inv_freq_) SESSION_CHECK(std::isfinite(f), "Session: inv_freq holds a non-finite value");
     SESSION_CHECK(cache.block_size >= 1 && cache.block_size <= 4096, "Session: block_size must be in [1, 4096], got ",
                   cache.block_size);
-    SESSION_CHECK(cache.num_blocks >= 1 && cache.num_blocks < (int64_t{1} << 31), "Session: num_blocks must be >= 1, got ",
-                  cache.num_blocks);
+    SESSION_CHECK(cache.num_blocks >= 1 && cache.num_blocks <= (int64_t{1} << 30),
+                  "Session: num_blocks must be in [1, 2^30], got ", cache.num_blocks);
     SESSION_CHECK(shape.max_positions >= 0, "Session: max_positions must be >= 0 (0: no limit)");
     SESSION_CHECK(!cd::is_quantized(cache.kv_dtype), "Session: kv_dtype must be F32 or BF16, got ",
                   cd::wtype_name(cache.kv_dtype));
@@ -190,107 +176,81 @@ class Session {
       k_.push_back(pools_.get() + (2 * l) * pool_bytes);
       v_.push_back(pools_.get() + (2 * l + 1) * pool_bytes);
     }
-    refcount_.assign(cache.num_blocks, 0);
-    if (cache.prefix_caching) cached_.resize(cache.num_blocks);
-    for (int64_t b = cache.num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+    blocks_ = BlockManager(cache.num_blocks, cache.block_size, cache.prefix_caching);
   }
 
-  // ---- sequences ----
+  // ---- sequences (the bookkeeping is block_manager.h's) ----
 
   int64_t add_sequence() {
     std::lock_guard<std::mutex> lock(mutex_);
-    const int64_t id = next_id_++;
-    seqs_.emplace(id, Seq{});
-    return id;
+    return blocks_.add_sequence();
   }
 
   // A new sequence holding the same tokens, sharing every block (the partial last one is copied on the
   // next write into it).
   int64_t fork(int64_t parent) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Seq child = get(parent, "fork");
-    for (int32_t b : child.table)
-      if (b >= 0) ++refcount_[b];
-    const int64_t id = next_id_++;
-    seqs_.emplace(id, std::move(child));
-    return id;
+    check_sequence(parent, "fork");
+    return blocks_.fork(parent);
   }
 
   void free(int64_t id) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Seq& s = get(id, "free");
-    // Last block first: of one sequence's cached blocks, the tail is evicted before the prefix it extends.
-    for (auto it = s.table.rbegin(); it != s.table.rend(); ++it)
-      if (*it >= 0) release(*it);
-    seqs_.erase(id);
+    check_sequence(id, "free");
+    blocks_.free(id);
   }
 
-  // Starts the empty sequence `id` from the cached blocks of the longest cached prefix of tokens[0, n), in
-  // whole blocks and leaving at least one token to compute (its logits are what the caller wants). Returns
-  // the tokens it now holds (0 without prefix caching). A block matches only if its tokens and those of
-  // every block before it are equal: a hash chain, each entry checked against the tokens it stores.
+  // Starts the empty sequence `id` from the cached blocks of the longest cached prefix of tokens[0, n)
+  // (BlockManager::match_prefix). Returns the tokens it now holds (0 without prefix caching).
   int64_t match_prefix(int64_t id, const int64_t* tokens, int64_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Seq& s = get(id, "match_prefix");
-    SESSION_CHECK(s.length == 0, "Session.match_prefix: sequence ", id, " already holds ", s.length, " tokens");
-    if (!cache_.prefix_caching) return 0;
-    const int64_t bs = cache_.block_size;
-    std::vector<int32_t> block_tokens(bs);
-    for (int64_t i = 0; (i + 1) * bs < n; ++i) {
-      for (int64_t j = 0; j < bs; ++j) block_tokens[j] = static_cast<int32_t>(tokens[i * bs + j]);
-      const uint64_t h = chain_hash(s.chain, block_tokens);
-      auto it = by_hash_.find(h);
-      if (it == by_hash_.end() || cached_[it->second].parent != s.chain || cached_[it->second].tokens != block_tokens)
-        break;
-      const int32_t b = it->second;
-      if (refcount_[b]++ == 0) unused_.erase(cached_[b].last_use);
-      s.table.push_back(b);
-      s.chain = h;
-      s.length += bs;
-    }
-    hit_tokens_ += s.length;
-    return s.length;
+    check_sequence(id, "match_prefix");
+    const int64_t held = true_length(id);
+    SESSION_CHECK(held == 0, "Session.match_prefix: sequence ", id, " already holds ", held, " tokens");
+    return blocks_.match_prefix(id, tokens, n);
   }
 
+  // Tokens the sequence has been fed (evicted ones included).
   int64_t length(int64_t id) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return get(id, "length").length;
+    check_sequence(id, "length");
+    return true_length(id);
   }
   // Blocks the sequence holds (shared ones included).
   int64_t blocks_held(int64_t id) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    const Seq& s = get(id, "blocks_held");
-    return std::count_if(s.table.begin(), s.table.end(), [](int32_t b) { return b >= 0; });
+    check_sequence(id, "blocks_held");
+    return static_cast<int64_t>(blocks_.blocks(id).size());
   }
   bool contains(int64_t id) const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return seqs_.count(id) != 0;
+    return blocks_.contains(id);
   }
   int64_t num_sequences() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(seqs_.size());
+    return blocks_.num_sequences();
   }
   int64_t num_blocks() const { return cache_.num_blocks; }
   // Blocks a step can take: never used, or cached but held by no sequence (evicted when taken).
   int64_t num_free_blocks() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(free_.size() + unused_.size());
+    return blocks_.num_free_blocks();
   }
   // Of those, the ones holding a findable prefix.
   int64_t num_cached_blocks() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return static_cast<int64_t>(unused_.size());
+    return blocks_.num_cached_blocks();
   }
   // Tokens sequences started from cached blocks (match_prefix), since the session began.
   int64_t prefix_hit_tokens() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return hit_tokens_;
+    return blocks_.prefix_hit_tokens();
   }
   bool prefix_caching() const { return cache_.prefix_caching; }
   int block_size() const { return cache_.block_size; }
 
   int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens) const {
-    return session::blocks_for_sequence(tokens, step_tokens, window_, sinks_, cache_.block_size);
+    return llama_fast::blocks_for_sequence(tokens, step_tokens, window_, sinks_, cache_.block_size);
   }
 
   // The position of token t against the sinks (see the top of this file).
@@ -307,13 +267,14 @@ class Session {
     int64_t rows = 0;
     std::unordered_set<int64_t> seen;
     for (const Entry& e : entries) {
-      const Seq& s = get(e.seq, "step");
+      check_sequence(e.seq, "step");
+      const int64_t held = true_length(e.seq);
       SESSION_CHECK(seen.insert(e.seq).second, "Session.step: sequence ", e.seq, " appears twice in one step");
       SESSION_CHECK(e.count >= 1, "Session.step: sequence ", e.seq, " has ", e.count, " new tokens (need >= 1)");
-      SESSION_CHECK(shape_.max_positions == 0 || window_ > 0 || s.length + e.count <= shape_.max_positions,
-                    "Session.step: sequence ", e.seq, " would hold ", s.length + e.count,
+      SESSION_CHECK(shape_.max_positions == 0 || window_ > 0 || held + e.count <= shape_.max_positions,
+                    "Session.step: sequence ", e.seq, " would hold ", held + e.count,
                     " tokens, past the model's context of ", shape_.max_positions);
-      SESSION_CHECK(s.length + e.count < (int64_t{1} << 31), "Session.step: sequence ", e.seq, " is too long");
+      SESSION_CHECK(held + e.count < (int64_t{1} << 31), "Session.step: sequence ", e.seq, " is too long");
       rows += e.count;
     }
     SESSION_CHECK(rows == num_tokens, "Session.step: the entries count ", rows, " tokens, got ", num_tokens);
@@ -321,25 +282,35 @@ class Session {
     for (int64_t i = 0; i < rows; ++i)
       SESSION_CHECK(tokens[i] >= 0 && tokens[i] < embed_vocab_, "Session.step: token id ", tokens[i], " at ", i,
                     " is outside [0, ", embed_vocab_, ")");
-    reserve(entries);
-    run(entries, tokens, static_cast<int>(rows), all_logits, logits);
-    for (const Entry& e : entries) {
-      Seq& s = seqs_.at(e.seq);
-      if (cache_.prefix_caching) index_new_blocks(s, tokens, e.count);
-      s.length += e.count;
-      tokens += e.count;
+    const auto [ids, counts] = split_entries(entries);
+    evict(ids);
+    std::vector<BlockCopy> copies;
+    blocks_.reserve(ids, counts, copies);  // throws CacheFull, changing nothing, when the pool is short
+    run_copies(copies);
+    try {
+      run(entries, tokens, static_cast<int>(rows), all_logits, logits);
+    } catch (...) {
+      blocks_.commit(ids, std::vector<int64_t>(ids.size(), 0));
+      throw;
     }
+    for (size_t i = 0; i < ids.size(); ++i) {
+      blocks_.index_tokens(ids[i], tokens, counts[i]);
+      tokens += counts[i];
+    }
+    blocks_.commit(ids, counts);
   }
 
-  // Blocks a step with these entries would take from the pool (the blocks a window made invisible are
-  // freed first, as the step itself would); changes no number, only frees invisible blocks.
+  // Blocks a step with these entries would take from the pool (the tokens a window made invisible are
+  // evicted first, as the step itself would); changes no number.
   int64_t blocks_needed(const std::vector<Entry>& entries) {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const Entry& e : entries) {
-      get(e.seq, "blocks_needed");
+      check_sequence(e.seq, "blocks_needed");
       SESSION_CHECK(e.count >= 0, "Session.blocks_needed: a negative token count");
     }
-    return count_needed(entries);
+    const auto [ids, counts] = split_entries(entries);
+    evict(ids);
+    return blocks_.blocks_needed(ids, counts);
   }
 
   // ---- settings ----
@@ -366,138 +337,31 @@ class Session {
   int sinks() const { return sinks_; }
 
  private:
-  struct Seq {
-    std::vector<int32_t> table;  // block of tokens [i * bs, (i + 1) * bs); -1: freed (invisible for good)
-    int64_t length = 0;          // tokens written
-    int64_t evict_from = 0;      // first table entry that may still become invisible
-    // With prefix caching: the hash chain up to the last full block, and the tokens of the partial one.
-    uint64_t chain = 0;
-    std::vector<int32_t> partial;
-  };
-  // A full block findable by content: its tokens and the chain hash of the blocks before it.
-  struct CachedBlock {
-    uint64_t hash = 0, parent = 0;
-    std::vector<int32_t> tokens;  // empty: not indexed
-    uint64_t last_use = 0;        // when its last holder let it go (the key in unused_)
-  };
-
-  const Seq& get(int64_t id, const char* op) const {
-    auto it = seqs_.find(id);
-    if (it == seqs_.end()) throw BadArgument(cat("Session.", op, ": unknown or freed sequence id ", id));
-    return it->second;
+  void check_sequence(int64_t id, const char* op) const {
+    if (!blocks_.contains(id)) throw BadArgument(cat("Session.", op, ": unknown or freed sequence id ", id));
   }
-  Seq& get(int64_t id, const char* op) { return const_cast<Seq&>(static_cast<const Session*>(this)->get(id, op)); }
+  int64_t true_length(int64_t id) const { return blocks_.length(id) + blocks_.evicted(id); }
 
-  // A block for new tokens: a never-used one, else the least recently used cached one (dropped from the
-  // index).
-  int32_t take() {
-    int32_t b;
-    if (!free_.empty()) {
-      b = free_.back();
-      free_.pop_back();
-    } else {
-      auto oldest = unused_.begin();
-      b = oldest->second;
-      unused_.erase(oldest);
-      by_hash_.erase(cached_[b].hash);
-      cached_[b].tokens.clear();
+  static std::pair<std::vector<int64_t>, std::vector<int64_t>> split_entries(const std::vector<Entry>& entries) {
+    std::vector<int64_t> ids, counts;
+    for (const Entry& e : entries) {
+      ids.push_back(e.seq);
+      counts.push_back(e.count);
     }
-    refcount_[b] = 1;
-    return b;
-  }
-  void release(int32_t b) {
-    if (--refcount_[b] != 0) return;
-    if (cache_.prefix_caching && !cached_[b].tokens.empty()) {
-      cached_[b].last_use = ++clock_;
-      unused_.emplace(clock_, b);
-    } else {
-      free_.push_back(b);
-    }
+    return {ids, counts};
   }
 
-  static uint64_t chain_hash(uint64_t parent, const std::vector<int32_t>& tokens) {
-    uint64_t h = parent ^ 0x9e3779b97f4a7c15ull;
-    for (int32_t t : tokens) {  // splitmix64 over (h, t): every token moves every bit
-      h += static_cast<uint64_t>(static_cast<uint32_t>(t)) + 0x9e3779b97f4a7c15ull;
-      h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-      h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-      h ^= h >> 31;
-    }
-    return h;
-  }
-
-  // Indexes the blocks that `count` new tokens of `s` fill (a block already indexed under the same content,
-  // a duplicate computed alongside, stays unindexed and is freed normally).
-  void index_new_blocks(Seq& s, const int64_t* tokens, int count) {
-    const int64_t bs = cache_.block_size;
-    for (int j = 0; j < count; ++j) {
-      s.partial.push_back(static_cast<int32_t>(tokens[j]));
-      if (static_cast<int64_t>(s.partial.size()) < bs) continue;
-      const int64_t index = (s.length + j) / bs;
-      const uint64_t h = chain_hash(s.chain, s.partial);
-      const int32_t b = s.table[index];
-      if (b >= 0 && cached_[b].tokens.empty() && !by_hash_.count(h)) {
-        cached_[b].hash = h;
-        cached_[b].parent = s.chain;
-        cached_[b].tokens = s.partial;
-        by_hash_.emplace(h, b);
-      }
-      s.chain = h;
-      s.partial.clear();
-    }
-  }
-
-  // Frees the blocks of `s` that no query from token `s.length` on can see: every token in them lies in
-  // [sinks, length - window + 1). Changes no number, only memory.
-  void evict_invisible(Seq& s) {
+  // Under a window, drops the blocks' worth of tokens no query from here on can see (the block manager's
+  // rule, re-indexing the rest). Changes no number, only memory.
+  void evict(const std::vector<int64_t>& ids) {
     if (window_ == 0) return;
-    const int64_t bs = cache_.block_size, invisible_end = s.length - window_ + 1;
-    s.evict_from = std::max<int64_t>(s.evict_from, (sinks_ + bs - 1) / bs);
-    for (; s.evict_from < static_cast<int64_t>(s.table.size()) && (s.evict_from + 1) * bs <= invisible_end;
-         ++s.evict_from) {
-      int32_t& b = s.table[s.evict_from];
-      if (b >= 0) release(b);
-      b = -1;
-    }
+    std::vector<BlockCopy> copies;
+    blocks_.evict(ids, window_, sinks_, copies);
+    run_copies(copies);
   }
 
-  // Blocks for every entry's new tokens, the shared partial last block copied first; atomic: throws
-  // CacheFull and changes nothing (but invisible blocks freed) when the pool is short.
-  int64_t count_needed(const std::vector<Entry>& entries) {
-    const int64_t bs = cache_.block_size;
-    int64_t need = 0;
-    std::unordered_map<int32_t, int> writers;  // shared partial block -> sequences of this step writing into it
-    for (const Entry& e : entries) {
-      Seq& s = seqs_.at(e.seq);
-      evict_invisible(s);
-      need += (s.length + e.count + bs - 1) / bs - static_cast<int64_t>(s.table.size());
-      if (e.count > 0 && shared_partial(s)) ++writers[s.table.back()];
-    }
-    // k of a block's r holders write into it: k copies, or k - 1 when all do (the last keeps the block).
-    for (const auto& [block, k] : writers) need += std::min(k, refcount_[block] - 1);
-    return need;
-  }
-
-  void reserve(const std::vector<Entry>& entries) {
-    const int64_t bs = cache_.block_size, need = count_needed(entries);
-    const int64_t available = static_cast<int64_t>(free_.size() + unused_.size());
-    if (need > available)
-      throw CacheFull(cat("KV cache out of blocks: this step needs ", need, " more blocks of ", bs, " tokens, ",
-                          available, " of ", cache_.num_blocks, " are free"));
-    for (const Entry& e : entries) {
-      Seq& s = seqs_.at(e.seq);
-      if (shared_partial(s)) {
-        const int32_t fresh = take();
-        copy_block(s.table.back(), fresh, static_cast<int>(s.length % bs));
-        --refcount_[s.table.back()];
-        s.table.back() = fresh;
-      }
-      while (static_cast<int64_t>(s.table.size()) * bs < s.length + e.count) s.table.push_back(take());
-    }
-  }
-
-  bool shared_partial(const Seq& s) const {
-    return s.length % cache_.block_size != 0 && s.table.back() >= 0 && refcount_[s.table.back()] > 1;
+  void run_copies(const std::vector<BlockCopy>& copies) {
+    for (const BlockCopy& c : copies) copy_block(c.src, c.dst, c.tokens);
   }
 
   void copy_block(int32_t src, int32_t dst, int tokens) {
@@ -655,19 +519,22 @@ class Session {
     const size_t esz = kv_bf16 ? 2 : 4;
     const bool two_queries = window_ > 0 && sinks_ > 0;
 
-    // Per row: its sequence's table, its index t and its sink position.
+    // Per row: its sequence's block table, its cache index, its true position t (index + evicted) and its
+    // sink position.
     row_table_.resize(R);
+    row_index_.resize(R);
     row_pos_.resize(R);
     row_sink_pos_.resize(R);
     row_keys_.resize(R);
     int max_visible = 1;
     for (int i = 0, r = 0; i < static_cast<int>(entries.size()); ++i) {
-      const Seq& s = seqs_.at(entries[i].seq);
+      const int64_t id = entries[i].seq, index = blocks_.length(id), t = index + blocks_.evicted(id);  // pre-commit
       for (int j = 0; j < entries[i].count; ++j, ++r) {
-        row_table_[r] = s.table.data();
-        row_pos_[r] = static_cast<int>(s.length + j);
-        row_sink_pos_[r] = static_cast<int>(sink_position(s.length + j));
-        const int visible = window_ > 0 ? std::min(row_pos_[r] + 1, window_ + sinks_) : row_pos_[r] + 1;
+        row_table_[r] = blocks_.blocks(id).data();
+        row_index_[r] = static_cast<int>(index + j);
+        row_pos_[r] = static_cast<int>(t + j);
+        row_sink_pos_[r] = static_cast<int>(sink_position(t + j));
+        const int visible = window_ > 0 ? std::min(row_index_[r] + 1, window_ + sinks_) : row_index_[r] + 1;
         row_keys_[r] = visible;
         max_visible = std::max(max_visible, visible);
       }
@@ -756,9 +623,9 @@ class Session {
             if (head >= H) {
               const bool is_k = head < H + Hkv;
               const int kh = is_k ? head - H : head - H - Hkv;
-              const int pos = row_pos_[r];
-              const size_t slot = static_cast<size_t>(row_table_[r][pos / bs]) * block_elems_ +
-                                  static_cast<size_t>(pos % bs) * nkv + static_cast<size_t>(kh) * D;
+              const int index = row_index_[r];
+              const size_t slot = static_cast<size_t>(row_table_[r][index / bs]) * block_elems_ +
+                                  static_cast<size_t>(index % bs) * nkv + static_cast<size_t>(kh) * D;
               cd::store_row((is_k ? k_[l] : v_[l]) + slot * esz, kv_bf16, v, D);
             }
           }
@@ -770,7 +637,7 @@ class Session {
           const float* q = qkv + static_cast<size_t>(r) * nqkv + h * D;
           const float* qs = two_queries ? q_sink + static_cast<size_t>(r) * nq + h * D : q;
           kern.attend_paged(q, qs, k_[l] + static_cast<size_t>(kh) * D * esz, v_[l] + static_cast<size_t>(kh) * D * esz,
-                            kv_bf16, row_table_[r], bs, block_elems_, nkv, D, row_pos_[r], row_sink_pos_[r], nh,
+                            kv_bf16, row_table_[r], bs, block_elems_, nkv, D, row_index_[r], row_sink_pos_[r], nh,
                             m.span + h, scores, att + static_cast<size_t>(r) * nq + h * D);
         }
         barrier.wait();
@@ -837,18 +704,10 @@ class Session {
   size_t block_elems_ = 0;  // elements of one block in one layer's pool: block_size * n_kv_heads * head_dim
   std::unique_ptr<char[]> pools_;
   std::vector<char*> k_, v_;
-  std::vector<int32_t> refcount_;
-  std::vector<int32_t> free_;                    // blocks holding nothing findable
-  std::vector<CachedBlock> cached_;              // per block: its index entry (prefix caching)
-  std::unordered_map<uint64_t, int32_t> by_hash_;
-  std::map<uint64_t, int32_t> unused_;           // cached blocks no sequence holds, by last use (oldest first)
-  uint64_t clock_ = 0;
-  int64_t hit_tokens_ = 0;
-  std::unordered_map<int64_t, Seq> seqs_;
-  int64_t next_id_ = 0;
+  BlockManager blocks_{1, 1};  // replaced in the constructor, once the cache's parameters are checked
 
   std::vector<const int32_t*> row_table_;
-  std::vector<int> row_pos_, row_sink_pos_, row_keys_, out_rows_;
+  std::vector<int> row_index_, row_pos_, row_sink_pos_, row_keys_, out_rows_;
   std::vector<float> workspace_;
   mutable std::mutex mutex_;
 };

@@ -40,7 +40,7 @@ void copy_blocks(std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor>
 // contiguous (length, Hkv, D) tensor; block_ids (n,) int32.
 torch::Tensor gather_paged(const torch::Tensor& cache, const torch::Tensor& block_ids, int64_t length);
 
-// The paged cache's bookkeeping (kv_cache.h's BlockManager) with tensor results for Python.
+// The paged cache's bookkeeping (block_manager.h's BlockManager, the session's too) with tensor results for Python.
 class PagedBlockManager {
  public:
   PagedBlockManager(int64_t num_blocks, int64_t block_size);

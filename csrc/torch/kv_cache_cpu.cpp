@@ -229,14 +229,16 @@ torch::Tensor PagedBlockManager::evict(const std::vector<int64_t>& seqs, int64_t
 
 int64_t PagedBlockManager::blocks_needed(const std::vector<int64_t>& seqs, int64_t num_new) const {
   LF_CHECK_ARG(num_new >= 0, "blocks_needed: num_new must be >= 0");
-  return impl_->m.blocks_needed(seqs, num_new);
+  return impl_->m.blocks_needed(seqs, std::vector<int64_t>(seqs.size(), num_new));
 }
 
 std::tuple<torch::Tensor, torch::Tensor> PagedBlockManager::reserve(const std::vector<int64_t>& seqs, int64_t num_new,
                                                                     int64_t max_length) {
   LF_CHECK_ARG(max_length >= 0, "reserve: max_length must be >= 0");
   std::vector<BlockCopy> copies;
-  const std::vector<int32_t> start = impl_->m.reserve(seqs, num_new, copies, max_length);
+  LF_CHECK_ARG(num_new >= 0, "reserve: num_new must be >= 0");
+  const std::vector<int32_t> start =
+      impl_->m.reserve(seqs, std::vector<int64_t>(seqs.size(), num_new), copies, max_length);
   auto s = torch::empty({static_cast<int64_t>(start.size())}, torch::kInt32);
   std::copy(start.begin(), start.end(), s.data_ptr<int32_t>());
   return {s, copies_tensor(copies)};
