@@ -147,7 +147,7 @@ def cmd_info(args) -> None:
     print(f"vocab:       {c.vocab_size}   context: {c.max_seq_len}   rope theta: {c.rope_theta}"
           f"{'   rope scaling: ' + rope.describe(c.rope_scaling) if c.rope_scaling else ''}")
     print(f"embeddings:  {'tied' if c.tie_embeddings else 'untied'}")
-    print(f"tensors:     " + ", ".join(f"{n} x {k}" for k, n in sorted(ckpt.tensor_types.items())))
+    print("tensors:     " + ", ".join(f"{n} x {k}" for k, n in sorted(ckpt.tensor_types.items())))
     t = ckpt.tokenizer
     print(f"tokenizer:   {t.kind}, bos {t.bos_id}, eos {sorted(t.eos_ids)}, "
           f"chat template: {'yes' if t.chat_template else 'no'}")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llama_fast import LLM, Completion
+from llama_fast import Completion
 
 VENV_BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,6 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from llama_fast import LLM, AsyncEngine, Engine, QueueFullError, SamplingParams, SpanBias
 from llama_fast.errors import EngineClosedError
@@ -171,7 +170,7 @@ def test_two_thousand_requests_with_aborts_leave_no_block_and_no_memory_behind(t
     blocks in use return to zero, RSS stays flat, and the ones that finish get their text alone."""
     rng = random.Random(7)
     engine = Engine(tiny, max_kv_tokens=64 * 16, max_batch_tokens=128, max_running=32)
-    live, finished, aborted, checked = {}, {}, 0, 0
+    live, finished, aborted = {}, {}, 0
     rss = []
     for i in range(2000):
         prompt, new = ids(rng.randrange(1, 60), 1000 + i), rng.randrange(1, 24)

@@ -167,7 +167,7 @@ def test_followers_repeat_the_leaders_steps_with_requests_arriving_and_aborted(t
         if got is None:
             continue  # aborted
         engine = Engine(llm)
-        rid = engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)
+        engine.add_request(prompt, max_new_tokens=new, ignore_eos=True)
         want = []
         while engine.has_unfinished():
             want += [t for out in engine.step() for t in out.new_token_ids]
