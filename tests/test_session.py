@@ -200,6 +200,8 @@ def test_bad_input_raises_and_changes_nothing():
         runner.step([(other, [1] * 17)])  # needs 2, 1 is free
     assert runner.length(other) == 0 and runner.num_free_blocks == 1
     runner.step([(other, [1] * 16)])
+    with pytest.raises(ValueError, match=f"sequence {other} already holds 16 tokens"):
+        runner.match_prefix(other, [1] * 40)
     runner.free(seq)
     runner.free(other)
     assert runner.num_free_blocks == 4

@@ -188,7 +188,7 @@ class BlockManager {
         throw KVCacheFull("sequence " + std::to_string(ids[i]) + " would hold " + std::to_string(s.length + counts[i]) +
                           " tokens; the cache allows " + std::to_string(max_length));
     }
-    const int64_t need = blocks_needed(ids, counts);
+    const int64_t need = count_needed(ids, counts);
     if (need > num_free_blocks())
       throw KVCacheFull("KV cache out of blocks: this step needs " + std::to_string(need) + " more blocks of " +
                         std::to_string(block_size_) + " tokens, " + std::to_string(num_free_blocks()) + " of " +
@@ -215,15 +215,7 @@ class BlockManager {
   // copies, or r - 1 when all do, the last keeping the block).
   int64_t blocks_needed(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) const {
     check_counts(ids, counts, "blocks_needed");
-    int64_t need = 0;
-    std::unordered_map<int32_t, int> writers;
-    for (size_t i = 0; i < ids.size(); ++i) {
-      const Seq& s = seqs_.at(ids[i]);
-      need += std::max<int64_t>(blocks_for(s.length + counts[i]) - static_cast<int64_t>(s.blocks.size()), 0);
-      if (counts[i] > 0 && shared_partial(s)) ++writers[s.blocks.back()];
-    }
-    for (const auto& [block, k] : writers) need += std::min(k, refcount_[block] - 1);
-    return need;
+    return count_needed(ids, counts);
   }
 
   // With prefix caching: indexes the blocks that the `count` tokens reserved for sequence `id` fill, before
@@ -322,6 +314,19 @@ class BlockManager {
       get(ids[i], op);
       if (counts[i] < 0) throw std::invalid_argument(std::string(op) + ": number of new tokens must be >= 0");
     }
+  }
+
+  // blocks_needed on arguments already checked.
+  int64_t count_needed(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) const {
+    int64_t need = 0;
+    std::unordered_map<int32_t, int> writers;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const Seq& s = seqs_.at(ids[i]);
+      need += std::max<int64_t>(blocks_for(s.length + counts[i]) - static_cast<int64_t>(s.blocks.size()), 0);
+      if (counts[i] > 0 && shared_partial(s)) ++writers[s.blocks.back()];
+    }
+    for (const auto& [block, k] : writers) need += std::min(k, refcount_[block] - 1);
+    return need;
   }
 
   bool shared_partial(const Seq& s) const {

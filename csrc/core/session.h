@@ -201,12 +201,11 @@ class Session {
   }
 
   // Starts the empty sequence `id` from the cached blocks of the longest cached prefix of tokens[0, n)
-  // (BlockManager::match_prefix). Returns the tokens it now holds (0 without prefix caching).
+  // (BlockManager::match_prefix, which refuses a sequence that holds tokens). Returns the tokens it now holds
+  // (0 without prefix caching).
   int64_t match_prefix(int64_t id, const int64_t* tokens, int64_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_sequence(id, "match_prefix");
-    const int64_t held = true_length(id);
-    SESSION_CHECK(held == 0, "Session.match_prefix: sequence ", id, " already holds ", held, " tokens");
     return blocks_.match_prefix(id, tokens, n);
   }
 
@@ -529,8 +528,9 @@ class Session {
     int max_visible = 1;
     for (int i = 0, r = 0; i < static_cast<int>(entries.size()); ++i) {
       const int64_t id = entries[i].seq, index = blocks_.length(id), t = index + blocks_.evicted(id);  // pre-commit
+      const int32_t* table = blocks_.blocks(id).data();
       for (int j = 0; j < entries[i].count; ++j, ++r) {
-        row_table_[r] = blocks_.blocks(id).data();
+        row_table_[r] = table;
         row_index_[r] = static_cast<int>(index + j);
         row_pos_[r] = static_cast<int>(t + j);
         row_sink_pos_[r] = static_cast<int>(sink_position(t + j));

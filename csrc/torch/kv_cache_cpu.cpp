@@ -228,15 +228,12 @@ torch::Tensor PagedBlockManager::evict(const std::vector<int64_t>& seqs, int64_t
 }
 
 int64_t PagedBlockManager::blocks_needed(const std::vector<int64_t>& seqs, int64_t num_new) const {
-  LF_CHECK_ARG(num_new >= 0, "blocks_needed: num_new must be >= 0");
   return impl_->m.blocks_needed(seqs, std::vector<int64_t>(seqs.size(), num_new));
 }
 
 std::tuple<torch::Tensor, torch::Tensor> PagedBlockManager::reserve(const std::vector<int64_t>& seqs, int64_t num_new,
                                                                     int64_t max_length) {
-  LF_CHECK_ARG(max_length >= 0, "reserve: max_length must be >= 0");
-  std::vector<BlockCopy> copies;
-  LF_CHECK_ARG(num_new >= 0, "reserve: num_new must be >= 0");
+  std::vector<BlockCopy> copies;  // (the BlockManager checks its arguments)
   const std::vector<int32_t> start =
       impl_->m.reserve(seqs, std::vector<int64_t>(seqs.size(), num_new), copies, max_length);
   auto s = torch::empty({static_cast<int64_t>(start.size())}, torch::kInt32);
