@@ -659,8 +659,7 @@ class Session {
             barrier.wait();
           }
           cd::split(dim, 16, t, nt, lo, hi);
-          for (int r = 0; r < R; ++r)
-            for (int c = lo; c < hi; ++c) x[r * dim + c] += tmp[r * dim + c];
+          for (int r = 0; r < R; ++r) cd::add_into(x + r * dim + lo, tmp + r * dim + lo, hi - lo);
           barrier.wait();
         };
         project_add(w.wo, att, nq);
