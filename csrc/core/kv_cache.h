@@ -5,8 +5,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "block_manager.h"
-
 namespace llama_fast {
 
 // ---- data movement ----

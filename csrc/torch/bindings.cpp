@@ -5,7 +5,7 @@
 #include "../core/cpu_features.h"
 #include "decode_cpu.h"
 #include "ext.h"
-#include "../core/kv_cache.h"
+#include "../core/block_manager.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;

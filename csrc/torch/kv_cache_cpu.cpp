@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "ext.h"
+#include "../core/block_manager.h"
 #include "../core/kv_cache.h"
 
 namespace llama_fast {
