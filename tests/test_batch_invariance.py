@@ -77,6 +77,21 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", supported_isas())
+def test_big_chunks_give_the_one_vector_result(isa, dtype):
+    """A prompt chunk too big for L2 goes in passes over its vectors, with K in blocks (chain_many at 16
+    lanes: ~190 vectors per pass at K = 2048): each row still equals that vector alone, bit for bit, with a K
+    tail, with rows left over from the 4-row tiles, on 1 and 3 threads."""
+    gen = torch.Generator().manual_seed(31 + len(isa) + dtype.itemsize)
+    for K in (2048, 2061):
+        weight = torch.randn(23, K, generator=gen).to(dtype)
+        x = torch.randn(401, K, generator=gen)
+        alone = torch.cat([matvec(weight, x[j:j + 1], isa) for j in range(len(x))])
+        for threads in (1, 3):
+            assert_bitwise(matvec(weight, x, isa, threads), alone, f"K={K} 401 vectors, {threads} threads")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", supported_isas())
 def test_error_within_the_bound_of_the_order(isa, dtype):
     """Every path against fp64 math on the same values (x rounded to bf16 where the kernels round it), within
     the rigorous error bound of the kernels' order: at 16 lanes one chain of K / 16 roundings per lane (an FMA
