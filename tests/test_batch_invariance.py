@@ -79,10 +79,11 @@ def test_row_ranges_give_the_same_rows(isa, dtype):
 @pytest.mark.parametrize("isa", supported_isas())
 def test_big_chunks_give_the_one_vector_result(isa, dtype):
     """A prompt chunk too big for L2 goes in passes over its vectors, with K in blocks (chain_many at 16
-    lanes: ~190 vectors per pass at K = 2048): each row still equals that vector alone, bit for bit, with a K
-    tail, with rows left over from the 4-row tiles, on 1 and 3 threads."""
+    lanes: 128 fp32 vectors per pass at K = 2048), and long rows (fp32 K = 6000) go in tiles of rows instead:
+    each row still equals that vector alone, bit for bit, with a K tail, with rows left over from the 4-row
+    tiles, on 1 and 3 threads."""
     gen = torch.Generator().manual_seed(31 + len(isa) + dtype.itemsize)
-    for K in (2048, 2061):
+    for K in (2048, 2061, 6000):
         weight = torch.randn(23, K, generator=gen).to(dtype)
         x = torch.randn(401, K, generator=gen)
         alone = torch.cat([matvec(weight, x[j:j + 1], isa) for j in range(len(x))])
