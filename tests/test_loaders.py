@@ -9,8 +9,9 @@ import torch
 from llama_fast import LLM, SpanBias
 from llama_fast.config import ModelConfig, UnsupportedModelError
 from llama_fast.loaders import CheckpointError, load_checkpoint, resolve_model_path
-from llama_fast.paths import SAMPLE_TEXT
 from llama_fast.window import checkpoint_window
+
+import checkpoints
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -115,30 +116,10 @@ def save_meta(model, folder, spm_model_file, shards=1):
             f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
             f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
         })
-    split = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
-    for s in range(shards):
-        part = {}
-        for name, w in meta.items():
-            dim = split.get(name.split(".")[-2])
-            part[name] = w.clone() if dim is None else w.chunk(shards, dim=dim)[s].clone()
-        torch.save(part, folder / f"consolidated.{s:02d}.pth")
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "multiple_of": 32,
               "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_parameters["rope_theta"]}
-    (folder / "params.json").write_text(json.dumps(params))
-    shutil.copy(spm_model_file, folder / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def spm_model_file(tmp_path_factory):
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("spm")
-    shutil.copy(SAMPLE_TEXT, folder / "corpus.txt")
-    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
-                                   minloglevel=2)
-    return folder / "m.model"
+    checkpoints.save_meta(meta, params, folder, spm_model_file, files=shards)
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -289,6 +270,53 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     assert load_checkpoint(path, progress=False, dtype=torch.bfloat16).weights["norm.weight"].dtype == torch.bfloat16
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", "none")
     assert loaders.gguf_cache_path(path) is None
+
+
+def test_cache_files_round_trip_and_are_mapped(tmp_path):
+    """save_weights writes a tensor at a time what safetensors reads back: fp32, bf16 and f16, non-contiguous
+    and empty tensors; read_weights maps the file."""
+    from llama_fast.loaders import read_weights, save_weights
+    from models import mapped_file
+
+    weights = {"t": torch.randn(3, 5).t(), "b": torch.randn(7).bfloat16(), "h": torch.randn(2, 3, 4).half(),
+               "e": torch.randn(0, 4)}
+    save_weights(weights, str(tmp_path / "w.safetensors"))
+    back = read_weights(str(tmp_path / "w.safetensors"))
+    assert back.keys() == weights.keys()
+    assert all(back[k].dtype == w.dtype and torch.equal(back[k], w) for k, w in weights.items())
+    assert mapped_file(back["t"].data_ptr()) == str(tmp_path / "w.safetensors")
+
+
+def test_writers_of_one_cache_entry_at_once_never_mix_their_bytes(tmp_path, caplog):
+    """Two writers of the same entry at once (the ranks of a tensor-parallel job loading one checkpoint),
+    both halfway through their file: the entry holds one writer's bytes whole, and no part file is left.
+    An entry that cannot be written is logged, not raised."""
+    import threading
+
+    from llama_fast.paths import complete_entry, write_entry
+
+    halfway = threading.Barrier(2)
+
+    def writer(byte: bytes):
+        def write(part: str) -> None:
+            with open(part, "wb") as f:
+                f.write(byte * 4096)
+                f.flush()
+                halfway.wait(timeout=30)
+                f.write(byte * 4096)
+        return write
+
+    folder = tmp_path / "entry"
+    threads = [threading.Thread(target=write_entry, args=(str(folder), {"w.bin": writer(b)})) for b in (b"a", b"b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (folder / "w.bin").read_bytes() in (b"a" * 8192, b"b" * 8192)
+    assert complete_entry(str(folder)) and sorted(os.listdir(folder)) == ["done", "w.bin"]
+    (tmp_path / "file").write_text("")
+    assert not write_entry(str(tmp_path / "file" / "entry"), {"w.bin": writer(b"c")})
+    assert "cannot write the cache entry" in caplog.text
 
 
 def test_gguf_with_unknown_pre_tokenizer_caches_nothing(tmp_path, monkeypatch):
