@@ -15,7 +15,7 @@ import torch
 
 from . import validate
 from .cache import StaticKVCache
-from .loaders import DEFAULT_MODEL, load_checkpoint
+from .loaders import DEFAULT_MODEL, load_checkpoint, resolve_model_path
 from .model import Transformer, build_model, pack_weights
 from .sampling import SamplingParams, check_max_new_tokens, check_request, row_params
 from .span import SpanBias, checkpoint_span
@@ -73,9 +73,9 @@ class LLM:
         kept in it and multiplied as stored; a file in another type is converted once and cached) or "native"
         (each tensor of a GGUF in its stored type; float vectors in fp32); on CUDA also "int8" / "int4"
         (weight-only: the matrices packed at load, activations bf16; docs/quantization.md). span: default the checkpoint's (its sliding window, if it has one). decode: see __init__.
-        tensor_parallel=N > 1: this process is one rank of a torchrun job of N; it keeps only its shard of the
-        model (llama_fast.tensor_parallel) and every rank must make the same calls; a collective that waits
-        for a peer longer than tp_timeout_s seconds raises."""
+        tensor_parallel=N > 1: this process is one rank of a torchrun job of N; it loads and keeps only its shard
+        of the model (llama_fast.tensor_parallel.load_shard, docs/tensor_parallel.md) and every rank must make
+        the same calls; a collective that waits for a peer longer than tp_timeout_s seconds raises."""
         name_or_path = validate.path_or_name(name_or_path)
         device = torch.device(validate.device_name(device))
         packed = None  # CUDA's int8 / int4: loaded in bf16, packed on the device
@@ -90,21 +90,20 @@ class LLM:
         validate.integer(tensor_parallel, "tensor_parallel", minimum=1)
         if validate.real(tp_timeout_s, "tp_timeout_s") <= 0:
             raise ValueError(f"tp_timeout_s must be > 0, got {tp_timeout_s!r}")
-        ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
-        if dtype is None:  # a checkpoint whose matrices are all bf16 stays in bf16; any other runs in fp32
-            matrices = {w.dtype for w in ckpt.weights.values() if w.dim() == 2}
-            dtype = torch.bfloat16 if matrices == {torch.bfloat16} else torch.float32
-        span = checkpoint_span(span or SpanBias(), ckpt.config.sliding_window)
-        # Under tensor parallelism each rank cuts its shard on the CPU and moves only that to its device.
-        model = build_model(ckpt.config, ckpt.weights, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-                            device="cpu" if tensor_parallel > 1 else device, span=span)
-        if tensor_parallel > 1:
-            from .tensor_parallel import rank_device, shard_model
+        if tensor_parallel > 1:  # each rank cuts its shard on the CPU and moves only that to its device
+            from .tensor_parallel import load_shard, rank_device
 
-            shard_model(model, tensor_parallel, timeout_s=tp_timeout_s, device=rank_device(device))
+            path = resolve_model_path(name_or_path)
+            model, tokenizer = load_shard(path, tensor_parallel, dtype, span, device=rank_device(device),
+                                          timeout_s=tp_timeout_s, progress=progress)
+        else:
+            ckpt = load_checkpoint(name_or_path, progress=progress, dtype=dtype)
+            model = build_model(ckpt.config, ckpt.weights, dtype=ckpt.float_dtype(dtype), device=device,
+                                span=checkpoint_span(span or SpanBias(), ckpt.config.sliding_window))
+            tokenizer, path = ckpt.tokenizer, ckpt.path
         if packed is not None:
             pack_weights(model, packed)
-        return cls(model, ckpt.tokenizer, ckpt.path, decode=decode)
+        return cls(model, tokenizer, path, decode=decode)
 
     @classmethod
     def from_transformers(cls, model, tokenizer=None, *, decode: str | None = None) -> "LLM":

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import ops
 from .config import ModelConfig
+from .mapping import FileMappings, drop_pages
 from .quant import QuantizedWeight
 from .reference import rope_cos_sin_cache, sink_position
 from .span import SpanBias
@@ -188,9 +189,26 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype=
         replaced = QuantizedEmbedding(w) if isinstance(module, nn.Embedding) else QuantizedLinear(w, module.bias)
         parent, _, attr = owner.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replaced)
-    state = {name: w.to(device=device, dtype=dtype) for name, w in weights.items() if name not in blocks}
+    mapped = FileMappings()
+    state = {name: own_weight(w, w, dtype, device, mapped) for name, w in weights.items() if name not in blocks}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def own_weight(source: torch.Tensor, part: torch.Tensor, dtype: torch.dtype, device, mapped: FileMappings) -> torch.Tensor:
+    """`part` (`source` itself or a slice of it) as a weight of its own in `dtype` on `device`: `part` itself
+    where it is one already (the whole source, or a view of a mapped file, whose pages are read only when
+    used), else a contiguous copy, after which a mapped source's pages are dropped: converting a mapped
+    checkpoint never holds a tensor's pages and its copy together."""
+    storage = source.untyped_storage()
+    in_file = mapped.holds(storage.data_ptr(), storage.nbytes())
+    if (part.dtype == dtype and part.device == torch.device(device) and part.is_contiguous()
+            and (in_file or part is source)):
+        return part
+    copy = part.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    if in_file:
+        drop_pages(source.data_ptr(), source.numel() * source.element_size())
+    return copy
 
 
 def pack_weights(model: Transformer, kind: str) -> None:

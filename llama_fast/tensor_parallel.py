@@ -8,6 +8,10 @@ projection's vocabulary. Norms and the embedding are replicated. A layer's two o
 slices are gathered at the end. So each rank's KV cache holds only its heads, and every rank computes the
 same logits and samples the same tokens: all ranks run the same generation (SPMD; rank 0 prints).
 
+A rank loads only its shard (load_shard): views of the mapped file where the checkpoint's layout allows,
+only the shard converted where its dtype differs, and where loading had to hold more of the model than the
+shard (a dequantised file, Meta's joined files) the shard goes to the cache, which later loads map.
+
 On CPU each rank runs the C++ session on its shard, the all-reduce called from inside its step (backend
 gloo). On CUDA each rank takes the GPU of its LOCAL_RANK (unless the device names one), the shard is cut on
 the CPU from the mapped file and only it is moved to the GPU, and the model's forward runs with the
@@ -20,14 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .config import ModelConfig
 from .engine import Engine
-from .mapping import FileMappings, drop_pages
+from .loaders import load_checkpoint, read_weights, save_weights
+from .mapping import FileMappings
+from .model import Transformer, own_weight
+from .paths import complete_entry, shard_cache_path, write_entry
+from .span import SpanBias, checkpoint_span
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("llama_fast")
 
 DEFAULT_TIMEOUT_S = 60.0  # a dead peer surfaces as an error after this, not after gloo's 30 minutes
 
@@ -68,13 +83,15 @@ def _even(n: int, world: int, rank: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> dict[str, torch.Tensor]:
-    """This rank's weights under the model's names: local heads, FFN and vocabulary slices; norms and the
-    embedding whole. A slice that is a range of rows of a tensor mapped from a file stays a view of the map,
-    so only the pages this rank reads are ever loaded (wq, wk, wv, w1, w3, the output's vocabulary, the
-    embedding); any other slice is a contiguous copy (wo's and w2's columns; every slice of weights in memory,
-    so that the full ones can be freed), after which a mapped source's pages are dropped: loading never holds
-    the whole model."""
+def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """This rank's weights under the model's names, in `dtype` (None: as they are): local heads, FFN and
+    vocabulary slices; norms and the embedding whole. Each tensor is taken out of `state` as it is cut, so
+    weights in memory are freed as the shard grows (pass a copy of a dict to keep), and only the shard is
+    converted (model.own_weight): a slice that is a range of rows of a tensor mapped from a file, in its
+    dtype, stays a view of the map, so only the pages this rank reads are ever loaded (wq, wk, wv, w1, w3,
+    the output's vocabulary, the embedding); any other is a contiguous copy (wo's and w2's columns; every
+    slice of weights in memory, so that the full ones can be freed)."""
     D = config.head_dim
     q_rows = slice(plan.q_heads.start * D, plan.q_heads.stop * D)
     kv = plan.kv_heads
@@ -84,20 +101,13 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> di
     mapped = FileMappings()
 
     def keep(w: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-        storage = w.untyped_storage()
-        in_file = mapped.holds(storage.data_ptr(), storage.nbytes())
-        if in_file and part.is_contiguous():
-            return part
-        copy = part.clone() if part.is_contiguous() else part.contiguous()
-        if in_file:
-            drop_pages(w.data_ptr(), w.numel() * w.element_size())
-        return copy
+        return own_weight(w, part, dtype or part.dtype, "cpu", mapped)
 
-    out = {}
-    for name, w in state.items():
-        w = w.detach()
-        if name == "output.weight":
-            continue  # its vocabulary slice, below
+    output = state.pop("output.weight", state["tok_embeddings.weight"]).detach()  # tied: the embedding's rows
+    out = {"output.weight": keep(output, output[plan.vocab.start:plan.vocab.stop])}
+    del output
+    for name in list(state):
+        w = state.pop(name).detach()
         part = w
         if name.endswith(("attention.wq.weight", "attention.wq.bias")):
             part = w[q_rows]
@@ -109,9 +119,8 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan) -> di
             part = w[ffn]
         elif name.endswith("feed_forward.w2.weight"):
             part = w[:, ffn]
-        out[name] = part if part is w else keep(w, part)  # (a whole tensor: kept as it is)
-    output = state.get("output.weight", state["tok_embeddings.weight"]).detach()  # tied: the embedding's rows
-    out["output.weight"] = keep(output, output[plan.vocab.start:plan.vocab.stop])
+        out[name] = keep(w, part)
+        del w, part
     return out
 
 
@@ -186,22 +195,31 @@ class TensorParallel:
 
 def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, device=None) -> None:
     """Turns `model` (on the CPU) into this rank's shard of a tensor-parallel group of `world` ranks (joining
-    the process group), on `device` (default the CPU; on CUDA only the shard is moved there): its modules keep
-    only their slices (the full matrices are freed), model.config describes the local heads and FFN (the
-    vocabulary stays whole: the logits are gathered), model.span its query heads' part, model.tp the
-    collectives. Both routes run it: the C++ session (which calls the all-reduce from its step) and the
-    model's forward (hooks after each wo and w2, and on the logits)."""
+    the process group), on `device` (default the CPU; on CUDA only the shard is moved there): see
+    become_shard."""
     device = torch.device("cpu") if device is None else torch.device(device)
     if model.device.type != "cpu":
         raise ValueError(f"shard_model cuts the shard on the CPU (then moves it to {device}); the model is on "
                          f"{model.device}")
     if model.quantized_weights():
-        raise ValueError("tensor parallelism shards float weights; this model has matrices in GGUF block formats "
-                         "(load it with a float dtype)")
+        raise ValueError(FLOAT_WEIGHTS_ONLY)
     rank = init_process_group(world, timeout_s, device)
+    plan = plan_shard(model.config, world, rank)
+    become_shard(model, plan, shard_weights(model.state_dict(), model.config, plan), device)
+
+
+FLOAT_WEIGHTS_ONLY = ("tensor parallelism shards float weights, not matrices in GGUF block formats (load the "
+                      "checkpoint with a float dtype)")
+
+
+def become_shard(model, plan: ShardPlan, weights: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Makes `model` (the whole model's modules, their weights on the CPU or the meta device) rank
+    plan.rank's shard holding `weights` (shard_weights), on `device`: its modules keep only their slices (the
+    full matrices are freed), model.config describes the local heads and FFN (the vocabulary stays whole:
+    the logits are gathered), model.span its query heads' part, model.tp the collectives. Both routes run
+    it: the C++ session (which calls the all-reduce from its step) and the model's forward (hooks after each
+    wo and w2, and on the logits)."""
     config = model.config
-    plan = plan_shard(config, world, rank)
-    weights = shard_weights(model.state_dict(), config, plan)
     q = slice(plan.q_heads.start, plan.q_heads.stop)
     model.config = dataclasses.replace(config, n_heads=len(plan.q_heads), n_kv_heads=len(plan.kv_heads),
                                        ffn_dim=len(plan.ffn), tie_embeddings=False)
@@ -212,6 +230,9 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, devi
     for name, w in weights.items():  # (load_state_dict would insist on the full shapes)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"the shard has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     for layer in model.layers:
         layer.attention.n_heads, layer.attention.n_kv_heads = model.config.n_heads, model.config.n_kv_heads
     model.to(device)
@@ -220,6 +241,75 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, devi
         for module in (layer.attention, layer.feed_forward):
             module.register_forward_hook(lambda _m, _i, out: tp.all_reduce(out) or out)
     model.register_forward_hook(lambda _m, _i, logits: tp.gather_vocab(logits))
+
+
+def load_shard(path: str, world: int, dtype: torch.dtype | None, span, *, device: torch.device,
+               timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True):
+    """This rank's shard of the checkpoint at `path` in `dtype` (None: the checkpoint's default,
+    Checkpoint.float_dtype), on `device`, joining the process group of `world` ranks: -> (model, tokenizer).
+    It is cut from the checkpoint as it loads, only the shard converted (shard_weights), and where loading
+    held more of the model in memory than the shard itself (a dequantised file without its cache, Meta's
+    model-parallel files joined, ...) the shard is written to the cache; later loads map it and read nothing
+    else (docs/tensor_parallel.md)."""
+    if isinstance(dtype, str):
+        raise ValueError(FLOAT_WEIGHTS_ONLY)
+    rank = init_process_group(world, timeout_s, device)
+    folder = shard_cache_path(path, dtype, world, rank)
+    cached = read_shard(folder)
+    if cached is not None:
+        config, weights = cached
+        tokenizer = Tokenizer.from_pretrained(path)
+        plan = plan_shard(config, world, rank)
+    else:
+        ckpt = load_checkpoint(path, progress=progress, dtype=dtype)
+        config, tokenizer = ckpt.config, ckpt.tokenizer
+        plan = plan_shard(config, world, rank)
+        held = bytes_in_memory(ckpt.weights)
+        weights = shard_weights(ckpt.weights, config, plan, ckpt.float_dtype(dtype))  # (emptying ckpt.weights)
+        if folder is not None and held > sum(w.nbytes for w in weights.values()):
+            write_shard(folder, config, weights)
+    with torch.device("meta"):
+        model = Transformer(config, checkpoint_span(span or SpanBias(), config.sliding_window))
+    become_shard(model.eval(), plan, weights, device)
+    return model, tokenizer
+
+
+def bytes_in_memory(weights: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors in `weights` held in this process's memory rather than mapped from a file."""
+    mapped, seen, total = FileMappings(), set(), 0
+    for w in weights.values():
+        storage = w.untyped_storage()
+        if storage.data_ptr() not in seen and not mapped.holds(storage.data_ptr(), storage.nbytes()):
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def write_shard(folder: str, config, weights: dict[str, torch.Tensor]) -> None:
+    """The shard cache entry: the whole model's config (JSON) and this rank's weights (safetensors)."""
+    def write_config(part: str) -> None:
+        with open(part, "w") as f:
+            json.dump(dataclasses.asdict(config), f)
+
+    write_entry(folder, {"config.json": write_config, "weights.safetensors": lambda part: save_weights(weights, part)})
+
+
+def read_shard(folder: str | None):
+    """-> (the whole model's config, this rank's weights mapped) of a complete shard cache entry, else None
+    (a damaged entry is logged and removed)."""
+    if complete_entry(folder) is None:
+        return None
+    weights = read_weights(os.path.join(folder, "weights.safetensors"))
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = ModelConfig(**json.load(f))
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("llama_fast: ignoring the damaged cache file %s (%s)", os.path.join(folder, "config.json"), err)
+        weights = None
+    if weights is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return config, weights
 
 
 def shard_bytes(model) -> int:

@@ -121,7 +121,7 @@ def test_a_tensor_parallel_shard_of_a_mapped_file_keeps_its_row_slices_mapped(ti
     in_memory = {name: w.clone() for name, w in ckpt.weights.items()}
     for rank in range(world):
         plan = plan_shard(ckpt.config, world, rank)
-        got, want = shard_weights(ckpt.weights, ckpt.config, plan), shard_weights(in_memory, ckpt.config, plan)
+        got, want = shard_weights(dict(ckpt.weights), ckpt.config, plan), shard_weights(dict(in_memory), ckpt.config, plan)
         assert got.keys() == want.keys()
         for name, w in got.items():
             assert torch.equal(w, want[name]), name
@@ -129,6 +129,30 @@ def test_a_tensor_parallel_shard_of_a_mapped_file_keeps_its_row_slices_mapped(ti
             copied = name.endswith(("wo.weight", "w2.weight", "wq.weight", "wk.weight"))
             assert (mapped_file(w.data_ptr()) == path) != copied, name
         assert ckpt.weights["layers.0.feed_forward.w2.weight"].sum().isfinite()  # dropped pages read back
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_shard_in_another_dtype_converts_only_the_shard(tiny, dtype):
+    """An F16 file run in fp32 or bf16: each rank's shard is the cast of the in-memory shard; every tensor
+    stored in another dtype (the F16 matrices; the F32 norms in bf16) is a copy of its own, the others stay
+    views of the map, and the process holds no more than the shard in memory."""
+    from llama_fast.tensor_parallel import bytes_in_memory, plan_shard, shard_weights
+
+    path = os.path.abspath(tiny[1]["F16"])
+    ckpt = load_checkpoint(path, progress=False)
+    in_memory = {name: w.clone() for name, w in ckpt.weights.items()}
+    plan = plan_shard(ckpt.config, 2, 1)
+    got = shard_weights(dict(ckpt.weights), ckpt.config, plan, dtype)
+    want = shard_weights(in_memory, ckpt.config, plan)
+    assert got.keys() == want.keys()
+    copies = 0
+    for name, w in got.items():
+        assert w.dtype == dtype and torch.equal(w, want[name].to(dtype)), name
+        copied = want[name].dtype != dtype
+        assert (mapped_file(w.data_ptr()) == path) != copied, name
+        copies += w.nbytes if copied else 0
+    assert bytes_in_memory(got) == copies
+    assert bytes_in_memory(ckpt.weights) < copies  # (Q/K, reordered at load)
 
 
 # ---- bad files ----

@@ -118,7 +118,7 @@ def test_ranks_match_the_single_process_logits_and_text(tmp_path, heads, kv_head
 
 
 def test_embedded_model_at_tp3_matches_one_process(tmp_path, smollm):
-    results = launch(3, ["smollm"], tmp_path)
+    results = launch(3, ["path", "smollm2-135m-instruct"], tmp_path)
     want = single_process(smollm.model)
     from llama_fast import SamplingParams
 
@@ -129,6 +129,70 @@ def test_embedded_model_at_tp3_matches_one_process(tmp_path, smollm):
     for rank, result in enumerate(results):
         torch.testing.assert_close(torch.load(tmp_path / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
         assert result["tokens"] == tokens
+
+
+def test_a_rank_caches_its_shard_where_loading_held_more_and_later_maps_only_it(tmp_path, monkeypatch):
+    """The embedded model is a Q4_1 file: with no dequantised copy in the cache yet, each rank dequantises
+    the whole model (all three write that copy at once), more than its shard, so each writes its shard to the
+    cache; the next load maps that entry and nothing else, with the same logits and tokens. A damaged entry
+    is removed, and that rank loads as without it (mapping the dequantised copy now, so writing no shard)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(cache))
+    runs, entries = {}, {}
+    for run in ("first", "second", "damaged"):
+        (tmp_path / run).mkdir()
+        runs[run] = launch(3, ["path", "smollm2-135m-instruct"], tmp_path / run)
+        entries[run] = sorted(str(e) for e in (cache / "shards").glob("*/weights.safetensors"))
+        assert not list(cache.rglob("*.part"))
+        if run == "second":
+            with open(entries[run][0], "r+b") as f:  # (the processes that mapped it have exited)
+                f.write(b"\xff" * 64)
+    assert len(entries["first"]) == 3 and entries["second"] == entries["first"]
+    assert sorted(f for r in runs["second"] for f in r["mapped_from"]) == entries["first"]  # one file per rank
+    assert entries["damaged"] == entries["first"][1:]
+    for rank in range(3):
+        want = torch.load(tmp_path / "first" / f"logits{rank}.pt")
+        for run in ("second", "damaged"):
+            assert torch.equal(torch.load(tmp_path / run / f"logits{rank}.pt"), want)
+            assert runs[run][rank]["tokens"] == runs["first"][rank]["tokens"]
+
+
+def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached_shard(tmp_path, monkeypatch,
+                                                                                       spm_model_file):
+    """A Meta checkpoint in two model-parallel files, joined in memory as it loads (more than a rank's shard):
+    at tp=2 each rank's logits equal one process's within 1e-4, with the same greedy tokens; each rank writes
+    its shard to the cache, and its next load maps that file alone and computes the same logits."""
+    from llama_fast import LLM, SamplingParams
+    from llama_fast.config import ModelConfig
+    from llama_fast.gguf_file import half_to_interleaved
+
+    from checkpoints import save_meta
+
+    config = ModelConfig(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2050, ffn_dim=256)
+    state = random_model(config, seed=7).state_dict()
+    for name, w in state.items():  # Meta's files hold Q/K rows in interleaved pairs
+        if name.endswith(("wq.weight", "wk.weight")):
+            state[name] = half_to_interleaved(w, config.n_heads if ".wq." in name else config.n_kv_heads)
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    save_meta(state, dict(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2050, multiple_of=256,
+                          norm_eps=config.norm_eps, rope_theta=config.rope_theta), folder, spm_model_file, files=2)
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    one = LLM.from_pretrained(str(folder), progress=False)
+    want = single_process(one.model)
+    tokens = [t for (t,) in one.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
+    runs = {}
+    for run in ("first", "again"):
+        (tmp_path / run).mkdir()
+        runs[run] = launch(2, ["path", str(folder)], tmp_path / run)
+        for rank, result in enumerate(runs[run]):
+            torch.testing.assert_close(torch.load(tmp_path / run / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
+            assert result["tokens"] == tokens
+    entries = sorted(str(e) for e in (tmp_path / "cache" / "shards").glob("*/weights.safetensors"))
+    assert len(entries) == 2 and sorted(f for r in runs["again"] for f in r["mapped_from"]) == entries
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / "again" / f"logits{rank}.pt"),
+                           torch.load(tmp_path / "first" / f"logits{rank}.pt"))
 
 
 def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):

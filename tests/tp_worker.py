@@ -2,7 +2,8 @@
 RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would, and reads what each writes.
 
     tp_worker.py tiny HEADS KV_HEADS OUT_DIR   a tiny random model: logits of a prompt, greedy tokens
-    tp_worker.py smollm OUT_DIR                the embedded model
+    tp_worker.py path NAME_OR_PATH OUT_DIR     LLM.from_pretrained(NAME_OR_PATH, tensor_parallel=world): the
+                                               embedded model, a checkpoint the test wrote
     tp_worker.py die OUT_DIR                   rank 1 exits during generation; the others must raise
     tp_worker.py lockstep OUT_DIR              rank 0 a LeaderEngine taking requests from another thread
                                                (some aborted), the others follow() its steps
@@ -20,9 +21,9 @@ from llama_fast import LLM, SamplingParams, Tokenizer
 from llama_fast.bench import peak_rss_bytes
 from llama_fast.session import SessionRunner
 from llama_fast.model_runner import ModelRunner
-from llama_fast.tensor_parallel import LeaderEngine, follow, rank_device, shard_bytes, shard_model
+from llama_fast.tensor_parallel import LeaderEngine, follow, leave_process_group, rank_device, shard_bytes, shard_model
 
-from models import random_model
+from models import mapped_file, random_model
 from tp_cases import PROMPT, lockstep_requests, tiny_config
 
 torch.set_num_threads(1)
@@ -95,8 +96,8 @@ def main():
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         return
-    if mode == "smollm":
-        llm = LLM.from_pretrained("smollm2-135m-instruct", tensor_parallel=world, tp_timeout_s=60, progress=False)
+    if mode == "path":
+        llm = LLM.from_pretrained(sys.argv[2], tensor_parallel=world, tp_timeout_s=60, progress=False)
     else:
         heads, kv_heads = (int(a) for a in sys.argv[2:4]) if mode == "tiny" else (4, 2)
         model = random_model(tiny_config(heads, kv_heads), seed=heads)
@@ -121,10 +122,14 @@ def main():
         torch.save(eager.logits(torch.tensor([PROMPT]))[0], os.path.join(out, f"eager{rank}.pt"))
         result = {"tokens": tokens, "weight_bytes": shard_bytes(llm.model),
                   "kv_heads": list(llm.model.tp.plan.kv_heads),
+                  "mapped_from": sorted({mapped_file(p.data_ptr()) for p in llm.model.parameters()}),
                   "peak_rss_mib": peak_rss_bytes() / 2**20}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        leave_process_group()  # gloo's threads stop before the interpreter's teardown
