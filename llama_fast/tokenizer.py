@@ -409,13 +409,13 @@ class Tokenizer:
         path = resolve_model_path(os.fspath(path_or_name))
         if os.path.isdir(path):
             return cls.from_dir(path)
-        from gguf import GGUFReader
+        from .gguf_file import GGUFFile
+        from .paths import CheckpointError
 
         try:
-            reader = GGUFReader(path)
-            meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-        except Exception as err:  # the reader raises assorted errors on files that are not GGUF
-            raise TokenizerError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
+            meta = GGUFFile(path).metadata
+        except CheckpointError as err:
+            raise TokenizerError(str(err)) from None
         return cls.from_gguf_metadata(meta, path)
 
     @classmethod
