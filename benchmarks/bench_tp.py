@@ -13,9 +13,11 @@ latency plus 2 (N - 1) / N of its bytes over the link (a ring). The GPU figures 
         [--layers 16 --dim 1024 --heads 16 --kv-heads 4 --ffn 4096]
         [--gpu-hbm-gbs 4800 --gpu-link-gbs 450 --allreduce-latency-us 8] [--project-shape 8b]
 
-With --gguf FILE it measures loading instead: one process loads the file (LLM.from_pretrained) and generates
-8 greedy tokens, then tp ranks do the same with tensor_parallel=N; reported: each one's peak RSS after loading
-and after generating, against the file's size, and whether the tokens are the same.
+With --gguf FILE it measures loading instead: tp ranks load the file with LLM.from_pretrained(tensor_parallel=N)
+and generate 8 greedy tokens, twice (the second load maps the shard cache where the first wrote one: a fresh
+LLAMA_FAST_CACHE_DIR shows a first load), then one process does the same; reported: each one's peak RSS after
+loading and after generating, against the file's size, the seconds loading took, and whether the tokens are
+the same.
 """
 from __future__ import annotations
 
@@ -91,11 +93,14 @@ def load_main(args) -> None:
     from llama_fast.bench import peak_rss_bytes
 
     world = args.tp if "RANK" in os.environ else 1
+    start = time.perf_counter()
     llm = LLM.from_pretrained(args.gguf, tensor_parallel=world, progress=False)
+    load_s = time.perf_counter() - start
     loaded = peak_rss_bytes()
     tokens = llm.generate(list(range(1, 17)), max_new_tokens=8).token_ids
     with open(args.result.replace("RANK", os.environ.get("RANK", "alone")), "w") as f:
-        json.dump({"load_peak_mib": loaded / 2**20, "peak_mib": peak_rss_bytes() / 2**20, "tokens": tokens}, f)
+        json.dump({"load_peak_mib": loaded / 2**20, "peak_mib": peak_rss_bytes() / 2**20, "tokens": tokens,
+                   "load_s": load_s}, f)
 
 
 def launch_ranks(args, argv, result_path: str) -> None:
@@ -109,19 +114,25 @@ def launch_ranks(args, argv, result_path: str) -> None:
 
 
 def compare_loads(args, argv) -> None:
+    """The ranks load twice (the second load maps the shard cache where the first wrote one), then one process."""
+    loads = {}
     with tempfile.TemporaryDirectory() as tmp:
+        for run in ("first", "again"):
+            pattern = os.path.join(tmp, f"{run}-RANK.json")
+            launch_ranks(args, argv, pattern)
+            loads[run] = [json.load(open(pattern.replace("RANK", str(r)))) for r in range(args.tp)]
         pattern = os.path.join(tmp, "RANK.json")
         subprocess.run([sys.executable, __file__, "--rank", "--result", pattern, *(argv or sys.argv[1:])], check=True,
                        env={k: v for k, v in os.environ.items() if k != "RANK"})
-        launch_ranks(args, argv, pattern)
         alone = json.load(open(pattern.replace("RANK", "alone")))
-        ranks = [json.load(open(pattern.replace("RANK", str(r)))) for r in range(args.tp)]
     size = os.path.getsize(args.gguf) / 2**20
     print(f"{os.path.basename(args.gguf)} ({size:.0f} MiB): one process peak RSS {alone['load_peak_mib']:.0f} MiB after "
           f"loading, {alone['peak_mib']:.0f} after 8 tokens")
-    for r, res in enumerate(ranks):
-        print(f"tp={args.tp} rank {r}: peak RSS {res['load_peak_mib']:.0f} MiB after loading, {res['peak_mib']:.0f} after 8 tokens")
-    print(f"same tokens: {all(res['tokens'] == alone['tokens'] for res in ranks)}")
+    for run, ranks in loads.items():
+        for r, res in enumerate(ranks):
+            print(f"tp={args.tp} rank {r}, {run} load: peak RSS {res['load_peak_mib']:.0f} MiB after loading, "
+                  f"{res['peak_mib']:.0f} after 8 tokens, {res['load_s']:.1f} s to load")
+    print(f"same tokens: {all(res['tokens'] == alone['tokens'] for ranks in loads.values() for res in ranks)}")
 
 
 def projection(shape: dict, tp: int, args, bytes_per_weight: int = 2) -> dict:
@@ -159,7 +170,12 @@ def main(argv=None) -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank:
-        return load_main(args) if args.gguf else rank_main(args)
+        from llama_fast.tensor_parallel import leave_process_group
+
+        try:
+            return load_main(args) if args.gguf else rank_main(args)
+        finally:
+            leave_process_group()  # gloo's threads stop before the interpreter's teardown
     if args.gguf:
         return compare_loads(args, argv)
 
