@@ -71,6 +71,9 @@ def test_bad_tensor_parallel_arguments_are_refused_before_any_work(monkeypatch):
             LLM.from_pretrained("/nonexistent/model.gguf", tensor_parallel=2, tp_timeout_s=timeout)
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+    for dtype in ("q4_0", "native"):  # (refused before the group is joined: no torchrun variables here)
+        with pytest.raises(ValueError, match="tensor parallelism shards float weights"):
+            LLM.from_pretrained("smollm2-135m-instruct", tensor_parallel=2, dtype=dtype)
     with pytest.raises(ValueError, match=r"tensor_parallel=2 needs a torchrun job .*torchrun --nproc-per-node 2"):
         shard_model(random_model(tiny_config(8, 4)), 2)
     with pytest.raises(ValueError, match="shard_model cuts the shard on the CPU .*the model is on meta"):
