@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .config import ModelConfig
 from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, gguf_tensor_name, mapped_weights,
                         gguf_config, half_to_interleaved, interleaved_to_half, model_tensor_name)
 from .gguf_write import TensorSpec, write_gguf
+from .mapping import FileMappings
 from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .paths import complete_entry, gguf_cache_entry, gguf_cache_path, write_entry
@@ -102,7 +104,7 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: ModelConfig, path: s
 
 # ----------------------------------------------------------------------------------------------------
 # GGUF (gguf_file.py reads the file). F32/F16/BF16 files are used in place: their tensors are views of
-# the mapped file (Q/K reordered once). Quantised files are dequantised once and the result cached.
+# the mapped file (Q/K reordered once). Quantised files are dequantised once into the cache and mapped.
 
 
 def _as_torch(array: np.ndarray, kind: str) -> torch.Tensor:
@@ -144,28 +146,58 @@ def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | str | None 
 
 def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: torch.dtype | None):
     """-> (weights, tokenizer) of a file with quantised tensors: from the cache entry in `dtype` (or as
-    dequantised), else dequantised now and cached."""
+    dequantised), else dequantised now into the cache (and cast into `dtype`'s entry) and mapped from there."""
     path = gguf.path
     weights = (_read_gguf_cache(path, dtype) if dtype is not None else None) or _read_gguf_cache(path, None)
     # The tokenizer before caching: a vocabulary that cannot be read (an unknown pre-tokenizer) caches nothing.
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     if weights is None:
-        weights = {}
-        for t in _progress(gguf.tensors.values(), "dequantising GGUF", progress):
-            if t.name == ROPE_FACTORS:
-                continue
-            name, tensor = model_tensor_name(t.name, path), _dequantised(t)
+        def dequantised(t: GGUFTensor) -> torch.Tensor:
+            tensor = _dequantised(t)
             if t.type not in FLOAT_TYPES:
                 gguf.release(t)  # its blocks were read once; float tensors are views of the file
             if t.name.endswith(QK_TENSORS):
                 tensor = interleaved_to_half(tensor, config.n_heads if ".attn_q." in t.name else config.n_kv_heads)
-            weights[name] = tensor
-        _write_gguf_cache(path, weights, None)
+            return tensor
+
+        weights = _cached(path, None, {
+            model_tensor_name(t.name, path): (t.shape, _FLOAT_DTYPES.get(t.type, torch.float32), lambda t=t: dequantised(t))
+            for t in gguf.tensors.values() if t.name != ROPE_FACTORS}, "dequantising GGUF", progress)
     if dtype is not None and any(w.dtype != dtype for w in weights.values()):
-        # Cast once and kept in `dtype` too: later loads map that entry and copy nothing.
-        weights = {name: w.to(dtype) for name, w in weights.items()}
-        _write_gguf_cache(path, weights, dtype)
+        # Cast once and kept in `dtype` too: later loads map that entry and copy nothing. (Each mapped fp32
+        # tensor's pages are dropped once cast.)
+        from .model import own_weight
+
+        mapped = FileMappings()
+        weights = _cached(path, dtype, {name: (tuple(w.shape), dtype, lambda w=w: own_weight(w, w, dtype, "cpu", mapped))
+                                        for name, w in weights.items()}, f"casting to {dtype}", progress)
     return weights, tokenizer
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, progress: bool) -> dict[str, torch.Tensor]:
+    """The weights `tensors` describes (name -> (shape, dtype, a function making the tensor)), made one at a
+    time into the checkpoint's cache entry for `dtype` and mapped back from it, so they are never all in
+    memory at once; made in memory where there is no cache to write."""
+    bar = tqdm(total=len(tensors), desc=desc, unit="tensor", leave=False, disable=not progress)
+
+    def made(make):
+        tensor = make()
+        bar.update()
+        return tensor
+
+    tensors = {name: (shape, kind, lambda make=make: made(make)) for name, (shape, kind, make) in tensors.items()}
+    try:
+        folder = gguf_cache_path(path, dtype)
+        if folder is not None and write_entry(folder, {"weights.safetensors": lambda part: save_weights(tensors, part)}):
+            weights = read_weights(os.path.join(folder, "weights.safetensors"))
+            if weights is not None:
+                return weights
+        return {name: make() for name, (_, _, make) in tensors.items()}
+    finally:
+        bar.close()
 
 
 def _type_counts(kinds) -> dict[str, int]:
@@ -310,28 +342,28 @@ def _read_gguf_cache(path: str, dtype: torch.dtype | None) -> dict[str, torch.Te
     return None if folder is None else read_weights(os.path.join(folder, "weights.safetensors"))
 
 
-def _write_gguf_cache(path: str, weights: dict, dtype: torch.dtype | None) -> None:
-    folder = gguf_cache_path(path, dtype)
-    if folder is not None:
-        write_entry(folder, {"weights.safetensors": lambda part: save_weights(weights, part)})
-
-
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def save_weights(weights: dict[str, torch.Tensor], path: str) -> None:
-    """Writes float `weights` as a safetensors file (what read_weights maps back), a tensor at a time: no
-    second copy of the weights in memory (safetensors' own save_file serialises them all first)."""
+def save_weights(weights: dict, path: str) -> None:
+    """Writes float weights as a safetensors file (what read_weights maps back), a tensor at a time: each
+    value is a tensor, or (shape, dtype, a function making it), made as it is written, so that the whole
+    is never in memory (safetensors' own save_file serialises every tensor first)."""
+    weights = {name: w if isinstance(w, tuple) else (tuple(w.shape), w.dtype, lambda w=w: w)
+               for name, w in weights.items()}
     header, offset = {}, 0
-    for name, w in weights.items():
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[w.dtype], "shape": list(w.shape),
-                        "data_offsets": [offset, offset + w.nbytes]}
-        offset += w.nbytes
+    for name, (shape, dtype, _) in weights.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors' bytes start 8-aligned
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
-        for w in weights.values():
+        for name, (shape, dtype, make) in weights.items():
+            w = make()
+            if tuple(w.shape) != tuple(shape) or w.dtype != dtype:
+                raise ValueError(f"{name} was announced as {dtype} {tuple(shape)}, made as {w.dtype} {tuple(w.shape)}")
             f.write(memoryview(w.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 

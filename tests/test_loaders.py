@@ -249,17 +249,23 @@ def test_directory_without_checkpoint(tmp_path):
 def test_gguf_conversion_cache(tmp_path, monkeypatch):
     """The parsed GGUF is cached (safetensors + JSON): same checkpoint back, a damaged entry is rebuilt."""
     import llama_fast.loaders as loaders
+    from models import mapped_file
 
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path))
     path = resolve_model_path("smollm2-135m-instruct")
     first = load_checkpoint(path, progress=False)
     folder = loaders.gguf_cache_path(path)
     assert os.path.exists(os.path.join(folder, "done"))
+    # Dequantised into the entry a tensor at a time and mapped from it, the first load too.
+    assert mapped_file(first.weights["layers.3.feed_forward.w2.weight"].data_ptr()) == os.path.join(
+        folder, "weights.safetensors")
     second = load_checkpoint(path, progress=False)
     assert second.config == first.config and second.tensor_types == first.tensor_types
     assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
     assert second.tokenizer.encode("I love") == [57, 2606]
-    (tmp_path / folder / "weights.safetensors").write_bytes(b"damaged")
+    # A damaged entry (a new file: `first` and `second` map the old one, which must not shrink under them)
+    (tmp_path / "damaged").write_bytes(b"damaged")
+    os.replace(tmp_path / "damaged", os.path.join(folder, "weights.safetensors"))
     third = load_checkpoint(path, progress=False)
     assert torch.equal(third.weights["norm.weight"], first.weights["norm.weight"])
     # An entry per dtype asked for: the bf16 one holds what casting the fp32 weights gives.
@@ -274,17 +280,21 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
 
 def test_cache_files_round_trip_and_are_mapped(tmp_path):
     """save_weights writes a tensor at a time what safetensors reads back: fp32, bf16 and f16, non-contiguous
-    and empty tensors; read_weights maps the file."""
+    and empty tensors, given or made as they are written; read_weights maps the file. A made tensor that is
+    not what was announced raises."""
     from llama_fast.loaders import read_weights, save_weights
     from models import mapped_file
 
     weights = {"t": torch.randn(3, 5).t(), "b": torch.randn(7).bfloat16(), "h": torch.randn(2, 3, 4).half(),
                "e": torch.randn(0, 4)}
-    save_weights(weights, str(tmp_path / "w.safetensors"))
+    made = torch.randn(4, 6)
+    save_weights({**weights, "made": ((4, 6), torch.float32, made.clone)}, str(tmp_path / "w.safetensors"))
     back = read_weights(str(tmp_path / "w.safetensors"))
-    assert back.keys() == weights.keys()
+    assert back.keys() == weights.keys() | {"made"} and torch.equal(back["made"], made)
     assert all(back[k].dtype == w.dtype and torch.equal(back[k], w) for k, w in weights.items())
     assert mapped_file(back["t"].data_ptr()) == str(tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"made was announced as torch.bfloat16 \(4, 6\), made as torch.float32"):
+        save_weights({"made": ((4, 6), torch.bfloat16, made.clone)}, str(tmp_path / "bad.safetensors"))
 
 
 def test_writers_of_one_cache_entry_at_once_never_mix_their_bytes(tmp_path, caplog):
