@@ -134,37 +134,34 @@ def test_embedded_model_at_tp3_matches_one_process(tmp_path, smollm):
         assert result["tokens"] == tokens
 
 
-def test_a_rank_caches_its_shard_where_loading_held_more_and_later_maps_only_it(tmp_path, monkeypatch):
-    """The embedded model is a Q4_1 file: with no dequantised copy in the cache yet, each rank dequantises
-    the whole model (all three write that copy at once), more than its shard, so each writes its shard to the
-    cache; the next load maps that entry and nothing else, with the same logits and tokens. A damaged entry
-    is removed, and that rank loads as without it (mapping the dequantised copy now, so writing no shard)."""
+def test_ranks_dequantising_one_file_at_once_share_its_cached_copy(tmp_path, monkeypatch):
+    """The embedded model is a Q4_1 file: with no dequantised copy in the cache yet, the three ranks each write
+    it into the cache at once, a tensor at a time, and map it: one whole file results (no part file left),
+    every rank's row slices are views of it (so no shard of its own is cached), and the next load maps the
+    same file and computes the same logits and tokens."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(cache))
-    runs, entries = {}, {}
-    for run in ("first", "second", "damaged"):
+    runs = {}
+    for run in ("first", "again"):
         (tmp_path / run).mkdir()
         runs[run] = launch(3, ["path", "smollm2-135m-instruct"], tmp_path / run)
-        entries[run] = sorted(str(e) for e in (cache / "shards").glob("*/weights.safetensors"))
-        assert not list(cache.rglob("*.part"))
-        if run == "second":
-            with open(entries[run][0], "r+b") as f:  # (the processes that mapped it have exited)
-                f.write(b"\xff" * 64)
-    assert len(entries["first"]) == 3 and entries["second"] == entries["first"]
-    assert sorted(f for r in runs["second"] for f in r["mapped_from"]) == entries["first"]  # one file per rank
-    assert entries["damaged"] == entries["first"][1:]
+    entries = [str(e) for e in cache.rglob("weights.safetensors")]
+    assert len(entries) == 1 and not list(cache.rglob("*.part")) and not (cache / "shards").exists()
     for rank in range(3):
-        want = torch.load(tmp_path / "first" / f"logits{rank}.pt")
-        for run in ("second", "damaged"):
-            assert torch.equal(torch.load(tmp_path / run / f"logits{rank}.pt"), want)
-            assert runs[run][rank]["tokens"] == runs["first"][rank]["tokens"]
+        for run in runs.values():  # (the column slices of wo and w2 are copies in memory)
+            files = [f.removesuffix(" (deleted)") for f in run[rank]["mapped_from"] if f.startswith("/")]
+            assert files == entries  # (deleted: the copy a rank mapped before another's copy replaced it)
+        assert runs["again"][rank]["tokens"] == runs["first"][rank]["tokens"]
+        assert torch.equal(torch.load(tmp_path / "again" / f"logits{rank}.pt"),
+                           torch.load(tmp_path / "first" / f"logits{rank}.pt"))
 
 
 def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached_shard(tmp_path, monkeypatch,
                                                                                        spm_model_file):
     """A Meta checkpoint in two model-parallel files, joined in memory as it loads (more than a rank's shard):
     at tp=2 each rank's logits equal one process's within 1e-4, with the same greedy tokens; each rank writes
-    its shard to the cache, and its next load maps that file alone and computes the same logits."""
+    its shard to the cache, and its next load maps that file alone and computes the same logits. A damaged
+    entry is removed and written again."""
     from llama_fast import LLM, SamplingParams
     from llama_fast.config import ModelConfig
     from llama_fast.gguf_file import half_to_interleaved
@@ -184,15 +181,19 @@ def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached
     one = LLM.from_pretrained(str(folder), progress=False)
     want = single_process(one.model)
     tokens = [t for (t,) in one.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
-    runs = {}
-    for run in ("first", "again"):
+    runs, entries = {}, {}
+    for run in ("first", "again", "damaged"):
         (tmp_path / run).mkdir()
         runs[run] = launch(2, ["path", str(folder)], tmp_path / run)
         for rank, result in enumerate(runs[run]):
             torch.testing.assert_close(torch.load(tmp_path / run / f"logits{rank}.pt"), want, atol=1e-4, rtol=1e-4)
             assert result["tokens"] == tokens
-    entries = sorted(str(e) for e in (tmp_path / "cache" / "shards").glob("*/weights.safetensors"))
-    assert len(entries) == 2 and sorted(f for r in runs["again"] for f in r["mapped_from"]) == entries
+        entries[run] = sorted(str(e) for e in (tmp_path / "cache" / "shards").glob("*/weights.safetensors"))
+        if run == "again":
+            with open(entries[run][0], "r+b") as f:  # (the processes that mapped it have exited)
+                f.write(b"\xff" * 64)
+    assert len(entries["first"]) == 2 and entries["again"] == entries["damaged"] == entries["first"]
+    assert sorted(f for r in runs["again"] for f in r["mapped_from"]) == entries["first"]  # one file per rank
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / "again" / f"logits{rank}.pt"),
                            torch.load(tmp_path / "first" / f"logits{rank}.pt"))
