@@ -4,7 +4,8 @@ the whole model; then the speed-up N GPUs would give, projected from the bytes e
 
 A random-weight model of the given shape (default: 16 layers, dim 1024, 16/4 heads, FFN 4096, bf16) decodes
 --steps tokens at batch 1 after a 128-token prompt. Reported: ms per decode step alone and at tp=N,
-all-reduces per step (2 per layer; the logits' gather apart), the time inside them, and the projection:
+all-reduces per step (2 per layer; the logits' gather apart), the time inside them, a bare all-reduce of one
+step's activations between the ranks (gloo's own latency here), and the projection:
 a decode step on one GPU reads every weight once (bytes / HBM bandwidth); at tp=N each GPU reads 1/N of the
 sharded weights and the step adds 2 x layers all-reduces of batch x dim activations, each costing a
 latency plus 2 (N - 1) / N of its bytes over the link (a ring). The GPU figures are options, not measured.
@@ -39,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import models  # noqa: E402  (the tests' random-weight models)
 
 PROMPT_TOKENS = 128
+BARE_ALLREDUCES = 200
 LLAMA_8B = dict(layers=32, dim=4096, heads=32, kv_heads=8, ffn=14336, vocab=128256)
 
 
@@ -76,6 +78,13 @@ def rank_main(args) -> None:
         calls[0] += 1
 
     tp.all_reduce = timed
+    bare = torch.zeros(args.dim)  # one decode step's activations, all-reduced with nothing else running
+    for _ in range(20):
+        reduce(bare)
+    start = time.perf_counter()
+    for _ in range(BARE_ALLREDUCES):
+        reduce(bare)
+    bare_us = 1e6 * (time.perf_counter() - start) / BARE_ALLREDUCES
     runner = SessionRunner(model, num_blocks=64, num_threads=args.threads)
     decode_steps(runner, 4)  # warm-up
     spent[0], calls[0] = 0.0, 0
@@ -83,7 +92,8 @@ def rank_main(args) -> None:
     if tp.plan.rank == 0:
         with open(args.result, "w") as f:
             json.dump({"step_ms": 1000 * sorted(times)[len(times) // 2], "allreduce_ms_per_step": 1000 * spent[0] / args.steps,
-                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": shard_bytes(model)}, f)
+                       "allreduces_per_step": calls[0] / args.steps, "shard_bytes": shard_bytes(model),
+                       "bare_allreduce_us": bare_us}, f)
 
 
 def load_main(args) -> None:
@@ -194,6 +204,7 @@ def main(argv=None) -> None:
           f"({alone_ms / ranks['step_ms']:.2f}x)")
     print(f"all-reduces per step: {ranks['allreduces_per_step']:.0f} (+1 gather of the logits), "
           f"{ranks['allreduce_ms_per_step']:.2f} ms inside them (waiting for the slower rank included) = {100 * share:.0f}% of the step")
+    print(f"a bare all-reduce of {args.dim} floats between the ranks, nothing else running: {ranks['bare_allreduce_us']:.0f} us")
     for name, sh in (("this shape", shape), ("Llama-3.1-8B", LLAMA_8B)):
         p = projection(sh, args.tp, args)
         print(f"projected on {args.tp} GPUs ({name}, bf16, {p['weight_gb']:.1f} GB): one GPU {p['one_gpu_ms']:.3f} ms/step, "
