@@ -50,9 +50,15 @@ def random_model(args):
     return models.random_model(cfg, dtype=getattr(torch, args.dtype))
 
 
-def decode_steps(runner: SessionRunner, steps: int) -> list[float]:
+def prefilled(runner: SessionRunner) -> int:
+    """A new sequence of `runner` with the prompt in its cache."""
     seq = runner.add_sequence()
     runner.step([(seq, list(range(1, PROMPT_TOKENS + 1)))])
+    return seq
+
+
+def decode_steps(runner: SessionRunner, seq: int, steps: int) -> list[float]:
+    """The seconds of each of `steps` one-token steps of `seq`."""
     times = []
     for i in range(steps):
         start = time.perf_counter()
@@ -86,9 +92,10 @@ def rank_main(args) -> None:
         reduce(bare)
     bare_us = 1e6 * (time.perf_counter() - start) / BARE_ALLREDUCES
     runner = SessionRunner(model, num_blocks=64, num_threads=args.threads)
-    decode_steps(runner, 4)  # warm-up
+    seq = prefilled(runner)
+    decode_steps(runner, seq, 4)  # warm-up
     spent[0], calls[0] = 0.0, 0
-    times = decode_steps(runner, args.steps)
+    times = decode_steps(runner, seq, args.steps)  # (the prompt's all-reduces not counted)
     if tp.plan.rank == 0:
         with open(args.result, "w") as f:
             json.dump({"step_ms": 1000 * sorted(times)[len(times) // 2], "allreduce_ms_per_step": 1000 * spent[0] / args.steps,
@@ -190,7 +197,8 @@ def main(argv=None) -> None:
         return compare_loads(args, argv)
 
     torch.set_num_threads(args.tp * args.threads)
-    alone = decode_steps(SessionRunner(random_model(args), num_blocks=64), args.steps + 4)[4:]
+    runner = SessionRunner(random_model(args), num_blocks=64)
+    alone = decode_steps(runner, prefilled(runner), args.steps + 4)[4:]
     alone_ms = 1000 * sorted(alone)[len(alone) // 2]
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "rank0.json")

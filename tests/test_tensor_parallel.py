@@ -11,6 +11,7 @@ import torch
 from llama_fast import _ext
 from llama_fast.bench import free_port
 from llama_fast.session import SessionRunner
+from llama_fast.paths import resolve_model_path
 from llama_fast.tensor_parallel import init_process_group, leave_process_group, plan_shard, rank_device
 
 from models import random_model
@@ -278,3 +279,23 @@ def test_serve_at_tp3_answers_as_one_process_and_stops_on_sigterm(smollm):
             p.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0, 0], [p.stderr.read()[-2000:] for p in procs]
+
+
+def test_bench_tp_runs_at_a_tiny_shape_and_on_a_file(tmp_path):
+    """benchmarks/bench_tp.py end to end (its timings are the machine's, not checked): the decode step's
+    all-reduces at tp=2 beside one process, and loading the embedded model at tp=3 with a fresh cache."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LLAMA_FAST_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    script = os.path.join(root, "benchmarks", "bench_tp.py")
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = run("--layers", "2", "--dim", "128", "--heads", "4", "--kv-heads", "2", "--ffn", "256", "--vocab", "512",
+              "--steps", "4", "--dtype", "float32")
+    assert "all-reduces per step: 4 (+1 gather of the logits)" in out and "a bare all-reduce of 128 floats" in out
+    assert "projected on 2 GPUs (Llama-3.1-8B" in out
+    out = run("--tp", "3", "--gguf", resolve_model_path("smollm2-135m-instruct"))
+    assert out.count("first load: peak RSS") == out.count("again load: peak RSS") == 3 and "same tokens: True" in out
