@@ -205,16 +205,16 @@ def cmd_serve(args) -> None:
     import logging
     import signal
 
-    import uvicorn
-
     from .engine import Engine
-    from .server.app import build_app
+    from .server.app import Server, build_app
 
     validate.integer(args.port, "--port", minimum=0, maximum=65535)
     validate.integer(args.max_body_bytes, "--max-body-bytes", minimum=1)
     if args.api_key == "":
         raise ValueError("--api-key must not be empty (omit it to serve without a key)")
     validate.integer(args.tp, "--tp", minimum=1)
+    if not 0 <= validate.real(args.shutdown_timeout, "--shutdown-timeout") <= 3600:
+        raise ValueError(f"--shutdown-timeout must be in [0, 3600] seconds, got {args.shutdown_timeout}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     llm = _load(args)
     limits = dict(max_kv_tokens=args.max_kv_tokens, max_batch_tokens=args.max_batch_tokens,
@@ -231,8 +231,7 @@ def cmd_serve(args) -> None:
         engine = Engine(llm, **limits)
     app = build_app(engine, args.served_model_name or served_name(args.model), api_key=args.api_key,
                     max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=max(1, round(args.shutdown_timeout))))
+    server = Server(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it found: a
     # handler that does nothing makes that a clean exit (status 0) instead of death by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

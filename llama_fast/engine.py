@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence as Seq
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
@@ -107,13 +107,14 @@ class Engine:
     # ---- requests ----
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | Seq[SamplingParams] | None = None, *,
-                    max_new_tokens: int = 128, stop: str | list[str] | None = None, n: int = 1,
+                    max_new_tokens: int | None = 128, stop: str | list[str] | None = None, n: int = 1,
                     request_id: str | None = None, ignore_eos: bool = False, min_tokens: int = 0,
                     detokenize: bool = True) -> str:
         """Queues a request; returns its id. prompt: text or token ids. params: greedy when None; one
         SamplingParams (sequence i of the n draws from seed + i) or one per sequence. n > 1: the prompt is
         computed once and forked. stop: strings that end a sequence (cut from its text). ignore_eos: run
         to max_new_tokens whatever is sampled. min_tokens: no end-of-sequence token before that many.
+        max_new_tokens None: as many as the model's context leaves and the KV pool holds for all n sequences.
         detokenize=False: token ids only (new_text stays empty; no stop strings).
         Everything is checked here, before any work; nothing in flight is disturbed by a bad request."""
         with self._lock:
@@ -128,7 +129,8 @@ class Engine:
         llm = self.llm
         context = llm._context
         ids = validate.prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, context)
-        check_max_new_tokens(max_new_tokens)
+        if max_new_tokens is not None:
+            check_max_new_tokens(max_new_tokens)
         validate.integer(n, "n", minimum=1, maximum=self.scheduler.max_running)
         validate.stop(stop)
         stops = stop_strings(stop)
@@ -145,12 +147,14 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
         per_sequence = self._sequence_params(params, n)
+        if max_new_tokens is None:
+            max_new_tokens = self._room(len(ids), n)
         limit = max_new_tokens if context is None else min(max_new_tokens, context - len(ids))
         if limit < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens, the whole model context ({context}): "
                              "no room for a new token")
-        blocks = n * self.runner.blocks_for_sequence(len(ids) + limit, self.scheduler.chunk)
-        if blocks > self.runner.num_blocks:
+        if not self._fits(len(ids) + limit, n):
+            blocks = n * self.runner.blocks_for_sequence(len(ids) + limit, self.scheduler.chunk)
             raise ValueError(f"a prompt of {len(ids)} tokens with max_new_tokens={max_new_tokens} (x{n} sequences) "
                              f"needs {blocks * BLOCK_SIZE} KV tokens, more than max_kv_tokens="
                              f"{self.runner.num_blocks * BLOCK_SIZE} holds")
@@ -163,6 +167,21 @@ class Engine:
             text = TextStream(llm.tokenizer, ids, stops) if detokenize else None
             request.sequences.append(Sequence(request, i, p, list(ids), text, penalties))
         return request
+
+    def _fits(self, tokens: int, n: int) -> bool:
+        """Whether n sequences of `tokens` tokens fit the KV pool together."""
+        return n * self.runner.blocks_for_sequence(tokens, self.scheduler.chunk) <= self.runner.num_blocks
+
+    def _room(self, prompt_tokens: int, n: int) -> int:
+        """The most new tokens each of n sequences of a prompt may have: what max_seq_len leaves that the KV
+        pool holds for all n (at least 1: a prompt that leaves none is refused by the caller)."""
+        low, high = 1, self.llm.config.max_seq_len - prompt_tokens
+        if high <= low or not self._fits(prompt_tokens + low, n):
+            return low
+        while low < high:  # the largest count that fits: blocks only grow with tokens
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self._fits(prompt_tokens + mid, n) else (low, mid - 1)
+        return low
 
     @staticmethod
     def _sequence_params(params, n: int) -> list[SamplingParams]:
@@ -312,6 +331,45 @@ class Engine:
                              None if logprobs is None else [logprobs])
 
 
+class RequestStream:
+    """One request's outputs as an async iterator. Closing it (aclose), or cancelling the task waiting on it,
+    before the request finished aborts the request, whether or not it was ever read."""
+
+    def __init__(self, async_engine: "AsyncEngine", request_id: str, queue: asyncio.Queue, n: int):
+        self.request_id = request_id
+        self._async_engine, self._queue, self._unfinished = async_engine, queue, n
+        self._closed = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._closed or not self._unfinished:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+            if isinstance(out, BaseException):
+                raise out
+        except BaseException:
+            await self.aclose()
+            raise
+        self._unfinished -= out.finish_reason is not None
+        if not self._unfinished:
+            self._async_engine._streams.pop(self.request_id, None)
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._async_engine._streams.pop(self.request_id, None)
+        if self._unfinished:
+            try:
+                self._async_engine.engine.abort(self.request_id)
+            except ValueError:
+                pass  # it finished meanwhile
+
+
 class AsyncEngine:
     """An Engine for asyncio code: the engine steps in its own thread while requests are unfinished; each
     request's outputs arrive through the async iterator generate() returns. Closing or cancelling that
@@ -324,7 +382,7 @@ class AsyncEngine:
         self._closing = False
         self._thread: threading.Thread | None = None
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kwargs) -> "RequestStream":
         """Queues a request (Engine.add_request's arguments; errors raise here, at once) and returns the
         async iterator of its outputs, which ends once each of its sequences has finished."""
         if self._closing:
@@ -335,24 +393,7 @@ class AsyncEngine:
             request_id = self.engine.add_request(prompt, params, **kwargs)
             self._streams[request_id] = (loop, queue)
         self._start()
-        return self._outputs(request_id, queue, kwargs.get("n", 1))
-
-    async def _outputs(self, request_id: str, queue: asyncio.Queue, n: int) -> AsyncIterator[RequestOutput]:
-        finished = 0
-        try:
-            while finished < n:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished += out.finish_reason is not None
-                yield out
-        finally:
-            self._streams.pop(request_id, None)
-            if finished < n:
-                try:
-                    self.engine.abort(request_id)
-                except ValueError:
-                    pass  # it finished meanwhile
+        return RequestStream(self, request_id, queue, kwargs.get("n", 1))
 
     def _start(self) -> None:
         with self._wake:

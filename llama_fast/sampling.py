@@ -11,6 +11,9 @@ from . import validate
 
 
 MAX_LOGPROBS = 20  # top tokens a row may ask log-probabilities of (OpenAI's limit)
+# The samplers take vocabularies of V < 2**31 tokens, and a top_k >= V keeps every token, as 0 does.
+MAX_TOP_K = 2**31 - 1
+FP32_MAX = float(np.finfo(np.float32).max)  # the samplers compute in fp32
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,9 @@ class SamplingParams:
     seed None: a fresh random seed is drawn once for the row; else an int in [0, 2**63).
     logprobs (the Engine's outputs; None = off): report each new token's log-probability and the
     `logprobs` most likely tokens' (0 to 20), from the raw logits.
-    Numbers are ints or floats (a bool or a str is refused), counts are ints.
+    Numbers are ints or floats (a bool or a str is refused), counts are ints. The samplers compute in fp32,
+    so each setting must keep its meaning there: no penalty that overflows or rounds to 0, no temperature
+    whose reciprocal overflows.
     """
 
     temperature: float = 1.0
@@ -46,7 +51,7 @@ class SamplingParams:
 
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             validate.real(getattr(self, name), f"SamplingParams.{name}")
-        validate.integer(self.top_k, "SamplingParams.top_k", minimum=0)
+        validate.integer(self.top_k, "SamplingParams.top_k", minimum=0, maximum=MAX_TOP_K)
         validate.integer(self.penalty_last_n, "SamplingParams.penalty_last_n", minimum=1, optional=True)
         validate.seed(self.seed, argument="SamplingParams.seed")
         validate.integer(self.logprobs, "SamplingParams.logprobs", minimum=0, maximum=MAX_LOGPROBS, optional=True)
@@ -58,6 +63,14 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be > 0 (1 means off)")
+        for name in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if abs(getattr(self, name)) > FP32_MAX:
+                bad(name, f"overflows fp32 (|value| <= {FP32_MAX:.4g})")
+        with np.errstate(divide="ignore", over="ignore"):
+            if self.temperature > 0 and not np.isfinite(1 / np.float32(self.temperature)):
+                bad("temperature", "is too small for fp32: its reciprocal overflows (0 means greedy)")
+        if not np.float32(self.repetition_penalty) > 0:
+            bad("repetition_penalty", "rounds to 0 in fp32")
 
     @property
     def greedy(self) -> bool:

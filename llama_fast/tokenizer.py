@@ -62,6 +62,20 @@ _DEEPSEEK_LETTERS = (
     "\U0001e900-\U0001e943]+")
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the character that stands for each byte in its tokens -> the byte.
+    Printable bytes stand for themselves; the others, in order, for the characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
 @dataclass(frozen=True)
 class _PreTokenizer:
     regexes: tuple[str, ...]
@@ -327,6 +341,21 @@ class Tokenizer:
         """The text of token ``i`` as the vocabulary writes it (None for None or an unknown id)."""
         return None if i is None else self._backend.id_to_token(i)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` adds to a text. A byte-level BPE token or a SentencePiece byte piece may hold
+        part of a character, which decode([i]) can only show as U+FFFD; SentencePiece's "\u2581" is a space
+        (decode([i]) drops it at the start of a text)."""
+        text = self.decode([i])
+        piece = self.token(i)
+        if piece is None or piece in self._backend.special:
+            return text.encode()
+        if self.kind == "sentencepiece":
+            byte = _BYTE_PIECE.fullmatch(piece)
+            return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
+        if "\ufffd" in text and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return text.encode()
+
     def check_ids(self, ids) -> list[int]:
         """``ids`` (any iterable of ints, e.g. a 1-D tensor) as a list, each checked to be in the vocabulary."""
         out = []
@@ -347,6 +376,7 @@ class Tokenizer:
         llama.cpp and transformers)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        validate.text(text, "text")
         return self._with_bos(self._backend.encode(text, parse_special), add_bos)
 
     def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:

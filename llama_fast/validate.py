@@ -120,11 +120,25 @@ def seed(value: Any, n_rows: int = 1, argument: str = "seed") -> int | None:
     return int(value)
 
 
+def text(value: str, argument: str) -> str:
+    """A str that is valid Unicode: a lone surrogate (e.g. JSON's "\\ud800") has no UTF-8 form and no tokens."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{argument} is not valid Unicode: {err.reason} at character {err.start}") from None
+    return value
+
+
 def stop(value: Any, argument: str = "stop") -> None:
-    if value is None or isinstance(value, str):
+    if value is None:
+        return
+    if isinstance(value, str):
+        text(value, argument)
         return
     if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
         raise ValueError(f"{argument} must be a str, a list of str or None, got {value!r}")
+    for i, s in enumerate(value):
+        text(s, f"{argument}[{i}]")
 
 
 def prompts(prompt: Any, argument: str = "prompt") -> tuple[list[str | list[int]], bool]:
@@ -134,8 +148,13 @@ def prompts(prompt: Any, argument: str = "prompt") -> tuple[list[str | list[int]
         return isinstance(p, str) or (isinstance(p, list) and bool(p) and all(_is_token(t) for t in p))
 
     if one(prompt):
+        if isinstance(prompt, str):
+            text(prompt, argument)
         return [prompt], True
     if isinstance(prompt, (list, tuple)) and prompt and all(one(p) for p in prompt):
+        for i, p in enumerate(prompt):
+            if isinstance(p, str):
+                text(p, f"{argument}[{i}]")
         return list(prompt), False
     hint = " (chat messages go to LLM.chat)" if isinstance(prompt, dict) or (
         isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, dict) for p in prompt)) else ""
@@ -149,7 +168,7 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, contex
     from .tokenizer import check_context, encode_prompt
 
     if isinstance(prompt, str):
-        return encode_prompt(tokenizer, prompt, context)
+        return encode_prompt(tokenizer, text(prompt, "prompt"), context)
     if not isinstance(prompt, (list, tuple)) or not all(_is_token(t) for t in prompt):
         raise ValueError(f"a prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}")
     if not prompt:
@@ -172,6 +191,7 @@ def messages(value: Any, argument: str = "messages") -> list[dict]:
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
                 raise ValueError(f"{argument}[{i}]['{key}'] must be a str, got {_short(m.get(key))}")
+            text(m[key], f"{argument}[{i}]['{key}']")
     return list(value)
 
 

@@ -216,6 +216,23 @@ def test_n_forks_compute_the_prompt_once_and_draw_from_seed_plus_index(tiny):
     assert len({tuple(t) for t in tokens[rid].values()}) == 3
 
 
+def test_max_new_tokens_none_fills_what_the_context_and_the_pool_leave(tiny):
+    """No max_new_tokens (a chat request without max_tokens): each of n sequences may run to the end of
+    the context, or to what the KV pool holds for all n, whichever comes first."""
+    prompt = ids(100, 12)
+    roomy = Engine(tiny)
+    rid = roomy.add_request(prompt, max_new_tokens=None, ignore_eos=True)
+    assert roomy._requests[rid].max_new_tokens == tiny.config.max_seq_len - len(prompt)
+    roomy.abort(rid)
+    engine = Engine(tiny, max_kv_tokens=1024)
+    rid = engine.add_request(prompt, max_new_tokens=None, n=6, ignore_eos=True)
+    limit = engine._requests[rid].max_new_tokens
+    assert engine._fits(len(prompt) + limit, 6) and not engine._fits(len(prompt) + limit + 16, 6)
+    tokens, reasons = run(engine)
+    assert all(len(t) == limit for t in tokens[rid].values()) and set(reasons.values()) == {"length"}
+    assert engine.stats()["blocks_in_use"] == 0
+
+
 def test_stop_strings_min_tokens_and_logprobs(smollm):
     engine = Engine(smollm)
     bare = "Write a short poem about the sea."  # the instruct model's greedy continuation is its end token
@@ -312,6 +329,11 @@ def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):
         async for _ in stream:
             break
         await stream.aclose()  # the client went away: aborted, blocks freed within a step
+        unread = aengine.generate(prompts[1], max_new_tokens=200, ignore_eos=True)
+        await unread.aclose()  # closed before it was ever read (a request refused halfway): aborted too
+        task = asyncio.ensure_future(anext(aengine.generate(prompts[2], max_new_tokens=200, ignore_eos=True)))
+        await asyncio.sleep(0)
+        task.cancel()  # the task waiting on it was cancelled: aborted
         for _ in range(100):
             if aengine.stats()["blocks_in_use"] == 0 and not aengine.engine.has_unfinished():
                 break
@@ -326,7 +348,7 @@ def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):
 
     got, stats = asyncio.run(main())
     assert got == want
-    assert stats["blocks_in_use"] == 0 and stats["running"] == 0
+    assert stats["blocks_in_use"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
 
 
 def test_requests_added_and_aborted_from_another_thread_while_it_steps(tiny):

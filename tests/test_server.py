@@ -13,14 +13,16 @@ import time
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from llama_fast.bench import free_port, rss_bytes
 from llama_fast.config import ModelConfig
 from llama_fast.engine import Engine
 from llama_fast.llm import LLM
-from llama_fast.server.app import build_app
-from llama_fast.tokenizer import Tokenizer
+from llama_fast.engine import RequestOutput
+from llama_fast.server import app as server_app
+from llama_fast.server.protocol import parse_chat, parse_completion
+from llama_fast.server.responses import Responses
+from llama_fast.tokenizer import TextStream, Tokenizer
 
 from models import random_model
 
@@ -29,14 +31,16 @@ GREEDY = dict(temperature=0, max_tokens=12)
 
 
 class Server:
-    """build_app(...) under uvicorn in a background thread, from `with` to its end."""
+    """build_app(...) under the server `llama-fast serve` runs (uvicorn) in a background thread, from `with` to
+    its end."""
 
-    def __init__(self, llm: LLM, **options):
+    def __init__(self, llm: LLM, shutdown_timeout: float = 10.0, **options):
         engine_limits = {k: options.pop(k) for k in ("max_running", "max_waiting") if k in options}
-        self.app = build_app(Engine(llm, max_kv_tokens=16384, **engine_limits), MODEL, **options)
+        self.app = server_app.build_app(Engine(llm, max_kv_tokens=16384, **engine_limits), MODEL,
+                                        shutdown_timeout=shutdown_timeout, **options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = server_app.Server(self.app, host="127.0.0.1", port=self.port, shutdown_timeout=shutdown_timeout)
 
     def __enter__(self) -> "Server":
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -91,6 +95,7 @@ def post(server, path: str, body, timeout=60) -> httpx.Response:
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.head(server.url + "/health").status_code == 200   # what load balancers' probes send
 
 
 def test_completion_is_the_models_greedy_text_with_its_usage(client, llm):
@@ -202,6 +207,52 @@ def test_completion_logprobs(client):
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
 
 
+def test_streamed_logprobs_cover_every_token_held_back_text_included(client):
+    """A long stop string holds text back, so some chunks carry tokens but no text: their logprobs still go."""
+    kwargs = dict(model=MODEL, stop=["a stop string that never comes"], **GREEDY, extra_body={"ignore_eos": True})
+    whole = client.completions.create(prompt="The sea is", logprobs=2, **kwargs).choices[0].logprobs
+    chunks = list(client.completions.create(prompt="The sea is", logprobs=2, stream=True, **kwargs))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert len(whole.tokens) == GREEDY["max_tokens"]
+    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in getattr(lp, name)] == getattr(whole, name), name
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(messages=messages, logprobs=True, **kwargs).choices[0].logprobs.content
+    chat_chunks = client.chat.completions.create(messages=messages, logprobs=True, stream=True, **kwargs)
+    assert [e for c in chat_chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content] == chat
+
+
+def test_logprobs_of_tokens_inside_a_character(llm):
+    """Tokens that each hold part of an emoji: their bytes (chat) add up to the text, they show as
+    "bytes:\\x.." in text fields, and each starts where its character does (completions' text_offset)."""
+    tok = llm.tokenizer
+    text = "\U0001f389\U0001f389 ok"
+    ids = tok.encode(text)
+    assert sum("\ufffd" in tok.decode([i]) for i in ids) >= 4
+
+    def respond(parsed) -> dict:
+        responses, stream = Responses(parsed, "id", 0, MODEL, tok), TextStream(tok, [], [])
+        for i, token in enumerate(ids):
+            last = i == len(ids) - 1
+            new_text = stream.push(token)[0] + (stream.flush() if last else "")
+            top = [(token, -0.5), (ids[(i + 1) % len(ids)], -1.5)]
+            responses.add(0, RequestOutput("id", 0, [token], new_text, "length" if last else None, 1, logprobs=[(-0.5, top)]))
+        return responses.full()["choices"][0]
+
+    completion = respond(parse_completion({"prompt": "x", "logprobs": 2}))
+    assert completion["text"] == text
+    lp = completion["logprobs"]
+    raw = [tok.token_bytes(i) for i in ids]
+    assert lp["text_offset"] == [len(b"".join(raw[:i]).decode("utf-8", "ignore")) for i in range(len(ids))]
+    assert lp["text_offset"][:4] == [0, 0, 0, 1] and len(set(lp["tokens"][:3])) == 3
+    assert all(t.startswith("bytes:\\x") for t, b in zip(lp["tokens"], raw) if "\ufffd" in b.decode("utf-8", "replace"))
+    assert all(len(top) == 2 for top in lp["top_logprobs"])   # distinct tokens are distinct keys
+    chat = respond(parse_chat({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1},
+                              lambda messages: [1]))
+    assert chat["message"]["content"] == text
+    assert b"".join(bytes(e["bytes"]) for e in chat["logprobs"]["content"]) == text.encode()
+
+
 def test_chat_logprobs(client):
     messages = [{"role": "user", "content": "hi"}]
     got = client.chat.completions.create(model=MODEL, messages=messages, logprobs=True, top_logprobs=2, **GREEDY)
@@ -255,6 +306,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": 1.5}, 400, "top_k"),
+    # values the samplers' fp32 cannot hold are refused here, not found out by the engine mid-step
+    ("/v1/completions", {"prompt": "x", "top_k": 10**30}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "x", "temperature": 1e-50}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e308}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 1e39}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "\ud800"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["x", "\udfff"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
@@ -276,6 +334,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      400, "tools"),
@@ -296,6 +356,37 @@ def test_bad_requests_get_their_status_and_an_error_naming_the_field(server, pat
     assert error["param"] == param
     if param:
         assert param in error["message"]
+
+
+def test_a_refused_prompt_leaves_none_of_the_requests_prompts_running(server):
+    """The engine refuses the second prompt after the first was queued: the first is aborted too."""
+    async_engine = server.app.state.engine
+    for bad in ([10**9], ""):
+        response = post(server, "/v1/completions", {"prompt": ["Tell me a story", bad], "max_tokens": 300,
+                                                    "ignore_eos": True})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    deadline = time.monotonic() + 10
+    while async_engine.engine.has_unfinished():
+        assert time.monotonic() < deadline, "a refused request's first prompt is still running"
+        time.sleep(0.05)
+    assert not async_engine._streams and server.metric("llama_fast_kv_blocks_in_use") == 0
+
+
+def test_an_unexpected_error_is_a_500_in_openais_shape_and_the_connection_stays_open(server, monkeypatch):
+    def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Responses, "full", broken)
+    before = set(server.server.server_state.connections)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        response = http.post("/v1/completions", json={"prompt": "x", **GREEDY})
+        assert response.status_code == 500
+        assert response.json()["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                            "param": None, "code": None}
+        time.sleep(0.2)
+        assert len(set(server.server.server_state.connections) - before) == 1   # not dropped by the server
+        monkeypatch.undo()
+        assert http.post("/v1/completions", json={"prompt": "x", **GREEDY}).status_code == 200
 
 
 def test_a_prompt_past_the_context_says_both_lengths(client, llm):
@@ -389,6 +480,9 @@ def test_api_key_is_required_when_set(llm):
         assert httpx.get(keyed.url + "/v1/models").status_code == 401
         assert httpx.get(keyed.url + "/v1/models").json()["error"]["code"] == "invalid_api_key"
         assert keyed.client(api_key="s3cret").models.list().data[0].id == MODEL
+        # the scheme is case-insensitive (RFC 9110), the key is not
+        assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer S3CRET"}).status_code == 401
         assert httpx.get(keyed.url + "/health").status_code == 200
 
 
@@ -408,6 +502,28 @@ def test_a_full_queue_gets_429(llm):
             gate.set()
             assert list(queued.iter_lines())[-2] == "data: [DONE]"
         assert busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4).choices[0].text is not None
+
+
+def test_requests_still_running_at_shutdown_end_with_an_error_in_openais_shape(llm):
+    with Server(llm, shutdown_timeout=0.5) as closing:
+        engine = closing.app.state.engine.engine
+        engine.step = lambda step=engine.step: time.sleep(0.01) or step()   # 480 tokens take over 4 s
+        body = {"prompt": "The sea is", "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+        whole = []
+        waiting = threading.Thread(target=lambda: whole.append(httpx.post(closing.url + "/v1/completions", json=body,
+                                                                          timeout=60)))
+        waiting.start()
+        with httpx.stream("POST", closing.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            while engine.stats()["running"] < 2:
+                time.sleep(0.01)
+            closing.server.should_exit = True
+            rest = [line for line in lines if line]
+        waiting.join(60)
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+    assert whole[0].status_code == 503 and whole[0].json()["error"]["code"] == "shutting_down"
 
 
 # ---- the command ----

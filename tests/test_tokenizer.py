@@ -299,7 +299,26 @@ def test_stream_decoder_incomplete_tail(smollm):
     assert "".join(pieces) == "ok" and decoder.flush() == smollm.decode(ids[:-1])[2:]
 
 
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_token_bytes_add_up_to_the_text(kind, smollm, sp_dir):
+    """Each token's bytes, parts of characters included, joined: the text's bytes (SentencePiece's "\u2581" as
+    the space it stands for, its dummy prefix too); control tokens as their text."""
+    tok = smollm if kind == "bpe" else Tokenizer.from_dir(sp_dir[0])
+    split = 0
+    for text in STREAM_TEXTS + [t for t in TEXTS if t]:
+        ids = tok.encode(text, add_bos=False, parse_special=False)
+        pieces = [tok.token_bytes(i) for i in ids]
+        assert b"".join(pieces) == ((" " if kind == "sentencepiece" else "") + text).encode(), text
+        split += sum("\ufffd" in tok.decode([i]) for i in ids)
+    assert split  # tokens holding part of a character were among them
+    assert tok.token_bytes(tok.eos_id) == tok.decode([tok.eos_id]).encode()
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
+
+def test_text_that_is_not_valid_unicode_is_a_value_error(smollm):
+    with pytest.raises(ValueError, match="text is not valid Unicode: surrogates not allowed at character 2"):
+        smollm.encode("ab\ud800")
 
 def test_missing_dir_and_files(tmp_path):
     with pytest.raises(TokenizerError, match="not found"):

@@ -101,7 +101,7 @@ def test_from_pretrained_and_cli_refuse_cuda_in_one_line(tmp_path, monkeypatch):
 # ---- prompts and messages ----
 
 @pytest.mark.parametrize("bad", [{"role": "user", "content": "hi"}, [{"role": "user", "content": "hi"}], [], "",
-                                 None, 5, ["a", 5], [1, "a"], [True, 2], [[]], b"bytes"])
+                                 None, 5, ["a", 5], [1, "a"], [True, 2], [[]], b"bytes", "a\ud800", ["a", "\udfff"]])
 def test_bad_prompts(smollm, bad):
     if bad == "":
         with pytest.raises(ValueError, match="at least one token"):
@@ -128,6 +128,7 @@ def test_token_id_prompts_match_text(smollm):
     ([{"role": "user", "content": 5}], ["messages[0]['content']"]),
     ([{"role": "user", "content": "hi"}, {"role": None, "content": "x"}], ["messages[1]['role']"]),
     ([{"role": "user", "content": ["a", "b"]}], ["messages[0]['content']"]),
+    ([{"role": "user", "content": "lone \ud800"}], ["messages[0]['content']", "not valid Unicode"]),
     (["hi"], ["messages[0]"]),
     ([], ["messages"]),
     ("hi", ["messages"]),
@@ -143,14 +144,18 @@ def test_bad_chat_messages(smollm, bad, names):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(temperature="0.5"), "temperature"), (dict(temperature=True), "temperature"),
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1), "temperature"),
-    (dict(top_k=True), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_k=-1), "top_k"),
+    (dict(top_k=True), "top_k"), (dict(top_k=2.0), "top_k"), (dict(top_k=-1), "top_k"), (dict(top_k=2**31), "top_k"),
+    # what the samplers' fp32 cannot hold: a reciprocal or a penalty that overflows, a penalty that rounds to 0
+    (dict(temperature=1e-50), "temperature"), (dict(temperature=1e39), "temperature"),
+    (dict(repetition_penalty=1e308), "repetition_penalty"), (dict(repetition_penalty=1e-50), "repetition_penalty"),
+    (dict(presence_penalty=-1e39), "presence_penalty"), (dict(frequency_penalty=1e39), "frequency_penalty"),
     (dict(top_p="1"), "top_p"), (dict(top_p=0), "top_p"), (dict(min_p=2), "min_p"),
     (dict(repetition_penalty=None), "repetition_penalty"), (dict(presence_penalty="x"), "presence_penalty"),
     (dict(frequency_penalty=float("inf")), "frequency_penalty"), (dict(penalty_last_n=0), "penalty_last_n"),
     (dict(penalty_last_n=True), "penalty_last_n"),
     (dict(max_new_tokens="5"), "max_new_tokens"), (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(max_new_tokens=True), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
-    (dict(stop=[1]), "stop"), (dict(stop=5), "stop"), (dict(stop=[""]), "stop"),
+    (dict(stop=[1]), "stop"), (dict(stop=5), "stop"), (dict(stop=[""]), "stop"), (dict(stop=["\ud800"]), "stop"),
     (dict(seed=True), "seed"), (dict(seed=-1), "seed"), (dict(seed=2**63), "seed"), (dict(seed=2**64), "seed"),
     (dict(seed=1.0), "seed"), (dict(seed="1"), "seed"),
 ])

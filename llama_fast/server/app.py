@@ -11,11 +11,14 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
@@ -46,14 +49,15 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
         await async_engine.shutdown(shutdown_timeout)
 
     app = FastAPI(title="llama_fast", lifespan=lifespan)
-    app.state.engine = async_engine   # for tests and embedding code
+    app.router.route_class = AnsweringRoute
+    app.state.engine = async_engine   # for tests, embedding code and Server
 
     async def authorize(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # compare_digest: the time taken does not tell how much of a guessed key was right
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
     @app.exception_handler(APIError)
@@ -64,12 +68,12 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
     async def http_error(request: Request, err: HTTPException):
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(Exception)   # outside any route (AnsweringRoute answers those)
     async def unexpected_error(request: Request, err: Exception):
         log.exception("internal error serving %s", request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}").body(), status_code=500)
+        return JSONResponse(internal_error(err).body(), status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
@@ -77,7 +81,7 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], route_class=AnsweringRoute)
 
     @v1.get("/models")
     async def models():
@@ -102,7 +106,7 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
                                 f"{served_model_name!r}", "model", "model_not_found")
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         timer = metrics.timer()
-        streams = await start(async_engine, parsed, request_id, llm.config.max_seq_len)
+        streams = await start(async_engine, parsed, request_id)
         responses = Responses(parsed, request_id, int(time.time()), served_model_name, llm.tokenizer)
         outputs = merged(streams)
         if parsed.stream:
@@ -111,6 +115,45 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
 
     app.include_router(v1)
     return app
+
+
+def internal_error(err: Exception) -> APIError:
+    return APIError(500, f"internal error: {type(err).__name__}")
+
+
+class AnsweringRoute(APIRoute):
+    """A route whose unexpected errors are answered here as OpenAI-shaped 500s. Starlette's handler of last
+    resort answers too, but then re-raises, and uvicorn drops the connection: the client's next request on
+    it would fail."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (APIError, HTTPException):   # answered by the app's handlers
+                raise
+            except Exception as err:
+                log.exception("internal error serving %s", request.url.path)
+                return JSONResponse(internal_error(err).body(), status_code=500)
+
+        return answer
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for the app: on SIGTERM or SIGINT it drains the engine while uvicorn drains its
+    connections, so requests still running after shutdown_timeout are aborted by the engine, each client
+    told so (a 503, or an error event ending its stream), before uvicorn would cut what is left."""
+
+    def __init__(self, app: FastAPI, *, host: str, port: int, shutdown_timeout: float):
+        # uvicorn's own limit comes later: time for the aborted requests' last words to go out
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                        timeout_graceful_shutdown=math.ceil(shutdown_timeout) + 5))
+        self.engine, self.shutdown_timeout = app.state.engine, shutdown_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        await asyncio.gather(self.engine.shutdown(self.shutdown_timeout), super().shutdown(sockets))
 
 
 async def read_json(request: Request, limit: int):
@@ -132,15 +175,15 @@ async def read_json(request: Request, limit: int):
         raise APIError(400, f"the request body is not valid JSON: {err}"[:300]) from None
 
 
-async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id: str, context: int) -> list:
+async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id: str) -> list:
     """One engine request per prompt; its checks' errors as API errors (nothing is left queued then)."""
     streams = []
     try:
         for i, prompt in enumerate(parsed.prompts):
-            # Without max_tokens (a chat's default) the reply may fill what the context leaves.
-            max_tokens = parsed.max_tokens or max(context - len(prompt), 1)
+            # Without max_tokens (a chat's default) the replies may fill what the context leaves and the KV
+            # pool holds for all n.
             streams.append(async_engine.generate(
-                prompt, parsed.params, max_new_tokens=max_tokens, stop=parsed.stop or None, n=parsed.n,
+                prompt, parsed.params, max_new_tokens=parsed.max_tokens, stop=parsed.stop or None, n=parsed.n,
                 request_id=f"{request_id}-{i}", ignore_eos=parsed.ignore_eos, min_tokens=parsed.min_tokens))
     except (ValueError, QueueFullError, EngineClosedError) as err:
         for stream in streams:
@@ -155,7 +198,7 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     if isinstance(err, QueueFullError):
         return APIError(429, f"the server is busy: {err}", code="queue_full")
     if isinstance(err, EngineClosedError):
-        return APIError(503, f"the server is shutting down: {err}", code="shutting_down")
+        return SHUTTING_DOWN
     message = str(err).replace("max_new_tokens", "max_tokens")
     name = message.split()[0]
     if name in ("max_tokens", "stop", "n", "seed", "min_tokens"):
@@ -165,9 +208,13 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     return APIError(400, message, prompt_field, "context_length_exceeded" if "context" in message else None)
 
 
+SHUTTING_DOWN = APIError(503, "the server is shutting down: it takes no new requests", code="shutting_down")
+
+
 async def merged(streams: list):
     """(prompt index, RequestOutput) from every prompt's stream as they come. Leaving early (a client gone,
-    an error) closes every stream, which aborts what still runs."""
+    an error) closes every stream, which aborts what still runs. An aborted sequence raises: the only abort
+    a reader can see is the engine's at shutdown (a client that left reads nothing)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -190,6 +237,8 @@ async def merged(streams: list):
                 remaining -= 1
             elif isinstance(item, Exception):
                 raise item
+            elif item.finish_reason == "abort":
+                raise APIError(503, "the server shut down before this request finished", code="shutting_down")
             else:
                 yield i, item
     finally:
@@ -213,14 +262,16 @@ async def stream_events(responses: Responses, outputs, timer):
         async for prompt, out in outputs:
             choice, first = responses.add(prompt, out)
             timer.tokens((prompt, out.index), len(out.new_token_ids), out.num_prompt_tokens)
-            if out.new_text or out.finish_reason or first:
+            if out.new_text or out.finish_reason or first or out.logprobs:
                 yield sse(responses.chunk(choice, out, first))
         timer.finished()
         if responses.request.include_usage:
             yield sse(responses.usage_chunk())
+    except APIError as err:
+        yield sse(err.body())
     except Exception as err:
         log.exception("error while streaming %s", responses.id)
-        yield sse(APIError(500, f"internal error: {type(err).__name__}").body())
+        yield sse(internal_error(err).body())
     yield "data: [DONE]\n\n"
 
 

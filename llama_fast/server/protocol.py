@@ -22,11 +22,14 @@ MAX_N = 128
 # Fields that change the result and are not implemented: each is refused unless it holds its no-op value.
 UNIMPLEMENTED = {
     "logit_bias": lambda v: v == {}, "tools": lambda v: v == [], "tool_choice": lambda v: v == "none",
-    "functions": lambda v: v == [], "function_call": lambda v: v == "none", "parallel_tool_calls": lambda v: False,
+    "functions": lambda v: v == [], "function_call": lambda v: v == "none",
+    "parallel_tool_calls": lambda v: isinstance(v, bool),   # a no-op: tools are refused
     "response_format": lambda v: v == {"type": "text"}, "echo": lambda v: v is False, "suffix": lambda v: False,
     "best_of": lambda v: v == 1, "audio": lambda v: False, "modalities": lambda v: v == ["text"],
     "prediction": lambda v: False, "web_search_options": lambda v: False, "reasoning_effort": lambda v: False,
 }
+# The roles OpenAI's chat API knows; the chat template renders them as they are.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 # Fields of the API that do not change the result here (OpenAI uses them for its own records).
 NO_EFFECT = {"user", "store", "metadata", "service_tier"}
 
@@ -40,7 +43,7 @@ class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -196,6 +199,8 @@ def _chat_messages(value, argument: str) -> list[dict]:
             raise ValueError(f"{where} must be an object with role and content, got {message!r}")
         if message.get("tool_calls"):
             raise ValueError(f"{where}.tool_calls is not supported by this server")
+        if isinstance(message.get("role"), str) and message["role"] not in ROLES:
+            raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {message['role']!r}")
         content = message.get("content")
         if isinstance(content, list):
             for j, part in enumerate(content):
