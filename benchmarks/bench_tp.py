@@ -187,12 +187,7 @@ def main(argv=None) -> None:
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank:
-        from llama_fast.tensor_parallel import leave_process_group
-
-        try:
-            return load_main(args) if args.gguf else rank_main(args)
-        finally:
-            leave_process_group()  # gloo's threads stop before the interpreter's teardown
+        return load_main(args) if args.gguf else rank_main(args)
     if args.gguf:
         return compare_loads(args, argv)
 

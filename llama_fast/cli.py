@@ -40,13 +40,13 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-def _sampling(args, chat: bool) -> dict:
+def _sampling(args, chat: bool, draw_seed: bool = True) -> dict:
     """The sampling keywords: the flags given, the rest CHAT_SAMPLING's (chat) or GREEDY_SAMPLING's. A sampled
-    run without --seed gets a fresh seed, printed to stderr so that the run can be repeated."""
+    run without --seed gets a fresh seed (with draw_seed), printed to stderr so that the run can be repeated."""
     defaults = CHAT_SAMPLING if chat else GREEDY_SAMPLING
     chosen = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in defaults}
     seed = args.seed
-    if seed is None and chosen["temperature"] > 0:
+    if seed is None and chosen["temperature"] > 0 and draw_seed:
         seed = secrets.randbits(63)
         print(f"seed: {seed} (--seed {seed} repeats this run)", file=sys.stderr, flush=True)
     return dict(max_new_tokens=args.max_new_tokens, **chosen, repetition_penalty=args.repetition_penalty,
@@ -85,9 +85,13 @@ def cmd_generate(args) -> None:
         _utf8(args.prompt, "the prompt")
     validate.integer(args.tp, "--tp", minimum=1)
     if args.tp > 1:  # every rank must draw the same tokens: rank 0's seed for all, rank 0 prints
+        from .sampling import check_request
+
+        settings = _sampling(args, chat=args.chat, draw_seed=False)
+        rest = dict(settings)   # checked before the load and the group's join, as generate checks them
+        check_request(1, rest.pop("max_new_tokens"), rest.pop("stop"), rest.pop("seed"), rest)
         llm = _load(args)
-        args.seed = _rank0_seed(args.seed)
-        settings = _sampling(args, chat=args.chat)
+        settings["seed"] = _rank0_seed(args.seed)
         show = os.environ.get("RANK", "0") == "0"
     else:
         settings = _sampling(args, chat=args.chat)
@@ -318,11 +322,6 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError, OSError, ImportError) as err:
         print(f"llama-fast: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        if getattr(args, "tp", 1) > 1:
-            from .tensor_parallel import leave_process_group
-
-            leave_process_group()
     return 0
 
 

@@ -21,7 +21,12 @@ def tensor_bytes(shape: tuple[int, ...], kind: str) -> int:
 def write_gguf(path: str, arch: str, metadata: dict[str, tuple[Any, int, int | None]],
                tensors: Iterable[TensorSpec]) -> None:
     """metadata: key -> (value, GGUF value type, item type of an array or None), as GGUFFile.metadata and
-    .metadata_types hold them (general.architecture comes from `arch`)."""
+    .metadata_types hold them (general.architecture comes from `arch`). Written whole or not at all: into
+    path + ".part", renamed over `path` at the end, removed on any failure."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: name the .gguf file to write")
+    if os.path.exists(path) and not os.path.isfile(path):   # a FIFO, a device: renaming over it would replace it
+        raise ValueError(f"{path} exists and is not a regular file: name the .gguf file to write")
     tensors = list(tensors)
     writer = GGUFWriter(path + ".part", arch)
     try:
@@ -42,9 +47,9 @@ def write_gguf(path: str, arch: str, metadata: dict[str, tuple[Any, int, int | N
                                  f"needs {tensor_bytes(shape, kind)}")
             writer.write_tensor_data(raw)
         writer.close()
+        os.replace(path + ".part", path)
     except BaseException:
         writer.close()
         if os.path.exists(path + ".part"):
             os.remove(path + ".part")
         raise
-    os.replace(path + ".part", path)

@@ -2,6 +2,7 @@
 (the command line's fast start, llama_fast.lite, finds the cache through it without importing torch)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -38,8 +39,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 # Parsing a GGUF (its metadata arrays in Python, dequantisation in numpy) takes seconds; the result is
-# kept as safetensors + JSON, keyed by the checkpoint's stamp (its path, and the size and mtime of the file
-# or of each file in the directory) and what was asked for, and read back memory-mapped (pages are read as
+# kept as safetensors + JSON, keyed by the checkpoint's stamp (its path, and the identity, size and times of
+# the file or of each file in the directory) and what was asked for, and read back memory-mapped (pages are read as
 # the model first touches them; nothing is copied). A change to how an entry is made bumps CACHE_FORMAT.
 CACHE_FORMAT = 1
 
@@ -51,14 +52,18 @@ def cache_dir() -> str | None:
 
 
 def _stamp(path: str) -> str:
-    """What says a checkpoint changed: its absolute path and the size and mtime of the file, or of every file
-    in the directory (rewriting one file of a Hugging Face directory leaves the directory's own mtime)."""
+    """What says a checkpoint changed: its absolute path and the inode, size, mtime and ctime of the file, or
+    of every file in the directory (rewriting one file of a Hugging Face directory leaves the directory's own
+    mtime). The ctime and inode catch a file replaced with one of the same size whose mtime was copied over
+    (`cp -p`, `rsync -a`, `tar -x`): no tool can set a ctime."""
+    def stamp(st: os.stat_result) -> str:
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
     path = os.path.abspath(path)
     if not os.path.isdir(path):
-        st = os.stat(path)
-        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        return f"{path}:{stamp(os.stat(path))}"
     files = sorted((e.name, e.stat()) for e in os.scandir(path) if e.is_file())
-    return f"{path}:" + ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in files)
+    return f"{path}:" + ";".join(f"{name}:{stamp(st)}" for name, st in files)
 
 
 def _cache_folder(kind: str, path: str, tag: str) -> str | None:
@@ -98,6 +103,7 @@ def write_entry(folder: str, files: dict[str, Callable[[str], None]]) -> bool:
     maps a file meanwhile keeps the one it mapped. -> False (logged) when the folder cannot be written."""
     try:
         os.makedirs(folder, exist_ok=True)
+        _remove_orphaned_parts(folder)
         for name, write in files.items():
             part = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.part")
             try:
@@ -111,6 +117,21 @@ def write_entry(folder: str, files: dict[str, Callable[[str], None]]) -> bool:
     except OSError as err:
         log.warning("llama_fast: cannot write the cache entry %s (%s)", folder, err)
         return False
+
+
+def _remove_orphaned_parts(folder: str) -> None:
+    """Removes the partly written files of writers that died (killed mid-write: SIGKILL, the OOM killer, a
+    SIGTERM from torchrun), told by the process id in their names; those of live writers stay."""
+    for entry in os.scandir(folder):
+        fields = entry.name.split(".")
+        if entry.name.startswith(".") and fields[-1] == "part" and len(fields) >= 4 and fields[-3].isdigit():
+            try:
+                os.kill(int(fields[-3]), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+            except (PermissionError, OverflowError):   # another user's live process / not a process id
+                pass
 
 
 # Text shipped inside the package (setup.py's package_data): the first ~22 kB of Shakespeare's plays (public

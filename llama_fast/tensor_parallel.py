@@ -22,6 +22,7 @@ all-reduces as NCCL collectives, which the decode step's CUDA graphs capture lik
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import json
@@ -151,6 +152,9 @@ def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, device:
             dist.all_reduce(torch.zeros(1, device=device))
         else:
             dist.init_process_group(backend, timeout=timeout)
+        # Left before the interpreter tears down what gloo's threads use (else a rank may abort at exit,
+        # "terminate called without an active exception", after its work is done).
+        atexit.register(leave_process_group)
     if dist.get_world_size() != world:
         raise ValueError(f"tensor_parallel={world}, but the process group has {dist.get_world_size()} ranks")
     if dist.get_backend() != backend:
@@ -160,8 +164,8 @@ def init_process_group(world: int, timeout_s: float = DEFAULT_TIMEOUT_S, device:
 
 
 def leave_process_group() -> None:
-    """Destroys this process's groups, if it joined any, at the end of a command: gloo's threads then stop
-    before the interpreter tears down what they use. Local: no rank waits for another here."""
+    """Destroys this process's groups, if it joined any (at exit, when init_process_group made them): gloo's
+    threads then stop before the interpreter tears down what they use. Local: no rank waits for another."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -227,6 +231,9 @@ def become_shard(model, plan: ShardPlan, weights: dict[str, torch.Tensor], devic
         model.span, alibi_slopes=None if model.span.alibi_slopes is None else model.span.alibi_slopes[q].clone(),
         bucket_bias=None if model.span.bucket_bias is None else model.span.bucket_bias[q].clone())
     model.output = torch.nn.Linear(config.dim, len(plan.vocab), bias=False, device="meta")
+    unexpected = sorted(set(weights) - dict(model.named_parameters()).keys())
+    if unexpected:
+        raise ValueError(f"the shard has tensors its model has no place for: {', '.join(unexpected[:3])}")
     for name, w in weights.items():  # (load_state_dict would insist on the full shapes)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
@@ -258,20 +265,26 @@ def load_shard(path: str, world: int, dtype: torch.dtype | None, span, *, device
     cached = read_shard(folder)
     if cached is not None:
         config, weights = cached
-        tokenizer = Tokenizer.from_pretrained(path)
-        plan = plan_shard(config, world, rank)
-    else:
-        ckpt = load_checkpoint(path, progress=progress, dtype=dtype)
-        config, tokenizer = ckpt.config, ckpt.tokenizer
-        plan = plan_shard(config, world, rank)
-        held = bytes_in_memory(ckpt.weights)
-        weights = shard_weights(ckpt.weights, config, plan, ckpt.float_dtype(dtype))  # (emptying ckpt.weights)
-        if folder is not None and held > sum(w.nbytes for w in weights.values()):
-            write_shard(folder, config, weights)
+        try:
+            return _shard_of(config, plan_shard(config, world, rank), weights, span, device), Tokenizer.from_pretrained(path)
+        except ValueError as err:  # an entry that reads but does not fit its model: made again
+            log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
+            shutil.rmtree(folder, ignore_errors=True)
+    ckpt = load_checkpoint(path, progress=progress, dtype=dtype)
+    plan = plan_shard(ckpt.config, world, rank)
+    held = bytes_in_memory(ckpt.weights)
+    weights = shard_weights(ckpt.weights, ckpt.config, plan, ckpt.float_dtype(dtype))  # (emptying ckpt.weights)
+    if folder is not None and held > sum(w.nbytes for w in weights.values()):
+        write_shard(folder, ckpt.config, weights)
+    return _shard_of(ckpt.config, plan, weights, span, device), ckpt.tokenizer
+
+
+def _shard_of(config, plan: ShardPlan, weights: dict[str, torch.Tensor], span, device: torch.device):
+    """The model of `config` as the shard `plan` says, holding `weights` (become_shard)."""
     with torch.device("meta"):
         model = Transformer(config, checkpoint_span(span or SpanBias(), config.sliding_window))
     become_shard(model.eval(), plan, weights, device)
-    return model, tokenizer
+    return model
 
 
 def bytes_in_memory(weights: dict[str, torch.Tensor]) -> int:

@@ -6,6 +6,7 @@ and computes the same logits from it, and bad files and dtypes raise errors that
 (tests/test_quant_kernels.py checks the C++ kernels themselves.)"""
 import dataclasses
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -161,7 +162,14 @@ def test_quantize_refuses_bad_arguments(small_f32, tmp_path):
         quantize_gguf(small_f32, small_f32, "q8_0")
     with pytest.raises(CheckpointError, match="quantize reads a .gguf file"):
         quantize_gguf(str(tmp_path), str(tmp_path / "x.gguf"), "q8_0")
-    assert not list(tmp_path.glob("*.gguf*"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match="out is a directory: name the .gguf file to write"):
+        quantize_gguf(small_f32, str(tmp_path / "out"), "q8_0")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="fifo exists and is not a regular file"):
+        quantize_gguf(small_f32, str(tmp_path / "fifo"), "q8_0")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob("*.part"))
 
 
 def _header_field(data: bytes, tensor: str) -> int:

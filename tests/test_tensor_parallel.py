@@ -11,6 +11,7 @@ import torch
 from llama_fast import _ext
 from llama_fast.bench import free_port
 from llama_fast.session import SessionRunner
+from llama_fast.loaders import save_weights
 from llama_fast.paths import resolve_model_path
 from llama_fast.tensor_parallel import init_process_group, leave_process_group, plan_shard, rank_device
 
@@ -162,7 +163,8 @@ def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached
     """A Meta checkpoint in two model-parallel files, joined in memory as it loads (more than a rank's shard):
     at tp=2 each rank's logits equal one process's within 1e-4, with the same greedy tokens; each rank writes
     its shard to the cache, and its next load maps that file alone and computes the same logits. A damaged
-    entry is removed and written again."""
+    entry is removed and written again, as is one that reads well but lacks a tensor."""
+    from safetensors.torch import load_file
     from llama_fast import LLM, SamplingParams
     from llama_fast.config import ModelConfig
     from llama_fast.gguf_file import half_to_interleaved
@@ -183,7 +185,7 @@ def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached
     want = single_process(one.model)
     tokens = [t for (t,) in one.generate_ids([PROMPT], [SamplingParams(temperature=0.0)], 24, stop_at_eos=False)]
     runs, entries = {}, {}
-    for run in ("first", "again", "damaged"):
+    for run in ("first", "again", "damaged", "incomplete"):
         (tmp_path / run).mkdir()
         runs[run] = launch(2, ["path", str(folder)], tmp_path / run)
         for rank, result in enumerate(runs[run]):
@@ -193,7 +195,12 @@ def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached
         if run == "again":
             with open(entries[run][0], "r+b") as f:  # (the processes that mapped it have exited)
                 f.write(b"\xff" * 64)
-    assert len(entries["first"]) == 2 and entries["again"] == entries["damaged"] == entries["first"]
+        if run == "damaged":
+            shard = load_file(entries[run][1])
+            save_weights({name: w for name, w in shard.items() if name != "norm.weight"}, str(tmp_path / "part"))
+            os.replace(tmp_path / "part", entries[run][1])
+    assert len(entries["first"]) == 2 and entries["again"] == entries["damaged"] == entries["incomplete"] == entries["first"]
+    assert "norm.weight" in load_file(entries["incomplete"][1])
     assert sorted(f for r in runs["again"] for f in r["mapped_from"]) == entries["first"]  # one file per rank
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / "again" / f"logits{rank}.pt"),
@@ -218,6 +225,15 @@ def test_torchrun_generate_prints_the_single_process_text_once():
                            capture_output=True, text=True, env=env, timeout=300)
     assert three.returncode == 0, three.stderr[-3000:]
     assert one.stdout.strip() and three.stdout == one.stdout
+
+
+@pytest.mark.parametrize("flags, named", [(["--seed", str(2**63), "--temperature", "0.5"], "seed must be in [0, 2**63)"),
+                                          (["--top-p", "0"], "top_p must be in (0, 1]")])
+def test_generate_at_tp_checks_its_sampling_flags_before_loading_or_joining(flags, named):
+    """Outside torchrun, so loading or joining the group would fail first, saying so."""
+    result = subprocess.run([sys.executable, "-m", "llama_fast", "generate", "hi", "--tp", "2", *flags],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and named in result.stderr and "torchrun" not in result.stderr, result.stderr
 
 
 def test_followers_repeat_the_leaders_steps_with_requests_arriving_and_aborted(tmp_path):

@@ -21,7 +21,7 @@ from llama_fast import LLM, SamplingParams, Tokenizer
 from llama_fast.bench import peak_rss_bytes
 from llama_fast.session import SessionRunner
 from llama_fast.model_runner import ModelRunner
-from llama_fast.tensor_parallel import LeaderEngine, follow, leave_process_group, rank_device, shard_bytes, shard_model
+from llama_fast.tensor_parallel import LeaderEngine, follow, rank_device, shard_bytes, shard_model
 
 from models import mapped_file, random_model
 from tp_cases import PROMPT, lockstep_requests, tiny_config
@@ -129,7 +129,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        leave_process_group()  # gloo's threads stop before the interpreter's teardown
+    main()
