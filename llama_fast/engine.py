@@ -153,7 +153,7 @@ class Engine:
         if limit < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens, the whole model context ({context}): "
                              "no room for a new token")
-        if not self._fits(len(ids) + limit, n):
+        if not self.fits(len(ids) + limit, n):
             blocks = n * self.runner.blocks_for_sequence(len(ids) + limit, self.scheduler.chunk)
             raise ValueError(f"a prompt of {len(ids)} tokens with max_new_tokens={max_new_tokens} (x{n} sequences) "
                              f"needs {blocks * BLOCK_SIZE} KV tokens, more than max_kv_tokens="
@@ -168,7 +168,7 @@ class Engine:
             request.sequences.append(Sequence(request, i, p, list(ids), text, penalties))
         return request
 
-    def _fits(self, tokens: int, n: int) -> bool:
+    def fits(self, tokens: int, n: int = 1) -> bool:
         """Whether n sequences of `tokens` tokens fit the KV pool together."""
         return n * self.runner.blocks_for_sequence(tokens, self.scheduler.chunk) <= self.runner.num_blocks
 
@@ -176,11 +176,11 @@ class Engine:
         """The most new tokens each of n sequences of a prompt may have: what max_seq_len leaves that the KV
         pool holds for all n (at least 1: a prompt that leaves none is refused by the caller)."""
         low, high = 1, self.llm.config.max_seq_len - prompt_tokens
-        if high <= low or not self._fits(prompt_tokens + low, n):
+        if high <= low or not self.fits(prompt_tokens + low, n):
             return low
         while low < high:  # the largest count that fits: blocks only grow with tokens
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if self._fits(prompt_tokens + mid, n) else (low, mid - 1)
+            low, high = (mid, high) if self.fits(prompt_tokens + mid, n) else (low, mid - 1)
         return low
 
     @staticmethod
@@ -258,7 +258,12 @@ class Engine:
                         if seq.finish == "abort":  # aborted while the step ran: its blocks go now
                             self.scheduler.finish(seq)
             with self._lock:
-                return outputs + self._finish_step(plan, logits)
+                try:
+                    return outputs + self._finish_step(plan, logits)
+                except BaseException:  # a bug: the step's requests cannot go on; the engine stays usable
+                    for request_id in {seq.request.request_id for seq, _ in plan} & self._requests.keys():
+                        self.abort(request_id)
+                    raise
 
     def _before_schedule(self) -> None:
         """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its
@@ -340,6 +345,12 @@ class RequestStream:
         self._async_engine, self._queue, self._unfinished = async_engine, queue, n
         self._closed = False
 
+    def __del__(self):
+        # Dropped unfinished (a `break` out of `async for`): the stepping thread aborts it before its next
+        # step (aborting here could land in the middle of a step's bookkeeping).
+        if not self._closed and self._unfinished:
+            self._async_engine._abandon(self.request_id)
+
     def __aiter__(self) -> "RequestStream":
         return self
 
@@ -362,12 +373,9 @@ class RequestStream:
         if self._closed:
             return
         self._closed = True
-        self._async_engine._streams.pop(self.request_id, None)
         if self._unfinished:
-            try:
-                self._async_engine.engine.abort(self.request_id)
-            except ValueError:
-                pass  # it finished meanwhile
+            self._async_engine._abort(self.request_id)
+        self._async_engine._streams.pop(self.request_id, None)
 
 
 class AsyncEngine:
@@ -379,6 +387,7 @@ class AsyncEngine:
         self.engine = engine
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Condition()
+        self._abandoned: list[str] = []  # requests whose streams were dropped unfinished (RequestStream.__del__)
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -395,6 +404,17 @@ class AsyncEngine:
         self._start()
         return RequestStream(self, request_id, queue, kwargs.get("n", 1))
 
+    def _abort(self, request_id: str) -> None:
+        try:
+            self.engine.abort(request_id)
+        except ValueError:
+            pass  # it finished meanwhile
+
+    def _abandon(self, request_id: str) -> None:
+        with self._wake:
+            self._abandoned.append(request_id)
+            self._wake.notify()
+
     def _start(self) -> None:
         with self._wake:
             if self._thread is None:
@@ -409,15 +429,16 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._closing and not self.engine.has_unfinished():
                     return
+                abandoned, self._abandoned = self._abandoned, []
+            for request_id in abandoned:
+                self._abort(request_id)
+                self._streams.pop(request_id, None)
             try:
                 outputs = self.engine.step()
             except Exception as err:  # a bug: every waiting caller hears of it, the thread goes on
                 for request_id in list(self._streams):
                     self._deliver(request_id, err)
-                    try:
-                        self.engine.abort(request_id)
-                    except ValueError:
-                        pass
+                    self._abort(request_id)
                 continue
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -44,6 +44,11 @@ class Completion:
     finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or the context)
 
 
+def _check_span(span) -> None:
+    if span is not None and not isinstance(span, SpanBias):
+        raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
+
+
 class LLM:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: str = "", *, decode: str | None = None):
         """decode: which runner the Engine steps (every generate call runs on one, llama_fast.engine): "auto"
@@ -85,8 +90,7 @@ class LLM:
                 packed, weights = weights, "bfloat16"
             # A block format or "native" goes to the loader by name; the weights it keeps quantised run in fp32.
             dtype = getattr(torch, weights) if weights in validate.FLOAT_DTYPES else weights
-        if span is not None and not isinstance(span, SpanBias):
-            raise ValueError(f"span must be a SpanBias or None, got {type(span).__name__}")
+        _check_span(span)
         validate.integer(tensor_parallel, "tensor_parallel", minimum=1)
         if validate.real(tp_timeout_s, "tp_timeout_s") <= 0:
             raise ValueError(f"tp_timeout_s must be > 0, got {tp_timeout_s!r}")
@@ -249,16 +253,21 @@ class LLM:
 
     def _engine_steps(self, prompt_ids, params, max_new_tokens, stops, stop_at_eos, on_cache, text: bool):
         """Runs the rows on an Engine (each distinct prompt one request, computed once and forked for the
-        rows that repeat it); yields each step's [(row, RequestOutput)] (with their text where `text`)."""
+        rows that repeat it, where the KV pool holds those rows together; else one request per row, started
+        as blocks allow); yields each step's [(row, RequestOutput)] (with their text where `text`)."""
         engine = self._engine(prompt_ids, max_new_tokens)
         if on_cache is not None:
             on_cache(engine.runner)
         groups: dict[tuple[int, ...], list[int]] = {}  # each distinct prompt -> the rows that run it
         for row, ids in enumerate(prompt_ids):
             groups.setdefault(tuple(ids), []).append(row)
-        rows_of = {engine.add_request(list(ids), [params[r] for r in rows], max_new_tokens=max_new_tokens,
-                                      stop=stops, n=len(rows), ignore_eos=not stop_at_eos, detokenize=text): rows
-                   for ids, rows in groups.items()}
+        rows_of = {}
+        for ids, rows in groups.items():
+            end = len(ids) + max_new_tokens if self._context is None else min(len(ids) + max_new_tokens, self._context)
+            for part in [rows] if engine.fits(end, len(rows)) else [[row] for row in rows]:
+                rows_of[engine.add_request(list(ids), [params[r] for r in part], max_new_tokens=max_new_tokens,
+                                           stop=stops, n=len(part), ignore_eos=not stop_at_eos,
+                                           detokenize=text)] = part
         try:
             while engine.has_unfinished():
                 yield [(rows_of[out.request_id][out.index], out) for out in engine.step()]
@@ -340,12 +349,15 @@ class LLM:
         """
         from tqdm import tqdm
 
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        _check_span(span)
+        validate.integer(max_tokens, "max_tokens", minimum=2, optional=True)
+        validate.integer(chunk, "chunk", minimum=1)
         span = checkpoint_span(span, self.config.sliding_window) if span is not None else self.model.span
         span.check_heads(self.config.n_heads)
         ids = self.tokenizer.encode(text)
         if max_tokens is not None:
-            if max_tokens < 2:
-                raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
             ids = ids[:max_tokens]
         if len(ids) < 2:
             raise ValueError("perplexity needs a text of at least 2 tokens")

@@ -263,15 +263,17 @@ def sequence_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, params) -> torch.Tensor:
-    """logits (V,) fp32 and seen (V,) int counts of tokens so far -> penalised logits (V,)."""
+    """logits (V,) fp32 and seen (V,) int counts of tokens so far -> penalised logits (V,), each clamped to
+    fp32's finite range (a huge penalty makes its token the likeliest or the least likely, never inf)."""
+    big = torch.finfo(torch.float32).max
     logits = logits.clone()
     counts = seen.to(logits.device)
     present = counts > 0
     if params.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(present, penalised, logits)
-    logits -= params.frequency_penalty * counts.float() + params.presence_penalty * present.float()
-    return logits
+        logits = torch.where(present, penalised.clamp(-big, big), logits)
+    sub = params.frequency_penalty * counts.float() + params.presence_penalty * present.float()
+    return (logits - sub.clamp(-big, big)).clamp(-big, big)
 
 
 def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
@@ -279,7 +281,8 @@ def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
 
     logits: (V,) fp32, penalties already applied; params.temperature > 0.
     """
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # finite for logits near fp32's max
     order = torch.argsort(probs, descending=True, stable=True)  # ties: lower id ranks first
     sorted_probs = probs[order]
     keep = torch.ones_like(sorted_probs, dtype=torch.bool)

@@ -227,7 +227,7 @@ def test_max_new_tokens_none_fills_what_the_context_and_the_pool_leave(tiny):
     engine = Engine(tiny, max_kv_tokens=1024)
     rid = engine.add_request(prompt, max_new_tokens=None, n=6, ignore_eos=True)
     limit = engine._requests[rid].max_new_tokens
-    assert engine._fits(len(prompt) + limit, 6) and not engine._fits(len(prompt) + limit + 16, 6)
+    assert engine.fits(len(prompt) + limit, 6) and not engine.fits(len(prompt) + limit + 16, 6)
     tokens, reasons = run(engine)
     assert all(len(t) == limit for t in tokens[rid].values()) and set(reasons.values()) == {"length"}
     assert engine.stats()["blocks_in_use"] == 0
@@ -294,6 +294,22 @@ def test_bad_requests_raise_naming_the_argument_and_disturb_nothing(tiny):
     assert first + tokens[rid][0] == want and engine.stats()["blocks_in_use"] == 0
 
 
+def test_a_step_that_fails_aborts_its_requests_and_the_engine_goes_on(tiny, monkeypatch):
+    """An exception in a step's bookkeeping (a bug) reaches the caller; that step's requests are aborted, so
+    no sequence is left half-advanced (never scheduled again, its blocks held), and the next ones run."""
+    engine = Engine(tiny)
+    engine.add_request(ids(20, 5), max_new_tokens=8, n=2)
+    engine.step()
+    monkeypatch.setattr(engine, "_sample", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        engine.step()
+    monkeypatch.undo()
+    assert {out.finish_reason for out in engine.step()} == {"abort"}
+    assert not engine.has_unfinished() and engine.stats()["blocks_in_use"] == 0
+    rid = engine.add_request(ids(20, 5), max_new_tokens=8, ignore_eos=True)
+    assert run(engine)[0][rid][0] == alone(tiny, ids(20, 5), 8, ignore_eos=True)[0]
+
+
 def test_engine_runs_the_model_forward_where_the_session_does_not(smollm):
     """decode="eager": the same Engine steps a ModelRunner (the model's forward over a paged cache) and
     gives the session's greedy tokens, prompts of different lengths running together."""
@@ -334,6 +350,8 @@ def test_async_engine_streams_concurrent_requests_and_aborts_on_close(tiny):
         task = asyncio.ensure_future(anext(aengine.generate(prompts[2], max_new_tokens=200, ignore_eos=True)))
         await asyncio.sleep(0)
         task.cancel()  # the task waiting on it was cancelled: aborted
+        async for _ in aengine.generate(prompts[3], max_new_tokens=200, ignore_eos=True):
+            break  # dropped unfinished: aborted by the stepping thread
         for _ in range(100):
             if aengine.stats()["blocks_in_use"] == 0 and not aengine.engine.has_unfinished():
                 break

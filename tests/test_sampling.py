@@ -112,6 +112,30 @@ def test_penalties_match_reference_exactly():
             assert torch.equal(got[b], want), f"row {b}: max diff {(got[b] - want).abs().max()}"
 
 
+def test_penalties_past_fp32s_range_clamp_to_it():
+    """A penalty whose result leaves fp32's range clamps to it: the token becomes the likeliest (or the least
+    likely), on both samplers; unclamped it was inf, whose softmax is NaN, and the draw fell to id V - 1."""
+    g = torch.Generator().manual_seed(3)
+    V, big = 500, torch.finfo(torch.float32).max
+    logits = torch.randn(4, V, generator=g)
+    logits[:, 7] = 10.0   # / 1e-38: past fp32's range
+    seen = torch.zeros(4, V, dtype=torch.int32)
+    seen[:, 7] = 2
+    seen[:, 9] = 1
+    boost = [SamplingParams(temperature=t, repetition_penalty=1e-38, frequency_penalty=f, seed=s)
+             for t, f, s in ((1.0, 0.0, 1), (0.5, 0.0, 2), (1.0, -3e38, 3), (0.0, -3e38, 4))]
+    table = ops._params_table(boost)
+    got = C.apply_penalties(logits, seen, table)
+    assert got[:, 7].tolist() == [big] * 4 and torch.isfinite(got).all()
+    for b, p in enumerate(boost):
+        assert torch.equal(got[b], reference.apply_penalties(logits[b], seen[b], p))
+    sink = [SamplingParams(temperature=1.0, frequency_penalty=3e38, seed=s) for s in range(4)]
+    for sample in (lambda *a, **k: ops.sample(*a, **k, backend="cpu"), reference.sample):
+        assert sample(logits, boost, seen=seen).tolist() == [7] * 4
+        drawn = {t for step in range(20) for t in sample(logits, sink, step=step, seen=seen).tolist()}
+        assert len(drawn) > 10 and not drawn & {7, 9, V - 1}
+
+
 def test_penalised_greedy_matches_reference():
     g = torch.Generator().manual_seed(1)
     B, V = 32, 3000

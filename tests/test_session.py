@@ -296,6 +296,18 @@ def test_a_batch_larger_than_the_kv_pool_runs_in_waves(smollm):
     assert [c.token_ids for c in llm.generate(prompts, max_new_tokens=12)] == alone
 
 
+def test_rows_of_one_prompt_the_pool_cannot_hold_together_run_one_after_another(smollm):
+    """A prompt's rows are forks of one request where the pool holds them together; where it holds one
+    row at a time they run as requests of their own, each with its seed's text."""
+    llm = smollm.with_span(smollm.model.span)
+    kwargs = dict(max_new_tokens=30, temperature=0.8, seed=4)
+    together = llm.generate("The sea is", num_return_sequences=3, **kwargs)
+    twice = llm.generate(["The sea is", "The sea is"], **kwargs)
+    llm.max_kv_tokens = 48  # 3 blocks: one row of up to 48 tokens at a time
+    assert [c.text for c in llm.generate("The sea is", num_return_sequences=3, **kwargs)] == [c.text for c in together]
+    assert [c.text for c in llm.generate(["The sea is", "The sea is"], **kwargs)] == [c.text for c in twice]
+
+
 @pytest.mark.parametrize("dims", [
     dict(dim=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn=128),   # head_dim 64, MHA
     dict(dim=100, n_heads=4, n_kv_heads=1, head_dim=128, ffn=203),  # head_dim 128, GQA 4, odd sizes

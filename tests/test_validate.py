@@ -255,6 +255,13 @@ def test_cli_chat_samples_by_default_and_prints_its_seed():
     assert b"seed:" not in plain.stderr
 
 
+@pytest.mark.parametrize("kwargs, name", [(dict(chunk=-1), "chunk"), (dict(chunk=0), "chunk"), (dict(chunk=1.5), "chunk"),
+                                          (dict(max_tokens=2.5), "max_tokens"), (dict(max_tokens=1), "max_tokens"),
+                                          (dict(span="x"), "span"), (dict(text=b"bytes"), "text")])
+def test_bad_perplexity_arguments(smollm, kwargs, name):
+    one_line_error(lambda: smollm.perplexity(**{"text": "The sea is calm today.", **kwargs}), name)
+
+
 def test_perplexity_reads_only_what_max_tokens_needs(smollm):
     with open("/dev/zero", "rb") as endless:
         text = read_text(endless, smollm.tokenizer.encode, 10)

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -132,17 +133,29 @@ inline bool all_finite(const float* x, int64_t V) {
 }
 
 // Repetition / presence / frequency penalties, exactly as reference.apply_penalties computes them in fp32.
+// A value past fp32's range counts as its largest (or smallest): a huge penalty makes its token the likeliest
+// (or the least likely), never +-inf, whose softmax is NaN.
+LLAMA_FAST_HD float clamp_finite(float x) { return x > FLT_MAX ? FLT_MAX : x < -FLT_MAX ? -FLT_MAX : x; }
+
+// Logit v of a token seen `count` (> 0) times, penalised: repetition divides a positive logit and multiplies a
+// negative one, frequency (per time seen) and presence subtract. On the GPU in IEEE operations that fast
+// math cannot fuse, as the CPU computes them.
+LLAMA_FAST_HD float penalised_logit(float v, float count, const SampleParams& p) {
+#ifdef __CUDA_ARCH__
+  if (p.repetition_penalty != 1.f) v = v > 0 ? __fdiv_rn(v, p.repetition_penalty) : __fmul_rn(v, p.repetition_penalty);
+  const float sub = __fadd_rn(__fmul_rn(p.frequency_penalty, count), p.presence_penalty);
+  return clamp_finite(__fsub_rn(clamp_finite(v), clamp_finite(sub)));
+#else
+  if (p.repetition_penalty != 1.f) v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+  const float sub = p.frequency_penalty * count + p.presence_penalty;
+  return clamp_finite(clamp_finite(v) - clamp_finite(sub));
+#endif
+}
+
 template <typename Count>
 inline void apply_penalties_row(float* x, const Count* seen, int64_t V, const SampleParams& p) {
-  const float rep = p.repetition_penalty, freq = p.frequency_penalty, pres = p.presence_penalty;
   for (int64_t i = 0; i < V; ++i) {
-    const Count c = seen[i];
-    if (c > 0) {
-      float v = x[i];
-      if (rep != 1.0f) v = v > 0 ? v / rep : v * rep;
-      const float sub = freq * static_cast<float>(c) + pres * 1.0f;
-      x[i] = v - sub;
-    }
+    if (seen[i] > 0) x[i] = penalised_logit(x[i], static_cast<float>(seen[i]), p);
   }
 }
 

@@ -142,11 +142,7 @@ __global__ void __launch_bounds__(BLOCK) sample_kernel(const T* __restrict__ log
     raw_max = fmaxf(raw_max, x);
     if (penalise) {
       const Count c = seen[b * seen_stride + i];
-      if (c > 0) {
-        float v = x;
-        if (p.repetition_penalty != 1.f) v = v > 0 ? __fdiv_rn(v, p.repetition_penalty) : __fmul_rn(v, p.repetition_penalty);
-        x = __fsub_rn(v, __fadd_rn(__fmul_rn(p.frequency_penalty, static_cast<float>(c)), p.presence_penalty));
-      }
+      if (c > 0) x = penalised_logit(x, static_cast<float>(c), p);
     }
     w[i] = x;
     if (x > best.value || (x == best.value && i < best.index)) best = ArgMax{x, static_cast<int>(i)};
