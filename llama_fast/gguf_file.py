@@ -12,6 +12,7 @@ Every problem with the file raises CheckpointError naming the file (and the tens
 """
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .config import ModelConfig, UnsupportedModelError
+from .config import ModelConfig, check_shapes, naming_the_file
 from .mapping import drop_pages
 from .paths import CheckpointError
 from .quant import QUANT_TYPES
@@ -170,13 +171,20 @@ class GGUFFile:
             dims = [self._read("<Q") for _ in range(self._read("<I"))]
             infos.append((name, dims, self._read("<I"), self._read("<Q")))
         alignment = metadata.get("general.alignment", 32)
+        # As llama.cpp: the data section starts at the next multiple of a power of two.
+        if (isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1
+                or alignment.bit_count() != 1):
+            raise CheckpointError(f"{self.path}: general.alignment must be a power of two, got {alignment!r}")
         return metadata, types, infos, -(-self._pos // alignment) * alignment
 
     # ---- tensors ----
     def _check_tensors(self, infos, data_start: int) -> dict[str, GGUFTensor]:
         """Each tensor's bytes, checked: a known type, whole blocks, inside the file, not overlapping the next."""
-        spans = []
+        spans, seen = [], set()
         for name, dims, type_id, offset in infos:
+            if name in seen:  # (llama.cpp refuses such a file too)
+                raise CheckpointError(f"{self.path}: tensor {name} is in the file twice")
+            seen.add(name)
             try:
                 kind = GGMLQuantizationType(type_id).name
             except ValueError:
@@ -187,7 +195,7 @@ class GGUFFile:
             if not dims or dims[0] % block:  # (a K-quant's block is its super-block of 256)
                 raise CheckpointError(f"{self.path}: tensor {name} of type {kind} has rows of {dims[:1]} values, "
                                       f"not a multiple of its block of {block}")
-            nbytes = int(np.prod(dims, dtype=np.uint64)) // block * block_bytes
+            nbytes = math.prod(dims) // block * block_bytes  # (Python ints: a 64-bit product could wrap)
             spans.append((data_start + offset, nbytes, name, kind, tuple(reversed(dims))))
         spans.sort()
         ends = [start for start, *_ in spans[1:]] + [len(self._map)]
@@ -216,13 +224,13 @@ def _address(view: memoryview) -> int:
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """The file's ModelConfig: its metadata, and Llama 3.1's per-frequency RoPE divisors (the rope_freqs
-    tensor) where it has them."""
-    try:
+    tensor) where it has them. The tensors' shapes (in the file's header) are checked against it before any
+    is read: Q/K rows are reordered by a head count that must fit them."""
+    with naming_the_file(gguf.path):
         config = ModelConfig.from_gguf(gguf.metadata)
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{gguf.path}: GGUF metadata is incomplete ({err})") from err
-    except UnsupportedModelError as err:
-        raise UnsupportedModelError(f"{gguf.path}: {err}") from err
+    config.tie_embeddings = "output.weight" not in gguf.tensors
+    check_shapes({model_tensor_name(t.name, gguf.path): t for t in gguf.tensors.values() if t.name != ROPE_FACTORS},
+                 config, gguf.path)
     factors = gguf.tensors.get(ROPE_FACTORS)
     if factors is not None:
         if factors.type != "F32" or factors.shape != (config.head_dim // 2,):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, check_shapes, naming_the_file
 from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, gguf_tensor_name, mapped_weights,
                         gguf_config, half_to_interleaved, interleaved_to_half, model_tensor_name)
 from .gguf_write import TensorSpec, write_gguf
@@ -73,35 +73,6 @@ def _progress(items, desc: str, enabled: bool):
     return tqdm(items, desc=desc, unit="tensor", leave=False, disable=not enabled)
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> None:
-    c = config
-    expected = {"tok_embeddings.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
-    if not c.tie_embeddings:
-        expected["output.weight"] = (c.vocab_size, c.dim)
-    for i in range(c.n_layers):
-        p = f"layers.{i}."
-        expected.update({
-            p + "attention_norm.weight": (c.dim,),
-            p + "ffn_norm.weight": (c.dim,),
-            p + "attention.wq.weight": (c.n_heads * c.head_dim, c.dim),
-            p + "attention.wk.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wv.weight": (c.n_kv_heads * c.head_dim, c.dim),
-            p + "attention.wo.weight": (c.dim, c.n_heads * c.head_dim),
-            **({p + "attention.wq.bias": (c.n_heads * c.head_dim,),
-                p + "attention.wk.bias": (c.n_kv_heads * c.head_dim,),
-                p + "attention.wv.bias": (c.n_kv_heads * c.head_dim,)} if c.qkv_bias else {}),
-            p + "feed_forward.w1.weight": (c.ffn_dim, c.dim),
-            p + "feed_forward.w2.weight": (c.dim, c.ffn_dim),
-            p + "feed_forward.w3.weight": (c.ffn_dim, c.dim),
-        })
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
-
-
 # ----------------------------------------------------------------------------------------------------
 # GGUF (gguf_file.py reads the file). F32/F16/BF16 files are used in place: their tensors are views of
 # the mapped file (Q/K reordered once). Quantised files are dequantised once into the cache and mapped.
@@ -127,30 +98,28 @@ def _dequantised(t: GGUFTensor) -> torch.Tensor:
 def load_gguf(path: str, progress: bool = True, dtype: torch.dtype | str | None = None) -> Checkpoint:
     gguf = GGUFFile(path)
     config = gguf_config(gguf)
+    # Before any tensor is read (gguf_config checked the file's shapes): the vocabulary, so that one that
+    # cannot be read caches nothing.
+    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     types = _type_counts(t.type for t in gguf.tensors.values())
     if isinstance(dtype, str):
-        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
         weights, types = _gguf_in_blocks(gguf, config, dtype, progress)
     elif all(t.type in FLOAT_TYPES for t in gguf.tensors.values()):
         mapped = mapped_weights(gguf, config.n_heads, config.n_kv_heads, progress)
         weights = {name: _as_torch(array, kind) for name, (array, kind) in mapped.items()}
-        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     else:
-        weights, tokenizer = _quantised_gguf(gguf, config, progress, dtype)
-    config.tie_embeddings = "output.weight" not in weights
-    _check_shapes(weights, config, path)
+        weights = _quantised_gguf(gguf, config, progress, dtype)
+    check_shapes(weights, config, path)  # (a cache entry's too)
     if not config.eos_token_ids:
         config.eos_token_ids = sorted(tokenizer.eos_ids)
     return Checkpoint(config, weights, tokenizer, path, types)
 
 
 def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: torch.dtype | None):
-    """-> (weights, tokenizer) of a file with quantised tensors: from the cache entry in `dtype` (or as
-    dequantised), else dequantised now into the cache (and cast into `dtype`'s entry) and mapped from there."""
+    """The weights of a file with quantised tensors: from the cache entry in `dtype` (or as dequantised), else
+    dequantised now into the cache (and cast into `dtype`'s entry) and mapped from there."""
     path = gguf.path
     weights = (_read_gguf_cache(path, dtype) if dtype is not None else None) or _read_gguf_cache(path, None)
-    # The tokenizer before caching: a vocabulary that cannot be read (an unknown pre-tokenizer) caches nothing.
-    tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata, path)
     if weights is None:
         def dequantised(t: GGUFTensor) -> torch.Tensor:
             tensor = _dequantised(t)
@@ -171,7 +140,7 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
         mapped = FileMappings()
         weights = _cached(path, dtype, {name: (tuple(w.shape), dtype, lambda w=w: own_weight(w, w, dtype, "cpu", mapped))
                                         for name, w in weights.items()}, f"casting to {dtype}", progress)
-    return weights, tokenizer
+    return weights
 
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -421,16 +390,36 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"{path}: cannot read JSON ({err})") from err
 
 
+def _hf_weight_files(path: str) -> list[str]:
+    """The safetensors files of a Hugging Face directory: exactly those model.safetensors.index.json names, else
+    model.safetensors, else every *.safetensors but Meta's consolidated*.safetensors that Mistral's repositories
+    ship beside the Hugging Face files."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index_file}: no weight_map of tensor name -> file name")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            # A file of the directory itself: the cache's stamp of a directory (paths._stamp) covers those.
+            if os.path.basename(name) != name or not os.path.isfile(os.path.join(path, name)):
+                raise CheckpointError(f"{index_file}: names {name!r}, which is not a file in {path}")
+        return [os.path.join(path, name) for name in files]
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return [f for f in files if not os.path.basename(f).startswith("consolidated")] or files
+
+
 def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
     from safetensors import safe_open
 
     config_file = os.path.join(path, "config.json")
     hf_config = _read_json(config_file)
-    try:
+    with naming_the_file(config_file):
         config = ModelConfig.from_hf(hf_config)
-    except CheckpointError as err:
-        raise CheckpointError(f"{config_file}: {err}") from None
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = _hf_weight_files(path)
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read: it is a pickle)")
     weights, types = {}, {}
@@ -443,6 +432,8 @@ def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
                         if key.endswith("rotary_emb.inv_freq"):
                             continue
                         raise CheckpointError(f"{file}: unexpected tensor {key}")
+                    if name in weights:
+                        raise CheckpointError(f"{file}: tensor {key} is in another of the files too")
                     tensor = f.get_tensor(key)
                     weights[name] = tensor
                     types[str(tensor.dtype)] = types.get(str(tensor.dtype), 0) + 1
@@ -454,7 +445,7 @@ def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
         weights.pop("output.weight", None)
     elif "output.weight" not in weights:
         config.tie_embeddings = True
-    _check_shapes(weights, config, path)
+    check_shapes(weights, config, path)
     tokenizer = Tokenizer.from_dir(path)
     if not config.eos_token_ids and tokenizer.eos_id is not None:
         config.eos_token_ids = [tokenizer.eos_id]
@@ -468,35 +459,61 @@ def load_hf_dir(path: str, progress: bool = True) -> Checkpoint:
 _META_SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1}
 
 
+def _meta_shard(file: str) -> dict[str, torch.Tensor]:
+    try:
+        shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+        raise CheckpointError(f"{file}: holds a {type(shard).__name__}, not a state dict (tensor name -> tensor)")
+    return shard
+
+
+def _joined(name: str, parts: list[torch.Tensor], files: list[str]) -> torch.Tensor:
+    """Tensor `name` from its parts in Meta's model-parallel files: concatenated along the dimension Meta
+    splits its kind on, else the first (it is whole in every file); the parts' shapes must agree but there."""
+    dim = _META_SHARD_DIM.get(name.rpartition(".")[0].rpartition(".")[2])
+    if dim is not None and dim >= parts[0].dim():
+        dim = None  # (not a tensor of that kind: the shape check names it)
+
+    def unsplit(t: torch.Tensor) -> list[int]:
+        return [n for i, n in enumerate(t.shape) if i != dim]
+
+    for part, file in zip(parts[1:], files[1:]):
+        if part.dim() != parts[0].dim() or unsplit(part) != unsplit(parts[0]):
+            along = "" if dim is None else f": they may differ along dimension {dim} only"
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(part.shape)}, "
+                                  f"{os.path.basename(files[0])}'s is {tuple(parts[0].shape)}{along}")
+    return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def load_meta_dir(path: str, progress: bool = True) -> Checkpoint:
-    params = _read_json(os.path.join(path, "params.json"))
+    params_file = os.path.join(path, "params.json")
+    params = _read_json(params_file)
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise CheckpointError(f"{path}: no consolidated.*.pth weights")
-    shards = []
-    for file in _progress(files, "loading Meta shards", progress):
-        try:
-            shards.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as err:
-            raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    weights = {}
-    for name in shards[0]:
-        if name == "rope.freqs":
-            continue
-        kind = name.split(".")[-2]
-        dim = _META_SHARD_DIM.get(kind)
-        parts = [shard[name] for shard in shards]
-        weights[name] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-    if "tok_embeddings.weight" not in weights:
-        raise CheckpointError(f"{path}: missing tensor tok_embeddings.weight")
-    config = ModelConfig.from_meta(params, vocab_size=weights["tok_embeddings.weight"].shape[0])
+    shards = [_meta_shard(file) for file in _progress(files, "loading Meta shards", progress)]
+    first = os.path.basename(files[0])
+    for file, shard in zip(files[1:], shards[1:]):
+        lacks, extra = sorted(shards[0].keys() - shard.keys()), sorted(shard.keys() - shards[0].keys())
+        if lacks or extra:
+            raise CheckpointError(f"{file}: " + (f"lacks tensors {lacks[:5]} of {first}" if lacks else
+                                                 f"has tensors {extra[:5]} that {first} lacks"))
+    weights = {name: _joined(name, [shard[name] for shard in shards], files)
+               for name in shards[0] if name != "rope.freqs"}
+    embeddings = weights.get("tok_embeddings.weight")
+    if embeddings is None or embeddings.dim() != 2:
+        raise CheckpointError(f"{path}: no tensor tok_embeddings.weight of shape (vocabulary, dim)")
+    with naming_the_file(params_file):
+        config = ModelConfig.from_meta(params, vocab_size=embeddings.shape[0])
+    config.tie_embeddings = "output.weight" not in weights
+    check_shapes(weights, config, path)
     for name in list(weights):
         if name.endswith("attention.wq.weight"):
             weights[name] = interleaved_to_half(weights[name], config.n_heads)
         elif name.endswith("attention.wk.weight"):
             weights[name] = interleaved_to_half(weights[name], config.n_kv_heads)
-    config.tie_embeddings = "output.weight" not in weights
-    _check_shapes(weights, config, path)
     tokenizer = Tokenizer.from_dir(path)
     config.bos_token_id = tokenizer.bos_id
     config.eos_token_ids = sorted(tokenizer.eos_ids)

@@ -113,6 +113,30 @@ class TokenizerError(ValueError):
     """A tokenizer file or metadata is missing, corrupt or unsupported; the message names which."""
 
 
+_ITEM_TYPES = {"strings": str, "ints": int, "numbers": (int, float)}
+
+
+def _gguf_array(meta: dict, key: str, name: str, items: str, length: int | None = None) -> list | None:
+    """GGUF metadata array `key` (None when absent) checked to be a list of `items` ("strings", "ints" or
+    "numbers"; bool is neither) with `length` entries when given (one a token each: zip would cut the vocabulary
+    short). The tokenizers library panics on other values, killing the process."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    kind = _ITEM_TYPES[items]
+    if not isinstance(value, list):
+        got = f"a {type(value).__name__}"
+    elif length is not None and len(value) != length:
+        got = f"{len(value)} entries"
+    else:
+        odd = [v for v in value if not isinstance(v, kind) or isinstance(v, bool)]
+        if not odd:
+            return value
+        got = f"the entry {odd[0]!r}"
+    count = "" if length is None else f"{length} "
+    raise TokenizerError(f"{name}: {key} must be an array of {count}{items}, got {got}")
+
+
 def _bpe_pre_tokenizer(pre: str | None, name: str) -> _PreTokenizer:
     """The pre-tokenizer of a GGUF "gpt2" vocabulary's ``tokenizer.ggml.pre`` (llama.cpp's "default"
     when the key is missing, with its warning)."""
@@ -454,13 +478,13 @@ class Tokenizer:
         in errors."""
         name = path or "GGUF metadata"
         model = meta.get("tokenizer.ggml.model")
-        tokens = meta.get("tokenizer.ggml.tokens")
         if model not in ("gpt2", "llama"):
             raise TokenizerError(f"{name}: unsupported tokenizer.ggml.model {model!r} "
                                  "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")
+        tokens = _gguf_array(meta, "tokenizer.ggml.tokens", name, "strings")
         if not tokens:
             raise TokenizerError(f"{name}: no tokenizer.ggml.tokens")
-        types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        types = _gguf_array(meta, "tokenizer.ggml.token_type", name, "ints", len(tokens)) or [NORMAL] * len(tokens)
         bos = meta.get("tokenizer.ggml.bos_token_id")
         eos = meta.get("tokenizer.ggml.eos_token_id")
         if model == "gpt2":
@@ -471,19 +495,29 @@ class Tokenizer:
             backend, kind = cls._gguf_sentencepiece(meta, tokens, types, name), "sentencepiece"
             add_bos_default = True
         extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{name}: tokenizer.chat_template must be a string, got {template!r}")
         return cls(backend, kind=kind, bos_id=bos, eos_id=eos,
                    add_bos=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
-                   chat_template=meta.get("tokenizer.chat_template"), extra_eos_ids=extra_eos)
+                   chat_template=template, extra_eos_ids=extra_eos)
 
     @staticmethod
     def _gguf_bpe(meta: dict, tokens: list[str], types: list[int], pre: _PreTokenizer, name: str) -> _HFBackend:
         """Byte-level BPE from a GGUF "gpt2" vocabulary: tokens, merges and llama.cpp's pre-tokenizer."""
-        merges = meta.get("tokenizer.ggml.merges")
+        merges = _gguf_array(meta, "tokenizer.ggml.merges", name, "strings")
         if not merges:
             raise TokenizerError(f"{name}: tokenizer.ggml.model is 'gpt2' but there are no tokenizer.ggml.merges")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        # The tokenizers library panics, killing the process, on a merge whose result is not a token (a merge of
+        # tokens not in the vocabulary it refuses as the exception below).
+        bad = next((m for m, pair in zip(merges, pairs) if len(pair) != 2 or "".join(pair) not in vocab), None)
+        if bad is not None:
+            raise TokenizerError(f"{name}: tokenizer.ggml.merges holds {bad!r}, not two space-separated pieces "
+                                 "whose join is a token")
         try:
-            bpe = tokenizers.models.BPE({t: i for i, t in enumerate(tokens)},
-                                        [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre.ignore_merges)
+            bpe = tokenizers.models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges)
         except Exception as e:
             raise TokenizerError(f"{name}: inconsistent BPE vocabulary/merges ({e})") from None
         tok = tokenizers.Tokenizer(bpe)
@@ -503,7 +537,7 @@ class Tokenizer:
         and token types."""
         from sentencepiece import sentencepiece_model_pb2 as pb
 
-        scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        scores = _gguf_array(meta, "tokenizer.ggml.scores", name, "numbers", len(tokens)) or [0.0] * len(tokens)
         unk = meta.get("tokenizer.ggml.unknown_token_id", 0)
         proto = pb.ModelProto()
         for i, (piece, score, ty) in enumerate(zip(tokens, scores, types)):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llama_fast import LLM, rope
+from llama_fast.config import UnsupportedModelError
 from llama_fast.gguf_file import GGUFFile, half_to_interleaved, interleaved_to_half
 from llama_fast.lite import LiteLLM
 from llama_fast.loaders import load_checkpoint
@@ -196,3 +197,91 @@ def test_unknown_type_id_names_it(tiny, tmp_path):
         load_checkpoint(str(bad), progress=False)
     with pytest.raises(CheckpointError, match="odd.gguf: tensor blk.1.ffn_up.weight has unknown type id 99"):
         LiteLLM.open(str(bad), "float32")
+
+
+def rewritten(src: str, dst, changes: dict) -> str:
+    """The GGUF at `src` written to `dst` with its metadata changed: key -> (value, GGUF value type)."""
+    import numpy as np
+
+    from llama_fast.gguf_write import write_gguf
+
+    gguf = GGUFFile(src)
+    metadata = {key: (value, *gguf.metadata_types[key]) for key, value in gguf.metadata.items()}
+    metadata.update({key: (value, kind, None) for key, (value, kind) in changes.items()})
+    write_gguf(str(dst), "llama", metadata, [(t.name, t.shape, t.type, lambda t=t: np.frombuffer(t.data, np.uint8))
+                                             for t in gguf.tensors.values()])
+    return str(dst)
+
+
+U32, F32, BOOL, STR = 4, 6, 7, 8  # GGUF value types
+
+
+@pytest.mark.parametrize("value, kind", [(0, U32), (3, U32), ("32", STR)])
+def test_alignment_that_is_not_a_power_of_two_names_it(tiny, tmp_path, value, kind):
+    bad = rewritten(tiny[1]["F32"], tmp_path / "align.gguf", {"general.alignment": (value, kind)})
+    with pytest.raises(CheckpointError, match=rf"align.gguf: general.alignment must be a power of two, got {value!r}"):
+        load_checkpoint(bad, progress=False)
+
+
+def test_tensor_whose_size_overflows_64_bits_names_it(tiny, tmp_path):
+    """Dimensions whose product wraps around 2**64 (to 0 elements) need that many bytes, not none."""
+    data = bytearray(open(tiny[1]["F32"], "rb").read())
+    at = _header_field(data, "blk.0.attn_q.weight")
+    struct.pack_into("<QQ", data, at + 4, 2**32, 2**32)
+    bad = tmp_path / "huge.gguf"
+    bad.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"huge.gguf: tensor blk.0.attn_q.weight of type F32 and shape "
+                                              rf"\(4294967296, 4294967296\) needs {2**66} bytes"):
+        load_checkpoint(str(bad), progress=False)
+
+
+def test_tensor_twice_in_the_file_names_it(tiny, tmp_path):
+    data = open(tiny[1]["F32"], "rb").read()
+    name = b"blk.0.attn_q.weight"
+    bad = tmp_path / "twice.gguf"
+    bad.write_bytes(data.replace(name, b"blk.0.attn_k.weight", 1))  # (the header holds each name once)
+    with pytest.raises(CheckpointError, match="twice.gguf: tensor blk.0.attn_k.weight is in the file twice"):
+        load_checkpoint(str(bad), progress=False)
+
+
+@pytest.mark.parametrize("key, value, kind, message", [
+    ("llama.attention.head_count", 0, U32, "llama.attention.head_count must be a positive int, got 0"),
+    ("llama.attention.head_count", 4.0, F32, "llama.attention.head_count must be a positive int, got 4.0"),
+    ("llama.attention.head_count", True, BOOL, "llama.attention.head_count must be a positive int, got True"),
+    ("llama.block_count", 2.0, F32, "llama.block_count must be a positive int, got 2.0"),
+    ("llama.embedding_length", "64", STR, "llama.embedding_length must be a positive int, got '64'"),
+    ("llama.feed_forward_length", 96.0, F32, "llama.feed_forward_length must be a positive int, got 96.0"),
+    ("llama.vocab_size", 49152.0, F32, "llama.vocab_size must be a positive int, got 49152.0"),
+    ("llama.context_length", "256", STR, "llama.context_length must be a positive int, got '256'"),
+    ("llama.rope.freq_base", "x", STR, "llama.rope.freq_base must be a positive finite number, got 'x'"),
+    ("llama.attention.layer_norm_rms_epsilon", "x", STR,
+     "llama.attention.layer_norm_rms_epsilon must be a positive finite number, got 'x'"),
+    ("tokenizer.ggml.eos_token_id", 10**6, U32, r"tokenizer.ggml.eos_token_id must be a token id in \[0, 49152\), "
+                                                r"got 1000000"),
+])
+def test_metadata_of_the_wrong_type_or_value_names_the_file_and_key(tiny, tmp_path, key, value, kind, message):
+    bad = rewritten(tiny[1]["F32"], tmp_path / "meta.gguf", {key: (value, kind)})
+    with pytest.raises(CheckpointError, match="meta.gguf: " + message) as info:
+        load_checkpoint(bad, progress=False)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="meta.gguf: " + message):
+        LiteLLM.open(bad, "float32")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # Q/K rows are reordered by head: a head count they do not fit is named before.
+    ("llama.attention.head_count", 6, r"tensor layers.0.attention.wq.weight has shape \(64, 64\), expected \(96, 64\)"),
+    ("llama.block_count", 1, r"tensors the config has no place for: \['layers.1.attention.wk.weight'"),
+])
+def test_tensors_that_do_not_fit_the_metadata_name_them(tiny, tmp_path, key, value, message):
+    bad = rewritten(tiny[1]["F32"], tmp_path / "meta.gguf", {key: (value, U32)})
+    with pytest.raises(CheckpointError, match="meta.gguf: " + message):
+        load_checkpoint(bad, progress=False)
+    with pytest.raises(CheckpointError, match="meta.gguf: " + message):   # the fast start checks alike
+        LiteLLM.open(bad, "float32")
+
+
+def test_rope_scaling_the_model_does_not_run_is_refused(tiny, tmp_path):
+    bad = rewritten(tiny[1]["F32"], tmp_path / "yarn.gguf", {"llama.rope.scaling.type": ("yarn", STR)})
+    with pytest.raises(UnsupportedModelError, match="yarn.gguf: llama.rope.scaling.type 'yarn' is not supported"):
+        load_checkpoint(bad, progress=False)

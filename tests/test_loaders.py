@@ -241,6 +241,101 @@ def test_corrupt_meta_checkpoint(tmp_path, spm_model_file):
         load_checkpoint(str(tmp_path), progress=False)
 
 
+def _params(folder, **changes):
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({k: v for k, v in {**params, **changes}.items() if v is not None}))
+
+
+def _shard(folder, index, change):
+    file = folder / f"consolidated.{index:02d}.pth"
+    state = torch.load(file)
+    change(state)
+    torch.save(state, file)
+
+
+@pytest.mark.parametrize("shards, damage, message", [
+    (1, lambda d: _params(d, dim=None), r"params.json: params.json lacks 'dim'"),
+    (1, lambda d: (d / "params.json").write_text("[1]"), "params.json: params.json holds a list, not an object"),
+    (1, lambda d: _params(d, n_heads="4"), "params.json: n_heads must be a positive int, got '4'"),
+    (1, lambda d: _params(d, hidden_dim=None, multiple_of=0), "params.json: multiple_of must be a positive int, got 0"),
+    # Q/K rows are reordered by head: a head count they do not fit is named before.
+    (1, lambda d: _params(d, n_heads=6),
+     r"tensor layers.0.attention.wq.weight has shape \(64, 64\), expected \(60, 64\)"),
+    (1, lambda d: _shard(d, 0, lambda s: s.update({"foo.weight": torch.zeros(3)})),
+     r"tensors the config has no place for: \['foo.weight'\]"),
+    (1, lambda d: torch.save([1, 2], d / "consolidated.00.pth"), "consolidated.00.pth: holds a list, not a state dict"),
+    (2, lambda d: _shard(d, 1, lambda s: s.pop("norm.weight")),
+     r"consolidated.01.pth: lacks tensors \['norm.weight'\] of consolidated.00.pth"),
+    (2, lambda d: _shard(d, 1, lambda s: s.update({"layers.0.attention.wq.weight": torch.zeros(3, 7)})),
+     r"consolidated.01.pth: tensor layers.0.attention.wq.weight has shape \(3, 7\), "
+     r"consolidated.00.pth's is \(32, 64\): they may differ along dimension 0 only"),
+])
+def test_bad_meta_checkpoint_names_the_file(tmp_path, spm_model_file, shards, damage, message):
+    save_meta(tiny_hf_model(vocab_size=400, intermediate_size=192), tmp_path, spm_model_file, shards=shards)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_hf_tensors_the_config_has_no_place_for_are_refused(tmp_path, smollm_tokenizer_dir):
+    """A layer more than num_hidden_layers, or a bias a plain Llama has not: refused naming them. Rotary
+    inv_freq buffers (older transformers saved them) stay ignored."""
+    from safetensors.torch import load_file, save_file
+
+    save_hf(tiny_hf_model(), tmp_path, smollm_tokenizer_dir)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    save_file({**state, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}, file)
+    load_checkpoint(str(tmp_path), progress=False)
+    for extra in ["model.layers.2.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias"]:
+        save_file({**state, extra: torch.zeros(64)}, file)
+        name = extra.replace("model.layers", "layers").replace("self_attn.q_proj", "attention.wq")
+        with pytest.raises(CheckpointError, match=rf"{tmp_path}: tensors the config has no place for: \['{name}'\]"):
+            load_checkpoint(str(tmp_path), progress=False)
+
+
+def test_hf_index_names_the_files_loaded(tmp_path, smollm_tokenizer_dir):
+    """With model.safetensors.index.json exactly the files it names are loaded: not a stale model.safetensors
+    beside them, nor Mistral's consolidated.safetensors (Meta's names); a file it names that is missing, or
+    that is not in the directory (the cache's stamp covers the directory's own files), is named."""
+    from safetensors.torch import save_file
+
+    model = tiny_hf_model(seed=1)
+    save_hf(model, tmp_path, smollm_tokenizer_dir, max_shard_size="2MB")
+    stale = tiny_hf_model(seed=5).state_dict()
+    save_file({k: v.contiguous() for k, v in stale.items()}, tmp_path / "model.safetensors")
+    save_file({"tok_embeddings.weight": torch.zeros(4, 64)}, tmp_path / "consolidated.safetensors")
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert (llm.logits(IDS) - hf_logits(model, IDS)).abs().max().item() <= 1e-4
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    for name, problem in [(shard, "missing"), ("sub/model.safetensors", "elsewhere")]:
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+            {**index, "weight_map": {**index["weight_map"], "lm_head.weight": name}}))
+        if problem == "missing":
+            os.rename(tmp_path / shard, tmp_path / "moved")
+        with pytest.raises(CheckpointError, match=f"index.json: names '{name}', which is not a file in {tmp_path}"):
+            load_checkpoint(str(tmp_path), progress=False)
+        if problem == "missing":
+            os.rename(tmp_path / "moved", tmp_path / shard)
+
+
+def test_hf_without_index_skips_metas_consolidated_file(tmp_path, smollm_tokenizer_dir):
+    """No index: model.safetensors alone if there is one, else the *.safetensors files but a consolidated one."""
+    from safetensors.torch import save_file
+
+    model = tiny_hf_model(seed=1)
+    save_hf(model, tmp_path, smollm_tokenizer_dir, max_shard_size="2MB")
+    os.remove(tmp_path / "model.safetensors.index.json")
+    save_file({"tok_embeddings.weight": torch.zeros(4, 64)}, tmp_path / "consolidated.safetensors")
+    llm = LLM.from_pretrained(str(tmp_path), progress=False)
+    assert (llm.logits(IDS) - hf_logits(model, IDS)).abs().max().item() <= 1e-4
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    for shard in tmp_path.glob("model-*.safetensors"):
+        shard.write_bytes(b"not read")
+    assert (LLM.from_pretrained(str(tmp_path), progress=False).logits(IDS) - hf_logits(model, IDS)).abs().max() <= 1e-4
+
+
 def test_directory_without_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(str(tmp_path), progress=False)
@@ -347,7 +442,11 @@ def test_gguf_with_unknown_pre_tokenizer_caches_nothing(tmp_path, monkeypatch):
     writer.add_tokenizer_pre("no-such-pre")
     writer.add_token_list(["a", "b", "ab", "c"])
     writer.add_token_merges(["a b"])
-    writer.add_tensor("token_embd.weight", np.ones((4, 32), np.float32))
+    shapes = {"token_embd.weight": (4, 32), "output_norm.weight": (32,), "blk.0.attn_norm.weight": (32,),
+              "blk.0.ffn_norm.weight": (32,), "blk.0.ffn_gate.weight": (64, 32), "blk.0.ffn_up.weight": (64, 32),
+              "blk.0.ffn_down.weight": (32, 64), **{f"blk.0.attn_{x}.weight": (32, 32) for x in ("q", "k", "v", "output")}}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, np.ones(shape, np.float32))
     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
     with pytest.raises(TokenizerError, match="m.gguf: unknown tokenizer.ggml.pre 'no-such-pre'"):
         load_checkpoint(path, progress=False)
@@ -415,7 +514,6 @@ def test_config_sliding_window_rules(keys, window):
 @pytest.mark.parametrize("keys, name", [
     ({"sliding_window": 64, "use_sliding_window": True, "max_window_layers": 1}, "some layers"),
     ({"sliding_window": 64, "layer_types": ["full_attention", "sliding_attention"]}, "some layers"),
-    ({"sliding_window": 0}, "sliding_window"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
@@ -425,6 +523,74 @@ def test_config_sliding_window_rules(keys, window):
 def test_config_keys_that_change_the_math_are_refused(keys, name):
     with pytest.raises(UnsupportedModelError, match=name):
         ModelConfig.from_hf({**TINY, **keys})
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive int, got 0"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be a positive int, got '4'"),
+    ({"num_attention_heads": 4.0}, "num_attention_heads must be a positive int, got 4.0"),
+    ({"num_attention_heads": True}, "num_attention_heads must be a positive int, got True"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be a positive int, got 2.0"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers must be a positive int, got '2'"),
+    ({"num_key_value_heads": 2.0}, "num_key_value_heads must be a positive int, got 2.0"),
+    ({"head_dim": "16"}, "head_dim must be a positive int, got '16'"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive finite number, got 'x'"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive finite number, got nan"),
+    ({"rope_theta": "x"}, "rope_theta must be a positive finite number, got 'x'"),
+    ({"max_position_embeddings": None}, "max_position_embeddings must be a positive int, got None"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor must be a positive finite number, got None"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": "4"}},
+     "rope_parameters.high_freq_factor must be a positive finite number, got '4'"),
+    ({"eos_token_id": "2"}, r"eos_token_id must be a token id in \[0, 49152\), got '2'"),
+    ({"eos_token_id": [2, 49152]}, r"eos_token_id must be a token id in \[0, 49152\), got 49152"),
+    ({"bos_token_id": -1}, r"bos_token_id must be a token id in \[0, 49152\), got -1"),
+    ({"sliding_window": 0}, "sliding_window must be a positive int, got 0"),
+    ({"sliding_window": 64, "max_window_layers": "1"}, "max_window_layers must be an int >= 0, got '1'"),
+])
+def test_hf_config_values_of_the_wrong_type_name_the_key(keys, message):
+    with pytest.raises(CheckpointError, match=message):
+        ModelConfig.from_hf({**TINY, **keys})
+
+
+def test_bad_config_values_are_refused_at_load_naming_the_file(tmp_path, smollm_tokenizer_dir):
+    save_hf(tiny_hf_model(), tmp_path, smollm_tokenizer_dir)
+    for keys, message in [({"num_attention_heads": "4"}, "num_attention_heads must be a positive int, got '4'"),
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'")]:
+        (tmp_path / "config.json").write_text(json.dumps({**TINY, **keys}))
+        with pytest.raises((CheckpointError, UnsupportedModelError), match=f"{tmp_path / 'config.json'}: {message}"):
+            load_checkpoint(str(tmp_path), progress=False)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="config.json holds a list, not an object"):
+        load_checkpoint(str(tmp_path), progress=False)
+
+
+GGUF_META = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
+             "llama.attention.head_count": 4, "llama.feed_forward_length": 160, "llama.vocab_size": 300}
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"llama.attention.head_count": None}, "llama.attention.head_count must be a positive int, got None"),
+    ({"llama.attention.head_count": 0}, "llama.attention.head_count must be a positive int, got 0"),
+    ({"llama.attention.head_count_kv": 2.0}, "llama.attention.head_count_kv must be a positive int, got 2.0"),
+    ({"llama.vocab_size": None}, "llama.vocab_size must be a positive int, got None"),  # (and no tokens)
+    ({"llama.rope.scaling.type": "linear"}, "llama.rope.scaling.factor must be a positive finite number, got None"),
+    ({"llama.attention.sliding_window": 8.0}, "llama.attention.sliding_window must be a positive int, got 8.0"),
+    ({"tokenizer.ggml.bos_token_id": "1"}, r"tokenizer.ggml.bos_token_id must be a token id in \[0, 300\), got '1'"),
+])
+def test_gguf_metadata_of_the_wrong_type_names_the_key(keys, message):
+    with pytest.raises(CheckpointError, match=message):
+        ModelConfig.from_gguf({**GGUF_META, **keys})
+
+
+def test_model_config_checks_its_fields():
+    with pytest.raises(ValueError, match="n_heads must be a positive int, got 4.0"):
+        ModelConfig(dim=64, n_layers=2, n_heads=4.0, n_kv_heads=2, vocab_size=97, ffn_dim=96)
+    with pytest.raises(ValueError, match=r"eos_token_ids must be a token id in \[0, 97\), got 97"):
+        ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=96, eos_token_ids=[97])
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, ffn_dim=96, rope_theta=10000,
+                         rope_scaling={"rope_type": "default"})
+    assert config.rope_theta == 10000.0 and isinstance(config.rope_theta, float) and config.rope_scaling is None
 
 
 def test_empty_hf_config_names_the_missing_keys(tmp_path, smollm_tokenizer_dir):

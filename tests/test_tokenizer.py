@@ -346,6 +346,36 @@ def test_bad_gguf_metadata(gguf_meta):
         Tokenizer.from_gguf_metadata(meta, "m.gguf")
 
 
+TINY_BPE = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+            "tokenizer.ggml.merges": ["a b"]}
+TINY_SP = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"],
+           "tokenizer.ggml.scores": [0.0, -1.0]}
+
+
+@pytest.mark.parametrize("meta, message", [
+    # Each of these reached the tokenizers library, which panics (a BaseException: the process dies) on some.
+    ({**TINY_BPE, "tokenizer.ggml.tokens": "ab"}, "tokenizer.ggml.tokens must be an array of strings, got a str"),
+    ({**TINY_BPE, "tokenizer.ggml.tokens": [0, 1, 2]}, "tokenizer.ggml.tokens must be an array of strings, got the "
+                                                       "entry 0"),
+    ({**TINY_BPE, "tokenizer.ggml.token_type": [1]}, "tokenizer.ggml.token_type must be an array of 3 ints, got 1 "
+                                                     "entries"),
+    ({**TINY_BPE, "tokenizer.ggml.token_type": [1, True, 1]}, "tokenizer.ggml.token_type must be an array of 3 ints, "
+                                                              "got the entry True"),
+    ({**TINY_BPE, "tokenizer.ggml.merges": [1]}, "tokenizer.ggml.merges must be an array of strings, got the entry 1"),
+    ({**TINY_BPE, "tokenizer.ggml.tokens": ["a", "b"]}, "tokenizer.ggml.merges holds 'a b', not two space-separated "
+                                                        "pieces whose join is a token"),
+    ({**TINY_BPE, "tokenizer.ggml.merges": ["ab"]}, "tokenizer.ggml.merges holds 'ab'"),
+    ({**TINY_BPE, "tokenizer.chat_template": 5}, "tokenizer.chat_template must be a string, got 5"),
+    ({**TINY_SP, "tokenizer.ggml.scores": [0.0]}, "tokenizer.ggml.scores must be an array of 2 numbers, got 1 entries"),
+    ({**TINY_SP, "tokenizer.ggml.scores": "0"}, "tokenizer.ggml.scores must be an array of 2 numbers, got a str"),
+])
+def test_gguf_metadata_of_the_wrong_type_names_the_key(meta, message):
+    with pytest.raises(TokenizerError, match="m.gguf: " + message):
+        Tokenizer.from_gguf_metadata(meta, "m.gguf")
+    assert Tokenizer.from_gguf_metadata(TINY_BPE, "m.gguf").encode("ab") == [2]
+    assert Tokenizer.from_gguf_metadata(TINY_SP, "m.gguf").vocab_size == 2
+
+
 def test_decode_unknown_id_raises(smollm):
     with pytest.raises(ValueError, match=r"token id 1000000000 is outside the vocabulary \(ids 0\.\.49151\)"):
         smollm.decode([57, 10**9])

@@ -28,8 +28,8 @@ from transformers import AttentionInterface, GenerationConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import ops, reference
-from ..config import ModelConfig
-from ..loaders import _check_shapes, hf_tensor_name
+from ..config import ModelConfig, check_shapes
+from ..loaders import hf_tensor_name
 from ..model import Transformer, build_model
 from ..sampling import SamplingParams, row_params
 from ..span import SpanBias
@@ -170,7 +170,7 @@ def to_llama_fast(model) -> Transformer:
             weights[target] = tensor
     if ignored:
         raise ValueError(f"{name}: tensors llama_fast has no place for: {ignored[:5]}{' ...' if len(ignored) > 5 else ''}")
-    _check_shapes(weights, config, name)  # (a CheckpointError: a ValueError naming the tensor)
+    check_shapes(weights, config, name)  # (a CheckpointError: a ValueError naming the tensor)
     dtypes = {t.dtype for t in weights.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         raise ValueError(f"{name}: weights must share one floating dtype, got {sorted(map(str, dtypes))}")
