@@ -222,6 +222,11 @@ def _address(view: memoryview) -> int:
     return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
+def model_tensors(gguf: GGUFFile) -> dict[str, GGUFTensor]:
+    """The model's tensors in the file, by their model names (Llama 3.1's rope_freqs goes into the config)."""
+    return {model_tensor_name(t.name, gguf.path): t for t in gguf.tensors.values() if t.name != ROPE_FACTORS}
+
+
 def gguf_config(gguf: GGUFFile) -> ModelConfig:
     """The file's ModelConfig: its metadata, and Llama 3.1's per-frequency RoPE divisors (the rope_freqs
     tensor) where it has them. The tensors' shapes (in the file's header) are checked against it before any
@@ -229,8 +234,7 @@ def gguf_config(gguf: GGUFFile) -> ModelConfig:
     with naming_the_file(gguf.path):
         config = ModelConfig.from_gguf(gguf.metadata)
     config.tie_embeddings = "output.weight" not in gguf.tensors
-    check_shapes({model_tensor_name(t.name, gguf.path): t for t in gguf.tensors.values() if t.name != ROPE_FACTORS},
-                 config, gguf.path)
+    check_shapes(model_tensors(gguf), config, gguf.path)
     factors = gguf.tensors.get(ROPE_FACTORS)
     if factors is not None:
         if factors.type != "F32" or factors.shape != (config.head_dim // 2,):

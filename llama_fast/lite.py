@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
-from .gguf_file import FLOAT_TYPES, ROPE_FACTORS, GGUFFile, gguf_config, mapped_weights
+from .gguf_file import FLOAT_TYPES, ROPE_FACTORS, GGUFFile, gguf_config, mapped_weights, model_tensors
 from .quant import QUANT_TYPES, block_cols, target_type
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import PenaltyWindow, SamplingParams, check_request, row_params
@@ -195,7 +195,7 @@ def _gguf_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | str
         return _block_tensors(gguf, config, dtype)
     want = _SAFETENSORS_DTYPE[dtype]
     if any(t.type not in FLOAT_TYPES for t in gguf.tensors.values()):
-        return _cached_gguf(gguf.path, dtype) or f"{gguf.path} is quantised and not in the cache in {dtype} yet"
+        return _cached_gguf(gguf, dtype) or f"{gguf.path} is quantised and not in the cache in {dtype} yet"
     matrices = {t.type for t in gguf.tensors.values() if len(t.shape) == 2}
     if matrices != {want}:
         return f"{gguf.path} holds {'/'.join(sorted(matrices))} matrices, not {want}"
@@ -218,7 +218,13 @@ def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | st
         entry = gguf_cache_entry(gguf.path, f"blocks:{dtype}")
         if entry is None:
             return f"{gguf.path} needs converting to {dtype} and is not in the cache yet"
-        gguf = GGUFFile(os.path.join(entry, "weights.gguf"))
+        try:
+            copy = GGUFFile(os.path.join(entry, "weights.gguf"))
+        except CheckpointError as err:
+            return f"{gguf.path}: its copy in {dtype} in the cache is damaged ({err}); the engine makes it again"
+        if {t.name: t.shape for t in copy.tensors.values()} != {t.name: t.shape for t in gguf.tensors.values()}:
+            return f"{gguf.path}: its copy in {dtype} in the cache ({entry}) does not hold its tensors; the engine makes it again"
+        gguf = copy
     tensors = {}
     for name, (array, kind) in mapped_weights(gguf, config.n_heads, config.n_kv_heads, sys.stderr.isatty()).items():
         shape = [array.shape[0], block_cols(kind, array.shape[1])] if kind in QUANT_TYPES else list(array.shape)
@@ -226,18 +232,23 @@ def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | st
     return tensors
 
 
-def _cached_gguf(path: str, dtype: str) -> dict | None:
-    """The tensors of the cache entry holding the quantised GGUF at `path` dequantised to `dtype`, or None.
-    As loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already."""
+def _cached_gguf(gguf: GGUFFile, dtype: str) -> dict | None:
+    """The tensors of the cache entry holding the quantised `gguf` dequantised to `dtype`, or None. As
+    loaders.load_gguf looks: the entry for the dtype, else the stored one if it is in that dtype already;
+    an entry that does not read or does not hold the file's tensors is left for the engine to make again."""
     want = _SAFETENSORS_DTYPE[dtype]
+    shapes = {name: list(t.shape) for name, t in model_tensors(gguf).items()}
     for key in (f"torch.{dtype}", None):
-        folder = gguf_cache_entry(path, key)
+        folder = gguf_cache_entry(gguf.path, key)
         if folder is None:
             continue
         try:
             tensors = read_safetensors(os.path.join(folder, "weights.safetensors"))
-        except CheckpointError as err:  # a damaged entry: the engine rebuilds it
+        except CheckpointError as err:
             log.info("llama_fast: cache entry %s unreadable (%s)", folder, err)
+            return None
+        if {name: shape for name, (_, _, shape) in tensors.items()} != shapes:
+            log.info("llama_fast: cache entry %s does not hold the file's tensors", folder)
             return None
         if all(dtype_name == want for _, dtype_name, _ in tensors.values()):
             return tensors

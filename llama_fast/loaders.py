@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, check_shapes, naming_the_file
 from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, gguf_tensor_name, mapped_weights,
-                        gguf_config, half_to_interleaved, interleaved_to_half, model_tensor_name)
+                        gguf_config, half_to_interleaved, interleaved_to_half, model_tensors)
 from .gguf_write import TensorSpec, write_gguf
 from .mapping import FileMappings
 from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
@@ -119,7 +119,9 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
     """The weights of a file with quantised tensors: from the cache entry in `dtype` (or as dequantised), else
     dequantised now into the cache (and cast into `dtype`'s entry) and mapped from there."""
     path = gguf.path
-    weights = (_read_gguf_cache(path, dtype) if dtype is not None else None) or _read_gguf_cache(path, None)
+    stored = {name: (tuple(t.shape), _FLOAT_DTYPES.get(t.type, torch.float32)) for name, t in model_tensors(gguf).items()}
+    weights = ((_read_gguf_cache(path, dtype, {name: (shape, dtype) for name, (shape, _) in stored.items()})
+                if dtype is not None else None) or _read_gguf_cache(path, None, stored))
     if weights is None:
         def dequantised(t: GGUFTensor) -> torch.Tensor:
             tensor = _dequantised(t)
@@ -129,9 +131,8 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
                 tensor = interleaved_to_half(tensor, config.n_heads if ".attn_q." in t.name else config.n_kv_heads)
             return tensor
 
-        weights = _cached(path, None, {
-            model_tensor_name(t.name, path): (t.shape, _FLOAT_DTYPES.get(t.type, torch.float32), lambda t=t: dequantised(t))
-            for t in gguf.tensors.values() if t.name != ROPE_FACTORS}, "dequantising GGUF", progress)
+        weights = _cached(path, None, {name: (*stored[name], lambda t=t: dequantised(t))
+                                       for name, t in model_tensors(gguf).items()}, "dequantising GGUF", progress)
     if dtype is not None and any(w.dtype != dtype for w in weights.values()):
         # Cast once and kept in `dtype` too: later loads map that entry and copy nothing. (Each mapped fp32
         # tensor's pages are dropped once cast.)
@@ -161,7 +162,8 @@ def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, prog
     try:
         folder = gguf_cache_path(path, dtype)
         if folder is not None and write_entry(folder, {"weights.safetensors": lambda part: save_weights(tensors, part)}):
-            weights = read_weights(os.path.join(folder, "weights.safetensors"))
+            expected = {name: (tuple(shape), kind) for name, (shape, kind, _) in tensors.items()}
+            weights = read_weights(os.path.join(folder, "weights.safetensors"), expected)
             if weights is not None:
                 return weights
         return {name: make() for name, (_, _, make) in tensors.items()}
@@ -253,15 +255,29 @@ def _converted_blocks(path: str, specs: list[TensorSpec], want: str, config: Mod
     `want`: mapped from its GGUF in the cache, written now if missing; converted in memory when caching is
     off (into `source`, the GGUF the specs read, where there is one)."""
     folder = gguf_cache_path(path, f"blocks:{want}")
-    if folder is not None and complete_entry(folder) is None:
-        if not write_entry(folder, {"weights.gguf": lambda part: write_gguf(
+    gguf = _converted_copy(folder, specs) if complete_entry(folder) else None
+    if gguf is None and folder is not None:
+        if write_entry(folder, {"weights.gguf": lambda part: write_gguf(
                 part, "llama", {}, _progress(specs, f"converting to {want}", progress))}):
-            folder = None
-    if folder is None:
+            gguf = GGUFFile(os.path.join(folder, "weights.gguf"))
+    if gguf is None:
         gguf = _converted_in_memory(source or _EmptyGGUF(path), specs, progress)
-    else:
-        gguf = GGUFFile(os.path.join(folder, "weights.gguf"))
     return _mapped_blocks(gguf, config, progress), _type_counts(t.type for t in gguf.tensors.values())
+
+
+def _converted_copy(folder: str, specs: list[TensorSpec]) -> GGUFFile | None:
+    """The converted GGUF of a complete cache entry if it holds what `specs` make; None (logged) for a damaged
+    one, which the caller writes again."""
+    file = os.path.join(folder, "weights.gguf")
+    try:
+        gguf = GGUFFile(file)
+    except CheckpointError as err:
+        log.warning("llama_fast: ignoring the damaged cache file %s (%s)", file, err)
+        return None
+    if {t.name: (tuple(t.shape), t.type) for t in gguf.tensors.values()} != {n: (tuple(s), k) for n, s, k, _ in specs}:
+        log.warning("llama_fast: ignoring the cache file %s, which does not hold what its checkpoint makes", file)
+        return None
+    return gguf
 
 
 def _converted_in_memory(gguf: GGUFFile, specs: list[TensorSpec], progress: bool) -> GGUFFile:
@@ -306,9 +322,12 @@ class _EmptyGGUF:
         pass
 
 
-def _read_gguf_cache(path: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor] | None:
+def _read_gguf_cache(path: str, dtype: torch.dtype | None, expected: dict) -> dict[str, torch.Tensor] | None:
+    """The weights of the checkpoint's complete cache entry for `dtype`, mapped, if it holds exactly the
+    `expected` tensors (name -> (shape, dtype)); else None (a damaged entry is logged, and rewritten by the
+    caller)."""
     folder = gguf_cache_entry(path, dtype)
-    return None if folder is None else read_weights(os.path.join(folder, "weights.safetensors"))
+    return None if folder is None else read_weights(os.path.join(folder, "weights.safetensors"), expected)
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -336,16 +355,24 @@ def save_weights(weights: dict, path: str) -> None:
             f.write(memoryview(w.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def read_weights(path: str) -> dict[str, torch.Tensor] | None:
-    """The tensors of a safetensors file in the cache, memory-mapped; None (logged) for a damaged file, which
-    the caller rebuilds from the checkpoint itself."""
+def read_weights(path: str, expected: dict | None = None) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file in the cache, memory-mapped; None (logged) for a damaged file (one
+    that does not read, or does not hold exactly the `expected` tensors: name -> (shape, dtype)), which the
+    caller rebuilds from the checkpoint itself."""
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        weights = load_file(path)
     except Exception as err:  # safetensors raises its own error types
         log.warning("llama_fast: ignoring the damaged cache file %s (%s)", path, err)
         return None
+    held = {name: (tuple(w.shape), w.dtype) for name, w in weights.items()}
+    if expected is not None and held != expected:
+        odd = sorted(set(held.items()) ^ set(expected.items()), key=str)[:2]
+        log.warning("llama_fast: ignoring the cache file %s, which does not hold what its checkpoint makes (%s)",
+                    path, odd)
+        return None
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------------

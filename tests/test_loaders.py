@@ -8,6 +8,7 @@ import torch
 
 from llama_fast import LLM, SpanBias
 from llama_fast.config import ModelConfig, UnsupportedModelError
+from llama_fast.lite import LiteLLM
 from llama_fast.loaders import CheckpointError, load_checkpoint, resolve_model_path
 from llama_fast.window import checkpoint_window
 
@@ -363,6 +364,17 @@ def test_gguf_conversion_cache(tmp_path, monkeypatch):
     os.replace(tmp_path / "damaged", os.path.join(folder, "weights.safetensors"))
     third = load_checkpoint(path, progress=False)
     assert torch.equal(third.weights["norm.weight"], first.weights["norm.weight"])
+    # One that reads well but does not hold what the file makes: a tensor missing, another of another shape.
+    # The fast start leaves it to the engine, which writes it again.
+    entry = dict(third.weights)
+    del entry["norm.weight"]
+    entry["layers.0.ffn_norm.weight"] = entry["layers.0.ffn_norm.weight"][:5]
+    loaders.save_weights(entry, str(tmp_path / "odd"))
+    os.replace(tmp_path / "odd", os.path.join(folder, "weights.safetensors"))
+    assert isinstance(LiteLLM._from_gguf(path, "float32", None, 0), str)
+    fourth = load_checkpoint(path, progress=False)
+    assert all(torch.equal(fourth.weights[k], first.weights[k]) for k in first.weights)
+    assert isinstance(LiteLLM._from_gguf(path, "float32", None, 0), LiteLLM)
     # An entry per dtype asked for: the bf16 one holds what casting the fp32 weights gives.
     half = load_checkpoint(path, progress=False, dtype=torch.bfloat16)
     assert loaders.gguf_cache_path(path, torch.bfloat16) != folder

@@ -17,6 +17,7 @@ import torch
 
 from llama_fast import LLM, _ext
 from llama_fast.gguf_file import GGUFFile
+from llama_fast.lite import LiteLLM
 from llama_fast.loaders import load_checkpoint, quantize_gguf
 from llama_fast.model import build_model
 from llama_fast.paths import CheckpointError, resolve_model_path
@@ -126,6 +127,12 @@ def test_other_type_is_converted_once_into_the_cache(tmp_path):
     assert entries[0].stat().st_mtime_ns == stamp
     w = again.weights["layers.0.feed_forward.w1.weight"]
     assert w.qtype == "Q8_0" and mapped_file(w.data.data_ptr()) == str(entries[0])
+    # A damaged copy (cut short: a new file, as the old one is mapped) is left by the fast start and made again.
+    (tmp_path / "cut").write_bytes(entries[0].read_bytes()[:4096])
+    os.replace(tmp_path / "cut", entries[0])
+    assert "damaged" in LiteLLM._from_gguf(resolve_model_path("smollm2-135m-instruct"), "q8_0", None, 0)
+    third = load_checkpoint("smollm2-135m-instruct", progress=False, dtype="q8_0")
+    assert torch.equal(third.weights["layers.0.feed_forward.w1.weight"].data, w.data)
 
 
 def test_quantized_file_loads_in_llama_cpp_with_the_same_logits(small_f32, tmp_path):
