@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import ops, validate
-from .errors import EngineClosedError, QueueFullError
+from .errors import EngineClosedError, QueueFullError, StepError
 from .sampling import PenaltyWindow, SamplingParams, check_max_new_tokens, row_params
 from .scheduler import Request, Scheduler, Sequence
 from .session import BLOCK_SIZE
@@ -260,10 +260,11 @@ class Engine:
             with self._lock:
                 try:
                     return outputs + self._finish_step(plan, logits)
-                except BaseException:  # a bug: the step's requests cannot go on; the engine stays usable
-                    for request_id in {seq.request.request_id for seq, _ in plan} & self._requests.keys():
+                except Exception as err:  # a bug: the step's requests cannot go on; the engine stays usable
+                    failed = sorted({seq.request.request_id for seq, _ in plan} & self._requests.keys())
+                    for request_id in failed:
                         self.abort(request_id)
-                    raise
+                    raise StepError(failed, err) from err
 
     def _before_schedule(self) -> None:
         """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its
@@ -435,8 +436,8 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             try:
                 outputs = self.engine.step()
-            except Exception as err:  # a bug: every waiting caller hears of it, the thread goes on
-                for request_id in list(self._streams):
+            except Exception as err:  # a bug: the requests it hit (all, where it cannot tell) hear of it
+                for request_id in err.request_ids if isinstance(err, StepError) else list(self._streams):
                     self._deliver(request_id, err)
                     self._abort(request_id)
                 continue

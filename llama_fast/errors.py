@@ -11,3 +11,13 @@ class QueueFullError(RuntimeError):
 
 class EngineClosedError(RuntimeError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class StepError(RuntimeError):
+    """An engine step failed (a bug; its cause is chained): the requests it was running were aborted, and
+    the others go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"an engine step failed ({type(cause).__name__}: {cause}); its requests "
+                         f"{', '.join(request_ids)} were aborted")
+        self.request_ids = request_ids

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from llama_fast import LLM, AsyncEngine, Engine, QueueFullError, SamplingParams, SpanBias
-from llama_fast.errors import EngineClosedError
+from llama_fast.errors import EngineClosedError, StepError
 from llama_fast import _ext
 from llama_fast.bench import rss_bytes
 from llama_fast.config import ModelConfig
@@ -298,16 +298,41 @@ def test_a_step_that_fails_aborts_its_requests_and_the_engine_goes_on(tiny, monk
     """An exception in a step's bookkeeping (a bug) reaches the caller; that step's requests are aborted, so
     no sequence is left half-advanced (never scheduled again, its blocks held), and the next ones run."""
     engine = Engine(tiny)
-    engine.add_request(ids(20, 5), max_new_tokens=8, n=2)
+    engine.add_request(ids(20, 5), max_new_tokens=8, n=2, request_id="r")
     engine.step()
     monkeypatch.setattr(engine, "_sample", lambda *args: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(StepError, match=r"an engine step failed \(ZeroDivisionError: division by zero\); its "
+                                        r"requests r were aborted") as info:
         engine.step()
+    assert info.value.request_ids == ["r"] and isinstance(info.value.__cause__, ZeroDivisionError)
     monkeypatch.undo()
     assert {out.finish_reason for out in engine.step()} == {"abort"}
     assert not engine.has_unfinished() and engine.stats()["blocks_in_use"] == 0
     rid = engine.add_request(ids(20, 5), max_new_tokens=8, ignore_eos=True)
     assert run(engine)[0][rid][0] == alone(tiny, ids(20, 5), 8, ignore_eos=True)[0]
+
+
+def test_a_failed_step_reaches_only_the_async_streams_it_ran(tiny, monkeypatch):
+    """max_running=1: the first request runs alone when its step fails; the queued one goes on, whole."""
+    async def main():
+        aengine = AsyncEngine(Engine(tiny, max_running=1))
+        fail = aengine.engine._finish_step
+        monkeypatch.setattr(aengine.engine, "_finish_step", lambda plan, logits: 1 / 0 if any(
+            seq.request.request_id == "doomed" for seq, _ in plan) else fail(plan, logits))
+
+        async def collect(request_id):
+            tokens = []
+            async for out in aengine.generate(ids(20, 6), max_new_tokens=8, ignore_eos=True, request_id=request_id):
+                tokens += out.new_token_ids
+            return tokens
+
+        results = await asyncio.gather(collect("doomed"), collect("fine"), return_exceptions=True)
+        await aengine.shutdown(timeout=5)
+        return results
+
+    doomed, fine = asyncio.run(main())
+    assert isinstance(doomed, StepError) and doomed.request_ids == ["doomed"]
+    assert fine == alone(tiny, ids(20, 6), 8, ignore_eos=True)[0]
 
 
 def test_engine_runs_the_model_forward_where_the_session_does_not(smollm):
