@@ -239,7 +239,8 @@ class Engine:
         """Runs one step: every running sequence's next token, prompt chunks as the budget allows, requests
         started as blocks allow. Returns what each sequence produced (and the aborts since the last step).
         Steps run one at a time; add_request, abort and stats from other threads do not wait for the
-        step's computation, only for its bookkeeping."""
+        step's computation, only for its bookkeeping. A step that fails (a bug) aborts the requests it ran
+        and raises StepError naming them; the engine goes on with the others."""
         with self._stepping:
             with self._lock:
                 self._before_schedule()
@@ -249,8 +250,11 @@ class Engine:
                     return outputs
                 entries = [(s.slot, s.tokens[s.computed:s.computed + n]) for s, n in plan]
                 self._in_flight = {s for s, _ in plan}
+            failure = None
             try:
                 logits = self.runner.step(entries)
+            except Exception as err:
+                failure = err
             finally:
                 with self._lock:
                     self._in_flight = set()
@@ -258,13 +262,18 @@ class Engine:
                         if seq.finish == "abort":  # aborted while the step ran: its blocks go now
                             self.scheduler.finish(seq)
             with self._lock:
-                try:
-                    return outputs + self._finish_step(plan, logits)
-                except Exception as err:  # a bug: the step's requests cannot go on; the engine stays usable
-                    failed = sorted({seq.request.request_id for seq, _ in plan} & self._requests.keys())
-                    for request_id in failed:
-                        self.abort(request_id)
-                    raise StepError(failed, err) from err
+                if failure is None:
+                    try:
+                        return outputs + self._finish_step(plan, logits)
+                    except Exception as err:
+                        failure = err
+                # The step's requests cannot go on (a sequence may be half-advanced); the engine stays usable,
+                # and the aborts taken for this step are reported by the next.
+                self._reported = outputs + self._reported
+                failed = sorted({seq.request.request_id for seq, _ in plan} & self._requests.keys())
+                for request_id in failed:
+                    self.abort(request_id)
+                raise StepError(failed, failure) from failure
 
     def _before_schedule(self) -> None:
         """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its

@@ -308,6 +308,12 @@ def test_a_step_that_fails_aborts_its_requests_and_the_engine_goes_on(tiny, monk
     monkeypatch.undo()
     assert {out.finish_reason for out in engine.step()} == {"abort"}
     assert not engine.has_unfinished() and engine.stats()["blocks_in_use"] == 0
+    engine.add_request(ids(20, 5), max_new_tokens=8, request_id="r")   # the runner's own failure alike
+    monkeypatch.setattr(engine.runner, "step", lambda *args: 1 / 0)
+    with pytest.raises(StepError, match="its requests r were aborted"):
+        engine.step()
+    monkeypatch.undo()
+    assert {out.finish_reason for out in engine.step()} == {"abort"} and not engine.has_unfinished()
     rid = engine.add_request(ids(20, 5), max_new_tokens=8, ignore_eos=True)
     assert run(engine)[0][rid][0] == alone(tiny, ids(20, 5), 8, ignore_eos=True)[0]
 
