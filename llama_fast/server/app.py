@@ -198,7 +198,7 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     if isinstance(err, QueueFullError):
         return APIError(429, f"the server is busy: {err}", code="queue_full")
     if isinstance(err, EngineClosedError):
-        return SHUTTING_DOWN
+        return shutting_down("it takes no new requests")
     message = str(err).replace("max_new_tokens", "max_tokens")
     name = message.split()[0]
     if name in ("max_tokens", "stop", "n", "seed", "min_tokens"):
@@ -208,7 +208,8 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     return APIError(400, message, prompt_field, "context_length_exceeded" if "context" in message else None)
 
 
-SHUTTING_DOWN = APIError(503, "the server is shutting down: it takes no new requests", code="shutting_down")
+def shutting_down(why: str) -> APIError:
+    return APIError(503, f"the server is shutting down: {why}", code="shutting_down")
 
 
 async def merged(streams: list):
@@ -238,7 +239,7 @@ async def merged(streams: list):
             elif isinstance(item, Exception):
                 raise item
             elif item.finish_reason == "abort":
-                raise APIError(503, "the server shut down before this request finished", code="shutting_down")
+                raise shutting_down("this request was aborted before it finished")
             else:
                 yield i, item
     finally:
