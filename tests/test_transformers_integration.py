@@ -295,6 +295,18 @@ def test_generate_matches_on_left_padded_batches(kwargs):
     assert torch.equal(lf_hf.generate(model, ids, attention_mask=mask, do_sample=False, **kwargs), theirs)
 
 
+@pytest.mark.parametrize("length", [10, 25, 250])
+def test_generate_without_a_length_makes_transformers_default_new_tokens(length):
+    """No max_new_tokens nor max_length: transformers makes its default max_length (20) of new tokens, as far
+    as the model's 256 positions allow (a 250-token prompt gets 6)."""
+    model = tiny("llama", seed=13, eos_token_id=None)   # (every row runs its full length)
+    ids = torch.tensor(random_prompts(101, [length], seed=14))
+    with torch.no_grad():
+        theirs = model.generate(ids, do_sample=False)
+    assert theirs.shape[1] == min(length + 20, 256)
+    assert torch.equal(lf_hf.generate(model, ids, do_sample=False), theirs)
+
+
 def test_generate_repetition_penalty_matches_and_refuses_padding():
     model = tiny("llama", seed=17)
     ids = torch.tensor(random_prompts(101, [8, 8], seed=18))
@@ -365,4 +377,9 @@ def test_accelerate_patches_generate():
     with torch.no_grad():
         theirs = model.generate(ids, do_sample=False, max_new_tokens=16)
     assert lf_hf.accelerate(model) is model
+    assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=16), theirs)
+    # A weight replaced, not changed in place (the shared tensors would not see it): decoded on the new one.
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    with torch.no_grad():
+        theirs = transformers.LlamaForCausalLM.generate(model, ids, do_sample=False, max_new_tokens=16)
     assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=16), theirs)

@@ -241,14 +241,17 @@ NO_EFFECT = {"use_cache", "cache_implementation", "cache_config", "max_cache_len
 
 
 def _llm_for(model):
-    """The LLM generate() runs `model` on, built once per model (it shares the model's weights)."""
-    llm = model.__dict__.get("_llama_fast_llm")
-    if llm is None:
+    """The LLM generate() runs `model` on, sharing its weights: built once, and again whenever a weight was
+    replaced rather than changed in place (a new Parameter, `param.data = ...`, model.to(dtype)), which the
+    shared tensors would not see."""
+    weights = tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+    built = model.__dict__.get("_llama_fast_llm")
+    if built is None or built[0] != weights:
         from ..llm import LLM
 
-        llm = LLM.from_transformers(model)
-        model.__dict__["_llama_fast_llm"] = llm
-    return llm
+        built = weights, LLM.from_transformers(model)
+        model.__dict__["_llama_fast_llm"] = built
+    return built[1]
 
 
 def _settings(model, kwargs: dict) -> GenerationConfig:
@@ -301,10 +304,15 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         raise ValueError(f"num_return_sequences must be >= 1, got {n}")
     if config.max_new_tokens is not None:
         max_new = config.max_new_tokens
-    else:
-        max_new = _get(config, "max_length") - T
+    elif config.max_length is None:  # as transformers: its default max_length in new tokens, within the positions
+        positions = getattr(model.config, "max_position_embeddings", None)
+        max_new = min(_get(config, "max_length"), positions - T if positions is not None else math.inf)
         if max_new <= 0:
-            raise ValueError(f"max_length={_get(config, 'max_length')} leaves no room after the {T} input_ids; "
+            raise ValueError(f"the {T} input_ids fill the model's {positions} positions; set max_new_tokens")
+    else:
+        max_new = config.max_length - T
+        if max_new <= 0:
+            raise ValueError(f"max_length={config.max_length} leaves no room after the {T} input_ids; "
                              "set max_new_tokens")
     if attention_mask is None:
         if pad is not None and pad not in eos and bool((input_ids == pad).any()):
