@@ -149,7 +149,7 @@ class Engine:
         per_sequence = self._sequence_params(params, n)
         if max_new_tokens is None:
             max_new_tokens = self._room(len(ids), n)
-        limit = max_new_tokens if context is None else min(max_new_tokens, context - len(ids))
+        limit = self.new_tokens_limit(len(ids), max_new_tokens)
         if limit < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens, the whole model context ({context}): "
                              "no room for a new token")
@@ -167,6 +167,11 @@ class Engine:
             text = TextStream(llm.tokenizer, ids, stops) if detokenize else None
             request.sequences.append(Sequence(request, i, p, list(ids), text, penalties))
         return request
+
+    def new_tokens_limit(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """max_new_tokens within what the model's context leaves after the prompt (no bound under a window)."""
+        context = self.llm._context
+        return max_new_tokens if context is None else min(max_new_tokens, context - prompt_tokens)
 
     def fits(self, tokens: int, n: int = 1) -> bool:
         """Whether n sequences of `tokens` tokens fit the KV pool together."""

@@ -263,8 +263,8 @@ class LLM:
             groups.setdefault(tuple(ids), []).append(row)
         rows_of = {}
         for ids, rows in groups.items():
-            end = len(ids) + max_new_tokens if self._context is None else min(len(ids) + max_new_tokens, self._context)
-            for part in [rows] if engine.fits(end, len(rows)) else [[row] for row in rows]:
+            together = engine.fits(len(ids) + engine.new_tokens_limit(len(ids), max_new_tokens), len(rows))
+            for part in [rows] if together else [[row] for row in rows]:
                 rows_of[engine.add_request(list(ids), [params[r] for r in part], max_new_tokens=max_new_tokens,
                                            stop=stops, n=len(part), ignore_eos=not stop_at_eos,
                                            detokenize=text)] = part

@@ -330,7 +330,7 @@ def _read_gguf_cache(path: str, dtype: torch.dtype | None, expected: dict) -> di
     return None if folder is None else read_weights(os.path.join(folder, "weights.safetensors"), expected)
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _FLOAT_DTYPES.items()}
 
 
 def save_weights(weights: dict, path: str) -> None:

@@ -262,14 +262,9 @@ def load_shard(path: str, world: int, dtype: torch.dtype | None, span, *, device
         raise ValueError(FLOAT_WEIGHTS_ONLY)
     rank = init_process_group(world, timeout_s, device)
     folder = shard_cache_path(path, dtype, world, rank)
-    cached = read_shard(folder)
-    if cached is not None:
-        config, weights = cached
-        try:
-            return _shard_of(config, plan_shard(config, world, rank), weights, span, device), Tokenizer.from_pretrained(path)
-        except ValueError as err:  # an entry that reads but does not fit its model: made again
-            log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
-            shutil.rmtree(folder, ignore_errors=True)
+    model = cached_shard(folder, world, rank, span, device)
+    if model is not None:
+        return model, Tokenizer.from_pretrained(path)
     ckpt = load_checkpoint(path, progress=progress, dtype=dtype)
     plan = plan_shard(ckpt.config, world, rank)
     held = bytes_in_memory(ckpt.weights)
@@ -307,22 +302,23 @@ def write_shard(folder: str, config, weights: dict[str, torch.Tensor]) -> None:
     write_entry(folder, {"config.json": write_config, "weights.safetensors": lambda part: save_weights(weights, part)})
 
 
-def read_shard(folder: str | None):
-    """-> (the whole model's config, this rank's weights mapped) of a complete shard cache entry, else None
-    (a damaged entry is logged and removed)."""
+def cached_shard(folder: str | None, world: int, rank: int, span, device: torch.device):
+    """The shard model of a complete shard cache entry (its weights mapped), else None. A damaged entry (one
+    that does not read, or reads but does not fit its model) is logged and removed: the caller makes it
+    again."""
     if complete_entry(folder) is None:
         return None
-    weights = read_weights(os.path.join(folder, "weights.safetensors"))
     try:
         with open(os.path.join(folder, "config.json")) as f:
             config = ModelConfig(**json.load(f))
+        weights = read_weights(os.path.join(folder, "weights.safetensors"))
+        if weights is None:
+            raise ValueError("its weights do not read")
+        return _shard_of(config, plan_shard(config, world, rank), weights, span, device)
     except (OSError, ValueError, TypeError) as err:
-        log.warning("llama_fast: ignoring the damaged cache file %s (%s)", os.path.join(folder, "config.json"), err)
-        weights = None
-    if weights is None:
+        log.warning("llama_fast: ignoring the damaged cache entry %s (%s)", folder, err)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    return config, weights
 
 
 def shard_bytes(model) -> int:

@@ -148,18 +148,18 @@ def prompts(prompt: Any, argument: str = "prompt") -> tuple[list[str | list[int]
         return isinstance(p, str) or (isinstance(p, list) and bool(p) and all(_is_token(t) for t in p))
 
     if one(prompt):
-        if isinstance(prompt, str):
-            text(prompt, argument)
-        return [prompt], True
-    if isinstance(prompt, (list, tuple)) and prompt and all(one(p) for p in prompt):
-        for i, p in enumerate(prompt):
-            if isinstance(p, str):
-                text(p, f"{argument}[{i}]")
-        return list(prompt), False
-    hint = " (chat messages go to LLM.chat)" if isinstance(prompt, dict) or (
-        isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, dict) for p in prompt)) else ""
-    raise ValueError(f"{argument} must be a str, a non-empty list of str, or token ids (a non-empty list of "
-                     f"int, or a list of those), got {_short(prompt)}{hint}")
+        found, single = [prompt], True
+    elif isinstance(prompt, (list, tuple)) and prompt and all(one(p) for p in prompt):
+        found, single = list(prompt), False
+    else:
+        hint = " (chat messages go to LLM.chat)" if isinstance(prompt, dict) or (
+            isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, dict) for p in prompt)) else ""
+        raise ValueError(f"{argument} must be a str, a non-empty list of str, or token ids (a non-empty list of "
+                         f"int, or a list of those), got {_short(prompt)}{hint}")
+    for i, p in enumerate(found):
+        if isinstance(p, str):
+            text(p, argument if single else f"{argument}[{i}]")
+    return found, single
 
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, context: int | None) -> list[int]:
