@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .config import ModelConfig, check_shapes, naming_the_file
 from .mapping import drop_pages
 from .paths import CheckpointError
-from .quant import QUANT_TYPES
+from .quant import QUANT_TYPES, target_type
 
 # Storage types the loaders read: floats, and the block formats the C++ kernels multiply as stored
 # (llama_fast.quant; with a float dtype they are dequantised).
@@ -225,6 +225,13 @@ def _address(view: memoryview) -> int:
 def model_tensors(gguf: GGUFFile) -> dict[str, GGUFTensor]:
     """The model's tensors in the file, by their model names (Llama 3.1's rope_freqs goes into the config)."""
     return {model_tensor_name(t.name, gguf.path): t for t in gguf.tensors.values() if t.name != ROPE_FACTORS}
+
+
+def block_targets(gguf: GGUFFile, want: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """GGUF name -> (shape, storage type) of each tensor when the file is loaded with dtype `want` (a block
+    format or "native"): quant.target_type's, but the rope factors, which stay as stored."""
+    return {t.name: (tuple(t.shape), t.type if t.name == ROPE_FACTORS else target_type(t.shape, t.type, want))
+            for t in gguf.tensors.values()}
 
 
 def gguf_config(gguf: GGUFFile) -> ModelConfig:

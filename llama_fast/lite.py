@@ -31,8 +31,8 @@ from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
-from .gguf_file import FLOAT_TYPES, ROPE_FACTORS, GGUFFile, gguf_config, mapped_weights, model_tensors
-from .quant import QUANT_TYPES, block_cols, target_type
+from .gguf_file import FLOAT_TYPES, GGUFFile, block_targets, gguf_config, mapped_weights, model_tensors
+from .quant import QUANT_TYPES, block_cols
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import PenaltyWindow, SamplingParams, check_request, row_params
 from .threads import ThreadTuner
@@ -214,7 +214,8 @@ def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | st
     """name -> (buffer, type, shape) for a block format or "native" (loaders.load_gguf's rules): the file's
     own tensors where each is in its target type already, else those of the engine's converted copy in the
     cache; or why not (the copy is not there yet: LLM writes it)."""
-    if any(t.name != ROPE_FACTORS and target_type(t.shape, t.type, dtype) != t.type for t in gguf.tensors.values()):
+    targets = block_targets(gguf, dtype)
+    if any(kind != gguf.tensors[name].type for name, (_, kind) in targets.items()):
         entry = gguf_cache_entry(gguf.path, f"blocks:{dtype}")
         if entry is None:
             return f"{gguf.path} needs converting to {dtype} and is not in the cache yet"
@@ -222,7 +223,7 @@ def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | st
             copy = GGUFFile(os.path.join(entry, "weights.gguf"))
         except CheckpointError as err:
             return f"{gguf.path}: its copy in {dtype} in the cache is damaged ({err}); the engine makes it again"
-        if {t.name: t.shape for t in copy.tensors.values()} != {t.name: t.shape for t in gguf.tensors.values()}:
+        if {t.name: (tuple(t.shape), t.type) for t in copy.tensors.values()} != targets:
             return f"{gguf.path}: its copy in {dtype} in the cache ({entry}) does not hold its tensors; the engine makes it again"
         gguf = copy
     tensors = {}

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ModelConfig, check_shapes, naming_the_file
-from .gguf_file import (FLOAT_TYPES, QK_TENSORS, ROPE_FACTORS, GGUFFile, GGUFTensor, gguf_tensor_name, mapped_weights,
+from .gguf_file import (FLOAT_TYPES, QK_TENSORS, GGUFFile, GGUFTensor, block_targets, gguf_tensor_name, mapped_weights,
                         gguf_config, half_to_interleaved, interleaved_to_half, model_tensors)
 from .gguf_write import TensorSpec, write_gguf
 from .mapping import FileMappings
@@ -190,12 +190,12 @@ def block_tensors(gguf: GGUFFile, want: str) -> list[TensorSpec]:
     """The tensors of `gguf` with dtype `want`, in its names and layout, each as a TensorSpec whose bytes are
     the stored ones where the type is kept, else converted (dequantised, requantised) when asked for."""
     specs = []
-    for t in gguf.tensors.values():
-        kind = t.type if t.name == ROPE_FACTORS else target_type(t.shape, t.type, want)
+    for name, (shape, kind) in block_targets(gguf, want).items():
+        t = gguf.tensors[name]
         if kind == t.type:
-            specs.append((t.name, t.shape, kind, lambda t=t: np.frombuffer(t.data, np.uint8)))
+            specs.append((name, shape, kind, lambda t=t: np.frombuffer(t.data, np.uint8)))
         else:
-            specs.append((t.name, t.shape, kind, lambda t=t, kind=kind: encode_values(_values(t), kind)))
+            specs.append((name, shape, kind, lambda t=t, kind=kind: encode_values(_values(t), kind)))
     return specs
 
 

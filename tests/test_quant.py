@@ -247,7 +247,7 @@ def test_cuda_weight_only_formats_run_in_the_model(kind):
     torch.testing.assert_close(logits(packed), logits(widened), rtol=1e-4, atol=1e-4)
 
 
-def test_fast_start_runs_the_blocks(native_and_dequantized):
+def test_fast_start_runs_the_blocks(native_and_dequantized, monkeypatch):
     """The torch-free fast start maps the same blocks and runs the same session: the engine's text. A type
     the file needs converting to waits for the engine's cached copy, then maps that."""
     from llama_fast.lite import LiteLLM
@@ -260,6 +260,11 @@ def test_fast_start_runs_the_blocks(native_and_dequantized):
     engine = LLM.from_pretrained("smollm2-135m-instruct", dtype="q8_0", progress=False)
     lite = LiteLLM.open("smollm2-135m-instruct", "q8_0")
     assert "".join(lite.stream(PROMPT, max_new_tokens=16)) == engine.generate(PROMPT, max_new_tokens=16).text
+    # A cached copy in other types than asked for (here q8_0's, found for q4_0) is not taken.
+    from llama_fast import lite as lite_module
+    q8_entry = lite_module.gguf_cache_entry(resolve_model_path("smollm2-135m-instruct"), "blocks:q8_0")
+    monkeypatch.setattr(lite_module, "gguf_cache_entry", lambda path, key: q8_entry)
+    assert LiteLLM.open("smollm2-135m-instruct", "q4_0") is None
 
 
 @pytest.mark.parametrize("gguf_type, want", [("F16", {"F16": 211, "F32": 61}), ("Q8_0", {"Q8_0": 211, "F32": 61})])
