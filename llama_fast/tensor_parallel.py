@@ -231,9 +231,15 @@ def become_shard(model, plan: ShardPlan, weights: dict[str, torch.Tensor], devic
         model.span, alibi_slopes=None if model.span.alibi_slopes is None else model.span.alibi_slopes[q].clone(),
         bucket_bias=None if model.span.bucket_bias is None else model.span.bucket_bias[q].clone())
     model.output = torch.nn.Linear(config.dim, len(plan.vocab), bias=False, device="meta")
-    unexpected = sorted(set(weights) - dict(model.named_parameters()).keys())
+    with torch.device("meta"):  # the shard's shapes: a model of the local heads and FFN, the vocabulary's slice
+        shapes = {name: p.shape for name, p in Transformer(model.config).named_parameters()}
+    shapes["output.weight"] = model.output.weight.shape
+    unexpected = sorted(set(weights) - shapes.keys())
     if unexpected:
         raise ValueError(f"the shard has tensors its model has no place for: {', '.join(unexpected[:3])}")
+    wrong = [f"{name} {tuple(w.shape)} (expected {tuple(shapes[name])})" for name, w in weights.items() if w.shape != shapes[name]]
+    if wrong:
+        raise ValueError(f"the shard's tensors have the wrong shapes: {', '.join(wrong[:3])}")
     for name, w in weights.items():  # (load_state_dict would insist on the full shapes)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))

@@ -158,12 +158,15 @@ def test_ranks_dequantising_one_file_at_once_share_its_cached_copy(tmp_path, mon
                            torch.load(tmp_path / "first" / f"logits{rank}.pt"))
 
 
+W1 = "layers.1.feed_forward.w1.weight"
+
+
 def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached_shard(tmp_path, monkeypatch,
                                                                                        spm_model_file):
     """A Meta checkpoint in two model-parallel files, joined in memory as it loads (more than a rank's shard):
     at tp=2 each rank's logits equal one process's within 1e-4, with the same greedy tokens; each rank writes
     its shard to the cache, and its next load maps that file alone and computes the same logits. A damaged
-    entry is removed and written again, as is one that reads well but lacks a tensor."""
+    entry is removed and written again, as is one that reads well but lacks a tensor or holds a misshapen one."""
     from safetensors.torch import load_file
     from llama_fast import LLM, SamplingParams
     from llama_fast.config import ModelConfig
@@ -195,12 +198,16 @@ def test_meta_files_at_tp2_give_one_process_logits_and_each_rank_maps_its_cached
         if run == "again":
             with open(entries[run][0], "r+b") as f:  # (the processes that mapped it have exited)
                 f.write(b"\xff" * 64)
-        if run == "damaged":
+        if run == "damaged":  # one entry lacks a tensor, the other holds one of the wrong shape
             shard = load_file(entries[run][1])
             save_weights({name: w for name, w in shard.items() if name != "norm.weight"}, str(tmp_path / "part"))
             os.replace(tmp_path / "part", entries[run][1])
+            shard = load_file(entries[run][0])
+            save_weights({**shard, W1: shard[W1][:-1]}, str(tmp_path / "part"))
+            os.replace(tmp_path / "part", entries[run][0])
     assert len(entries["first"]) == 2 and entries["again"] == entries["damaged"] == entries["incomplete"] == entries["first"]
     assert "norm.weight" in load_file(entries["incomplete"][1])
+    assert load_file(entries["incomplete"][0])[W1].shape == load_file(entries["incomplete"][1])[W1].shape
     assert sorted(f for r in runs["again"] for f in r["mapped_from"]) == entries["first"]  # one file per rank
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / "again" / f"logits{rank}.pt"),
