@@ -352,6 +352,7 @@ class Tokenizer:
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
         self.eos_ids = {i for i in (eos_id, *extra_eos_ids) if i is not None}
+        self._bytes: dict[int, bytes] = {}   # token_bytes' answers: the server asks per token, twice with logprobs
         for token in END_OF_TURN_TOKENS:  # the turn ends the chat template writes also end generation
             i = backend.token_to_id(token)
             if i is not None and chat_template and token in chat_template:
@@ -369,6 +370,12 @@ class Tokenizer:
         """The bytes token ``i`` adds to a text. A byte-level BPE token or a SentencePiece byte piece may hold
         part of a character, which decode([i]) can only show as U+FFFD; SentencePiece's "\u2581" is a space
         (decode([i]) drops it at the start of a text)."""
+        known = self._bytes.get(i)
+        if known is None:
+            known = self._bytes[i] = self._read_token_bytes(i)
+        return known
+
+    def _read_token_bytes(self, i: int) -> bytes:
         text = self.decode([i])
         piece = self.token(i)
         if piece is None or piece in self._backend.special:
