@@ -249,8 +249,12 @@ class PagedKVCache:
             self._copy(self.manager.evict([int(s) for s in seq_ids], self.window, self.sink_tokens))
 
     def blocks_needed(self, seq_ids, num_new: int) -> int:
-        """Free blocks a step of num_new tokens for each of seq_ids would take (after evict_invisible)."""
-        return self.manager.blocks_needed([int(s) for s in seq_ids], num_new)
+        """Free blocks a step of num_new tokens for each of seq_ids would take (after evict_invisible);
+        CacheFullError for a step past what a sequence can hold (2^31 - 1 tokens)."""
+        try:
+            return self.manager.blocks_needed([int(s) for s in seq_ids], num_new)
+        except self._C.KVCacheFull as err:
+            raise CacheFullError(str(err)) from None
 
     def reserve(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The host side of begin_step for the current batch: evicts, makes room for num_new tokens per row

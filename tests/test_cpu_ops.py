@@ -136,11 +136,18 @@ def test_cpu_attention_rejects_bad_input():
         (dict(scale=0.0), "scale must be positive"),
         (dict(q_sink=q[:, :1].contiguous()), "q_sink must be float32 shaped like q"),
         (dict(q_sink=q.double()), "q_sink must be float32"),
+        (dict(q=q[:, :, :0].contiguous()), "multiple of the KV heads"),  # (no heads: once a division by zero)
+        (dict(num_threads=1025), r"num_threads must be in \[0, 1024\]"),
+        (dict(num_threads=2**32), r"num_threads must be in \[0, 1024\]"),  # (not wrapped to 0)
+        (dict(num_threads=-1), r"num_threads must be in \[0, 1024\]"),
     ]
     for bad, message in cases:
         args = dict(q=q, k_cache=k, v_cache=k, seqlens=ok) | bad
         with pytest.raises(RuntimeError, match=message):
             c.cpu_attention(**args)
+    for threads in (-1, 1025, 2**31):
+        with pytest.raises(RuntimeError, match=r"cpu_matvec: num_threads must be in \[0, 1024\]"):
+            c.cpu_matvec(torch.randn(64, 32), torch.randn(1, 32), num_threads=threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

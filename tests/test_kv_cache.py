@@ -383,3 +383,9 @@ def test_paged_bad_input():
         C.gather_paged(cache.k[0], torch.tensor([0, 7], dtype=torch.int32), 6)
     with pytest.raises(ValueError):
         PagedKVCache(1, 4, 4, H, D, window=4, sink_tokens=4)
+    # Counts past a sequence's limit: no block count wrapped around, and no pool allocated before it is refused.
+    with pytest.raises(CacheFullError, match="2\\^31 - 1 tokens"):
+        cache.blocks_needed([cache.add_sequence()], 2**63 - 1)
+    for num_blocks in (2**40, -5):
+        with pytest.raises(ValueError, match="num_blocks must be in"):
+            C.PagedBlockManager(num_blocks, 4)

@@ -164,6 +164,11 @@ def test_session_refuses_bad_tensors(lite):
         new_session(lite, isa="sse9")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         new_session(lite, n_kv_heads=4)
+    with pytest.raises(ValueError, match="num_threads"):
+        new_session(lite, num_threads=1025)
+    # Each count is in range, their product (the pools' bytes) is not: refused, not wrapped to a small allocation.
+    with pytest.raises(ValueError, match="too large to allocate"):
+        new_session(lite, num_blocks=1 << 30, block_size=4096)
 
 
 def test_session_and_sampler_refuse_bad_calls(lite):
@@ -199,6 +204,13 @@ def test_session_and_sampler_refuse_bad_calls(lite):
             _lite.sample_row(logits, bad, 0.0, 0, 1.0, 0.0, 0, 0, 1.2, 0.0, 0.0)
     with pytest.raises(ValueError, match="num_threads"):
         session.num_threads = 0
+    other = session.add_sequence()  # ids past the vocabulary match no cached prefix: refused as step refuses them
+    for bad in ([2**32 + 1, 2, 3], [-(2**32) + 1, 2, 3]):
+        with pytest.raises(ValueError, match=r"Session.match_prefix: token id .* is outside \[0, 49152\)"):
+            session.match_prefix(other, bad)
+    for args in [(10, 1, 0, 0, 0), (-5, 1, 0, 0, 16), (1, 1, -1, 0, 16), (2**62, 1, 0, 0, 16)]:
+        with pytest.raises(ValueError, match="blocks_for_sequence"):
+            _lite.blocks_for_sequence(*args)
     assert 0 <= _lite.sample_row(logits, seen, 0.7, 5, 0.9, 0.0, 1, 0, 1.3, 0.0, 0.0) < session.vocab
 
 

@@ -268,3 +268,24 @@ def test_session_checks_quantized_weights(tiny_weights):
                       weights=quantized, owner=owners, inv_freq=[1.0], alibi_slopes=[], bucket_table=[], window=0,
                       sinks=0, logit_softcap=0.0, scale=0.0, num_blocks=4, block_size=16, kv_dtype="Q8_0",
                       num_threads=1, isa="auto")
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_non_finite_and_tiny_blocks_quantize_alike_on_every_isa(qtype):
+    """A block holding inf or NaN quantizes to NaN, a block too small for 1 / d to be finite to zeros: on every
+    ISA (each used to round x * inf its own way: a tiny positive value to -d, +inf to -inf on AVX2)."""
+    n = BLOCK[qtype]
+    x = torch.randn(4, 2 * n, generator=torch.Generator().manual_seed(3))
+    x[0, 5], x[1, n + 3], x[2, 7] = float("inf"), float("-inf"), float("nan")
+    x[3, :n] = 1e-38
+    got = {isa: c().cpu_quantize_activations(x, qtype, isa) for isa in supported_isas()}
+    for isa, xq in got.items():
+        blocks = xq.view(4, 2, n)
+        assert blocks[0, 0].isnan().all() and blocks[1, 1].isnan().all() and blocks[2, 0].isnan().all(), isa
+        assert (blocks[3, 0] == 0).all(), isa
+        finite = torch.tensor([[False, True], [True, False], [False, True], [True, True]])
+        assert_bitwise(blocks[finite], next(iter(got.values())).view(4, 2, n)[finite], f"{qtype} {isa}")
+    w = make_weights(qtype, 3, 2 * n, np.random.default_rng(5))
+    for isa in supported_isas():
+        y = matvec(w, x, qtype, isa, threads=1)
+        assert y[:3].isnan().all() and y[3].isfinite().all(), isa

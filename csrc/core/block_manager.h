@@ -32,6 +32,13 @@ struct BlockCopy {
 // tokens and less than a block more) plus the step's.
 inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t window, int64_t sinks,
                                    int64_t block_size) {
+  constexpr int64_t kMost = int64_t(1) << 40;  // (far past any cache; keeps the sums below from overflowing)
+  if (block_size < 1 || block_size > (int64_t(1) << 20))
+    throw std::invalid_argument("blocks_for_sequence: block_size must be in [1, 2^20], got " + std::to_string(block_size));
+  for (int64_t n : {tokens, step_tokens, window, sinks})
+    if (n < 0 || n > kMost)
+      throw std::invalid_argument("blocks_for_sequence: tokens, step_tokens, window and sinks must be in [0, 2^40], got " +
+                                  std::to_string(n));
   const int64_t bs = block_size, all = (tokens + bs - 1) / bs;
   if (window == 0) return all;
   return std::min(all, (sinks + window + bs - 2 + step_tokens + bs - 1) / bs);
@@ -39,10 +46,10 @@ inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t 
 
 class BlockManager {
  public:
+  static constexpr int64_t kMaxLength = (int64_t(1) << 31) - 1;  // tokens a sequence holds at most: indices are int32
+
   BlockManager(int64_t num_blocks, int64_t block_size, bool prefix_caching = false)
-      : block_size_(block_size), prefix_caching_(prefix_caching), refcount_(num_blocks, 0) {
-    if (num_blocks < 1 || block_size < 1 || num_blocks > (int64_t(1) << 30) || block_size > (int64_t(1) << 20))
-      throw std::invalid_argument("BlockManager: num_blocks must be in [1, 2^30] and block_size in [1, 2^20]");
+      : block_size_(block_size), prefix_caching_(prefix_caching), refcount_(checked_count(num_blocks, block_size), 0) {
     free_.reserve(num_blocks);
     for (int64_t i = num_blocks - 1; i >= 0; --i) free_.push_back(static_cast<int32_t>(i));  // pop 0 first
     if (prefix_caching) cached_.resize(num_blocks);
@@ -174,10 +181,10 @@ class BlockManager {
   // the partially filled last block (copy-on-write; copies appended to `copies`). Atomic: throws
   // KVCacheFull and changes nothing when the pool cannot hold the step. Returns each sequence's start index.
   std::vector<int32_t> reserve(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts,
-                               std::vector<BlockCopy>& copies, int64_t max_length = (int64_t(1) << 31) - 1) {
+                               std::vector<BlockCopy>& copies, int64_t max_length = kMaxLength) {
     check_counts(ids, counts, "reserve");
     if (max_length < 0) throw std::invalid_argument("reserve: max_length must be >= 0");
-    max_length = std::min<int64_t>(max_length, (int64_t(1) << 31) - 1);  // indices are int32
+    max_length = std::min<int64_t>(max_length, kMaxLength);
     std::unordered_map<int64_t, int> seen;
     for (int64_t id : ids)
       if (seen[id]++)
@@ -215,6 +222,9 @@ class BlockManager {
   // copies, or r - 1 when all do, the last keeping the block).
   int64_t blocks_needed(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) const {
     check_counts(ids, counts, "blocks_needed");
+    for (size_t i = 0; i < ids.size(); ++i)  // (as reserve refuses them: so the sums below cannot overflow)
+      if (counts[i] > kMaxLength - seqs_.at(ids[i]).length)
+        throw KVCacheFull("sequence " + std::to_string(ids[i]) + " would hold more than 2^31 - 1 tokens");
     return count_needed(ids, counts);
   }
 
@@ -299,6 +309,14 @@ class BlockManager {
   };
 
   int64_t blocks_for(int64_t tokens) const { return (tokens + block_size_ - 1) / block_size_; }
+
+  // num_blocks, checked with block_size before the constructor allocates anything.
+  static int64_t checked_count(int64_t num_blocks, int64_t block_size) {
+    if (num_blocks < 1 || block_size < 1 || num_blocks > (int64_t(1) << 30) || block_size > (int64_t(1) << 20))
+      throw std::invalid_argument("BlockManager: num_blocks must be in [1, 2^30] and block_size in [1, 2^20], got " +
+                                  std::to_string(num_blocks) + " and " + std::to_string(block_size));
+    return num_blocks;
+  }
 
   const Seq& get(int64_t id, const char* op) const {
     auto it = seqs_.find(id);

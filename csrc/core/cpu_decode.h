@@ -57,6 +57,9 @@ struct HeadSpan {
 // The most query heads one attention call takes (heads of one KV group; larger groups go in parts).
 constexpr int kMaxGroupHeads = 16;
 
+// The most threads a step or op runs on: beyond it OpenMP's per-thread stacks exhaust memory (or wrap `int`).
+constexpr int kMaxThreads = 1024;
+
 // For the small reductions that end a tile: inlined, they work on the tile's registers; called (GCC declined
 // to inline them into the prompt tiles), the tile's accumulators go through memory.
 #define LF_INLINE __attribute__((always_inline))

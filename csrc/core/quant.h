@@ -188,7 +188,7 @@ inline void dequantize_row(WType t, const void* row, int K, float* out) {
 //
 // Each activation vector is quantized per block of 32 (the 32-element weight types) or 256 (K-quants)
 // elements: d = act_scale(max |x|), q = round-half-even(x * act_inverse(d)), |q| <= 127; a block with a NaN
-// gets d = NaN. Every ISA quantizes (quant_isa.inc's quantize_activations) with IEEE operations alone (a maximum, one
+// or an inf gets d = NaN (its integers do not matter), a block of tiny values d = 0. Every ISA quantizes (quant_isa.inc's quantize_activations) with IEEE operations alone (a maximum, one
 // division, products rounded once, conversion to nearest even), so all of them get the same integers. The
 // kernel reads one "pack" per vector, its bytes laid out for the weight type and the kernel's vector width
 // (`lanes`, int32 lanes: 16, 8 or 1):
@@ -260,9 +260,13 @@ inline size_t act_bytes(const ActSpec& s, int K) {
 }
 
 // d of a block whose largest magnitude is amax: amax / 127 rounded up to 16 significant bits, so that every
-// d * q (|q| <= 127) is exact in fp32 (what the kernels multiply by is then exactly representable, for tests);
-// NaN stays NaN, inf gives inf.
+// d * q (|q| <= 127) is exact in fp32 (what the kernels multiply by is then exactly representable, for tests).
+// A block holding inf or NaN gets NaN (its products are not finite anyway); one so small that 1 / d would
+// overflow (amax < 127 FLT_MIN) gets 0, a block of zeros: on every ISA, which would otherwise each round
+// x * inf differently.
 inline float act_scale(float amax) {
+  if (!(amax <= std::numeric_limits<float>::max())) return std::numeric_limits<float>::quiet_NaN();
+  if (amax < 127.0f * std::numeric_limits<float>::min()) return 0.0f;
   const float d = amax / 127.0f;
   uint32_t u;
   std::memcpy(&u, &d, 4);

@@ -169,9 +169,14 @@ class Session {
     const size_t nkv = static_cast<size_t>(shape_.n_kv_heads) * shape_.head_dim;
     block_elems_ = static_cast<size_t>(cache.block_size) * nkv;
     const size_t esz = cache.kv_dtype == DType::BF16 ? 2 : 4;
-    const size_t pool_bytes = static_cast<size_t>(cache.num_blocks) * block_elems_ * esz;
+    size_t pool_bytes = 0, total = 0;  // one layer's K (or V) pool; all of them
+    SESSION_CHECK(!__builtin_mul_overflow(static_cast<size_t>(cache.num_blocks), block_elems_ * esz, &pool_bytes) &&
+                      !__builtin_mul_overflow(pool_bytes, 2 * static_cast<size_t>(shape_.n_layers), &total) &&
+                      total < (size_t{1} << 48),
+                  "Session: a KV cache of ", cache.num_blocks, " blocks of ", cache.block_size, " tokens, ",
+                  shape_.n_layers, " layers and ", nkv, " values per token is too large to allocate");
     // Not zeroed: a slot is always written before it is read.
-    pools_.reset(new char[2 * pool_bytes * shape_.n_layers]);
+    pools_.reset(new char[total]);
     for (int l = 0; l < shape_.n_layers; ++l) {
       k_.push_back(pools_.get() + (2 * l) * pool_bytes);
       v_.push_back(pools_.get() + (2 * l + 1) * pool_bytes);
@@ -206,6 +211,7 @@ class Session {
   int64_t match_prefix(int64_t id, const int64_t* tokens, int64_t n) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_sequence(id, "match_prefix");
+    check_tokens(tokens, n, "Session.match_prefix");
     return blocks_.match_prefix(id, tokens, n);
   }
 
@@ -278,9 +284,7 @@ class Session {
     }
     SESSION_CHECK(rows == num_tokens, "Session.step: the entries count ", rows, " tokens, got ", num_tokens);
     SESSION_CHECK(rows < (int64_t{1} << 24), "Session.step: too many tokens in one step (", rows, ")");
-    for (int64_t i = 0; i < rows; ++i)
-      SESSION_CHECK(tokens[i] >= 0 && tokens[i] < embed_vocab_, "Session.step: token id ", tokens[i], " at ", i,
-                    " is outside [0, ", embed_vocab_, ")");
+    check_tokens(tokens, rows, "Session.step");
     const auto [ids, counts] = split_entries(entries);
     evict(ids);
     std::vector<BlockCopy> copies;
@@ -328,7 +332,7 @@ class Session {
   int num_threads() const { return num_threads_; }
   void set_num_threads(int n) {
     std::lock_guard<std::mutex> lock(mutex_);
-    SESSION_CHECK(n >= 1 && n <= 1024, "Session: num_threads must be in [1, 1024], got ", n);
+    SESSION_CHECK(n >= 1 && n <= cd::kMaxThreads, "Session: num_threads must be in [1, ", cd::kMaxThreads, "], got ", n);
     num_threads_ = n;
   }
   const char* isa_name() const { return cd::isa_name(isa_); }
@@ -340,6 +344,11 @@ class Session {
     if (!blocks_.contains(id)) throw BadArgument(cat("Session.", op, ": unknown or freed sequence id ", id));
   }
   int64_t true_length(int64_t id) const { return blocks_.length(id) + blocks_.evicted(id); }
+  void check_tokens(const int64_t* tokens, int64_t n, const char* op) const {
+    for (int64_t i = 0; i < n; ++i)
+      SESSION_CHECK(tokens[i] >= 0 && tokens[i] < embed_vocab_, op, ": token id ", tokens[i], " at ", i,
+                    " is outside [0, ", embed_vocab_, ")");
+  }
 
   static std::pair<std::vector<int64_t>, std::vector<int64_t>> split_entries(const std::vector<Entry>& entries) {
     std::vector<int64_t> ids, counts;

@@ -73,9 +73,11 @@ class PySession {
     std::string isa_error;
     const cd::Isa chosen = cd::parse_isa(isa, isa_error);
     SESSION_CHECK(isa_error.empty(), "Session: ", isa_error);
-    SESSION_CHECK(num_threads >= 0, "Session: num_threads must be >= 0 (0: all cores OpenMP sees), got ", num_threads);
+    SESSION_CHECK(num_threads >= 0, "Session: num_threads must be >= 0 (0: all cores OpenMP sees, at most ",
+                  cd::kMaxThreads, "), got ", num_threads);
     session_ = std::make_unique<Session>(shape, map, span, std::move(inv_freq), cache,
-                                         num_threads > 0 ? num_threads : omp_get_max_threads(), chosen);
+                                         num_threads > 0 ? num_threads : std::min(omp_get_max_threads(), cd::kMaxThreads),
+                                         chosen);
   }
 
   // seqs[i] gets counts[i] new tokens, taken in order from `tokens`; returns (len(seqs), vocab) logits of

@@ -24,6 +24,13 @@ cd::Isa parse_isa(const std::string& name) {
   return isa;
 }
 
+// The threads an op runs on: num_threads, or torch's count for 0.
+int thread_count(int64_t num_threads, const char* who) {
+  TORCH_CHECK(num_threads >= 0 && num_threads <= cd::kMaxThreads, who, ": num_threads must be in [0, ",
+              cd::kMaxThreads, "] (0: torch's thread count), got ", num_threads);
+  return num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+}
+
 // fp32 contiguous copy of an optional per-head tensor (alibi slopes (H,), bucket table (H, max_distance + 1)),
 // checked; undefined when absent. `who` names the caller in errors.
 torch::Tensor span_table(const std::optional<torch::Tensor>& t, int64_t n_heads, bool per_distance, const char* who,
@@ -112,7 +119,7 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
     max_blocks = block_table->size(1);
     S = max_blocks * block_size;
   }
-  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, who, ": the query heads (", H, ") must be a multiple of the KV heads (", Hkv, ")");
+  TORCH_CHECK(Hkv >= 1 && H >= 1 && H % Hkv == 0, who, ": the query heads (", H, ") must be a multiple of the KV heads (", Hkv, ")");
   TORCH_CHECK(std::max({S, H * D, B * T}) < (int64_t{1} << 30), who, ": sizes too large");
   TORCH_CHECK(seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 && seqlens.size(0) == B, who,
               ": seqlens must be int32 of shape (", B, ",), got ", seqlens.scalar_type(), " ", seqlens.sizes());
@@ -136,8 +143,7 @@ torch::Tensor cpu_attention(const torch::Tensor& q, const torch::Tensor& k_cache
   const auto buckets = span_table(bucket_table, H, true, who, "bucket_table");
   const auto spans = head_spans(H, slopes, buckets, window, sink_tokens, logit_softcap, scale, who);
   const auto kern = cd::kernels_for(parse_isa(isa));
-  TORCH_CHECK(num_threads >= 0, who, ": num_threads must be >= 0 (0: torch's thread count)");
-  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  const int nt = thread_count(num_threads, who);
   auto out = torch::empty_like(q);
   const float* qp = q.data_ptr<float>();
   const float* qsp = q_sink ? q_sink->data_ptr<float>() : qp;
@@ -220,7 +226,7 @@ torch::Tensor cpu_matvec(const torch::Tensor& weight, const torch::Tensor& x, in
   const void* w = weight.data_ptr();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int nt = num_threads > 0 ? static_cast<int>(num_threads) : at::get_num_threads();
+  const int nt = thread_count(num_threads, who);
   pybind11::gil_scoped_release no_gil;
 #pragma omp parallel num_threads(nt)
   {
