@@ -85,6 +85,8 @@ class Engine:
                                    chunk=chunk, block_size=BLOCK_SIZE, chunked=chunked_prefill,
                                    windowed=span.window is not None)
         self._eos = set(llm.config.eos_token_ids) | llm.tokenizer.eos_ids
+        # An embedding padded past the tokenizer's vocabulary: those rows are no token (no text), never sampled.
+        self._textless = llm.tokenizer.vocab_size if llm.config.vocab_size > llm.tokenizer.vocab_size else None
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._reported: list[RequestOutput] = []  # aborts, reported by the next step
         self._ids = itertools.count()
@@ -146,6 +148,9 @@ class Engine:
             raise ValueError(f"request_id must be a non-empty str or None, got {request_id!r}")
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        if any(out.request_id == request_id for out in self._reported):
+            raise ValueError(f"request_id {request_id!r} was aborted and the next step reports it; use another id "
+                             "or add this request after that step")
         per_sequence = self._sequence_params(params, n)
         if max_new_tokens is None:
             max_new_tokens = self._room(len(ids), n)
@@ -213,8 +218,17 @@ class Engine:
                     seq.finish = "abort"
                     if seq not in self._in_flight:
                         self.scheduler.finish(seq)
-                    text = seq.text.flush() if seq.text is not None else ""
-                    self._reported.append(RequestOutput(request_id, seq.index, [], text, "abort", len(request.prompt)))
+                    self._reported.append(RequestOutput(request_id, seq.index, [], self._rest_of_text(seq), "abort",
+                                                        len(request.prompt)))
+
+    @staticmethod
+    def _rest_of_text(seq: Sequence) -> str:
+        """The text seq held back, for its abort; "" where it cannot be made (aborting a failed step's
+        requests must not fail)."""
+        try:
+            return seq.text.flush() if seq.text is not None else ""
+        except Exception:
+            return ""
 
     def abort_all(self) -> None:
         """Aborts every unfinished request."""
@@ -255,10 +269,10 @@ class Engine:
                     return outputs
                 entries = [(s.slot, s.tokens[s.computed:s.computed + n]) for s, n in plan]
                 self._in_flight = {s for s, _ in plan}
-            failure = None
+            failure, produced = None, []
             try:
                 logits = self.runner.step(entries)
-            except Exception as err:
+            except BaseException as err:  # (a KeyboardInterrupt too: the cache holds the step, `computed` not)
                 failure = err
             finally:
                 with self._lock:
@@ -269,22 +283,28 @@ class Engine:
             with self._lock:
                 if failure is None:
                     try:
-                        return outputs + self._finish_step(plan, logits)
-                    except Exception as err:
+                        self._finish_step(plan, logits, produced)
+                        return outputs + produced
+                    except BaseException as err:
                         failure = err
-                # The step's requests cannot go on (a sequence may be half-advanced); the engine stays usable,
-                # and the aborts taken for this step are reported by the next.
-                self._reported = outputs + self._reported
+                # The step's unfinished requests cannot go on (a sequence may be half-advanced): aborted; the
+                # engine stays usable, and what the step did produce (requests it finished) and the aborts are
+                # reported by the next.
+                self._reported = outputs + produced + self._reported
                 failed = sorted({seq.request.request_id for seq, _ in plan} & self._requests.keys())
                 for request_id in failed:
                     self.abort(request_id)
+                if not isinstance(failure, Exception):  # KeyboardInterrupt, SystemExit: theirs to handle
+                    raise failure
                 raise StepError(failed, failure) from failure
 
     def _before_schedule(self) -> None:
         """Called at the start of every step, under the lock (tensor_parallel.LeaderEngine sends its
         changes to the other ranks here)."""
 
-    def _finish_step(self, plan: list[tuple[Sequence, int]], logits: torch.Tensor) -> list[RequestOutput]:
+    def _finish_step(self, plan: list[tuple[Sequence, int]], logits: torch.Tensor, produced: list[RequestOutput]):
+        """Advances the step's sequences, samples those whose next token is due and appends each one's
+        RequestOutput to `produced` as it is made (so that a failure keeps the ones before it)."""
         ready: list[tuple[Sequence, int]] = []  # sequences whose next token is due, and their logits row
         for row, (seq, n) in enumerate(plan):
             if seq.finish is not None:
@@ -297,9 +317,10 @@ class Engine:
                 if not seq.request.forked and len(seq.request.sequences) > 1:
                     ready += [(child, row) for child in self.scheduler.fork(seq)]
         if not ready:
-            return []
+            return
         tokens, logprobs = self._sample(logits, ready)
-        return [self._append(seq, t, lp) for (seq, _), t, lp in zip(ready, tokens, logprobs)]
+        for (seq, _), token, lp in zip(ready, tokens, logprobs):
+            produced.append(self._append(seq, token, lp))
 
     def _sample(self, logits: torch.Tensor, ready: list[tuple[Sequence, int]]):
         """The next token of each ready sequence (as LLM.generate samples: the row's params, its draw
@@ -308,6 +329,8 @@ class Engine:
         # A copy (masking below touches no other row), made by numpy: a small torch op may wake torch's
         # thread pool, which costs milliseconds on a busy machine.
         rows = torch.from_numpy(logits.numpy()[[row for _, row in ready]])
+        if self._textless is not None:
+            rows[:, self._textless:] = NEVER
         eos = sorted(self._eos)
         for i, seq in enumerate(seqs):
             if seq.generated < seq.request.min_tokens and eos:
@@ -364,7 +387,7 @@ class RequestStream:
         # Dropped unfinished (a `break` out of `async for`): the stepping thread aborts it before its next
         # step (aborting here could land in the middle of a step's bookkeeping).
         if not self._closed and self._unfinished:
-            self._async_engine._abandon(self.request_id)
+            self._async_engine._abandon(self.request_id, self._queue)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -381,16 +404,14 @@ class RequestStream:
             raise
         self._unfinished -= out.finish_reason is not None
         if not self._unfinished:
-            self._async_engine._streams.pop(self.request_id, None)
+            self._async_engine._release(self.request_id, self._queue, abort=False)
         return out
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._unfinished:
-            self._async_engine._abort(self.request_id)
-        self._async_engine._streams.pop(self.request_id, None)
+        self._async_engine._release(self.request_id, self._queue, abort=self._unfinished > 0)
 
 
 class AsyncEngine:
@@ -402,7 +423,8 @@ class AsyncEngine:
         self.engine = engine
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Condition()
-        self._abandoned: list[str] = []  # requests whose streams were dropped unfinished (RequestStream.__del__)
+        # (request id, queue) of the streams dropped unfinished (RequestStream.__del__)
+        self._abandoned: list[tuple[str, asyncio.Queue]] = []
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -425,9 +447,19 @@ class AsyncEngine:
         except ValueError:
             pass  # it finished meanwhile
 
-    def _abandon(self, request_id: str) -> None:
+    def _release(self, request_id: str, queue: asyncio.Queue, abort: bool) -> None:
+        """Forgets the stream of request_id whose queue is `queue`, aborting its request if asked; nothing
+        if the id now names a later request (an id is free again once its request has finished)."""
+        with self.engine._lock:  # (generate adds a request and its stream under it)
+            stream = self._streams.get(request_id)
+            if stream is not None and stream[1] is queue:
+                del self._streams[request_id]
+                if abort:
+                    self._abort(request_id)
+
+    def _abandon(self, request_id: str, queue: asyncio.Queue) -> None:
         with self._wake:
-            self._abandoned.append(request_id)
+            self._abandoned.append((request_id, queue))
             self._wake.notify()
 
     def _start(self) -> None:
@@ -445,9 +477,8 @@ class AsyncEngine:
                 if self._closing and not self.engine.has_unfinished():
                     return
                 abandoned, self._abandoned = self._abandoned, []
-            for request_id in abandoned:
-                self._abort(request_id)
-                self._streams.pop(request_id, None)
+            for request_id, queue in abandoned:
+                self._release(request_id, queue, abort=True)
             try:
                 outputs = self.engine.step()
             except Exception as err:  # a bug: the requests it hit (all, where it cannot tell) hear of it

@@ -163,21 +163,26 @@ def prompts(prompt: Any, argument: str = "prompt") -> tuple[list[str | list[int]
 
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, context: int | None) -> list[int]:
-    """One prompt of prompts() -> its token ids: a str encoded, token ids checked against the vocabulary;
-    either at most `context` long (None: no bound)."""
+    """One prompt of prompts() -> its token ids: a str encoded, token ids given; either at most `context` long
+    (None: no bound), every id in the model's vocabulary and its tokenizer's (an embedding padded past the
+    tokenizer has rows that are no token, with no text to show)."""
     from .tokenizer import check_context, encode_prompt
 
     if isinstance(prompt, str):
-        return encode_prompt(tokenizer, text(prompt, "prompt"), context)
-    if not isinstance(prompt, (list, tuple)) or not all(_is_token(t) for t in prompt):
-        raise ValueError(f"a prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}")
-    if not prompt:
-        raise ValueError("a prompt must contain at least one token")
-    bad = [t for t in prompt if not 0 <= t < vocab_size]
+        ids = encode_prompt(tokenizer, text(prompt, "prompt"), context)
+    else:
+        if not isinstance(prompt, (list, tuple)) or not all(_is_token(t) for t in prompt):
+            raise ValueError(f"a prompt must be a str or a list of token ids (ints), got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("a prompt must contain at least one token")
+        ids = [int(t) for t in prompt]
+        check_context(len(ids), context)
+    vocab = min(vocab_size, tokenizer.vocab_size)
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
-    check_context(len(prompt), context)
-    return [int(t) for t in prompt]
+        raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model has {vocab_size}, its tokenizer "
+                         f"{tokenizer.vocab_size}), got {bad[:5]}")
+    return ids
 
 
 def messages(value: Any, argument: str = "messages") -> list[dict]:

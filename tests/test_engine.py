@@ -318,13 +318,129 @@ def test_a_step_that_fails_aborts_its_requests_and_the_engine_goes_on(tiny, monk
     assert run(engine)[0][rid][0] == alone(tiny, ids(20, 5), 8, ignore_eos=True)[0]
 
 
+def test_a_failing_step_keeps_what_it_finished_and_reports_it(tiny, monkeypatch):
+    """A failure while appending one request's token: the request that step finished earlier still gets its
+    last token and finish reason (reported by the next step, not named in the StepError)."""
+    engine = Engine(tiny)
+    want = alone(tiny, ids(20, 8), 3, ignore_eos=True)[0]
+    engine.add_request(ids(20, 8), max_new_tokens=3, ignore_eos=True, request_id="done")
+    engine.add_request(ids(20, 9), max_new_tokens=30, ignore_eos=True, request_id="doomed")
+    got = [t for _ in range(2) for out in engine.step() if out.request_id == "done" for t in out.new_token_ids]
+    append = engine._append
+    monkeypatch.setattr(engine, "_append", lambda seq, token, lp: 1 / 0 if seq.request.request_id == "doomed"
+                        else append(seq, token, lp))
+    with pytest.raises(StepError) as info:
+        engine.step()
+    assert info.value.request_ids == ["doomed"]
+    monkeypatch.undo()
+    last = {out.request_id: out for out in engine.step()}
+    assert got + last["done"].new_token_ids == want and last["done"].finish_reason == "length"
+    assert last["doomed"].finish_reason == "abort"
+    assert not engine.has_unfinished() and engine.stats()["blocks_in_use"] == 0
+
+
+@pytest.mark.parametrize("where", ["runner", "sampler"])
+def test_an_interrupt_in_a_step_aborts_its_requests_and_reaches_the_caller(tiny, monkeypatch, where):
+    """Ctrl-C lands after the session's step returned (the cache then holds the step, the engine's counts not
+    yet) or while sampling: KeyboardInterrupt reaches the caller as it is, the step's requests are aborted
+    (not fed the step again, nor left unscheduled with their blocks held), and the engine goes on."""
+    engine = Engine(tiny)
+    engine.add_request(ids(20, 10), max_new_tokens=12, ignore_eos=True, request_id="r")
+    engine.step()
+
+    def interrupted(original):
+        def call(*args):
+            original(*args)
+            raise KeyboardInterrupt
+        return call
+
+    if where == "runner":
+        monkeypatch.setattr(engine.runner, "step", interrupted(engine.runner.step))
+    else:
+        monkeypatch.setattr(engine, "_sample", interrupted(engine._sample))
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()
+    monkeypatch.undo()
+    assert [(out.request_id, out.finish_reason) for out in engine.step()] == [("r", "abort")]
+    assert not engine.has_unfinished() and engine.stats()["blocks_in_use"] == 0
+    rid = engine.add_request(ids(20, 10), max_new_tokens=12, ignore_eos=True)
+    assert run(engine)[0][rid][0] == alone(tiny, ids(20, 10), 12, ignore_eos=True)[0]
+
+
+def test_an_embedding_padded_past_the_tokenizer_is_never_a_token(smollm, monkeypatch):
+    """Qwen2 and Phi-3 pad their embedding past the tokenizer's vocabulary: the padded ids are refused in a
+    prompt and never sampled (they have no text), even where their logits are the largest."""
+    words = smollm.tokenizer.vocab_size
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=words + 64, ffn_dim=96, head_dim=16)
+    engine = Engine(LLM(random_model(cfg, seed=1), smollm.tokenizer))
+    with pytest.raises(ValueError, match=rf"prompt token ids must be in \[0, {words}\) .* got \[{words + 10}\]"):
+        engine.add_request([5, 6, words + 10])
+    step = engine.runner.step
+
+    def padded_ids_lead(entries):
+        logits = step(entries)
+        logits[:, words:] = 1e4
+        return logits
+
+    monkeypatch.setattr(engine.runner, "step", padded_ids_lead)
+    rids = [engine.add_request([5, 6, 7], SamplingParams(temperature=t, seed=0), max_new_tokens=20, ignore_eos=True)
+            for t in (0.0, 1.0)]
+    tokens, reasons = run(engine)
+    assert all(0 <= t < words for r in rids for t in tokens[r][0]) and set(reasons.values()) == {"length"}
+
+
+def test_a_request_id_is_free_again_once_its_request_and_its_stream_are_done_with_it(tiny):
+    """Reusing an id: refused while the abort of the request that had it waits to be reported (the report
+    would name both); in AsyncEngine a stream dropped or closed after its request finished leaves alone the
+    later request that took its id (it used to abort that one, whose stream then hung)."""
+    engine = Engine(tiny)
+    engine.add_request(ids(20, 11), max_new_tokens=8, request_id="x")
+    engine.step()
+    engine.abort("x")
+    with pytest.raises(ValueError, match="request_id 'x' was aborted and the next step reports it"):
+        engine.add_request(ids(20, 11), max_new_tokens=8, request_id="x")
+    assert [out.finish_reason for out in engine.step()] == ["abort"]
+    engine.add_request(ids(20, 11), max_new_tokens=8, ignore_eos=True, request_id="x")
+    assert run(engine)[0]["x"][0] == alone(tiny, ids(20, 11), 8, ignore_eos=True)[0]
+    want = alone(tiny, ids(20, 12), 3, ignore_eos=True)[0]
+
+    async def main():
+        aengine = AsyncEngine(Engine(tiny))
+
+        async def finished_unread(close):
+            stream = aengine.generate(ids(20, 12), max_new_tokens=3, ignore_eos=True, request_id="y")
+            async for _ in stream:
+                break
+            while aengine.engine.has_unfinished():  # "y" finishes in the engine, its last outputs unread
+                await asyncio.sleep(0.01)
+            if close:
+                await stream.aclose()
+                return None
+            return stream
+
+        results = []
+        for close in (False, True):
+            stream = await finished_unread(close)
+            again = aengine.generate(ids(20, 12), max_new_tokens=3, ignore_eos=True, request_id="y")
+            del stream  # dropped after its id was taken again (or closed before)
+            results.append(await asyncio.wait_for(_tokens(again), 10))
+        await aengine.shutdown(timeout=5)
+        return results
+
+    assert asyncio.run(main()) == [want, want]
+
+
+async def _tokens(stream) -> list[int]:
+    return [t async for out in stream for t in out.new_token_ids]
+
+
 def test_a_failed_step_reaches_only_the_async_streams_it_ran(tiny, monkeypatch):
     """max_running=1: the first request runs alone when its step fails; the queued one goes on, whole."""
     async def main():
         aengine = AsyncEngine(Engine(tiny, max_running=1))
         fail = aengine.engine._finish_step
-        monkeypatch.setattr(aengine.engine, "_finish_step", lambda plan, logits: 1 / 0 if any(
-            seq.request.request_id == "doomed" for seq, _ in plan) else fail(plan, logits))
+        monkeypatch.setattr(aengine.engine, "_finish_step", lambda plan, logits, produced: 1 / 0 if any(
+            seq.request.request_id == "doomed" for seq, _ in plan) else fail(plan, logits, produced))
 
         async def collect(request_id):
             tokens = []
