@@ -85,7 +85,8 @@ class Engine:
                                    chunk=chunk, block_size=BLOCK_SIZE, chunked=chunked_prefill,
                                    windowed=span.window is not None)
         self._eos = set(llm.config.eos_token_ids) | llm.tokenizer.eos_ids
-        # An embedding padded past the tokenizer's vocabulary: those rows are no token (no text), never sampled.
+        # An embedding padded past the tokenizer's vocabulary (Qwen2, Phi-3): those ids have no text, so a
+        # request that detokenizes never samples them, nor takes them in its prompt.
         self._textless = llm.tokenizer.vocab_size if llm.config.vocab_size > llm.tokenizer.vocab_size else None
         self._requests: dict[str, Request] = {}  # unfinished, by id
         self._reported: list[RequestOutput] = []  # aborts, reported by the next step
@@ -142,6 +143,9 @@ class Engine:
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
         if stops and not detokenize:
             raise ValueError("stop strings need detokenize=True")
+        if detokenize and self._textless is not None and max(ids) >= self._textless:
+            raise ValueError(f"prompt token ids past the tokenizer's {self._textless} have no text (the model's "
+                             f"embedding is padded to {llm.config.vocab_size}): use detokenize=False for them")
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -330,7 +334,7 @@ class Engine:
         # thread pool, which costs milliseconds on a busy machine.
         rows = torch.from_numpy(logits.numpy()[[row for _, row in ready]])
         if self._textless is not None:
-            rows[:, self._textless:] = NEVER
+            rows[[i for i, seq in enumerate(seqs) if seq.text is not None], self._textless:] = NEVER
         eos = sorted(self._eos)
         for i, seq in enumerate(seqs):
             if seq.generated < seq.request.min_tokens and eos:

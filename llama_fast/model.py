@@ -178,21 +178,29 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], *, dtype=
     modules (CPU only); the other weights are then in float32 whatever `dtype` says."""
     with torch.device("meta"):
         model = Transformer(config, span)
-    blocks = {name: w for name, w in weights.items() if isinstance(w, QuantizedWeight)}
+    blocks = install_blocks(model, weights, device)
     if blocks:
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"weights in GGUF block formats run on the CPU, not {device} (on CUDA: int8 / int4)")
         dtype = torch.float32
-    for name, w in blocks.items():
-        owner = name.removesuffix(".weight")
-        module = model.get_submodule(owner)
-        replaced = QuantizedEmbedding(w) if isinstance(module, nn.Embedding) else QuantizedLinear(w, module.bias)
-        parent, _, attr = owner.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, replaced)
     mapped = FileMappings()
     state = {name: own_weight(w, w, dtype, device, mapped) for name, w in weights.items() if name not in blocks}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def install_blocks(model: Transformer, weights: dict, device) -> dict[str, QuantizedWeight]:
+    """Puts each matrix of `weights` in a GGUF block format (QuantizedWeight) into `model`, in a
+    QuantizedLinear (keeping the replaced module's bias) or QuantizedEmbedding; -> those weights. They run
+    on the CPU only."""
+    blocks = {name: w for name, w in weights.items() if isinstance(w, QuantizedWeight)}
+    if blocks and torch.device(device).type != "cpu":
+        raise ValueError(f"weights in GGUF block formats run on the CPU, not {device} (on CUDA: int8 / int4)")
+    for name, w in blocks.items():
+        owner = name.removesuffix(".weight")
+        module = model.get_submodule(owner)
+        replaced = QuantizedEmbedding(w) if isinstance(module, (nn.Embedding, QuantizedEmbedding)) else QuantizedLinear(w, module.bias)
+        parent, _, attr = owner.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, replaced)
+    return blocks
 
 
 def own_weight(source: torch.Tensor, part: torch.Tensor, dtype: torch.dtype, device, mapped: FileMappings) -> torch.Tensor:

@@ -96,6 +96,19 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return self.data.numel()
 
+    def part(self, rows=None, cols: range | None = None) -> "QuantizedWeight":
+        """Rows `rows` (a slice or an index tensor; None: all) and columns `cols` (None: all) of the matrix,
+        a view of its data (strided where columns are cut). Columns are cut between blocks only."""
+        data = self.data if rows is None else self.data[rows]
+        if cols is None:
+            return QuantizedWeight(data, self.qtype, (data.shape[0], self.shape[1]))
+        size = block_size(self.qtype)
+        if cols.start % size or cols.stop % size:
+            raise ValueError(f"a {self.qtype} matrix stores its rows in blocks of {size} values: columns "
+                             f"[{cols.start}, {cols.stop}) would cut a block")
+        data = data[:, row_bytes(self.qtype, cols.start):row_bytes(self.qtype, cols.stop)]
+        return QuantizedWeight(data, self.qtype, (data.shape[0], len(cols)))
+
     @property
     def device(self) -> torch.device:
         return self.data.device

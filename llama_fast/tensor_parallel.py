@@ -38,8 +38,9 @@ from .config import ModelConfig
 from .engine import Engine
 from .loaders import load_checkpoint, read_weights, save_weights
 from .mapping import FileMappings
-from .model import Transformer, own_weight
+from .model import Transformer, install_blocks, own_weight
 from .paths import complete_entry, shard_cache_path, write_entry
+from .quant import QuantizedWeight
 from .span import SpanBias, checkpoint_span
 from .tokenizer import Tokenizer
 
@@ -84,15 +85,15 @@ def _even(n: int, world: int, rank: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan,
-                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """This rank's weights under the model's names, in `dtype` (None: as they are): local heads, FFN and
-    vocabulary slices; norms and the embedding whole. Each tensor is taken out of `state` as it is cut, so
-    weights in memory are freed as the shard grows (pass a copy of a dict to keep), and only the shard is
-    converted (model.own_weight): a slice that is a range of rows of a tensor mapped from a file, in its
-    dtype, stays a view of the map, so only the pages this rank reads are ever loaded (wq, wk, wv, w1, w3,
-    the output's vocabulary, the embedding); any other is a contiguous copy (wo's and w2's columns; every
-    slice of weights in memory, so that the full ones can be freed)."""
+def shard_weights(state: dict, config, plan: ShardPlan, dtype: torch.dtype | None = None) -> dict:
+    """This rank's weights under the model's names, in `dtype` (None: as they are; matrices in a GGUF block
+    format (QuantizedWeight) stay in it): local heads, FFN and vocabulary slices; norms and the embedding
+    whole. Each tensor is taken out of `state` as it is cut, so weights in memory are freed as the shard
+    grows (pass a copy of a dict to keep), and only the shard is converted (model.own_weight): a slice that
+    is a range of rows of a tensor mapped from a file, in its dtype, stays a view of the map, so only the
+    pages this rank reads are ever loaded (wq, wk, wv, w1, w3, the output's vocabulary, the embedding); any
+    other is a contiguous copy (wo's and w2's columns; every slice of weights in memory, so that the full
+    ones can be freed). A block format's columns are cut between its blocks only (ValueError otherwise)."""
     D = config.head_dim
     q_rows = slice(plan.q_heads.start * D, plan.q_heads.stop * D)
     kv = plan.kv_heads
@@ -101,27 +102,41 @@ def shard_weights(state: dict[str, torch.Tensor], config, plan: ShardPlan,
     ffn = slice(plan.ffn.start, plan.ffn.stop)
     mapped = FileMappings()
 
-    def keep(w: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    def keep(w, rows=None, cols: slice | None = None):
+        """Rows `rows` and columns `cols` of w (None: all) as a weight of this rank's own."""
+        if isinstance(w, QuantizedWeight):
+            part = w.part(rows, None if cols is None else range(cols.start, cols.stop))
+            return QuantizedWeight(own_weight(w.data, part.data, torch.uint8, "cpu", mapped), w.qtype, part.shape)
+        w = w.detach()
+        part = w if rows is None else w[rows]
+        part = part if cols is None else part[:, cols]
         return own_weight(w, part, dtype or part.dtype, "cpu", mapped)
 
-    output = state.pop("output.weight", state["tok_embeddings.weight"]).detach()  # tied: the embedding's rows
-    out = {"output.weight": keep(output, output[plan.vocab.start:plan.vocab.stop])}
+    def cut(name: str):
+        """(rows, columns) of tensor `name` that this rank keeps (None: all)."""
+        if name.endswith(("attention.wq.weight", "attention.wq.bias")):
+            return q_rows, None
+        if name.endswith(("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")):
+            return kv_rows, None
+        if name.endswith("attention.wo.weight"):
+            return None, q_rows
+        if name.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
+            return ffn, None
+        if name.endswith("feed_forward.w2.weight"):
+            return None, ffn
+        return None, None
+
+    output = state.pop("output.weight", state["tok_embeddings.weight"])  # tied: the embedding's rows
+    out = {"output.weight": keep(output, rows=slice(plan.vocab.start, plan.vocab.stop))}
     del output
     for name in list(state):
-        w = state.pop(name).detach()
-        part = w
-        if name.endswith(("attention.wq.weight", "attention.wq.bias")):
-            part = w[q_rows]
-        elif name.endswith(("attention.wk.weight", "attention.wv.weight", "attention.wk.bias", "attention.wv.bias")):
-            part = w[kv_rows]
-        elif name.endswith("attention.wo.weight"):
-            part = w[:, q_rows]
-        elif name.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
-            part = w[ffn]
-        elif name.endswith("feed_forward.w2.weight"):
-            part = w[:, ffn]
-        out[name] = keep(w, part)
-        del w, part
+        w = state.pop(name)
+        try:
+            out[name] = keep(w, *cut(name))
+        except ValueError as err:  # a block format's columns cut through a block
+            raise ValueError(f"{name}: {err}, at tensor_parallel={plan.world} (another world size or dtype "
+                             "may fit)") from None
+        del w
     return out
 
 
@@ -205,15 +220,10 @@ def shard_model(model, world: int, *, timeout_s: float = DEFAULT_TIMEOUT_S, devi
     if model.device.type != "cpu":
         raise ValueError(f"shard_model cuts the shard on the CPU (then moves it to {device}); the model is on "
                          f"{model.device}")
-    if model.quantized_weights():
-        raise ValueError(FLOAT_WEIGHTS_ONLY)
     rank = init_process_group(world, timeout_s, device)
     plan = plan_shard(model.config, world, rank)
-    become_shard(model, plan, shard_weights(model.state_dict(), model.config, plan), device)
-
-
-FLOAT_WEIGHTS_ONLY = ("tensor parallelism shards float weights, not matrices in GGUF block formats (load the "
-                      "checkpoint with a float dtype)")
+    state = {**model.state_dict(), **model.quantized_weights()}
+    become_shard(model, plan, shard_weights(state, model.config, plan), device)
 
 
 def become_shard(model, plan: ShardPlan, weights: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -232,17 +242,19 @@ def become_shard(model, plan: ShardPlan, weights: dict[str, torch.Tensor], devic
         bucket_bias=None if model.span.bucket_bias is None else model.span.bucket_bias[q].clone())
     model.output = torch.nn.Linear(config.dim, len(plan.vocab), bias=False, device="meta")
     with torch.device("meta"):  # the shard's shapes: a model of the local heads and FFN, the vocabulary's slice
-        shapes = {name: p.shape for name, p in Transformer(model.config).named_parameters()}
-    shapes["output.weight"] = model.output.weight.shape
+        shapes = {name: tuple(p.shape) for name, p in Transformer(model.config).named_parameters()}
+    shapes["output.weight"] = (len(plan.vocab), config.dim)
     unexpected = sorted(set(weights) - shapes.keys())
     if unexpected:
         raise ValueError(f"the shard has tensors its model has no place for: {', '.join(unexpected[:3])}")
-    wrong = [f"{name} {tuple(w.shape)} (expected {tuple(shapes[name])})" for name, w in weights.items() if w.shape != shapes[name]]
+    wrong = [f"{name} {tuple(w.shape)} (expected {shapes[name]})" for name, w in weights.items() if tuple(w.shape) != shapes[name]]
     if wrong:
         raise ValueError(f"the shard's tensors have the wrong shapes: {', '.join(wrong[:3])}")
+    blocks = install_blocks(model, weights, device)
     for name, w in weights.items():  # (load_state_dict would insist on the full shapes)
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
+        if name not in blocks:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, torch.nn.Parameter(w, requires_grad=False))
     missing = [name for name, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"the shard has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
@@ -264,16 +276,15 @@ def load_shard(path: str, world: int, dtype: torch.dtype | None, span, *, device
     held more of the model in memory than the shard itself (a dequantised file without its cache, Meta's
     model-parallel files joined, ...) the shard is written to the cache; later loads map it and read nothing
     else (docs/tensor_parallel.md)."""
-    if isinstance(dtype, str):
-        raise ValueError(FLOAT_WEIGHTS_ONLY)
     rank = init_process_group(world, timeout_s, device)
-    folder = shard_cache_path(path, dtype, world, rank)
+    # (A block format loads as a mapped GGUF, the file's or its converted copy in the cache: no shard cache.)
+    folder = None if isinstance(dtype, str) else shard_cache_path(path, dtype, world, rank)
     model = cached_shard(folder, world, rank, span, device)
     if model is not None:
         return model, Tokenizer.from_pretrained(path)
     ckpt = load_checkpoint(path, progress=progress, dtype=dtype)
     plan = plan_shard(ckpt.config, world, rank)
-    held = bytes_in_memory(ckpt.weights)
+    held = bytes_in_memory(ckpt.weights) if folder is not None else 0
     weights = shard_weights(ckpt.weights, ckpt.config, plan, ckpt.float_dtype(dtype))  # (emptying ckpt.weights)
     if folder is not None and held > sum(w.nbytes for w in weights.values()):
         write_shard(folder, ckpt.config, weights)
@@ -329,7 +340,8 @@ def cached_shard(folder: str | None, world: int, rank: int, span, device: torch.
 
 def shard_bytes(model) -> int:
     """Bytes of the weights this rank holds."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return (sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            + sum(w.nbytes for w in model.quantized_weights().values()))
 
 
 # ---- serving: rank 0 runs the engine behind the server, the others repeat its steps ----

@@ -164,8 +164,7 @@ def prompts(prompt: Any, argument: str = "prompt") -> tuple[list[str | list[int]
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, context: int | None) -> list[int]:
     """One prompt of prompts() -> its token ids: a str encoded, token ids given; either at most `context` long
-    (None: no bound), every id in the model's vocabulary and its tokenizer's (an embedding padded past the
-    tokenizer has rows that are no token, with no text to show)."""
+    (None: no bound), every id in the model's vocabulary."""
     from .tokenizer import check_context, encode_prompt
 
     if isinstance(prompt, str):
@@ -177,11 +176,9 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, contex
             raise ValueError("a prompt must contain at least one token")
         ids = [int(t) for t in prompt]
         check_context(len(ids), context)
-    vocab = min(vocab_size, tokenizer.vocab_size)
-    bad = [t for t in ids if not 0 <= t < vocab]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"prompt token ids must be in [0, {vocab}) (the model has {vocab_size}, its tokenizer "
-                         f"{tokenizer.vocab_size}), got {bad[:5]}")
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
     return ids
 
 

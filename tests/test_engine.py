@@ -368,13 +368,15 @@ def test_an_interrupt_in_a_step_aborts_its_requests_and_reaches_the_caller(tiny,
 
 
 def test_an_embedding_padded_past_the_tokenizer_is_never_a_token(smollm, monkeypatch):
-    """Qwen2 and Phi-3 pad their embedding past the tokenizer's vocabulary: the padded ids are refused in a
-    prompt and never sampled (they have no text), even where their logits are the largest."""
+    """Qwen2 and Phi-3 pad their embedding past the tokenizer's vocabulary: the padded ids have no text, so a
+    request that detokenizes refuses them in its prompt and never samples them, even where their logits are
+    the largest; one that does not (token ids in, token ids out) takes them."""
     words = smollm.tokenizer.vocab_size
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=words + 64, ffn_dim=96, head_dim=16)
     engine = Engine(LLM(random_model(cfg, seed=1), smollm.tokenizer))
-    with pytest.raises(ValueError, match=rf"prompt token ids must be in \[0, {words}\) .* got \[{words + 10}\]"):
+    with pytest.raises(ValueError, match=rf"prompt token ids past the tokenizer's {words} have no text"):
         engine.add_request([5, 6, words + 10])
+    engine.add_request([5, 6, words + 10], max_new_tokens=2, detokenize=False)
     step = engine.runner.step
 
     def padded_ids_lead(entries):
@@ -385,8 +387,10 @@ def test_an_embedding_padded_past_the_tokenizer_is_never_a_token(smollm, monkeyp
     monkeypatch.setattr(engine.runner, "step", padded_ids_lead)
     rids = [engine.add_request([5, 6, 7], SamplingParams(temperature=t, seed=0), max_new_tokens=20, ignore_eos=True)
             for t in (0.0, 1.0)]
+    raw = engine.add_request([5, 6, 7], max_new_tokens=3, ignore_eos=True, detokenize=False)
     tokens, reasons = run(engine)
     assert all(0 <= t < words for r in rids for t in tokens[r][0]) and set(reasons.values()) == {"length"}
+    assert all(t >= words for t in tokens[raw][0])
 
 
 def test_a_request_id_is_free_again_once_its_request_and_its_stream_are_done_with_it(tiny):

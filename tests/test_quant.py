@@ -205,11 +205,32 @@ def test_cuda_formats_on_cpu_name_the_cpu_format():
         LLM.from_pretrained("smollm2-135m-instruct", dtype="int4", progress=False)
 
 
-def test_tensor_parallel_refuses_blocks(native_and_dequantized):
-    from llama_fast.tensor_parallel import shard_model
+def test_a_block_matrix_is_cut_between_its_blocks(native_and_dequantized):
+    """QuantizedWeight.part, how a tensor-parallel rank takes its slice of a matrix kept in its blocks: rows
+    and whole blocks of columns, the values those of the whole matrix; a cut through a block is refused."""
+    from llama_fast._ext import ext
+    from llama_fast.quant import row_bytes
 
-    with pytest.raises(ValueError, match="matrices in GGUF block formats"):
-        shard_model(native_and_dequantized[0].model, 2)
+    w = native_and_dequantized[0].model.layers[0].attention.wo.weight  # Q4_1, 576 x 576
+
+    def values(q):
+        return ext().cpu_dequantize(q.data.contiguous(), q.qtype, q.shape[1])
+
+    part = w.part(slice(8, 19), range(64, 160))
+    assert part.shape == (11, 96) and part.data.data_ptr() == w.data[8].data_ptr() + row_bytes("Q4_1", 64)  # a view
+    assert torch.equal(values(part), values(w)[8:19, 64:160])
+    rows = w.part(torch.tensor([3, 1]))
+    assert torch.equal(values(rows), values(w)[[3, 1]])
+    with pytest.raises(ValueError, match=r"blocks of 32 values: columns \[16, 64\) would cut a block"):
+        w.part(None, range(16, 64))
+    # At tensor_parallel=9 a rank's third of w2's columns (170 of 1536) is not whole blocks: named, refused.
+    from llama_fast.tensor_parallel import plan_shard, shard_weights
+
+    native = native_and_dequantized[0]
+    state = {**native.model.state_dict(), **native.model.quantized_weights()}
+    with pytest.raises(ValueError, match=r"^layers.0.feed_forward.w2.weight: a Q4_1 matrix .* would cut a block, "
+                                         r"at tensor_parallel=9"):
+        shard_weights(state, native.config, plan_shard(native.config, 9, 1))
 
 
 def test_block_size_table():

@@ -2,8 +2,10 @@
 RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would, and reads what each writes.
 
     tp_worker.py tiny HEADS KV_HEADS OUT_DIR   a tiny random model: logits of a prompt, greedy tokens
-    tp_worker.py path NAME_OR_PATH OUT_DIR     LLM.from_pretrained(NAME_OR_PATH, tensor_parallel=world): the
-                                               embedded model, a checkpoint the test wrote
+    tp_worker.py path NAME_OR_PATH [DTYPE] OUT_DIR
+                                               LLM.from_pretrained(NAME_OR_PATH, dtype=DTYPE,
+                                               tensor_parallel=world): the embedded model, a checkpoint the
+                                               test wrote
     tp_worker.py die OUT_DIR                   rank 1 exits during generation; the others must raise
     tp_worker.py lockstep OUT_DIR              rank 0 a LeaderEngine taking requests from another thread
                                                (some aborted), the others follow() its steps
@@ -97,7 +99,8 @@ def main():
             json.dump(result, f)
         return
     if mode == "path":
-        llm = LLM.from_pretrained(sys.argv[2], tensor_parallel=world, tp_timeout_s=60, progress=False)
+        dtype = sys.argv[3] if len(sys.argv) == 5 else None
+        llm = LLM.from_pretrained(sys.argv[2], dtype=dtype, tensor_parallel=world, tp_timeout_s=60, progress=False)
     else:
         heads, kv_heads = (int(a) for a in sys.argv[2:4]) if mode == "tiny" else (4, 2)
         model = random_model(tiny_config(heads, kv_heads), seed=heads)
