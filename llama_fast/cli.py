@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("LLAMA_FAST_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LLAMA_FAST_API_KEY, else none)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
-    p.add_argument("--max-running", type=int, default=None, help="requests decoding at once (engine default)")
+    p.add_argument("--max-running", type=int, default=None, help="sequences decoding at once, each of a request's n choices one (engine default 64; "
+                        "n may not exceed it)")
     p.add_argument("--max-waiting", type=int, default=None, help="requests queued beyond those; more get 429")
     p.add_argument("--max-kv-tokens", type=int, default=None, help="KV cache size in tokens (engine default)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per engine step (engine default)")

@@ -120,18 +120,23 @@ class Engine:
         max_new_tokens None: as many as the model's context leaves and the KV pool holds for all n sequences.
         detokenize=False: token ids only (new_text stays empty; no stop strings).
         Everything is checked here, before any work; nothing in flight is disturbed by a bad request."""
+        ids = self.encode(prompt)   # (before taking the lock: a long text takes a while to tokenize)
         with self._lock:
-            request = self._new_request(prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
+            request = self._new_request(ids, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
                                         detokenize)
             self._requests[request.request_id] = request
             self.scheduler.add(request)
             return request.request_id
 
-    def _new_request(self, prompt, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (text tokenized, ids checked), at most the model's context long; ValueError
+        otherwise. Needs no lock: a server tokenizes in a worker thread, then adds the ids."""
+        return validate.prompt_token_ids(prompt, self.llm.tokenizer, self.llm.config.vocab_size, self.llm._context)
+
+    def _new_request(self, ids, params, max_new_tokens, stop, n, request_id, ignore_eos, min_tokens,
                      detokenize) -> Request:
         llm = self.llm
         context = llm._context
-        ids = validate.prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, context)
         if max_new_tokens is not None:
             check_max_new_tokens(max_new_tokens)
         validate.integer(n, "n", minimum=1, maximum=self.scheduler.max_running)

@@ -344,6 +344,14 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5},
      400, "max_completion_tokens"),
+    # a deprecated max_tokens beside max_completion_tokens is checked too
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 3,
+                              "max_tokens": "lots"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "verbosity": "low"}, 400, "verbosity"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"},
+                                           {"role": "assistant", "content": None, "function_call": {"name": "f"}}]},
+     400, "messages"),
+    ("/v1/completions", {"prompt": "x", "best_of": True}, 400, "best_of"),
 ]
 
 
@@ -405,7 +413,46 @@ def test_unknown_fields_are_ignored_and_logged(client, caplog):
 
 def test_unknown_routes_and_methods_answer_in_openais_shape(server):
     assert httpx.get(server.url + "/v1/nothing").json()["error"]["message"]
-    assert httpx.get(server.url + "/v1/completions").status_code == 405
+    wrong_method = httpx.get(server.url + "/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"   # (RFC 9110: a 405 says)
+    assert set(httpx.post(server.url + "/health").headers["allow"].split(", ")) == {"GET", "HEAD"}
+    for path in ("/docs", "/redoc", "/openapi.json"):   # FastAPI's pages: not served (they bypass the API key)
+        assert httpx.get(server.url + path).status_code == 404
+
+
+def test_models_retrieve_answers_for_the_served_model_only(client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+
+
+def test_a_client_leaving_mid_body_is_no_error(server, caplog):
+    """It sent a Content-Length and half the body, then closed the connection: nothing logged as an error."""
+    import socket
+
+    with caplog.at_level("ERROR", logger="llama_fast.server"):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+        time.sleep(0.5)
+    assert "internal error" not in caplog.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_prompts_and_chats_are_tokenized_off_the_event_loop(server, client, llm, monkeypatch):
+    """A long text takes a while to tokenize (a 1 MB prompt, about a second here): done on the event loop it
+    held up every connection (and, under the engine's lock, the steps). It runs in a worker thread."""
+    threads = []
+    engine = server.app.state.engine.engine
+    encode, render = engine.encode, llm.tokenizer.apply_chat_template
+    monkeypatch.setattr(engine, "encode", lambda prompt: isinstance(prompt, str) and threads.append(
+        threading.current_thread()) or encode(prompt))   # (text; the ids it makes are checked again, cheaply)
+    monkeypatch.setattr(llm.tokenizer, "apply_chat_template",
+                        lambda *a, **k: threads.append(threading.current_thread()) or render(*a, **k))
+    client.completions.create(model=MODEL, prompt="Once upon a time", **GREEDY)
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], **GREEDY)
+    assert len(threads) >= 2 and server.thread not in threads   # (uvicorn's event loop runs in server.thread)
 
 
 def test_a_body_over_the_limit_gets_413(server, client):
@@ -502,6 +549,16 @@ def test_a_full_queue_gets_429(llm):
             gate.set()
             assert list(queued.iter_lines())[-2] == "data: [DONE]"
         assert busy.client().completions.create(model=MODEL, prompt="x", max_tokens=4).choices[0].text is not None
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(llm):
+    """A 429 means a retry can succeed; a request whose prompts could never all wait at once is a 400."""
+    with Server(llm, max_waiting=2) as small:
+        client = small.client()
+        with pytest.raises(openai.BadRequestError, match=r"prompt holds 3 prompts; this server queues at most 2") as caught:
+            client.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=2)
+        assert caught.value.body["param"] == "prompt"
+        assert len(client.completions.create(model=MODEL, prompt=["a", "b"], max_tokens=2).choices) == 2
 
 
 def test_requests_still_running_at_shutdown_end_with_an_error_in_openais_shape(llm):

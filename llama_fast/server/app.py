@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import AsyncEngine, Engine
 from ..errors import EngineClosedError, QueueFullError
@@ -48,7 +49,8 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
         yield
         await async_engine.shutdown(shutdown_timeout)
 
-    app = FastAPI(title="llama_fast", lifespan=lifespan)
+    # (No /docs, /redoc or /openapi.json: they would be served without the API key, and are not OpenAI's.)
+    app = FastAPI(title="llama_fast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.router.route_class = AnsweringRoute
     app.state.engine = async_engine   # for tests, embedding code and Server
 
@@ -66,7 +68,8 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
 
     @app.exception_handler(HTTPException)   # unknown routes and methods, in OpenAI's shape too
     async def http_error(request: Request, err: HTTPException):
-        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code,
+                            headers=err.headers)   # (a 405's Allow)
 
     @app.exception_handler(Exception)   # outside any route (AnsweringRoute answers those)
     async def unexpected_error(request: Request, err: Exception):
@@ -83,10 +86,18 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], route_class=AnsweringRoute)
 
+    model_card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "llama_fast",
+                  "max_model_len": llm.config.max_seq_len}
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "llama_fast", "max_model_len": llm.config.max_seq_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @v1.get("/models/{model:path}")   # (:path: an id may hold slashes, as "org/name" does)
+    async def model(model: str):
+        if model != served_model_name:
+            raise not_served(model, served_model_name)
+        return model_card
 
     @v1.post("/completions")
     async def completions(request: Request):
@@ -97,13 +108,13 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
     async def chat_completions(request: Request):
         render = lambda messages: llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                     tokenize=True)
-        parsed = parse_chat(await read_json(request, max_body_bytes), render)
+        # Rendered in a worker thread: a long chat takes a while to tokenize, and the event loop serves everyone.
+        parsed = await asyncio.to_thread(parse_chat, await read_json(request, max_body_bytes), render)
         return await serve(request, parsed, "chatcmpl")
 
     async def serve(request: Request, parsed: GenerationRequest, prefix: str):
         if parsed.model is not None and parsed.model != served_model_name:
-            raise APIError(404, f"the model {parsed.model!r} does not exist; this server serves "
-                                f"{served_model_name!r}", "model", "model_not_found")
+            raise not_served(parsed.model, served_model_name)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         timer = metrics.timer()
         streams = await start(async_engine, parsed, request_id)
@@ -115,6 +126,11 @@ def build_app(engine: Engine, served_model_name: str, *, api_key: str | None = N
 
     app.include_router(v1)
     return app
+
+
+def not_served(model: str, served_model_name: str) -> APIError:
+    return APIError(404, f"the model {model!r} does not exist; this server serves {served_model_name!r}", "model",
+                    "model_not_found")
 
 
 def internal_error(err: Exception) -> APIError:
@@ -165,10 +181,13 @@ async def read_json(request: Request, limit: int):
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:   # the client left while sending: nobody reads the answer (nginx's 499)
+        raise APIError(499, "the client closed the connection before its request body was complete") from None
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as err:   # RecursionError: JSON nested too deep to parse
@@ -176,10 +195,17 @@ async def read_json(request: Request, limit: int):
 
 
 async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id: str) -> list:
-    """One engine request per prompt; its checks' errors as API errors (nothing is left queued then)."""
-    streams = []
+    """One engine request per prompt; its checks' errors as API errors (nothing is left queued then). The
+    prompts wait together: more than max_waiting of them is a 400, as no retry would fit them."""
+    engine, streams = async_engine.engine, []
+    if engine.max_waiting is not None and len(parsed.prompts) > engine.max_waiting:
+        field = "messages" if parsed.chat else "prompt"
+        raise APIError(400, f"{field} holds {len(parsed.prompts)} prompts; this server queues at most "
+                            f"{engine.max_waiting} at once (--max-waiting)", field)
     try:
-        for i, prompt in enumerate(parsed.prompts):
+        # Tokenized in a worker thread: a long text takes a while, and the event loop serves everyone.
+        prompts = await asyncio.to_thread(lambda: [engine.encode(prompt) for prompt in parsed.prompts])
+        for i, prompt in enumerate(prompts):
             # Without max_tokens (a chat's default) the replies may fill what the context leaves and the KV
             # pool holds for all n.
             streams.append(async_engine.generate(

@@ -25,8 +25,9 @@ UNIMPLEMENTED = {
     "functions": lambda v: v == [], "function_call": lambda v: v == "none",
     "parallel_tool_calls": lambda v: isinstance(v, bool),   # a no-op: tools are refused
     "response_format": lambda v: v == {"type": "text"}, "echo": lambda v: v is False, "suffix": lambda v: False,
-    "best_of": lambda v: v == 1, "audio": lambda v: False, "modalities": lambda v: v == ["text"],
-    "prediction": lambda v: False, "web_search_options": lambda v: False, "reasoning_effort": lambda v: False,
+    "best_of": lambda v: v == 1 and not isinstance(v, bool), "audio": lambda v: False,
+    "modalities": lambda v: v == ["text"], "prediction": lambda v: False, "web_search_options": lambda v: False,
+    "reasoning_effort": lambda v: False, "verbosity": lambda v: v == "medium",
 }
 # The roles OpenAI's chat API knows; the chat template renders them as they are.
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -95,10 +96,10 @@ def parse_chat(body: Any, render_chat: Callable[[list[dict]], list[int]]) -> Gen
     top = fields.get("top_logprobs", lambda v, a: validate.integer(v, a, minimum=0, maximum=MAX_LOGPROBS))
     if top is not None and not wants_logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-    # max_completion_tokens replaces the deprecated max_tokens; without either a reply may fill the context.
-    max_tokens = fields.get("max_completion_tokens", _max_tokens)
-    if max_tokens is None:
-        max_tokens = fields.get("max_tokens", _max_tokens)
+    # max_completion_tokens replaces the deprecated max_tokens (both checked); without either a reply may
+    # fill the context.
+    deprecated = fields.get("max_tokens", _max_tokens)
+    max_tokens = fields.get("max_completion_tokens", _max_tokens, default=deprecated)
     return _request(fields, chat=True, prompts=[prompt], logprobs=(top or 0) if wants_logprobs else None,
                     max_tokens=max_tokens)
 
@@ -197,8 +198,9 @@ def _chat_messages(value, argument: str) -> list[dict]:
         where = f"{argument}[{i}]"
         if not isinstance(message, dict):
             raise ValueError(f"{where} must be an object with role and content, got {message!r}")
-        if message.get("tool_calls"):
-            raise ValueError(f"{where}.tool_calls is not supported by this server")
+        for field in ("tool_calls", "function_call"):   # (an assistant's calls: its content may be null then)
+            if message.get(field):
+                raise ValueError(f"{where}.{field} is not supported by this server")
         if isinstance(message.get("role"), str) and message["role"] not in ROLES:
             raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}, got {message['role']!r}")
         content = message.get("content")
