@@ -20,7 +20,7 @@ GREEDY_SAMPLING = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, .gguf file, or HF/Meta directory")
     p.add_argument("--device", default=None, help="cpu (default), cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=list(validate.DTYPE_NAMES), help="weight dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=list(validate.DTYPE_NAMES), help="weight dtype (default: bfloat16 for a checkpoint whose matrices are all bf16, else float32)")
     p.add_argument("--window", type=int, default=None, help="sliding attention window (tokens)")
     p.add_argument("--sinks", type=int, default=0, help="attention-sink tokens kept with --window")
 
@@ -47,10 +47,16 @@ def _sampling(args, chat: bool, draw_seed: bool = True) -> dict:
     chosen = {key: defaults[key] if getattr(args, key) is None else getattr(args, key) for key in defaults}
     seed = args.seed
     if seed is None and chosen["temperature"] > 0 and draw_seed:
-        seed = secrets.randbits(63)
-        print(f"seed: {seed} (--seed {seed} repeats this run)", file=sys.stderr, flush=True)
+        seed = _fresh_seed()
     return dict(max_new_tokens=args.max_new_tokens, **chosen, repetition_penalty=args.repetition_penalty,
                 penalty_last_n=args.penalty_last_n, seed=seed, stop=args.stop)
+
+
+def _fresh_seed() -> int:
+    """A seed for a sampled run without --seed, printed to stderr so that the run can be repeated."""
+    seed = secrets.randbits(63)
+    print(f"seed: {seed} (--seed {seed} repeats this run)", file=sys.stderr, flush=True)
+    return seed
 
 
 def _utf8(data: bytes | str, what: str) -> str:
@@ -91,7 +97,7 @@ def cmd_generate(args) -> None:
         rest = dict(settings)   # checked before the load and the group's join, as generate checks them
         check_request(1, rest.pop("max_new_tokens"), rest.pop("stop"), rest.pop("seed"), rest)
         llm = _load(args)
-        settings["seed"] = _rank0_seed(args.seed)
+        settings["seed"] = _rank0_seed(args.seed, settings["temperature"] > 0)
         show = os.environ.get("RANK", "0") == "0"
     else:
         settings = _sampling(args, chat=args.chat)
@@ -104,12 +110,16 @@ def cmd_generate(args) -> None:
         print()
 
 
-def _rank0_seed(seed: int | None) -> int:
-    """The seed of a tensor-parallel run: the one given, else a fresh one drawn by rank 0 and broadcast."""
+def _rank0_seed(seed: int | None, sampled: bool) -> int | None:
+    """The seed of a tensor-parallel run: the one given, else (sampled) a fresh one drawn and printed by rank
+    0 and broadcast."""
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([secrets.randbits(62) if seed is None else seed], dtype=torch.int64)
+    if seed is None and not sampled:
+        return None
+    fresh = seed is None and dist.get_rank() == 0
+    value = torch.tensor([_fresh_seed() if fresh else seed or 0], dtype=torch.int64)
     dist.broadcast(value, src=0)
     return int(value)
 

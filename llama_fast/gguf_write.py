@@ -27,6 +27,9 @@ def write_gguf(path: str, arch: str, metadata: dict[str, tuple[Any, int, int | N
         raise IsADirectoryError(f"{path} is a directory: name the .gguf file to write")
     if os.path.exists(path) and not os.path.isfile(path):   # a FIFO, a device: renaming over it would replace it
         raise ValueError(f"{path} exists and is not a regular file: name the .gguf file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
     tensors = list(tensors)
     writer = GGUFWriter(path + ".part", arch)
     try:

@@ -176,6 +176,8 @@ def test_quantize_refuses_bad_arguments(small_f32, tmp_path):
     with pytest.raises(ValueError, match="fifo exists and is not a regular file"):
         quantize_gguf(small_f32, str(tmp_path / "fifo"), "q8_0")
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    with pytest.raises(FileNotFoundError, match=r"x.gguf: the folder .*nowhere does not exist"):
+        quantize_gguf(small_f32, str(tmp_path / "nowhere" / "x.gguf"), "q8_0")
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob("*.part"))
 
 

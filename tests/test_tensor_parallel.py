@@ -2,6 +2,7 @@
 as torchrun starts them; each rank's logits and greedy tokens against the single-process session."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -250,7 +251,7 @@ def test_a_dead_rank_makes_the_others_fail_within_the_timeout(tmp_path):
 
 def test_torchrun_generate_prints_the_single_process_text_once():
     """`torchrun --nproc-per-node 3 -m llama_fast generate ... --tp 3`: rank 0 prints the text one process
-    prints (greedy), the others nothing."""
+    prints (greedy), the others nothing; sampled, the seed rank 0 drew for every rank, which repeats it."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     args = ["generate", "The capital of France is", "--max-new-tokens", "12"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -259,6 +260,16 @@ def test_torchrun_generate_prints_the_single_process_text_once():
                            capture_output=True, text=True, env=env, timeout=300)
     assert three.returncode == 0, three.stderr[-3000:]
     assert one.stdout.strip() and three.stdout == one.stdout
+    # Sampled without --seed: rank 0 prints the seed it drew (once), and --seed N repeats the run.
+    def sampled(*seed):
+        return subprocess.run([torchrun, "--nproc-per-node", "3", "-m", "llama_fast", *args, "--tp", "3",
+                               "--temperature", "0.9", *seed], capture_output=True, text=True, env=env, timeout=300)
+
+    first = sampled()
+    seeds = re.findall(r"seed: (\d+) \(--seed \1 repeats this run\)", first.stderr)
+    assert first.returncode == 0 and len(seeds) == 1, first.stderr[-3000:]
+    again = sampled("--seed", seeds[0])
+    assert again.stdout == first.stdout and "seed:" not in again.stderr
 
 
 @pytest.mark.parametrize("flags, named", [(["--seed", str(2**63), "--temperature", "0.5"], "seed must be in [0, 2**63)"),
