@@ -81,7 +81,7 @@ def _load(args, fast_start: bool = False):
     from .llm import LLM
     from .span import SpanBias
 
-    span = SpanBias(window=args.window, sink_tokens=args.sinks) if args.window or args.sinks else None
+    span = SpanBias(window=args.window, sink_tokens=args.sinks) if args.window is not None or args.sinks else None
     return LLM.from_pretrained(args.model, device=args.device, dtype=args.dtype, span=span,
                                progress=sys.stderr.isatty(), tensor_parallel=getattr(args, "tp", 1))
 
@@ -168,19 +168,26 @@ def cmd_info(args) -> None:
 
 
 def read_text(file, encode, max_tokens: int | None) -> str:
-    """The text of a binary file object, or with max_tokens only as much of it as holds the first max_tokens
-    tokens (encode(text) -> ids): reads chunks of growing size until the text encodes to more tokens than
-    needed (the last one may continue past the cut), so an endless input (/dev/zero) is not read to its end."""
+    """The text of a binary file object, or with max_tokens only as much of it as settles its first
+    max_tokens tokens (encode(text) -> ids), so that an endless input (/dev/zero) is not read to its end:
+    chunks of growing size (at most 16 MiB) until the text encodes to more tokens than needed and one more
+    chunk leaves the first max_tokens as they were (a cut inside a long pre-token, a run of "_", changes the
+    tokens before it), or the file ends."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     if max_tokens is None:
         return decoder.decode(file.read(), final=True)
-    text, size = "", max(1024, 16 * max_tokens)  # tokens average a few bytes: most inputs take one read
+    text, size, head = "", 4096, None
     while True:
         chunk = file.read(size)
         text += decoder.decode(chunk, final=not chunk)
-        if not chunk or len(encode(text)) > max_tokens:
+        if not chunk:
             return text
-        size *= 2
+        ids = encode(text)
+        if len(ids) > max_tokens:
+            if ids[:max_tokens] == head:
+                return text
+            head = ids[:max_tokens]
+        size = min(2 * size, 1 << 24)
 
 
 def cmd_perplexity(args) -> None:

@@ -235,7 +235,7 @@ class Engine:
         """The text seq held back, for its abort; "" where it cannot be made (aborting a failed step's
         requests must not fail)."""
         try:
-            return seq.text.flush() if seq.text is not None else ""
+            return seq.text.flush()[0] if seq.text is not None else ""
         except Exception:
             return ""
 
@@ -367,13 +367,17 @@ class Engine:
             seq.penalties.push(token)
         stream = seq.text
         if token in self._eos and not request.ignore_eos:
-            seq.finish, text, stop_reason = "eos", stream.flush() if stream else "", token
+            text, stop_reason = stream.flush() if stream else ("", None)
+            seq.finish, stop_reason = ("stop", stop_reason) if stop_reason else ("eos", token)
         else:
             text, stop_reason = stream.push(token) if stream else ("", None)
+            if stop_reason is None and seq.generated >= request.max_new_tokens:
+                rest, stop_reason = stream.flush() if stream else ("", None)
+                text += rest
             if stop_reason is not None:
                 seq.finish = "stop"
             elif seq.generated >= request.max_new_tokens:
-                seq.finish, text = "length", text + (stream.flush() if stream else "")
+                seq.finish = "length"
         if seq.finish is not None:
             self.scheduler.finish(seq)
             if all(s.finish is not None for s in request.sequences):

@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -226,6 +227,14 @@ class _SPBackend:
         return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else None
 
 
+def _absorb_whitespace_after_specials(backend: _SPBackend) -> None:
+    """Phi-3's control tokens absorb the whitespace after them (its tokenizer.json's rstrip), but <unk>, <s>
+    and <|endoftext|>: llama.cpp sets this for a GGUF whose general.name says Phi-3, whose metadata cannot."""
+    keep = ("<unk>", "<s>", "<|endoftext|>")
+    backend.special = {text: special if text in keep else dataclasses.replace(special, rstrip=True)
+                       for text, special in backend.special.items()}
+
+
 def _special_regex(special: dict[str, _Special]) -> re.Pattern | None:
     """A regex matching these control tokens, longest first (None when there are none)."""
     names = sorted(special, key=len, reverse=True)
@@ -282,9 +291,24 @@ def _load_sentencepiece(source: str | bytes, name: str) -> _SPBackend:
     return _SPBackend(sp)
 
 
-def _tojson(value, indent=None, separators=None, sort_keys=False):
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     """Jinja's ``tojson`` as Hugging Face defines it for chat templates (no HTML escaping)."""
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_tag():
+    """transformers' ``{% generation %}...{% endgeneration %}`` (it marks an assistant's reply for training
+    masks): rendered as its body."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
 
 
 def _raise_exception(message):
@@ -312,8 +336,9 @@ def _token_str(value) -> str | None:
 def _chat_pieces(text: str, messages: list[dict], render) -> list[tuple[str, bool]]:
     """The rendered chat ``text`` cut into (piece, is template markup): message contents are found by
     rendering again with a unique placeholder as each content, which shows the markup around them. A
-    template may write a content as is or trimmed; one that changes it otherwise (or branches on it)
-    cannot be traced and raises."""
+    template may write a content as is or trimmed (both ends or one: Llama 2's strips the system prompt and
+    the first message together); of those, the one the next markup follows is taken. A template that
+    changes a content otherwise (or branches on it) cannot be traced and raises."""
     marker = f"\x00{secrets.token_hex(8)}:"
     skeleton = render([{**m, "content": f"{marker}{n}\x00"} for n, m in enumerate(messages)])
     parts = re.split(re.escape(marker) + "(\\d+)\x00", skeleton)  # markup, index, markup, ..., markup
@@ -328,8 +353,9 @@ def _chat_pieces(text: str, messages: list[dict], render) -> list[tuple[str, boo
             if pos == len(text):
                 return pieces
             break
-        content = messages[int(parts[k + 1])]["content"]
-        found = next((c for c in (content, content.strip()) if text.startswith(c, pos)), None)
+        content, after = messages[int(parts[k + 1])]["content"], parts[k + 2]
+        found = next((c for c in (content, content.strip(), content.rstrip(), content.lstrip())
+                      if text.startswith(c, pos) and text.startswith(after, pos + len(c))), None)
         if found is None:
             break
         pieces.append((found, False))
@@ -343,7 +369,10 @@ class Tokenizer:
     """Text <-> token ids for one checkpoint, with its BOS/EOS conventions and chat template."""
 
     def __init__(self, backend, *, kind: str, bos_id: int | None, eos_id: int | None,
-                 add_bos: bool, chat_template: str | None = None, extra_eos_ids: Iterable[int] = ()):
+                 add_bos: bool, chat_template: str | None = None, extra_eos_ids: Iterable[int] = (),
+                 template_ids: dict[str, int | None] | None = None):
+        """template_ids: the ids of the other special tokens a chat template may write, by their variable
+        names (pad_token, unk_token), as transformers passes them."""
         self._backend = backend
         self.kind = kind
         self.vocab_size = backend.vocab_size
@@ -353,6 +382,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.eos_ids = {i for i in (eos_id, *extra_eos_ids) if i is not None}
         self._bytes: dict[int, bytes] = {}   # token_bytes' answers: the server asks per token, twice with logprobs
+        self._template_tokens = {name: self.token(i) for name, i in (template_ids or {}).items()
+                                 if isinstance(i, int) and not isinstance(i, bool)}
         for token in END_OF_TURN_TOKENS:  # the turn ends the chat template writes also end generation
             i = backend.token_to_id(token)
             if i is not None and chat_template and token in chat_template:
@@ -438,11 +469,11 @@ class Tokenizer:
         from jinja2.sandbox import ImmutableSandboxedEnvironment  # (lazily: 40 ms of every cold start)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                           extensions=["jinja2.ext.loopcontrols"])
+                                           extensions=["jinja2.ext.loopcontrols", _generation_tag()])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        tokens = {"bos_token": self.token(self.bos_id), "eos_token": self.token(self.eos_id)}
+        tokens = {"bos_token": self.token(self.bos_id), "eos_token": self.token(self.eos_id), **self._template_tokens}
         variables = {k: v for k, v in tokens.items() if v is not None}
         variables.update(extra)
         template = env.from_string(self.chat_template)
@@ -501,13 +532,17 @@ class Tokenizer:
         else:
             backend, kind = cls._gguf_sentencepiece(meta, tokens, types, name), "sentencepiece"
             add_bos_default = True
+            if any(phi3 in str(meta.get("general.name", "")).lower() for phi3 in ("phi-3", "phi3")):
+                _absorb_whitespace_after_specials(backend)
         extra_eos = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
         template = meta.get("tokenizer.chat_template")
         if template is not None and not isinstance(template, str):
             raise TokenizerError(f"{name}: tokenizer.chat_template must be a string, got {template!r}")
         return cls(backend, kind=kind, bos_id=bos, eos_id=eos,
                    add_bos=meta.get("tokenizer.ggml.add_bos_token", add_bos_default),
-                   chat_template=template, extra_eos_ids=extra_eos)
+                   chat_template=template, extra_eos_ids=extra_eos,
+                   template_ids={"pad_token": meta.get("tokenizer.ggml.padding_token_id"),
+                                 "unk_token": meta.get("tokenizer.ggml.unknown_token_id")})
 
     @staticmethod
     def _gguf_bpe(meta: dict, tokens: list[str], types: list[int], pre: _PreTokenizer, name: str) -> _HFBackend:
@@ -610,7 +645,8 @@ class Tokenizer:
         else:
             add_bos = True  # SentencePiece LLaMA checkpoints (HF and Meta) prepend BOS
         return cls(backend, kind=kind, bos_id=bos, eos_id=eos, add_bos=add_bos,
-                   chat_template=cls._dir_chat_template(path, config), extra_eos_ids=gen_eos)
+                   chat_template=cls._dir_chat_template(path, config), extra_eos_ids=gen_eos,
+                   template_ids={"pad_token": special_id("pad_token"), "unk_token": special_id("unk_token")})
 
     @staticmethod
     def _dir_chat_template(path: Path, config: dict) -> str | None:
@@ -698,19 +734,24 @@ class TextStream:
         """-> (the text now safe to release, the stop string that ended the row or None: the text stops
         before it)."""
         self.pending += self.decoder.push(token)
+        return self._release(self.hold)
+
+    def flush(self) -> tuple[str, str | None]:
+        """The row has ended (an end-of-sequence token, its length): push's answer for everything still held
+        back, a partial character included. That may hold a stop string yet (the decoder held back a piece
+        while it ended inside a character), which then ends the row instead."""
+        self.pending += self.decoder.flush()
+        return self._release(0)
+
+    def _release(self, hold: int) -> tuple[str, str | None]:
         found = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if found:
             cut, stop = min(found)
             text, self.pending = self.pending[:cut], ""
             return text, stop
-        safe = max(len(self.pending) - self.hold, 0)
+        safe = max(len(self.pending) - hold, 0)
         text, self.pending = self.pending[:safe], self.pending[safe:]
         return text, None
-
-    def flush(self) -> str:
-        """Everything still held back: the row has ended without a stop string."""
-        text, self.pending = self.pending + self.decoder.flush(), ""
-        return text
 
 
 def stream_text(tokenizer: Tokenizer, prompt_ids: list[list[int]], steps: Iterable[list[int | None]],
@@ -726,7 +767,8 @@ def stream_text(tokenizer: Tokenizer, prompt_ids: list[list[int]], steps: Iterab
                 continue
             if token in eos_ids:
                 finished[row] = True
-                yield row, streams[row].flush(), token, "eos"
+                text, stop = streams[row].flush()
+                yield row, text, token, "stop" if stop else "eos"
                 continue
             text, stop = streams[row].push(token)
             finished[row] = stop is not None
@@ -735,5 +777,6 @@ def stream_text(tokenizer: Tokenizer, prompt_ids: list[list[int]], steps: Iterab
             return
     for row in range(len(prompt_ids)):
         if not finished[row]:
-            yield row, streams[row].flush(), None, "length"
+            text, stop = streams[row].flush()
+            yield row, text, None, "stop" if stop else "length"
 

@@ -175,6 +175,25 @@ def test_cli_bad_input_is_a_clear_error():
     assert result.returncode == 2 and "top_p" in result.stderr
 
 
+def test_cli_perplexity_reads_what_settles_its_tokens_and_refuses_window_0(tmp_path, smollm):
+    """--max-tokens N reads only as far as settles the first N tokens: a cut inside a long run of "_" (one
+    pre-token) used to change the tokens before the cut; a huge N reads a small file in bounded chunks (it
+    asked for 16 N bytes at once: a MemoryError). --window 0 is refused as SpanBias refuses it, not run dense."""
+    import io
+
+    from llama_fast.cli import read_text
+
+    text = "ab" + "_" * 5000 + " end\n"
+    encode = smollm.tokenizer.encode
+    for n in (33, 200):
+        read = read_text(io.BytesIO(text.encode()), encode, n)
+        assert encode(read)[:n] == encode(text)[:n]
+    assert read_text(io.BytesIO(b"a small file"), encode, 10**11) == "a small file"
+    (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    result = run([os.path.join(VENV_BIN, "llama-fast"), "perplexity", str(tmp_path / "t.txt"), "--window", "0"])
+    assert result.returncode == 2 and "window must be a positive int" in result.stderr, result.stderr
+
+
 def test_import_works_without_the_extension():
     code = (
         "import sys; sys.modules['llama_fast._C'] = None\n"  # makes `import llama_fast._C` fail

@@ -234,7 +234,7 @@ def test_logprobs_of_tokens_inside_a_character(llm):
         responses, stream = Responses(parsed, "id", 0, MODEL, tok), TextStream(tok, [], [])
         for i, token in enumerate(ids):
             last = i == len(ids) - 1
-            new_text = stream.push(token)[0] + (stream.flush() if last else "")
+            new_text = stream.push(token)[0] + (stream.flush()[0] if last else "")
             top = [(token, -0.5), (ids[(i + 1) % len(ids)], -1.5)]
             responses.add(0, RequestOutput("id", 0, [token], new_text, "length" if last else None, 1, logprobs=[(-0.5, top)]))
         return responses.full()["choices"][0]

@@ -185,8 +185,8 @@ def to_llama_fast(model) -> Transformer:
 class MissingTokenizer:
     """The tokenizer of an LLM built from a transformers model without one: token ids work, text raises."""
 
-    def __init__(self, eos_ids):
-        self.eos_ids = set(eos_ids)
+    def __init__(self, eos_ids, vocab_size: int):
+        self.eos_ids, self.vocab_size = set(eos_ids), vocab_size
 
     def _refuse(self, *args, **kwargs):
         raise TokenizerError("this LLM came from LLM.from_transformers(model) without a tokenizer: pass "
@@ -206,7 +206,8 @@ def to_llama_fast_tokenizer(tokenizer) -> Tokenizer:
     add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
     kind = "bpe" if isinstance(backend.decoder, decoders.ByteLevel) else "sentencepiece"
     return Tokenizer(_HFBackend(backend), kind=kind, bos_id=bos, eos_id=tokenizer.eos_token_id, add_bos=add_bos,
-                     chat_template=getattr(tokenizer, "chat_template", None))
+                     chat_template=getattr(tokenizer, "chat_template", None),
+                     template_ids={"pad_token": tokenizer.pad_token_id, "unk_token": tokenizer.unk_token_id})
 
 
 def llm_parts(model, tokenizer=None) -> tuple[Transformer, Tokenizer | MissingTokenizer]:
@@ -214,7 +215,7 @@ def llm_parts(model, tokenizer=None) -> tuple[Transformer, Tokenizer | MissingTo
     transformer = to_llama_fast(model)
     eos = _as_list(getattr(model.generation_config, "eos_token_id", None)) or transformer.config.eos_token_ids
     transformer.config.eos_token_ids = eos
-    tok = MissingTokenizer(eos) if tokenizer is None else to_llama_fast_tokenizer(tokenizer)
+    tok = MissingTokenizer(eos, transformer.config.vocab_size) if tokenizer is None else to_llama_fast_tokenizer(tokenizer)
     return transformer, tok
 
 
