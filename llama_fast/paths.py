@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import threading
 from typing import Callable
 
@@ -87,8 +88,13 @@ def shard_cache_path(path: str, dtype, world: int, rank: int) -> str | None:
 
 
 def complete_entry(folder: str | None) -> str | None:
-    """`folder` if it holds a complete cache entry (its "done" marker, written last), else None."""
-    return folder if folder is not None and os.path.exists(os.path.join(folder, "done")) else None
+    """`folder` if it holds a complete cache entry (its "done" marker, written last), else None. The partly
+    written files of writers that died beside the one that completed it go then (nothing else would write the
+    entry again)."""
+    if folder is None or not os.path.exists(os.path.join(folder, "done")):
+        return None
+    _remove_orphaned_parts(folder)
+    return folder
 
 
 def gguf_cache_entry(path: str, dtype=None) -> str | None:
@@ -119,16 +125,23 @@ def write_entry(folder: str, files: dict[str, Callable[[str], None]]) -> bool:
         return False
 
 
+# write_entry's part names, ".NAME.PID.TID.part", and gguf_write's own ".part" added to one.
+_PART = re.compile(r"\..+\.(\d+)\.\d+\.part(\.part)?")
+
+
 def _remove_orphaned_parts(folder: str) -> None:
     """Removes the partly written files of writers that died (killed mid-write: SIGKILL, the OOM killer, a
-    SIGTERM from torchrun), told by the process id in their names; those of live writers stay."""
-    for entry in os.scandir(folder):
-        fields = entry.name.split(".")
-        if entry.name.startswith(".") and fields[-1] == "part" and len(fields) >= 4 and fields[-3].isdigit():
+    SIGTERM from torchrun), told by the process id in their names; those of live writers stay. Best effort:
+    a cache that cannot be written (read-only) keeps them."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            part = _PART.fullmatch(entry.name)
+            if part is None:
+                continue
             try:
-                os.kill(int(fields[-3]), 0)
+                os.kill(int(part.group(1)), 0)
             except ProcessLookupError:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.remove(entry.path)
             except (PermissionError, OverflowError):   # another user's live process / not a process id
                 pass

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from llama_fast.paths import gguf_cache_path, write_entry
+from llama_fast.paths import complete_entry, gguf_cache_path, write_entry
 
 
 def test_a_file_replaced_with_its_mtime_copied_over_gets_a_new_cache_entry(tmp_path, monkeypatch):
@@ -55,3 +55,19 @@ def test_files_left_by_a_killed_writer_are_removed_by_the_next(tmp_path):
     assert write_entry(str(folder), {"weights.safetensors": lambda part: open(part, "w").write("whole")})
     assert sorted(os.listdir(folder)) == sorted([live.name, "done", "weights.safetensors"])
     assert (folder / "weights.safetensors").read_text() == "whole"
+
+
+def test_dead_writers_files_beside_a_complete_entry_go_when_it_is_found(tmp_path):
+    """A writer killed after another completed the entry (torchrun's SIGTERM to the other ranks) leaves its
+    part file where no write_entry comes again; finding the entry removes it. gguf_write's own ".part" on a
+    part name (a block-format conversion) is a dead writer's file too."""
+    folder = tmp_path / "entry"
+    assert write_entry(str(folder), {"weights.gguf": lambda part: open(part, "w").write("whole")})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = [folder / f".weights.gguf.{dead.pid}.{2**47 + 3}.part", folder / f".weights.gguf.{dead.pid}.7.part.part"]
+    live = folder / f".weights.gguf.{os.getpid()}.1.part.part"
+    for f in (*leftovers, live):
+        f.write_text("half")
+    assert complete_entry(str(folder)) == str(folder)
+    assert sorted(os.listdir(folder)) == sorted([live.name, "done", "weights.gguf"])
