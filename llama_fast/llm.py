@@ -137,8 +137,10 @@ class LLM:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) int64 -> logits (B, T, vocab) fp32 (one full causal forward pass)."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64)
+                or 0 in input_ids.shape):
+            raise ValueError(f"input_ids must be a non-empty integer tensor (B, T), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
         self._check_token_ids(input_ids)
         B, T = input_ids.shape
         check_context(T, self._context)
@@ -281,7 +283,8 @@ class LLM:
             raise ValueError("seed: a tensor-parallel run that samples needs a seed (every rank must draw alike)")
         prompt_ids = self._encode_prompts(prompts)
         params = row_params(len(prompts), seed, **settings)
-        for step in self._engine_steps(prompt_ids, params, max_new_tokens, stops, True, None, True):
+        text = getattr(self.tokenizer, "has_text", True)   # (no text: LLM.from_transformers without a tokenizer)
+        for step in self._engine_steps(prompt_ids, params, max_new_tokens, stops, True, None, text):
             for row, out in step:
                 finish = "eos" if isinstance(out.stop_reason, int) else out.finish_reason
                 yield row, out.new_text, out.new_token_ids[0] if out.new_token_ids else None, finish
@@ -322,6 +325,9 @@ class LLM:
         """Yields the continuation of one prompt (a str or token ids; or a chat, given a list of messages, whose
         content stays text, never control tokens) as text pieces. The sampling keywords are generate's.
         Arguments are checked here, not at the first piece."""
+        if not getattr(self.tokenizer, "has_text", True):
+            raise ValueError("stream yields text, and this LLM has no tokenizer (LLM.from_transformers(model) without "
+                             "tokenizer=): generate(token ids) gives the token ids")
         prompt = validate.one_prompt(prompt, functools.partial(self.tokenizer.apply_chat_template, tokenize=True))
         settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,

@@ -257,10 +257,17 @@ def test_from_transformers_shares_weights_and_greedy_matches(hf_smollm):
     assert llm._session_supported()  # decoded on the C++ session
 
 
-def test_from_transformers_without_tokenizer_refuses_text():
-    llm = LLM.from_transformers(tiny("llama"))
+def test_from_transformers_without_tokenizer_takes_token_ids_and_refuses_text():
+    model = tiny("llama", seed=3)
+    llm = LLM.from_transformers(model)
     with pytest.raises(ValueError, match="tokenizer="):
         llm.generate("hello")
+    with pytest.raises(ValueError, match="tokenizer="):   # text pieces: refused at the call
+        llm.stream([5, 6, 7, 8])
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([[5, 6, 7, 8]]), do_sample=False, max_new_tokens=4)[0, 4:].tolist()
+    got = llm.generate([5, 6, 7, 8], max_new_tokens=4)   # (its engine step used to ask the tokenizer for text)
+    assert got.token_ids == theirs and got.text == ""
 
 
 def test_from_transformers_rejects_other_classes():
@@ -365,6 +372,12 @@ def test_generate_rejects_bad_inputs():
     model = tiny("llama")
     with pytest.raises(ValueError, match="input_ids"):
         lf_hf.generate(model, torch.tensor([5, 6, 7]))
+    with pytest.raises(ValueError, match="input_ids or inputs, not both"):
+        lf_hf.generate(model, torch.tensor([[5]]), inputs=torch.tensor([[5]]))
+    llm = LLM.from_transformers(model)
+    for bad in ([[1, 2]], torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="input_ids must be a non-empty integer tensor"):
+            llm.logits(bad)
     with pytest.raises(ValueError, match="attention_mask"):  # right padding
         lf_hf.generate(model, torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="max_length"):
@@ -383,3 +396,29 @@ def test_accelerate_patches_generate():
     with torch.no_grad():
         theirs = transformers.LlamaForCausalLM.generate(model, ids, do_sample=False, max_new_tokens=16)
     assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=16), theirs)
+    assert torch.equal(model.generate(inputs=ids, do_sample=False, max_new_tokens=16), theirs)   # (its first name)
+
+
+def test_a_tied_lm_head_replaced_is_untied():
+    """tie_word_embeddings says tied, but lm_head was given a Parameter of its own: that one is the output."""
+    model = tiny("llama", seed=17, tie_word_embeddings=True)
+    ids = torch.tensor(random_prompts(101, [7], seed=18))
+    lf_hf.accelerate(model)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    with torch.no_grad():
+        theirs = transformers.LlamaForCausalLM.generate(model, ids, do_sample=False, max_new_tokens=12)
+        torch.testing.assert_close(LLM.from_transformers(model).logits(ids), model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.generate(ids, do_sample=False, max_new_tokens=12), theirs)
+
+
+def test_a_generation_config_passed_takes_the_models_for_what_it_leaves_unset():
+    """As transformers: GenerationConfig(max_new_tokens=15) says nothing of eos, so the model's eos stops."""
+    model = tiny("llama", seed=11)
+    ids = torch.tensor(random_prompts(101, [9], seed=12))
+    with torch.no_grad():
+        free = model.generate(ids, do_sample=False, max_new_tokens=15, eos_token_id=None)
+    model.generation_config.eos_token_id = int(free[0, 9 + 3])   # the 4th token the greedy row writes
+    passed = transformers.GenerationConfig(max_new_tokens=15, do_sample=False)
+    with torch.no_grad():
+        theirs = model.generate(ids, generation_config=passed)
+    assert theirs.shape[1] < 9 + 15 and torch.equal(lf_hf.generate(model, ids, generation_config=passed), theirs)

@@ -161,6 +161,9 @@ def to_llama_fast(model) -> Transformer:
         if any(t != "full_attention" for t in hf_config.layer_types):
             raise ValueError(f"{name}: per-layer sliding windows (layer_types {set(hf_config.layer_types)}) "
                              "are not supported")
+    # Tied when lm_head holds the embedding's very tensor (config says tied, but an lm_head replaced since is not).
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    config.tie_embeddings = head.data_ptr() == embedding.data_ptr() and head.shape == embedding.shape
     weights, ignored = {}, []
     for key, tensor in model.state_dict().items():  # detached views of the parameters: nothing copied
         target = hf_tensor_name(key)
@@ -184,6 +187,8 @@ def to_llama_fast(model) -> Transformer:
 
 class MissingTokenizer:
     """The tokenizer of an LLM built from a transformers model without one: token ids work, text raises."""
+
+    has_text = False   # (LLM.generate then gives token ids only, and stream refuses)
 
     def __init__(self, eos_ids, vocab_size: int):
         self.eos_ids, self.vocab_size = set(eos_ids), vocab_size
@@ -260,8 +265,9 @@ def _settings(model, kwargs: dict) -> GenerationConfig:
     keyword or setting generate() cannot honour."""
     import copy
 
-    base = kwargs.pop("generation_config", None) or model.generation_config
-    config = copy.deepcopy(base)
+    # As transformers: the config passed, its unset fields from the model's, then the keywords.
+    config = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
+    config.update(**model.generation_config.to_dict(), defaults_only=True)
     unused = config.update(**kwargs)
     if unused:
         raise ValueError(f"llama_fast generate cannot honour {', '.join(sorted(unused))}")
@@ -280,7 +286,7 @@ def _get(config: GenerationConfig, name: str):
     return GenerationConfig._get_default_generation_params().get(name) if value is None else value
 
 
-def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+def generate(model, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """`model.generate(input_ids, **kwargs)` decoded by llama_fast: the token ids (B * num_return_sequences,
     T + new) with the prompt, finished rows padded with pad_token_id, as transformers returns them.
 
@@ -290,6 +296,10 @@ def generate(model, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     Sampling draws its seed from torch's global generator (torch.manual_seed makes it repeatable).
     """
     attention_mask = kwargs.pop("attention_mask", None)
+    if "inputs" in kwargs:   # (GenerationMixin.generate's first parameter is named inputs)
+        if input_ids is not None:
+            raise ValueError("generate takes input_ids or inputs, not both")
+        input_ids = kwargs.pop("inputs")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_ids must be an integer tensor (batch, length), got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
