@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class GGUFFile:
         try:
             with open(path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self.opened = os.fstat(f.fileno())   # the file mapped, whatever is at `path` later
         except (OSError, ValueError) as err:  # (ValueError: an empty file cannot be mapped)
             raise CheckpointError(f"{path}: cannot map the file ({err})") from err
         self._pos = 0

@@ -24,7 +24,7 @@ from .gguf_write import TensorSpec, write_gguf
 from .mapping import FileMappings
 from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
 from .paths import DEFAULT_MODEL, CheckpointError, resolve_model_path  # noqa: F401 (DEFAULT_MODEL: re-exported)
-from .paths import complete_entry, gguf_cache_entry, gguf_cache_path, write_entry
+from .paths import check_unchanged, complete_entry, gguf_cache_entry, gguf_cache_path, write_entry
 from .tokenizer import Tokenizer
 from .validate import BLOCK_DTYPES
 
@@ -132,7 +132,7 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
             return tensor
 
         weights = _cached(path, None, {name: (*stored[name], lambda t=t: dequantised(t))
-                                       for name, t in model_tensors(gguf).items()}, "dequantising GGUF", progress)
+                                       for name, t in model_tensors(gguf).items()}, "dequantising GGUF", progress, gguf.opened)
     if dtype is not None and any(w.dtype != dtype for w in weights.values()):
         # Cast once and kept in `dtype` too: later loads map that entry and copy nothing. (Each mapped fp32
         # tensor's pages are dropped once cast.)
@@ -140,17 +140,18 @@ def _quantised_gguf(gguf: GGUFFile, config: ModelConfig, progress: bool, dtype: 
 
         mapped = FileMappings()
         weights = _cached(path, dtype, {name: (tuple(w.shape), dtype, lambda w=w: own_weight(w, w, dtype, "cpu", mapped))
-                                        for name, w in weights.items()}, f"casting to {dtype}", progress)
+                                        for name, w in weights.items()}, f"casting to {dtype}", progress, gguf.opened)
     return weights
 
 
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, progress: bool) -> dict[str, torch.Tensor]:
+def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, progress: bool, opened: os.stat_result
+            ) -> dict[str, torch.Tensor]:
     """The weights `tensors` describes (name -> (shape, dtype, a function making the tensor)), made one at a
     time into the checkpoint's cache entry for `dtype` and mapped back from it, so they are never all in
-    memory at once; made in memory where there is no cache to write."""
+    memory at once; made in memory where there is no cache to write. opened: the stat of the file read."""
     bar = tqdm(total=len(tensors), desc=desc, unit="tensor", leave=False, disable=not progress)
 
     def made(make):
@@ -161,6 +162,8 @@ def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, prog
     tensors = {name: (shape, kind, lambda make=make: made(make)) for name, (shape, kind, make) in tensors.items()}
     try:
         folder = gguf_cache_path(path, dtype)
+        if folder is not None:
+            check_unchanged(path, opened)   # (the key must be the file's that was read)
         if folder is not None and write_entry(folder, {"weights.safetensors": lambda part: save_weights(tensors, part)}):
             expected = {name: (tuple(shape), kind) for name, (shape, kind, _) in tensors.items()}
             weights = read_weights(os.path.join(folder, "weights.safetensors"), expected)
@@ -255,6 +258,8 @@ def _converted_blocks(path: str, specs: list[TensorSpec], want: str, config: Mod
     `want`: mapped from its GGUF in the cache, written now if missing; converted in memory when caching is
     off (into `source`, the GGUF the specs read, where there is one)."""
     folder = gguf_cache_path(path, f"blocks:{want}")
+    if folder is not None and source is not None:   # (the key must be the file's that was read)
+        check_unchanged(path, source.opened)
     gguf = _converted_copy(folder, specs) if complete_entry(folder) else None
     if gguf is None and folder is not None:
         if write_entry(folder, {"weights.gguf": lambda part: write_gguf(

@@ -67,6 +67,16 @@ def _stamp(path: str) -> str:
     return f"{path}:" + ";".join(f"{name}:{stamp(st)}" for name, st in files)
 
 
+def check_unchanged(path: str, opened: os.stat_result) -> None:
+    """Raises CheckpointError unless `path` is still the file that was opened (stat `opened`): a conversion of
+    the file read would otherwise be cached under the key of one renamed over it meanwhile (a download
+    finishing while a model loads), and served for that one from then on."""
+    now = os.stat(path)
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+            opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns, opened.st_ctime_ns):
+        raise CheckpointError(f"{path} was replaced or changed while it was being loaded: load it again")
+
+
 def _cache_folder(kind: str, path: str, tag: str) -> str | None:
     root = cache_dir()
     if root is None:

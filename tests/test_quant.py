@@ -181,6 +181,34 @@ def test_quantize_refuses_bad_arguments(small_f32, tmp_path):
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob("*.part"))
 
 
+def test_a_file_replaced_while_it_loads_caches_nothing_under_the_new_files_key(small_f32, tmp_path, monkeypatch):
+    """A download finishing by rename while the model loads: the conversion of the file read would be cached
+    under the key of the file now at the path (the key is read from the path), and served for it ever after.
+    Refused instead; the new file then loads as itself."""
+    import shutil
+
+    from llama_fast import loaders
+    from llama_fast.paths import gguf_cache_entry
+
+    monkeypatch.setenv("LLAMA_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    shutil.copy(small_f32, path)
+    shutil.copy(small_f32, tmp_path / "new.gguf")
+    config = loaders.gguf_config
+
+    def config_then_replaced(gguf):
+        if (tmp_path / "new.gguf").exists():
+            os.replace(tmp_path / "new.gguf", path)   # (another inode at the path now)
+        return config(gguf)
+
+    monkeypatch.setattr(loaders, "gguf_config", config_then_replaced)
+    with pytest.raises(CheckpointError, match="model.gguf was replaced or changed while it was being loaded"):
+        load_checkpoint(str(path), progress=False, dtype="q8_0")
+    assert gguf_cache_entry(str(path), "blocks:q8_0") is None
+    monkeypatch.setattr(loaders, "gguf_config", config)
+    assert load_checkpoint(str(path), progress=False, dtype="q8_0") and gguf_cache_entry(str(path), "blocks:q8_0")
+
+
 def _header_field(data: bytes, tensor: str) -> int:
     name = tensor.encode()
     at = data.index(struct.pack("<Q", len(name)) + name)
