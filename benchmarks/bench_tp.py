@@ -14,7 +14,7 @@ latency plus 2 (N - 1) / N of its bytes over the link (a ring). The GPU figures 
         [--layers 16 --dim 1024 --heads 16 --kv-heads 4 --ffn 4096]
         [--gpu-hbm-gbs 4800 --gpu-link-gbs 450 --allreduce-latency-us 8] [--project-shape 8b]
 
-With --gguf FILE it measures loading instead: tp ranks load the file with LLM.from_pretrained(tensor_parallel=N)
+With --gguf FILE [--gguf-dtype D] it measures loading instead: tp ranks load the file with LLM.from_pretrained(tensor_parallel=N)
 and generate 8 greedy tokens, twice (the second load maps the shard cache where the first wrote one: a fresh
 LLAMA_FAST_CACHE_DIR shows a first load), then one process does the same; reported: each one's peak RSS after
 loading and after generating, against the file's size, the seconds loading took, and whether the tokens are
@@ -111,7 +111,7 @@ def load_main(args) -> None:
 
     world = args.tp if "RANK" in os.environ else 1
     start = time.perf_counter()
-    llm = LLM.from_pretrained(args.gguf, tensor_parallel=world, progress=False)
+    llm = LLM.from_pretrained(args.gguf, dtype=args.gguf_dtype, tensor_parallel=world, progress=False)
     load_s = time.perf_counter() - start
     loaded = peak_rss_bytes()
     tokens = llm.generate(list(range(1, 17)), max_new_tokens=8).token_ids
@@ -183,6 +183,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-link-gbs", type=float, default=450.0, help="GPU-GPU bandwidth per direction, GB/s (NVLink 4)")
     ap.add_argument("--allreduce-latency-us", type=float, default=8.0, help="one small all-reduce inside a CUDA graph")
     ap.add_argument("--gguf", help="measure loading this file instead (peak RSS per rank; see above)")
+    ap.add_argument("--gguf-dtype", help="the dtype --gguf loads in (default: the file's; e.g. native, q8_0)")
     ap.add_argument("--rank", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
