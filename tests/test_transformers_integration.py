@@ -202,6 +202,19 @@ def test_mistral_sliding_window_matches_sdpa():
         assert torch.equal(ours.generate(one, **kwargs), sdpa.generate(one, **kwargs))
 
 
+def test_qwen2_sliding_window_on_every_layer_matches_sdpa_and_some_layers_are_refused():
+    """use_sliding_window with max_window_layers=0 slides on every layer: one window, as Mistral's (it was
+    refused as per-layer windows); from the second layer on it is per-layer, which is refused."""
+    sdpa = tiny("qwen2", seed=8, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    one = torch.tensor(random_prompts(101, [13], seed=9))
+    with torch.no_grad():
+        theirs = sdpa.generate(one, do_sample=False, max_new_tokens=10)
+        torch.testing.assert_close(LLM.from_transformers(sdpa).logits(one), sdpa(one).logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(lf_hf.generate(sdpa, one, do_sample=False, max_new_tokens=10), theirs)
+    with pytest.raises(ValueError, match="some layers only"):
+        LLM.from_transformers(tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1))
+
+
 @pytest.mark.parametrize("span", [SpanBias(window=5, sink_tokens=2), SpanBias(alibi_slopes=alibi_slopes(6)),
                                   SpanBias(logit_softcap=3.0)], ids=["window_sinks", "alibi", "softcap"])
 def test_config_span_matches_llama_fast_model(span):
@@ -380,6 +393,8 @@ def test_generate_rejects_bad_inputs():
             llm.logits(bad)
     with pytest.raises(ValueError, match="attention_mask"):  # right padding
         lf_hf.generate(model, torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask \(none was passed: it is input_ids != pad_token_id 0\)"):
+        lf_hf.generate(model, torch.tensor([[5, 0, 6]]), max_new_tokens=2)   # a pad token inside the prompt
     with pytest.raises(ValueError, match="max_length"):
         lf_hf.generate(model, torch.tensor([[5] * 30]), max_length=20)
 

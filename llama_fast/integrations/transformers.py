@@ -156,11 +156,7 @@ def to_llama_fast(model) -> Transformer:
     if name not in SUPPORTED_CLASSES:
         raise ValueError(f"llama_fast runs {', '.join(SUPPORTED_CLASSES)}; got a {name}")
     hf_config = model.config
-    config = ModelConfig.from_hf(hf_config.to_dict())
-    if getattr(hf_config, "use_sliding_window", False) and getattr(hf_config, "layer_types", None):
-        if any(t != "full_attention" for t in hf_config.layer_types):
-            raise ValueError(f"{name}: per-layer sliding windows (layer_types {set(hf_config.layer_types)}) "
-                             "are not supported")
+    config = ModelConfig.from_hf(hf_config.to_dict())   # (a window on some layers only: refused there)
     # Tied when lm_head holds the embedding's very tensor (config says tied, but an lm_head replaced since is not).
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     config.tie_embeddings = head.data_ptr() == embedding.data_ptr() and head.shape == embedding.shape
@@ -180,8 +176,7 @@ def to_llama_fast(model) -> Transformer:
     devices = {t.device for t in weights.values()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         raise ValueError(f"{name}: weights must be loaded on one device, got {sorted(map(str, devices))}")
-    window = getattr(hf_config, "sliding_window", None) if name == "MistralForCausalLM" else None
-    span = getattr(hf_config, "llama_fast_span", None) or SpanBias(window=window)
+    span = getattr(hf_config, "llama_fast_span", None) or SpanBias(window=config.sliding_window)
     return build_model(config, weights, dtype=next(iter(dtypes)), device=next(iter(devices)), span=span)
 
 
@@ -325,9 +320,10 @@ def generate(model, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Te
         if max_new <= 0:
             raise ValueError(f"max_length={config.max_length} leaves no room after the {T} input_ids; "
                              "set max_new_tokens")
-    if attention_mask is None:
+    inferred = ""
+    if attention_mask is None:   # (inferred as transformers infers it)
         if pad is not None and pad not in eos and bool((input_ids == pad).any()):
-            attention_mask = input_ids != pad
+            attention_mask, inferred = input_ids != pad, f" (none was passed: it is input_ids != pad_token_id {pad})"
         else:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     if tuple(attention_mask.shape) != (B, T):
@@ -335,7 +331,7 @@ def generate(model, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Te
     keep = attention_mask.bool().cpu()
     lengths = keep.sum(1)
     if bool((lengths == 0).any()) or not bool((keep == (torch.arange(T) >= (T - lengths)[:, None])).all()):
-        raise ValueError("attention_mask: each row must be a non-empty prompt with padding on the left only")
+        raise ValueError(f"attention_mask{inferred}: each row must be a non-empty prompt with padding on the left only")
     repetition_penalty = float(_get(config, "repetition_penalty"))
     if repetition_penalty != 1.0 and bool((lengths < T).any()):
         raise ValueError("repetition_penalty with left-padded rows: transformers penalises the pad token too "
