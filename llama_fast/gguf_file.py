@@ -229,6 +229,12 @@ def model_tensors(gguf: GGUFFile) -> dict[str, GGUFTensor]:
     return {model_tensor_name(t.name, gguf.path): t for t in gguf.tensors.values() if t.name != ROPE_FACTORS}
 
 
+def stored_types(gguf: GGUFFile) -> dict[str, tuple[tuple[int, ...], str]]:
+    """GGUF name -> (shape, storage type) of each tensor as the file stores it (what block_targets says it
+    should be, for a converted copy in the cache)."""
+    return {t.name: (tuple(t.shape), t.type) for t in gguf.tensors.values()}
+
+
 def block_targets(gguf: GGUFFile, want: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """GGUF name -> (shape, storage type) of each tensor when the file is loaded with dtype `want` (a block
     format or "native"): quant.target_type's, but the rope factors, which stay as stored."""

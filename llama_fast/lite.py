@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType, quants
 
 from . import rope, validate
 from .config import ModelConfig, UnsupportedModelError
-from .gguf_file import FLOAT_TYPES, GGUFFile, block_targets, gguf_config, mapped_weights, model_tensors
+from .gguf_file import FLOAT_TYPES, GGUFFile, block_targets, gguf_config, mapped_weights, model_tensors, stored_types
 from .quant import QUANT_TYPES, block_cols
 from .paths import CheckpointError, gguf_cache_entry, resolve_model_path
 from .sampling import PenaltyWindow, SamplingParams, check_request, row_params
@@ -223,7 +223,7 @@ def _block_tensors(gguf: GGUFFile, config: ModelConfig, dtype: str) -> dict | st
             copy = GGUFFile(os.path.join(entry, "weights.gguf"))
         except CheckpointError as err:
             return f"{gguf.path}: its copy in {dtype} in the cache is damaged ({err}); the engine makes it again"
-        if {t.name: (tuple(t.shape), t.type) for t in copy.tensors.values()} != targets:
+        if stored_types(copy) != targets:
             return f"{gguf.path}: its copy in {dtype} in the cache ({entry}) does not hold its tensors; the engine makes it again"
         gguf = copy
     tensors = {}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig, check_shapes, naming_the_file
 from .gguf_file import (FLOAT_TYPES, QK_TENSORS, GGUFFile, GGUFTensor, block_targets, gguf_tensor_name, mapped_weights,
-                        gguf_config, half_to_interleaved, interleaved_to_half, model_tensors)
+                        gguf_config, half_to_interleaved, interleaved_to_half, model_tensors, stored_types)
 from .gguf_write import TensorSpec, write_gguf
 from .mapping import FileMappings
 from .quant import QUANT_TYPES, QuantizedWeight, block_cols, dequantize, quantize, target_type
@@ -164,11 +164,11 @@ def _cached(path: str, dtype: torch.dtype | None, tensors: dict, desc: str, prog
         folder = gguf_cache_path(path, dtype)
         if folder is not None:
             check_unchanged(path, opened)   # (the key must be the file's that was read)
-        if folder is not None and write_entry(folder, {"weights.safetensors": lambda part: save_weights(tensors, part)}):
-            expected = {name: (tuple(shape), kind) for name, (shape, kind, _) in tensors.items()}
-            weights = read_weights(os.path.join(folder, "weights.safetensors"), expected)
-            if weights is not None:
-                return weights
+            if write_entry(folder, {"weights.safetensors": lambda part: save_weights(tensors, part)}):
+                expected = {name: (tuple(shape), kind) for name, (shape, kind, _) in tensors.items()}
+                weights = read_weights(os.path.join(folder, "weights.safetensors"), expected)
+                if weights is not None:
+                    return weights
         return {name: make() for name, (_, _, make) in tensors.items()}
     finally:
         bar.close()
@@ -279,7 +279,7 @@ def _converted_copy(folder: str, specs: list[TensorSpec]) -> GGUFFile | None:
     except CheckpointError as err:
         log.warning("llama_fast: ignoring the damaged cache file %s (%s)", file, err)
         return None
-    if {t.name: (tuple(t.shape), t.type) for t in gguf.tensors.values()} != {n: (tuple(s), k) for n, s, k, _ in specs}:
+    if stored_types(gguf) != {n: (tuple(s), k) for n, s, k, _ in specs}:
         log.warning("llama_fast: ignoring the cache file %s, which does not hold what its checkpoint makes", file)
         return None
     return gguf

@@ -58,7 +58,7 @@ def _stamp(path: str) -> str:
     mtime). The ctime and inode catch a file replaced with one of the same size whose mtime was copied over
     (`cp -p`, `rsync -a`, `tar -x`): no tool can set a ctime."""
     def stamp(st: os.stat_result) -> str:
-        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return ":".join(map(str, _version(st)))
 
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -67,13 +67,17 @@ def _stamp(path: str) -> str:
     return f"{path}:" + ";".join(f"{name}:{stamp(st)}" for name, st in files)
 
 
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another: inode, size, mtime and ctime."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def check_unchanged(path: str, opened: os.stat_result) -> None:
     """Raises CheckpointError unless `path` is still the file that was opened (stat `opened`): a conversion of
     the file read would otherwise be cached under the key of one renamed over it meanwhile (a download
     finishing while a model loads), and served for that one from then on."""
     now = os.stat(path)
-    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-            opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns, opened.st_ctime_ns):
+    if (now.st_dev, *_version(now)) != (opened.st_dev, *_version(opened)):
         raise CheckpointError(f"{path} was replaced or changed while it was being loaded: load it again")
 
 

@@ -15,12 +15,12 @@ never becomes a control token.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import secrets
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path

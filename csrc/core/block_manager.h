@@ -27,13 +27,16 @@ struct BlockCopy {
   int32_t src, dst, tokens;
 };
 
+// The largest block a pool takes, in tokens.
+constexpr int64_t kMaxBlockSize = int64_t(1) << 20;
+
 // Blocks of block_size tokens a sequence of `tokens` tokens holds at most, fed at most step_tokens at a time:
 // all of them, or under a window (window > 0) what eviction leaves before a step (the sinks, window - 1
 // tokens and less than a block more) plus the step's.
 inline int64_t blocks_for_sequence(int64_t tokens, int64_t step_tokens, int64_t window, int64_t sinks,
                                    int64_t block_size) {
   constexpr int64_t kMost = int64_t(1) << 40;  // (far past any cache; keeps the sums below from overflowing)
-  if (block_size < 1 || block_size > (int64_t(1) << 20))
+  if (block_size < 1 || block_size > kMaxBlockSize)
     throw std::invalid_argument("blocks_for_sequence: block_size must be in [1, 2^20], got " + std::to_string(block_size));
   for (int64_t n : {tokens, step_tokens, window, sinks})
     if (n < 0 || n > kMost)
@@ -312,7 +315,7 @@ class BlockManager {
 
   // num_blocks, checked with block_size before the constructor allocates anything.
   static int64_t checked_count(int64_t num_blocks, int64_t block_size) {
-    if (num_blocks < 1 || block_size < 1 || num_blocks > (int64_t(1) << 30) || block_size > (int64_t(1) << 20))
+    if (num_blocks < 1 || block_size < 1 || num_blocks > (int64_t(1) << 30) || block_size > kMaxBlockSize)
       throw std::invalid_argument("BlockManager: num_blocks must be in [1, 2^30] and block_size in [1, 2^20], got " +
                                   std::to_string(num_blocks) + " and " + std::to_string(block_size));
     return num_blocks;

@@ -188,8 +188,9 @@ inline void dequantize_row(WType t, const void* row, int K, float* out) {
 //
 // Each activation vector is quantized per block of 32 (the 32-element weight types) or 256 (K-quants)
 // elements: d = act_scale(max |x|), q = round-half-even(x * act_inverse(d)), |q| <= 127; a block with a NaN
-// or an inf gets d = NaN (its integers do not matter), a block of tiny values d = 0. Every ISA quantizes (quant_isa.inc's quantize_activations) with IEEE operations alone (a maximum, one
-// division, products rounded once, conversion to nearest even), so all of them get the same integers. The
+// or an inf gets d = NaN (its integers do not matter), a block of tiny values d = 0. Every ISA quantizes
+// (quant_isa.inc's quantize_activations) with IEEE operations alone (a maximum, one division, products
+// rounded once, conversion to nearest even), so all of them get the same integers. The
 // kernel reads one "pack" per vector, its bytes laid out for the weight type and the kernel's vector width
 // (`lanes`, int32 lanes: 16, 8 or 1):
 //

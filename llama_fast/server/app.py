@@ -199,9 +199,8 @@ async def start(async_engine: AsyncEngine, parsed: GenerationRequest, request_id
     prompts wait together: more than max_waiting of them is a 400, as no retry would fit them."""
     engine, streams = async_engine.engine, []
     if engine.max_waiting is not None and len(parsed.prompts) > engine.max_waiting:
-        field = "messages" if parsed.chat else "prompt"
-        raise APIError(400, f"{field} holds {len(parsed.prompts)} prompts; this server queues at most "
-                            f"{engine.max_waiting} at once (--max-waiting)", field)
+        raise APIError(400, f"{parsed.prompt_field} holds {len(parsed.prompts)} prompts; this server queues at "
+                            f"most {engine.max_waiting} at once (--max-waiting)", parsed.prompt_field)
     try:
         # Tokenized in a worker thread: a long text takes a while, and the event loop serves everyone.
         prompts = await asyncio.to_thread(lambda: [engine.encode(prompt) for prompt in parsed.prompts])
@@ -229,9 +228,8 @@ def engine_error(err: Exception, parsed: GenerationRequest) -> APIError:
     name = message.split()[0]
     if name in ("max_tokens", "stop", "n", "seed", "min_tokens"):
         return APIError(400, message, name)
-    prompt_field = "messages" if parsed.chat else "prompt"
     # the prompt past the context, or with its max_tokens past the KV cache
-    return APIError(400, message, prompt_field, "context_length_exceeded" if "context" in message else None)
+    return APIError(400, message, parsed.prompt_field, "context_length_exceeded" if "context" in message else None)
 
 
 def shutting_down(why: str) -> APIError:

@@ -73,6 +73,11 @@ class GenerationRequest:
     ignore_eos: bool
     min_tokens: int
 
+    @property
+    def prompt_field(self) -> str:
+        """The body's field holding the prompt, for errors about it."""
+        return "messages" if self.chat else "prompt"
+
 
 def parse_completion(body: Any) -> GenerationRequest:
     """POST /v1/completions' body -> its request (APIError 400 naming the field at fault)."""
